@@ -1,0 +1,95 @@
+"""What every stage's entry point shares: the Hydra main, errors, device, tracker.
+
+A stage module defines ``run(cfg) -> dict`` and ``main = stage_main("<stage>", run)``.
+Errors caused by the input (bad files, missing folders, bad values) end the process
+with a one-line message and exit code 2 instead of a traceback (``MEDAUG_DEBUG=1``
+shows the traceback).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Callable
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from medaug.dataset import DatasetError
+from medaug.export import ExportError
+from medaug.io import ImageReadError
+from medaug.tracking import MLflowTracker, NullTracker
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONF_DIR = REPO_ROOT / "conf"
+INPUT_ERRORS = (DatasetError, ExportError, ImageReadError, FileNotFoundError, ValueError)
+log = logging.getLogger("medaug")
+
+
+def stage_main(stage: str, run: Callable[[DictConfig], dict]) -> Callable[[], None]:
+    """The ``main`` of a stage: Hydra parses the command line, ``run`` does the work."""
+
+    @hydra.main(config_path=str(CONF_DIR), config_name=stage, version_base="1.3")
+    def main(cfg: DictConfig) -> None:
+        try:
+            run(cfg)
+        except INPUT_ERRORS as err:
+            if os.environ.get("MEDAUG_DEBUG"):
+                raise
+            print(f"medaug {stage}: error: {err}", file=sys.stderr)
+            raise SystemExit(2) from None
+
+    return main
+
+
+def container(cfg: DictConfig) -> dict:
+    """The resolved config as plain dicts and lists (for checkpoints and MLflow)."""
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def path(cfg_value: str) -> Path:
+    return Path(str(cfg_value)).expanduser().resolve()
+
+
+def device_of(cfg: DictConfig) -> torch.device:
+    name = cfg.training.device
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"training.device={name} but no CUDA device is visible; use training.device=cpu")
+    return torch.device(name)
+
+
+def amp_dtype_of(cfg: DictConfig, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast on CUDA by default, fp32 on the CPU."""
+    precision = cfg.training.precision
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    choices = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if precision not in choices:
+        raise ValueError(f"training.precision={precision!r}; choose auto, fp32, bf16 or fp16")
+    return choices[precision]
+
+
+def tracking_uri(cfg: DictConfig) -> str:
+    return (cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")
+            or f"sqlite:///{path(cfg.paths.output_dir) / 'mlflow.db'}")
+
+
+def make_tracker(cfg: DictConfig):
+    """The tracker the config asks for; a local MLflow store keeps artifacts beside it."""
+    if cfg.tracking.backend == "none":
+        return NullTracker()
+    if cfg.tracking.backend != "mlflow":
+        raise ValueError(f"tracking.backend={cfg.tracking.backend!r}; choose mlflow or none")
+    uri = tracking_uri(cfg)
+    local = uri.startswith(("sqlite:", "file:")) or "://" not in uri
+    artifact_dir = path(cfg.paths.output_dir) / "mlartifacts" if local else None
+    return MLflowTracker(uri, cfg.tracking.experiment, artifact_dir=artifact_dir)
+
+
+def default_ckpt(cfg: DictConfig) -> Path:
+    return path(cfg.ckpt_path) if cfg.get("ckpt_path") else path(cfg.paths.train_dir) / "checkpoints" / "last.pt"

@@ -1,0 +1,83 @@
+"""train: prepared dataset → checkpoint + MLflow run (resumes from the last checkpoint).
+
+    python -m pipelines.train experiment=demo_2d
+    medaug train experiment=demo_2d training.max_steps=3000     # continue a finished run further
+"""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from medaug.dataset import load_info, load_split
+from medaug.model import EMA, load_checkpoint, network_from_spec, set_rng_state
+from medaug.tracking import flatten
+from medaug.training import TrainSettings, fit
+from pipelines.common import amp_dtype_of, container, default_ckpt, device_of, log, make_tracker, path, stage_main
+
+
+def run(cfg: DictConfig) -> dict:
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    random.seed(cfg.seed)
+    info = load_info(path(cfg.paths.prepared_dir))
+    images, labels = load_split(info.root, "train")
+    device = device_of(cfg)
+
+    config = container(cfg)
+    config["model"].update(num_class_embeds=info.num_classes + 1, spatial_dims=info.spatial_dims)
+    net = network_from_spec(config["model"]).to(device)
+    ema = EMA(net, cfg.training.ema_decay)
+    optimizer = instantiate(cfg.training.optimizer)(net.parameters())
+    scheduler = network_from_spec(config["scheduler"])
+
+    out_ckpt = path(cfg.paths.train_dir) / "checkpoints" / "last.pt"
+    resume_from = default_ckpt(cfg)
+    start_step, run_id = 0, None
+    if resume_from.exists():
+        ckpt = load_checkpoint(resume_from)
+        net.load_state_dict(ckpt.model)
+        ema.load_state_dict(ckpt.ema)
+        if ckpt.optimizer:
+            optimizer.load_state_dict(ckpt.optimizer)
+        if ckpt.rng:
+            set_rng_state(ckpt.rng)
+        start_step, run_id = ckpt.step, ckpt.meta.get("mlflow_run_id")
+        if ckpt.meta.get("dataset") != info.fingerprint:
+            log.warning("resuming on a prepared dataset that differs from the checkpoint's")
+        log.info("resuming from %s at step %d", resume_from, start_step)
+
+    tracker = make_tracker(cfg)
+    tracker.start(run_name=cfg.name, run_id=run_id, tags={"medaug.job": cfg.name})
+    if start_step == 0:
+        tracker.log_params(flatten(config))
+        tracker.log_params({f"data.count.{s}": sum(c.values()) for s, c in info.counts.items()})
+    meta = dict(class_names=info.class_names, spatial_dims=info.spatial_dims, image_shape=info.image_shape,
+                window=info.window.as_dict(), affine=info.affine.tolist(), dataset=info.fingerprint,
+                mlflow_run_id=tracker.run_id)
+    t = cfg.training
+    settings = TrainSettings(max_steps=t.max_steps, batch_size=t.batch_size, p_uncond=t.p_uncond,
+                             grad_clip=t.grad_clip, seed=t.seed, ckpt_every=t.ckpt_every, log_every=t.log_every,
+                             amp_dtype=amp_dtype_of(cfg, device))
+    try:
+        result = fit(net, ema, optimizer, scheduler, images, labels, settings, null_class=info.num_classes,
+                     start_step=start_step, ckpt_path=out_ckpt,
+                     checkpoint_payload=lambda: {"config": config, "meta": meta}, tracker=tracker)
+    except BaseException:
+        tracker.end("KILLED")
+        raise
+    tracker.log_artifact(out_ckpt, "checkpoints")
+    tracker.end()
+    final = result.losses[-1][1] if result.losses else float("nan")
+    log.info("trained to step %d (loss %.4f); checkpoint %s", result.step, final, out_ckpt)
+    return {"train/loss": final, "train/step": result.step, "checkpoint": str(out_ckpt)}
+
+
+main = stage_main("train", run)
+
+if __name__ == "__main__":
+    main()
