@@ -127,8 +127,9 @@ def views(image: torch.Tensor) -> list[np.ndarray]:
 
 
 def save_grid(images: torch.Tensor, labels: torch.Tensor, class_names: Sequence[str], path: str | Path,
-              per_class: int = 8) -> Path:
-    """A PNG with one row per class (up to ``per_class`` samples each; 3D: three planes side by side)."""
+              per_class: int = 8, min_tile: int = 96) -> Path:
+    """A PNG with one row per class (up to ``per_class`` samples each; 3D: three planes side by side),
+    small images enlarged (nearest neighbour) to at least ``min_tile`` pixels."""
     rows = []
     for c in range(len(class_names)):
         tiles = [np.concatenate(views(img), axis=1) for img in images[labels == c][:per_class]]
@@ -139,9 +140,12 @@ def save_grid(images: torch.Tensor, labels: torch.Tensor, class_names: Sequence[
         rows.append(np.concatenate([np.pad(t, 1) for t in tiles], axis=1))
     if not rows:
         raise ValueError("no images to draw")
+    grid = np.concatenate(rows, axis=0)
+    scale = max(1, -(-min_tile // min(images.shape[2:])))
+    grid = grid.repeat(scale, axis=0).repeat(scale, axis=1)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.concatenate(rows, axis=0)).save(path)
+    Image.fromarray(grid).save(path)
     return path
 
 

@@ -32,6 +32,7 @@ class Tracker(Protocol):
     def log_params(self, params: Mapping[str, Any]) -> None: ...
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None: ...
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
+    def set_tags(self, tags: Mapping[str, Any]) -> None: ...
     def end(self, status: str = "FINISHED") -> None: ...
 
 
@@ -51,6 +52,9 @@ class NullTracker:
         pass
 
     def log_artifact(self, path, artifact_path=None):
+        pass
+
+    def set_tags(self, tags):
         pass
 
     def end(self, status="FINISHED"):
@@ -126,6 +130,12 @@ class MLflowTracker:
             self.client.log_artifacts(self.run_id, str(path), artifact_path)
         else:
             self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def set_tags(self, tags):
+        """Settings that may change between reruns of a stage (params may not)."""
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)[:MAX_PARAM_LEN]) for k, v in tags.items()])
 
     def end(self, status="FINISHED"):
         if self.run_id:

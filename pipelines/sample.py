@@ -58,7 +58,7 @@ def run(cfg: DictConfig) -> dict:
 
     tracker = make_tracker(cfg)
     tracker.start(run_name=cfg.name, run_id=info["mlflow_run_id"], tags={"medaug.job": cfg.name})
-    tracker.log_params({f"sample.{k}": v for k, v in container(s).items()})
+    tracker.set_tags({f"sample.{k}": v for k, v in container(s).items()})
     tracker.log_artifact(out / "grid.png", "samples")
     tracker.end()
     log.info("wrote %d samples (%s) to %s", len(labels), {class_names[c]: n for c, n in counts.items()}, out)

@@ -1,0 +1,100 @@
+"""Every stage and experiment, end to end on tiny data; the CLI; multirun; error exits."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from medaug.model import load_checkpoint
+from medaug.sampling import load_samples
+from pipelines import evaluate, export, prepare, sample, train
+
+from .conftest import CONF_DIR, TINY, compose_cfg, for_stage
+
+STAGES = {"prepare": prepare, "train": train, "sample": sample, "evaluate": evaluate, "export": export}
+EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
+REPO = CONF_DIR.parent
+
+
+def run_all(out: Path, overrides):
+    return {name: mod.run(compose_cfg(name, out, overrides)) for name, mod in STAGES.items()}
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_composes_and_smoke_runs(tmp_path, experiment):
+    cfg = compose_cfg("train", tmp_path, [f"experiment={experiment}"])
+    assert cfg.name == experiment and cfg.model.spatial_dims == cfg.data.spatial_dims
+    results = run_all(tmp_path, [f"experiment={experiment}", *TINY, "data.demo.size=12",
+                                 "data.image_size=" + ("[12,12]" if cfg.data.spatial_dims == 2 else "[12,12,12]")])
+    assert results["train"]["train/step"] == 4
+    ckpt = load_checkpoint(tmp_path / "train" / "checkpoints" / "last.pt")
+    assert ckpt.config["model"]["num_class_embeds"] == 4  # 3 demo classes + the null class
+    images, labels, rows, info = load_samples(tmp_path / "samples")
+    assert images.shape[2:] == tuple([12] * cfg.data.spatial_dims) and labels.tolist() == [0, 0, 1, 1, 2, 2]
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert 0 <= metrics["fidelity/label_acc"] <= 1
+    card = (tmp_path / "export" / "DATA_CARD.md").read_text()
+    assert ckpt.id in card and "fidelity/label_acc" in card
+    assert len(list((tmp_path / "export" / "images").glob("*.nii.gz"))) == 6
+
+
+def test_stages_share_one_mlflow_run_in_local_store(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    run_all(tmp_path, ["experiment=demo_2d", *TINY, "tracking=mlflow"])
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("medaug-demo_2d").experiment_id])
+    assert len(runs) == 1
+    run = runs[0]
+    assert {"train/loss", "fidelity/label_acc", "diversity/msssim/healthy"} <= set(run.data.metrics)
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"checkpoints", "samples", "evaluation", "export"} <= artifacts
+    assert (tmp_path / "mlartifacts").is_dir()
+
+
+def test_train_resumes_in_same_run_dir(tmp_path):
+    overrides = ["experiment=demo_2d", *TINY]
+    prepare.run(compose_cfg("prepare", tmp_path, overrides))
+    train.run(compose_cfg("train", tmp_path, overrides))
+    result = train.run(compose_cfg("train", tmp_path, [*overrides, "training.max_steps=6"]))
+    assert result["train/step"] == 6
+
+
+def test_sample_counts_by_class_name(tmp_path):
+    overrides = ["experiment=demo_2d", *TINY]
+    for name in ("prepare", "train"):
+        STAGES[name].run(compose_cfg(name, tmp_path, overrides))
+    sample.run(compose_cfg("sample", tmp_path, [*overrides, "sample.num_per_class={healthy:1,single_lesion:3}"]))
+    _, labels, rows, _ = load_samples(tmp_path / "samples")
+    assert [r["class_name"] for r in rows] == ["healthy"] + ["single_lesion"] * 3
+    with pytest.raises(ValueError, match="unknown classes"):
+        sample.run(compose_cfg("sample", tmp_path, [*overrides, "sample.num_per_class={tumour:2}"]))
+
+
+def _cli(args, cwd):
+    return subprocess.run([sys.executable, "-m", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_cli_and_multirun(tmp_path):
+    common = ["experiment=demo_2d", *for_stage("train", TINY), f"paths.output_dir={tmp_path}/job"]
+    r = _cli(["pipelines.cli", "prepare", *common], REPO)
+    assert r.returncode == 0, r.stderr
+    r = _cli(["pipelines.train", "-m", *common, "training.max_steps=2,3",
+              f"paths.train_dir={tmp_path}/sweep/" + "${training.max_steps}"], REPO)
+    assert r.returncode == 0, r.stderr
+    assert load_checkpoint(tmp_path / "sweep" / "2" / "checkpoints" / "last.pt").step == 2
+    assert load_checkpoint(tmp_path / "sweep" / "3" / "checkpoints" / "last.pt").step == 3
+
+
+@pytest.mark.slow
+def test_bad_input_exits_nonzero_with_one_line(tmp_path):
+    r = _cli(["pipelines.train", "experiment=demo_2d", "tracking=none", f"paths.output_dir={tmp_path}"], REPO)
+    assert r.returncode == 2
+    assert "medaug train: error:" in r.stderr and "run `medaug prepare` first" in r.stderr
+    assert "Traceback" not in r.stderr
+    r = _cli(["pipelines.cli", "nonsense"], REPO)
+    assert r.returncode == 2 and "usage: medaug" in r.stderr

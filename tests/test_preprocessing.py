@@ -1,0 +1,41 @@
+import numpy as np
+import pytest
+
+from medaug.io import Volume
+from medaug.preprocessing import IntensityWindow, preprocess, slice_volume
+
+
+def test_window_roundtrip_and_clipping():
+    w = IntensityWindow(-160, 240)
+    hu = np.array([-1000.0, -160.0, 40.0, 240.0, 3000.0])
+    model = w.to_model(hu)
+    np.testing.assert_allclose(model, [-1, -1, 0, 1, 1])
+    np.testing.assert_allclose(w.to_source(model[1:4]), hu[1:4], atol=1e-4)
+    with pytest.raises(ValueError, match="hi > lo"):
+        IntensityWindow(10, 10)
+
+
+def test_preprocess_reorients_to_ras_and_pads_with_air():
+    array = np.arange(4 * 6 * 2, dtype=np.float32).reshape(4, 6, 2) * 10
+    lps_like = np.diag([-2.0, -2.0, 3.0, 1.0])  # axes point left and posterior
+    out = preprocess(Volume(array, lps_like), IntensityWindow(0, 470), spatial_size=(8, 6, 2))
+    assert out.array.shape == (8, 6, 2)
+    assert np.all(np.diag(out.affine)[:3] > 0)  # RAS after orientation
+    assert out.array[0].max() == -1.0 and out.array[-1].max() == -1.0  # padded columns are "air"
+    # the voxel at RAS-most corner of the data is the former index (0, 0)
+    np.testing.assert_allclose(out.array[2:6, :, 0], (np.flip(array[:, :, 0], (0, 1)) / 470) * 2 - 1, atol=1e-5)
+
+
+def test_resampling_changes_spacing_in_affine():
+    vol = Volume(np.zeros((10, 10, 4), np.float32), np.diag([1.0, 1.0, 2.0, 1.0]))
+    out = preprocess(vol, IntensityWindow(-1, 1), spatial_size=(-1, -1, -1), pixdim=(2.0, 2.0, 0))
+    assert out.array.shape[:2] == (6, 6)  # 9 mm between first and last centre, at 2 mm: 6 centres
+    np.testing.assert_allclose(np.linalg.norm(out.affine[:3, :3], axis=0), [2, 2, 2], atol=1e-6)
+
+
+def test_slice_affine_points_at_the_slice():
+    affine = np.diag([1.0, 1.0, 2.5, 1.0])
+    affine[:3, 3] = [0, 0, 10]
+    s = slice_volume(Volume(np.zeros((3, 3, 5), np.float32), affine), 2)
+    assert s.array.shape == (3, 3, 1)
+    assert s.affine[2, 3] == pytest.approx(15.0)

@@ -1,0 +1,81 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from medaug.model import network_from_spec
+from medaug.sampling import (inference_scheduler, labels_for_counts, load_samples, sample_images, save_grid,
+                             save_samples)
+
+from .test_model import SPEC
+
+SCHED = {"_target_": "monai.networks.schedulers.DDPMScheduler", "num_train_timesteps": 100,
+         "schedule": "linear_beta", "variance_type": "fixed_small"}
+
+
+def net(spatial_dims=2):
+    torch.manual_seed(0)
+    return network_from_spec({**SPEC, "spatial_dims": spatial_dims}).eval()
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_same_seed_same_samples(spatial_dims, sampler):
+    labels = labels_for_counts({0: 2, 2: 1})
+    kw = dict(guidance_scale=2.0, null_class=3, batch_size=2, progress=False)
+    shape = [8] * spatial_dims
+    a = sample_images(net(spatial_dims), inference_scheduler(SCHED, sampler, 4), labels, shape, seed=5, **kw)
+    b = sample_images(net(spatial_dims), inference_scheduler(SCHED, sampler, 4), labels, shape, seed=5, **kw)
+    c = sample_images(net(spatial_dims), inference_scheduler(SCHED, sampler, 4), labels, shape, seed=6, **kw)
+    assert a.shape == (3, 1, *shape) and a.min() >= -1 and a.max() <= 1
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_ddim_sample_does_not_depend_on_batching():
+    labels = labels_for_counts({0: 3, 1: 2})
+    kw = dict(guidance_scale=1.5, null_class=3, seed=0, progress=False)
+    whole = sample_images(net(), inference_scheduler(SCHED, "ddim", 3), labels, [8, 8], batch_size=5, **kw)
+    split = sample_images(net(), inference_scheduler(SCHED, "ddim", 3), labels, [8, 8], batch_size=2, **kw)
+    torch.testing.assert_close(whole, split, atol=1e-5, rtol=0)
+
+
+def test_guidance_scale_one_skips_unconditional_pass():
+    calls = []
+
+    class Spy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.p = torch.nn.Parameter(torch.zeros(()))
+
+        def forward(self, x, timesteps, class_labels):
+            calls.append(class_labels.tolist())
+            return torch.zeros_like(x)
+
+    labels = torch.tensor([0, 1])
+    sample_images(Spy(), inference_scheduler(SCHED, "ddim", 2), labels, [4, 4], guidance_scale=1.0, null_class=3,
+                  seed=0, progress=False)
+    sample_images(Spy(), inference_scheduler(SCHED, "ddim", 2), labels, [4, 4], guidance_scale=3.0, null_class=3,
+                  seed=0, progress=False)
+    assert calls[0] == [0, 1] and calls[2] == [0, 1, 3, 3]
+
+
+def test_bad_sampler_or_steps():
+    with pytest.raises(ValueError, match="sampler"):
+        inference_scheduler(SCHED, "euler", 10)
+    with pytest.raises(ValueError, match="steps=500"):
+        inference_scheduler(SCHED, "ddim", 500)
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_samples_folder_and_grid(tmp_path, spatial_dims):
+    images = torch.rand(4, 1, *([8] * spatial_dims)) * 2 - 1
+    rows = [{"index": i, "label": i % 2, "class_name": "ab"[i % 2]} for i in range(4)]
+    out = save_samples(tmp_path / "s", images, rows, {"checkpoint_id": "abc"}, ["a", "b"])
+    x, y, r, info = load_samples(out)
+    torch.testing.assert_close(x, images)
+    assert y.tolist() == [0, 1, 0, 1] and info["checkpoint_id"] == "abc" and len(r) == 4
+    grid = np.asarray(Image.open(out / "grid.png"))
+    planes = 1 if spatial_dims == 2 else 3
+    scale = 12  # 8-px images are enlarged to at least 96 px
+    assert grid.shape == (2 * 10 * scale, 8 * (8 * planes + 2) * scale)  # 2 classes x 8 padded tiles

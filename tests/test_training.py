@@ -1,0 +1,110 @@
+import pytest
+import torch
+from monai.networks.schedulers import DDPMScheduler
+
+from medaug.model import EMA, load_checkpoint, network_from_spec
+from medaug.training import TrainSettings, diffusion_loss, fit, step_generator
+
+from .test_model import SPEC
+
+
+def tiny(spatial_dims=2):
+    torch.manual_seed(0)
+    net = network_from_spec({**SPEC, "spatial_dims": spatial_dims})
+    return net, EMA(net), torch.optim.AdamW(net.parameters(), lr=1e-3), DDPMScheduler(num_train_timesteps=100)
+
+
+def data(spatial_dims=2, n=8):
+    g = torch.Generator().manual_seed(0)
+    return torch.rand(n, 1, *([8] * spatial_dims), generator=g) * 2 - 1, torch.arange(n) % 3
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_loss_is_per_sample_and_fp32(spatial_dims):
+    net, _, _, sch = tiny(spatial_dims)
+    x, y = data(spatial_dims, 4)
+    loss = diffusion_loss(net, sch, x, y, null_class=3, p_uncond=0.5, generator=step_generator(0, 0))
+    assert loss.shape == (4,) and loss.dtype == torch.float32 and torch.all(loss > 0)
+    assert sch.alphas_cumprod.dtype == torch.float32
+
+
+def test_cfg_drops_labels_to_null_class():
+    seen = []
+
+    class Spy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(()))
+
+        def forward(self, x, timesteps, class_labels):
+            seen.append(class_labels.clone())
+            return x * self.w
+
+    sch = DDPMScheduler(num_train_timesteps=10)
+    x, y = torch.zeros(64, 1, 4, 4), torch.zeros(64, dtype=torch.long)
+    diffusion_loss(Spy(), sch, x, y, null_class=3, p_uncond=0.0, generator=step_generator(0, 1))
+    diffusion_loss(Spy(), sch, x, y, null_class=3, p_uncond=1.0, generator=step_generator(0, 1))
+    diffusion_loss(Spy(), sch, x, y, null_class=3, p_uncond=0.5, generator=step_generator(0, 1))
+    assert torch.all(seen[0] == 0) and torch.all(seen[1] == 3)
+    assert 10 < int((seen[2] == 3).sum()) < 54
+
+
+def test_fit_lowers_loss_and_is_deterministic():
+    x, y = data(2, 8)
+    runs = []
+    for _ in range(2):
+        net, ema, opt, sch = tiny()
+        runs.append(fit(net, ema, opt, sch, x, y, TrainSettings(max_steps=30, batch_size=8, log_every=10),
+                        null_class=3).losses)
+    assert runs[0] == runs[1]
+    assert runs[0][-1][1] < runs[0][0][1]
+
+
+def test_resume_continues_step_count_and_loss_curve(tmp_path):
+    x, y = data(2, 8)
+    settings = dict(batch_size=4, log_every=1, ckpt_every=3)
+    payload = lambda: {"config": {"model": SPEC}, "meta": {}}  # noqa: E731
+    net, ema, opt, sch = tiny()
+    straight = fit(net, ema, opt, sch, x, y, TrainSettings(max_steps=6, **settings), null_class=3).losses
+
+    net, ema, opt, sch = tiny()
+    first = fit(net, ema, opt, sch, x, y, TrainSettings(max_steps=3, **settings), null_class=3,
+                ckpt_path=tmp_path / "last.pt", checkpoint_payload=payload).losses
+    ckpt = load_checkpoint(tmp_path / "last.pt")
+    assert ckpt.step == 3
+    net, ema, opt, sch = tiny()
+    net.load_state_dict(ckpt.model)
+    ema.load_state_dict(ckpt.ema)
+    opt.load_state_dict(ckpt.optimizer)
+    second = fit(net, ema, opt, sch, x, y, TrainSettings(max_steps=6, **settings), null_class=3,
+                 start_step=ckpt.step, ckpt_path=tmp_path / "last.pt", checkpoint_payload=payload).losses
+    assert [s for s, _ in first + second] == [1, 2, 3, 4, 5, 6]
+    for (_, a), (_, b) in zip(first + second, straight):
+        assert a == pytest.approx(b, rel=1e-5)
+    assert load_checkpoint(tmp_path / "last.pt").step == 6
+
+
+def test_interrupt_saves_checkpoint(tmp_path):
+    x, y = data(2, 8)
+    net, ema, opt, sch = tiny()
+
+    class Interrupting:
+        run_id = None
+
+        def log_metrics(self, metrics, step=None):
+            if step == 2:
+                raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(net, ema, opt, sch, x, y, TrainSettings(max_steps=10, batch_size=4, log_every=1, ckpt_every=0),
+            null_class=3, ckpt_path=tmp_path / "last.pt", tracker=Interrupting(),
+            checkpoint_payload=lambda: {"config": {"model": SPEC}, "meta": {}})
+    assert load_checkpoint(tmp_path / "last.pt").step == 1  # the last completed step before the interrupt
+
+
+def test_nan_loss_stops_with_advice():
+    x, y = data(2, 4)
+    x[0, 0, 0, 0] = float("nan")
+    net, ema, opt, sch = tiny()
+    with pytest.raises(FloatingPointError, match="training.lr"):
+        fit(net, ema, opt, sch, x, y, TrainSettings(max_steps=2, batch_size=4, log_every=1), null_class=3)
