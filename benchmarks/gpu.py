@@ -75,6 +75,7 @@ def main() -> None:
 
     def save() -> None:  # after every measurement, so a run cut short keeps what it measured
         out["wall_s"] = time.perf_counter() - t_start
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(out, indent=1))
 
     for name in args.configs.split(","):

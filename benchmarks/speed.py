@@ -128,6 +128,7 @@ def main() -> None:
         results[exp] = res
         print(exp, json.dumps(res, indent=1), flush=True)
     out = ROOT / "benchmarks" / "results" / f"speed-{device.type}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1))
     print("written to", out)
 

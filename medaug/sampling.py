@@ -106,7 +106,9 @@ def sample_images(
             [torch.randn(channels, *image_shape, generator=torch.Generator().manual_seed(seed + start + j))
              for j in range(len(y))]
         ).to(device)
-        scheduler.set_timesteps(steps, device=device)  # multistep samplers (PNDM) keep history: reset it
+        # multistep samplers (PNDM) keep history: reset it; timesteps stay on the CPU so that
+        # reading them never waits for the GPU
+        scheduler.set_timesteps(steps)
         step_kwargs = {"eta": eta} if isinstance(scheduler, DDIMScheduler) else {}
         if not isinstance(scheduler, PNDMScheduler):  # PNDM is deterministic and takes no generator
             step_kwargs["generator"] = torch.Generator(device=device).manual_seed(seed + start)

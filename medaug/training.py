@@ -191,11 +191,12 @@ def fit(
                total=settings.max_steps, disable=rank != 0)
     try:
         for step in bar:
-            gen_cpu = step_generator(settings.seed, step)
-            idx = torch.randperm(n, generator=gen_cpu)[: batch_size * world][mine]
-            x0 = images[idx.to(images.device)].to(device, non_blocking=True, memory_format=memory_format)
-            y = labels[idx.to(labels.device)].to(device, non_blocking=True)
-            gen = gen_cpu if device.type == "cpu" else step_generator(settings.seed, step, device)
+            # indices are drawn where the images are: no host-device copy, no sync in the step
+            gen = step_generator(settings.seed, step, device)
+            data_gen = gen if images.device == device else step_generator(settings.seed, step, images.device)
+            idx = torch.randperm(n, generator=data_gen, device=images.device)[: batch_size * world][mine]
+            x0 = images[idx].to(device, non_blocking=True, memory_format=memory_format)
+            y = labels[idx].to(device, non_blocking=True)
             draws = StepNoise(*(d[mine] for d in draw_step_noise(global_shape, scheduler.num_train_timesteps,
                                                                  settings.p_uncond, gen)))
             loss = diffusion_loss(model, scheduler, x0, y, null_class=null_class, draws=draws,
