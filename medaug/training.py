@@ -138,8 +138,8 @@ def prepare_for_speed(model: nn.Module, *, channels_last: bool = False, compile_
         enable_activation_checkpointing(model)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    if compile_mode:
-        model = torch.compile(model, mode=None if compile_mode == "default" else compile_mode)
+    if compile_mode:  # shapes are fixed in training: static shapes avoid symbolic-shape recompiles
+        model = torch.compile(model, mode=None if compile_mode == "default" else compile_mode, dynamic=False)
     return model
 
 
