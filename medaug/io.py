@@ -293,7 +293,7 @@ def read_dicom_series(files: list[Path], source: Path | None = None, uneven: str
     RescaleSlope/Intercept are applied; the affine comes from ImageOrientationPatient,
     ImagePositionPatient, PixelSpacing and the measured slice spacing. Uneven spacing
     (missing slices) raises, or with ``uneven="resample"`` is linearly resampled to the
-    median spacing.
+    smallest spacing found.
     """
     if uneven not in UNEVEN_POLICIES:
         raise ValueError(f"uneven={uneven!r}; choose one of {', '.join(UNEVEN_POLICIES)}")
@@ -343,7 +343,7 @@ def read_dicom_series(files: list[Path], source: Path | None = None, uneven: str
                     f"{source}: uneven slice spacing ({steps.min():.3g}-{steps.max():.3g} mm): missing slices? "
                     "Supply the complete series, or set prepare.uneven_spacing=resample"
                 )
-            step = float(np.median(steps))
+            step = float(steps.min())  # missing slices leave gaps of whole multiples of the true spacing
             stack, n = _resample_slices(stack, dist, step)
             slice_vec = direction * step
         else:

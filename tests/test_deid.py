@@ -99,6 +99,7 @@ def _all_bytes(folder: Path) -> bytes:
     return b"\n".join(out)
 
 
+@pytest.mark.slow  # creating the MLflow sqlite store takes ~10 s
 def test_strip_leaves_no_planted_value_in_outputs_or_mlflow(tmp_path):
     labels = phi_corpus(tmp_path / "raw", burned_in=False)
     out = tmp_path / "job"
