@@ -1,5 +1,6 @@
 import csv
 import json
+import logging
 import re
 
 import numpy as np
@@ -10,9 +11,10 @@ import torch
 from medaug.dataset import DatasetError, load_info, load_split, prepare_dataset, read_manifest, split_patients
 from medaug.io import write_dicom_series, write_nifti
 from medaug.phantoms import make_demo_dataset
-from medaug.preprocessing import IntensityWindow
+from medaug.preprocessing import IntensityWindow, PercentileNormalization
+from pipelines import prepare
 
-from .conftest import CONF_DIR, WINDOW
+from .conftest import CONF_DIR, WINDOW, compose_cfg
 from .test_pipelines import _cli
 
 REPO = CONF_DIR.parent
@@ -280,3 +282,37 @@ def test_non_image_files_are_skipped_and_summarised(tmp_path):
     assert info.summary["skipped_files"] == 1 and info.summary["skipped_why"] == {"not a readable DICOM file": 1}
     assert info.skipped[0][0].endswith("README")
     assert "README" not in (tmp_path / "p" / "dataset.json").read_text()
+
+
+def test_mr_percentile_dataset_stores_each_window_and_the_median_for_export(tmp_path):
+    raw = tmp_path / "raw"
+    rows = []
+    for i in range(6):  # scans of different gain: the same anatomy times 1..6
+        array = np.zeros((6, 6, 3))
+        array[1:5, 1:5] = np.linspace(100, 500, 16 * 3).reshape(4, 4, 3) * (i + 1)
+        _nifti(raw / f"mr{i}.nii.gz", array)
+        rows.append({"path": f"mr{i}.nii.gz", "patient_id": f"p{i}", "label": "ab"[i % 2]})
+    labels = _write_csv(raw / "labels.csv", rows)
+    info = prepare_dataset(labels, tmp_path / "p", PercentileNormalization(0, 100), spatial_size=[6, 6, -1],
+                           spatial_dims=2, slice_rule="all", split_fractions=(0.34, 0.33, 0.33))
+    manifest = read_manifest(tmp_path / "p")
+    lows = sorted({float(r["source_lo"]) for r in manifest})
+    assert lows == pytest.approx([100.0 * k for k in range(1, 7)])  # one window per scan
+    assert info.window == IntensityWindow(350.0, 1750.0, "MR a.u.")  # median window, used by export
+    meta = json.loads((tmp_path / "p" / "dataset.json").read_text())
+    assert meta["normalization"]["kind"] == "percentile"
+    images, _ = load_split(tmp_path / "p", "train")
+    assert images.max() == pytest.approx(1.0) and images.min() == pytest.approx(-1.0)
+
+
+def test_prepare_stage_prints_the_summary(tmp_path, caplog):
+    labels, _ = _bad_input(tmp_path, "non_dicom_strict")
+    cfg = compose_cfg("prepare", tmp_path / "job", ["data=labels", f"data.labels={labels}", "data.image_size=[4,4]",
+                                                     "data.split=[0.34,0.33,0.33]", "tracking=none"])
+    with caplog.at_level(logging.INFO, logger="medaug"), pytest.warns(UserWarning, match="skipping"):
+        result = prepare.run(cfg)
+    text = caplog.text
+    assert "6 patients, 6 images (1 DICOM series), 17 source slices" in text
+    assert "classes: 0=a (" in text and "de-identification: policy refuse, 0 findings" in text
+    assert "skipped files: 1" in text and "README: not a readable DICOM file" in text
+    assert result["data/patients"] == 6 and result["data/skipped_files"] == 1

@@ -101,6 +101,8 @@ def _all_bytes(folder: Path) -> bytes:
 
 @pytest.mark.slow  # creating the MLflow sqlite store takes ~10 s
 def test_strip_leaves_no_planted_value_in_outputs_or_mlflow(tmp_path):
+    from mlflow.tracking import MlflowClient
+
     labels = phi_corpus(tmp_path / "raw", burned_in=False)
     out = tmp_path / "job"
     cfg = compose_cfg("prepare", out, ["data=labels", f"data.labels={labels}", "data.image_size=[6,6]",
@@ -117,6 +119,11 @@ def test_strip_leaves_no_planted_value_in_outputs_or_mlflow(tmp_path):
     assert all(r["file"].startswith("file_") and r["action"] == "not read, not copied" for r in log)
     meta = json.loads((prepared / "dataset.json").read_text())
     assert meta["deid"]["policy"] == "strip" and meta["deid"]["files"] == 24
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("medaug-default-prepare").experiment_id])
+    assert run.info.run_name == "default-prepare" and run.data.tags["deid.policy"] == "strip"
+    assert run.data.metrics["data/patients"] == 4 and run.data.metrics["data/source_slices"] == 24
+    assert run.data.params["data.labels"] == "<path>"
 
 
 def test_trust_is_explicit_warned_and_recorded(tmp_path):

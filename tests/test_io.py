@@ -255,3 +255,17 @@ def test_pydicom_shipped_tree_is_indexed_and_bad_series_are_refused():
         read_volume(root / "77654033" / "CT2")
     with pytest.raises(ImageReadError, match="different orientations"):
         read_volume(root / "98892001" / "CT2N")
+
+
+def test_nibabel_shipped_nifti_keep_their_affine():
+    data = Path(nib.__file__).parent / "tests" / "data"
+    anat = nib.load(data / "anatomical.nii")
+    vol = read_volume(data / "anatomical.nii")
+    np.testing.assert_allclose(vol.affine, anat.affine)
+    np.testing.assert_allclose(vol.array, np.asarray(anat.dataobj, np.float32))
+    four_d = nib.load(data / "example4d.nii.gz")
+    with pytest.raises(ImageReadError, match=r"example4d.nii.gz: NIfTI image has shape .*data.volume_index"):
+        read_volume(data / "example4d.nii.gz")
+    vol = read_volume(data / "example4d.nii.gz", volume_index=1)
+    np.testing.assert_allclose(vol.array, np.asarray(four_d.dataobj[..., 1], np.float32))
+    np.testing.assert_allclose(vol.affine, four_d.affine)
