@@ -404,7 +404,11 @@ def prepare_dataset(
     patient_class = {}
     for case in cases:
         patient_class.setdefault(pseudonyms[case.patient_id], case.label)
-    explicit = {pseudonyms[c.patient_id]: c.split for c in cases if c.split}
+    explicit = {}
+    for case in cases:
+        if case.split and explicit.setdefault(pseudonyms[case.patient_id], case.split) != case.split:
+            raise DatasetError(f"{case.where}: patient is given splits {explicit[pseudonyms[case.patient_id]]!r} and "
+                               f"{case.split!r}; a patient belongs to one split: fix the split column")
     assignment = split_patients(patient_class, split_fractions, seed)
     assignment.update(explicit)
 

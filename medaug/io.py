@@ -256,15 +256,11 @@ def _frames_of(ds: Dataset, f: Path) -> list[_Frame]:
     pixels = pixels.reshape(n, *pixels.shape[-2:])
     frames = []
     for k in range(n):
-        if n > 1:
-            iop = _functional(ds, k, "PlaneOrientationSequence", "ImageOrientationPatient")
-            ipp = _functional(ds, k, "PlanePositionSequence", "ImagePositionPatient")
-            spacing = _functional(ds, k, "PixelMeasuresSequence", "PixelSpacing")
-            slope = _functional(ds, k, "PixelValueTransformationSequence", "RescaleSlope")
-            intercept = _functional(ds, k, "PixelValueTransformationSequence", "RescaleIntercept")
-        else:
-            iop, ipp, spacing = ds.get("ImageOrientationPatient"), ds.get("ImagePositionPatient"), ds.get("PixelSpacing")
-            slope, intercept = ds.get("RescaleSlope"), ds.get("RescaleIntercept")
+        iop = _functional(ds, k, "PlaneOrientationSequence", "ImageOrientationPatient")
+        ipp = _functional(ds, k, "PlanePositionSequence", "ImagePositionPatient")
+        spacing = _functional(ds, k, "PixelMeasuresSequence", "PixelSpacing")
+        slope = _functional(ds, k, "PixelValueTransformationSequence", "RescaleSlope")
+        intercept = _functional(ds, k, "PixelValueTransformationSequence", "RescaleIntercept")
         if iop is None or ipp is None or spacing is None:
             missing = [n for n, v in (("ImageOrientationPatient", iop), ("ImagePositionPatient", ipp),
                                       ("PixelSpacing", spacing)) if v is None]

@@ -51,11 +51,15 @@ def test_split_is_seeded_and_stratified():
         assert got.count("train") == 6 and got.count("val") == 2 and got.count("test") == 2
 
 
-def test_second_prepare_reuses_cache(tmp_path):
+def test_second_prepare_reuses_cache_without_reading_dicom(tmp_path, monkeypatch):
     labels = make_demo_dataset(tmp_path / "raw", spatial_dims=2, n_per_class=3, size=8)
     args = dict(window=WINDOW, spatial_size=[8, 8, -1], spatial_dims=2)
     prepare_dataset(labels, tmp_path / "p", **args)
     stamp = (tmp_path / "p" / "DONE").stat().st_mtime_ns
+    def no_reading(*a, **k):
+        raise AssertionError("DICOM read on a cached run")
+
+    monkeypatch.setattr(pydicom, "dcmread", no_reading)
     prepare_dataset(labels, tmp_path / "p", **args)
     assert (tmp_path / "p" / "DONE").stat().st_mtime_ns == stamp
 
@@ -222,6 +226,11 @@ def _bad_input(tmp_path, problem):
             (raw / "s" / "README").write_text("scanner export notes")
             kwargs["strict"] = True
         rows[0]["path"] = "s"
+    elif problem == "split_conflict":
+        rows[1]["patient_id"] = "p0"
+        rows[0]["split"], rows[1]["split"] = "train", "test"
+        for row in rows[2:]:
+            row["split"] = ""
     elif problem == "phi":
         write_dicom_series(raw / "s", np.zeros((4, 4, 2)), np.eye(4), {"PatientName": "DOE^J"})
         rows[0]["path"] = "s"
@@ -239,6 +248,7 @@ BAD_INPUTS = {
     "mixed_orientation": r"raw/s: slices have different orientations",
     "non_dicom_strict": r"s/README: not a readable DICOM file.*prepare.strict",
     "two_series": r"labels.csv:2: .*holds 2 DICOM series; name one per row by its SeriesInstanceUID",
+    "split_conflict": r"labels.csv:3: patient is given splits 'train' and 'test'",
     "phi": r"(?s)gate \(refuse\).*s/slice_0000.dcm: \(0010,0010\) PatientName",
 }
 

@@ -179,10 +179,11 @@ def enhanced_multiframe(tmp_path, hu, affine, order):
     return path
 
 
-def test_enhanced_multiframe_file_reads_like_the_series(tmp_path):
-    hu = np.random.default_rng(3).integers(-1000, 1000, size=(5, 4, 6)).astype(np.float32)
+@pytest.mark.parametrize("order", [[3, 0, 5, 1, 4, 2], [0]], ids=["6-frames-shuffled", "1-frame"])
+def test_enhanced_multiframe_file_reads_like_the_series(tmp_path, order):
+    hu = np.random.default_rng(3).integers(-1000, 1000, size=(5, 4, len(order))).astype(np.float32)
     affine = np.diag([0.7, 0.8, 2.0, 1.0])
-    path = enhanced_multiframe(tmp_path, hu, affine, order=[3, 0, 5, 1, 4, 2])
+    path = enhanced_multiframe(tmp_path, hu, affine, order=order)
     vol = read_volume(path)
     np.testing.assert_allclose(vol.array, hu, atol=1e-3)
     np.testing.assert_allclose(vol.affine, affine, atol=1e-4)
