@@ -2,13 +2,19 @@
 
 A prepared dataset is a folder::
 
-    dataset.json   spatial dims, image shape, class names, intensity window, geometry
-    manifest.csv   item_id, path, patient (pseudonym), label, class_name, split
+    dataset.json   spatial dims, image shape, class names (index = position), intensity
+                   window for export, normalisation, geometry, de-identification policy, summary
+    manifest.csv   item_id, path, patient (pseudonym), label, class_name, split,
+                   source_lo/source_hi (the item's window: [-1, 1] ↔ source units)
+    deid_log.csv   with prepare.deid=strip|trust: file pseudonym, tag, why, action (no values)
     items/         one NIfTI per item, in model space [-1, 1], with its affine
     DONE           written last: a folder without it is never trusted
 
-Patient identifiers from the labels file are only used to split; the manifest holds
-pseudonyms (``patient_0001``…) in order of first appearance.
+Labels come as a CSV (path or SeriesInstanceUID, patient_id, label, optional split and
+mask), a folder-per-class tree, or an MSD/nnU-Net ``dataset.json`` (:func:`read_cases`).
+Patient identifiers are only used to split; the manifest holds pseudonyms
+(``patient_0001``…) in order of first appearance. Nothing from a DICOM header but
+geometry and the allow-listed basics of :mod:`medaug.deid` reaches any output.
 
 Example::
 
@@ -21,6 +27,8 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import logging
+import re
 import warnings
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -32,11 +40,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .io import atomic_folder, is_complete, read_volume, write_nifti
-from .preprocessing import IntensityWindow, preprocess, slice_volume
+from .deid import POLICIES, apply_policy, scan_headers
+from .io import (DicomIndex, DicomSeries, atomic_folder, index_dicom, is_complete, is_nifti, read_dicom_series,
+                 read_volume, write_nifti)
+from .preprocessing import IntensityWindow, Normalization, preprocess_case, slice_volume
 
 SPLITS = ("train", "val", "test")
-MANIFEST_FIELDS = ["item_id", "path", "patient", "label", "class_name", "split"]
+MANIFEST_FIELDS = ["item_id", "path", "patient", "label", "class_name", "split", "source_lo", "source_hi"]
+log = logging.getLogger("medaug")
 
 
 class DatasetError(ValueError):
@@ -55,28 +66,142 @@ class PreparedInfo:
     affine: np.ndarray
     counts: dict = field(default_factory=dict)
     fingerprint: str = ""
+    summary: dict = field(default_factory=dict)     # patients, images, series, slices, classes, skipped
+    deid: dict = field(default_factory=dict)        # policy, number of findings, log file
+    skipped: list = field(default_factory=list)     # (file, why) of this run only; never written out
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
 
 
+@dataclass
+class Case:
+    """One labelled input: an image file/folder, or a DICOM series named by its SeriesInstanceUID."""
+
+    source: str                 # path relative to the labels file, or a series UID
+    patient_id: str             # raw id from the labels: used to split, never written out
+    label: str
+    split: str = ""
+    mask: str = ""              # optional mask path (non-zero = foreground), relative like source
+    where: str = ""             # "labels.csv:3", for error messages
+    many_series: bool = False   # a folder may hold several series (folder-per-class layout)
+
+
+def _looks_like_uid(value: str) -> bool:
+    return bool(re.fullmatch(r"[0-9]+(\.[0-9]+){3,}", value.strip()))
+
+
 def read_labels(labels_csv: str | Path) -> list[dict]:
-    """Rows of a labels CSV with columns ``path``, ``patient_id``, ``label`` (optional ``split``)."""
+    """Rows of a labels CSV with columns ``path`` (or ``series_uid``), ``patient_id``, ``label``.
+
+    Optional columns: ``split`` (train/val/test), ``mask`` (a mask image on the same grid).
+    ``path`` may also hold a SeriesInstanceUID, looked up in the DICOM files under the CSV's folder.
+    """
     labels_csv = Path(labels_csv)
     if not labels_csv.is_file():
         raise DatasetError(f"{labels_csv}: labels file not found; pass data.labels=<csv with path,patient_id,label>")
     with open(labels_csv, newline="") as fh:
         rows = list(csv.DictReader(fh))
+    columns = set(rows[0].keys() if rows else [])
+    if "series_uid" in columns and "path" not in columns:
+        for row in rows:
+            row["path"] = row["series_uid"]
     missing = {"path", "patient_id", "label"} - set(rows[0].keys() if rows else [])
     if not rows or missing:
-        raise DatasetError(f"{labels_csv}: needs columns path, patient_id, label (missing: {sorted(missing) or 'all rows'})")
+        raise DatasetError(f"{labels_csv}: needs columns path (or series_uid), patient_id, label "
+                           f"(missing: {sorted(missing) or 'all rows'})")
     for i, row in enumerate(rows, start=2):
-        if not (labels_csv.parent / row["path"]).exists():
+        if not (row["path"] or "").strip():
+            raise DatasetError(f"{labels_csv}:{i}: empty path")
+        if not _looks_like_uid(row["path"]) and not (labels_csv.parent / row["path"]).exists():
             raise DatasetError(f"{labels_csv}:{i}: image {row['path']!r} not found (paths are relative to the CSV)")
-        if not row["label"].strip():
+        if row.get("mask") and not (labels_csv.parent / row["mask"]).exists():
+            raise DatasetError(f"{labels_csv}:{i}: mask {row['mask']!r} not found (paths are relative to the CSV)")
+        if not (row["label"] or "").strip():
             raise DatasetError(f"{labels_csv}:{i}: empty label")
+        if not (row["patient_id"] or "").strip():
+            raise DatasetError(f"{labels_csv}:{i}: empty patient_id (needed to split by patient)")
+        if row.get("split") and row["split"] not in SPLITS:
+            raise DatasetError(f"{labels_csv}:{i}: split {row['split']!r} unknown; use one of {', '.join(SPLITS)}")
     return rows
+
+
+def _cases_from_folders(root: Path) -> list[Case]:
+    """Folder-per-class layout: ``root/<class>/<case>``, a case being a NIfTI file, a DICOM file or a folder.
+
+    The case's name is its patient id (one folder per patient); a case folder may hold several
+    DICOM series (each becomes an item of that patient).
+    """
+    cases = []
+    for class_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        for entry in sorted(p for p in class_dir.iterdir() if not p.name.startswith(".")):
+            patient = entry.name[: -len(".nii.gz")] if entry.name.endswith(".nii.gz") else entry.stem
+            cases.append(Case(str(entry.relative_to(root)), patient, class_dir.name, where=str(entry),
+                              many_series=True))
+    if not cases:
+        raise DatasetError(f"{root}: folder with no images; expected one sub-folder per class holding images "
+                           "(or pass a labels CSV / dataset.json)")
+    return cases
+
+
+def _mask_class(mask_path: Path, names: dict[int, str]) -> str:
+    """The class of a segmentation: its foreground label with most voxels, or the background name."""
+    values, counts = np.unique(np.asarray(nib.load(str(mask_path)).dataobj).astype(np.int64), return_counts=True)
+    fg = [(c, v) for v, c in zip(values, counts) if v != 0]
+    return names.get(max(fg)[1], str(max(fg)[1])) if fg else names.get(0, "background")
+
+
+def _cases_from_dataset_json(path: Path) -> list[Case]:
+    """MSD / nnU-Net v2 ``dataset.json``: images and masks of ``training``; the class of each case is its
+    ``class`` entry when given, else the mask's foreground label with most voxels (``labels`` names it)."""
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise DatasetError(f"{path}: not valid JSON ({err})") from err
+    labels = meta.get("labels", {})
+    if labels and all(isinstance(v, int) for v in labels.values()):      # nnU-Net v2: name → value
+        names = {int(v): k for k, v in labels.items()}
+    else:                                                               # MSD: "value" → name
+        names = {int(k): v for k, v in labels.items() if str(k).lstrip("-").isdigit()}
+    entries = meta.get("training")
+    if not entries and (path.parent / "imagesTr").is_dir():              # nnU-Net v2 lists no files
+        ending = meta.get("file_ending", ".nii.gz")
+        entries = [{"image": str(p.relative_to(path.parent)),
+                    "label": f"labelsTr/{p.name[: -len('_0000' + ending)]}{ending}"}
+                   for p in sorted((path.parent / "imagesTr").glob(f"*_0000{ending}"))]
+    if not entries:
+        raise DatasetError(f"{path}: no 'training' entries and no imagesTr/ folder; nothing to prepare")
+    cases = []
+    for i, entry in enumerate(entries):
+        image = str(entry.get("image", "")).removeprefix("./")
+        mask = str(entry.get("label", "") or "").removeprefix("./")
+        where = f"{path}: training[{i}]"
+        if not image or not (path.parent / image).exists():
+            raise DatasetError(f"{where}: image {image!r} not found (paths are relative to dataset.json)")
+        if mask and not (path.parent / mask).exists():
+            raise DatasetError(f"{where}: label {mask!r} not found (paths are relative to dataset.json)")
+        label = entry.get("class") or (_mask_class(path.parent / mask, names) if mask else "")
+        if not label:
+            raise DatasetError(f"{where}: no 'class' and no label mask; medaug needs a class per image")
+        case_id = Path(image).name.split(".")[0].removesuffix("_0000")
+        cases.append(Case(image, str(entry.get("patient_id", case_id)), str(label), entry.get("split", ""),
+                          mask, where))
+    return cases
+
+
+def read_cases(labels: str | Path) -> list[Case]:
+    """The labelled inputs of a labels CSV, a folder-per-class root or an MSD/nnU-Net ``dataset.json``."""
+    labels = Path(labels)
+    if labels.is_dir():
+        return _cases_from_folders(labels)
+    if labels.suffix == ".json":
+        if not labels.is_file():
+            raise DatasetError(f"{labels}: dataset.json not found")
+        return _cases_from_dataset_json(labels)
+    return [Case(r["path"].strip(), r["patient_id"].strip(), r["label"].strip(), (r.get("split") or "").strip(),
+                 (r.get("mask") or "").strip(), f"{labels}:{i}")
+            for i, r in enumerate(read_labels(labels), start=2)]
 
 
 def split_patients(
@@ -112,32 +237,100 @@ def split_patients(
     return assignment
 
 
-def fingerprint(labels_csv: Path, params: dict) -> str:
-    """Hash of the labels file, the files it names (size and mtime) and the preparation parameters."""
-    h = hashlib.sha256(Path(labels_csv).read_bytes())
-    for row in read_labels(labels_csv):
-        path = labels_csv.parent / row["path"]
-        for p in sorted(path.rglob("*")) if path.is_dir() else [path]:
+def _labels_root(labels: Path) -> Path:
+    return labels if labels.is_dir() else labels.parent
+
+
+def fingerprint(labels: Path, params: dict, cases: list[Case] | None = None, dicom_root: Path | None = None) -> str:
+    """Hash of the labels file, the files its cases name (size and mtime) and the preparation parameters."""
+    labels = Path(labels)
+    root = _labels_root(labels)
+    cases = read_cases(labels) if cases is None else cases
+    h = hashlib.sha256(labels.read_bytes() if labels.is_file() else b"folders")
+    sources = {root / c.source for c in cases if not _looks_like_uid(c.source)}
+    sources |= {root / c.mask for c in cases if c.mask}
+    if any(_looks_like_uid(c.source) for c in cases):
+        sources.add(Path(dicom_root) if dicom_root else root)
+        h.update("".join(sorted(c.source for c in cases)).encode())
+    for path in sorted(sources):
+        for p in sorted(q for q in path.rglob("*") if q.is_file()) if path.is_dir() else [path]:
             stat = p.stat()
-            h.update(f"{p.relative_to(labels_csv.parent)}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+            h.update(f"{p}:{stat.st_size}:{stat.st_mtime_ns}".encode())
     h.update(json.dumps(params, sort_keys=True).encode())
     return h.hexdigest()[:16]
 
 
-def _slice_indices(depth: int, rule: str, band: float) -> list[int]:
+SLICE_RULES = ("all", "central", "nonempty")
+
+
+def _slice_indices(depth: int, rule: str, band: float, mask: np.ndarray | None = None) -> list[int]:
+    """Which slices (array axis 2) of a volume become 2D items: all, a central band, or where the mask is non-empty."""
+    if rule not in SLICE_RULES:
+        raise DatasetError(f"slice rule {rule!r} unknown; use one of {', '.join(SLICE_RULES)}")
+    if rule == "nonempty":
+        if mask is None:
+            raise DatasetError("slice rule 'nonempty' needs a mask per image: add a 'mask' column to the labels "
+                               "CSV (or labels in dataset.json), or use data.slice_rule=central|all")
+        return [k for k in range(depth) if mask[:, :, k].any()]
     if rule == "all" or depth == 1:
         return list(range(depth))
-    if rule == "central":
-        half = max(1, int(round(depth * band / 2)))
-        mid = depth // 2
-        return list(range(max(0, mid - half), min(depth, mid + half)))
-    raise DatasetError(f"slice rule {rule!r} unknown; use 'all' or 'central'")
+    half = max(1, int(round(depth * band / 2)))
+    mid = depth // 2
+    return list(range(max(0, mid - half), min(depth, mid + half)))
+
+
+@dataclass
+class _Item:
+    """A resolved case: a NIfTI file or one DICOM series, ready to read."""
+
+    case: Case
+    path: Path | None = None
+    series: DicomSeries | None = None
+
+
+def _resolve(cases: list[Case], root: Path, dicom_root: Path | None, strict: bool) -> tuple[list[_Item], DicomIndex]:
+    """Find the files of every case; DICOM headers are read here (no pixel data)."""
+    items, seen = [], DicomIndex()
+    uid_index = None
+    for case in tqdm(cases, desc="index", unit="case", leave=False):
+        if _looks_like_uid(case.source) and not (root / case.source).exists():
+            if uid_index is None:
+                uid_index = index_dicom(dicom_root or root, strict=strict)
+                seen.skipped += uid_index.skipped
+            series = uid_index.series.get(case.source)
+            if series is None:
+                raise DatasetError(f"{case.where}: no DICOM series with SeriesInstanceUID {case.source} under "
+                                   f"{dicom_root or root}; check the UID or set data.dicom_root")
+            items.append(_Item(case, series=series))
+            seen.series[series.uid] = series
+            continue
+        path = root / case.source
+        if is_nifti(path):
+            items.append(_Item(case, path=path))
+            continue
+        index = index_dicom(path, strict=strict)
+        seen.skipped += index.skipped
+        if not index.series:
+            why = "; ".join(sorted({w for _, w in index.skipped})) or "empty"
+            raise DatasetError(f"{case.where}: {path} holds no readable image ({why}); fix or remove this entry")
+        if len(index.series) > 1 and not case.many_series:
+            raise DatasetError(f"{case.where}: {path} holds {len(index.series)} DICOM series; name one per row "
+                               "by its SeriesInstanceUID in the path column, or give each series its own folder")
+        for series in index.series.values():
+            items.append(_Item(case, series=series))
+            seen.series[series.uid] = series
+    return items, seen
+
+
+def _reason(why: str) -> str:
+    """A skip reason without details that could echo file content."""
+    return why.split(" (")[0].split(":")[0]
 
 
 def prepare_dataset(
     labels_csv: str | Path,
     out_dir: str | Path,
-    window: IntensityWindow,
+    window: Normalization,
     spatial_size: Sequence[int],
     spatial_dims: int,
     pixdim: Sequence[float] | None = None,
@@ -145,54 +338,125 @@ def prepare_dataset(
     slice_rule: str = "central",
     slice_band: float = 0.5,
     seed: int = 0,
+    *,
+    deid: str = "refuse",
+    strict: bool = False,
+    uneven_spacing: str = "error",
+    volume_index: int | None = None,
+    crop: str = "center",
+    class_names: Sequence[str] | None = None,
+    dicom_root: str | Path | None = None,
 ) -> PreparedInfo:
-    """Read every image in ``labels_csv``, preprocess it and write the prepared dataset.
+    """Read every labelled image, pass the de-identification gate, preprocess and write the prepared dataset.
 
-    For ``spatial_dims=2`` each volume gives slices along array axis 2 (all of them or a
-    central band); a 2D input gives its one slice. If ``out_dir`` already holds a complete
-    dataset prepared from the same files and parameters, it is reused as is.
+    ``labels_csv`` is a labels CSV, a folder-per-class root or an MSD/nnU-Net ``dataset.json``
+    (see :func:`read_cases`). Every DICOM header is scanned by :mod:`medaug.deid` before any
+    pixel data is read; ``deid`` is the policy (refuse | strip | trust). ``window`` is a
+    fixed :class:`IntensityWindow` (CT) or a :class:`PercentileNormalization` (MR).
+    For ``spatial_dims=2`` each volume gives slices along array axis 2 chosen by
+    ``slice_rule`` (all | central | nonempty, the last needs masks); a 2D input gives its one
+    slice. ``class_names`` fixes the classes and their order (indices); by default the sorted
+    names found. If ``out_dir`` already holds a complete dataset prepared from the same
+    files and parameters, it is reused as is (no DICOM is read).
     """
     labels_csv, out_dir = Path(labels_csv), Path(out_dir)
+    root = _labels_root(labels_csv)
+    dicom_root = Path(dicom_root) if dicom_root else None
+    if slice_rule not in SLICE_RULES:
+        raise DatasetError(f"slice rule {slice_rule!r} unknown; use one of {', '.join(SLICE_RULES)}")
     params = dict(window=window.as_dict(), spatial_size=list(spatial_size), spatial_dims=spatial_dims,
                   pixdim=None if pixdim is None else list(pixdim), split=list(split_fractions),
-                  slice_rule=slice_rule, slice_band=slice_band, seed=seed)
-    rows = read_labels(labels_csv)
-    fp = fingerprint(labels_csv, params)
+                  slice_rule=slice_rule, slice_band=slice_band, seed=seed, deid=deid, strict=strict,
+                  uneven_spacing=uneven_spacing, volume_index=volume_index, crop=crop,
+                  class_names=None if class_names is None else list(class_names))
+    if deid not in POLICIES:
+        raise DatasetError(f"prepare.deid={deid!r}; choose one of {', '.join(POLICIES)}")
+    cases = read_cases(labels_csv)
+    fp = fingerprint(labels_csv, params, cases, dicom_root)
     if is_complete(out_dir):
         info = load_info(out_dir)
         if info.fingerprint == fp:
             return info
 
-    class_names = sorted({row["label"].strip() for row in rows})
+    found = sorted({c.label for c in cases})
+    if class_names is not None:
+        unknown = [c for c in cases if c.label not in class_names]
+        if unknown:
+            raise DatasetError(f"{unknown[0].where}: unknown class {unknown[0].label!r} ({len(unknown)} entries); "
+                               f"data.classes lists {list(class_names)}: fix the label or add the class")
+        empty = [name for name in class_names if name not in found]
+        if empty:
+            raise DatasetError(f"{labels_csv}: class {empty[0]!r} has no images; add images or drop it from "
+                               "data.classes")
+    class_names = list(class_names) if class_names is not None else found
     class_index = {name: i for i, name in enumerate(class_names)}
+
+    items, index = _resolve(cases, root, dicom_root, strict)
+    findings = scan_headers(index.headers)                      # the gate: before any pixel data is read
+    deid_log = apply_policy(findings, deid)
+    if deid == "trust":
+        log.warning("de-identification gate set to 'trust' (%d findings not checked); recorded in dataset.json",
+                    len(findings))
+
     pseudonyms: dict[str, str] = {}
-    for row in rows:
-        pseudonyms.setdefault(row["patient_id"], f"patient_{len(pseudonyms) + 1:04d}")
+    for case in cases:
+        pseudonyms.setdefault(case.patient_id, f"patient_{len(pseudonyms) + 1:04d}")
     patient_class = {}
-    for row in rows:
-        patient_class.setdefault(pseudonyms[row["patient_id"]], row["label"].strip())
-    explicit = {pseudonyms[r["patient_id"]]: r["split"] for r in rows if r.get("split")}
+    for case in cases:
+        patient_class.setdefault(pseudonyms[case.patient_id], case.label)
+    explicit = {}
+    for case in cases:
+        if case.split and explicit.setdefault(pseudonyms[case.patient_id], case.split) != case.split:
+            raise DatasetError(f"{case.where}: patient is given splits {explicit[pseudonyms[case.patient_id]]!r} and "
+                               f"{case.split!r}; a patient belongs to one split: fix the split column")
     assignment = split_patients(patient_class, split_fractions, seed)
     assignment.update(explicit)
 
-    manifest, affine = [], None
+    manifest, affine, windows, source_slices = [], None, [], 0
     with atomic_folder(out_dir) as tmp:
         (tmp / "items").mkdir()
-        for row in tqdm(rows, desc="prepare", unit="image"):
-            volume = preprocess(read_volume(labels_csv.parent / row["path"]), window, spatial_size, pixdim)
-            pieces = (
-                [volume]
-                if spatial_dims == 3
-                else [slice_volume(volume, k) for k in _slice_indices(volume.array.shape[2], slice_rule, slice_band)]
-            )
-            patient = pseudonyms[row["patient_id"]]
-            label = row["label"].strip()
+        for item in tqdm(items, desc="prepare", unit="image"):
+            case = item.case
+            where = case.where or str(item.path)
+            if item.series is not None:
+                volume = read_dicom_series(item.series.files, source=item.series.files[0].parent,
+                                           uneven=uneven_spacing)
+            else:
+                volume = read_volume(item.path, volume_index=volume_index)
+            if spatial_dims == 3 and volume.array.shape[2] == 1:
+                raise DatasetError(f"{where}: a single-slice image cannot train a 3D model; use data.spatial_dims=2 "
+                                   "or supply the complete series")
+            if np.ptp(volume.array) == 0:
+                warnings.warn(f"{where}: constant image (every voxel {volume.array.flat[0]:g})", stacklevel=2)
+            mask = None
+            if case.mask:
+                mask = read_volume(root / case.mask, volume_index=volume_index).array
+                if mask.shape != volume.array.shape:
+                    raise DatasetError(f"{where}: mask shape {mask.shape} differs from image shape "
+                                       f"{volume.array.shape}; masks must be on the image's grid")
+            prepared = preprocess_case(volume, window, spatial_size, pixdim, mask=mask, crop=crop)
+            source_slices += volume.array.shape[2]
+            windows.append(prepared.window)
+            vol = prepared.volume
+            if spatial_dims == 3:
+                pieces = [vol]
+            else:
+                keep = _slice_indices(vol.array.shape[2], slice_rule, slice_band, prepared.mask)
+                if not keep:
+                    warnings.warn(f"{where}: no slice passes slice rule {slice_rule!r}; image skipped", stacklevel=2)
+                pieces = [slice_volume(vol, k) for k in keep]
+            patient = pseudonyms[case.patient_id]
             for piece in pieces:
                 item_id = f"item_{len(manifest):05d}"
                 write_nifti(tmp / "items" / f"{item_id}.nii.gz", piece.array, piece.affine)
                 affine = piece.affine if affine is None else affine
                 manifest.append(dict(item_id=item_id, path=f"items/{item_id}.nii.gz", patient=patient,
-                                     label=class_index[label], class_name=label, split=assignment[patient]))
+                                     label=class_index[case.label], class_name=case.label,
+                                     split=assignment[patient], source_lo=f"{prepared.window.lo:.6g}",
+                                     source_hi=f"{prepared.window.hi:.6g}"))
+        if not manifest:
+            raise DatasetError(f"{labels_csv}: no images left after preparation (slice rule {slice_rule!r}); "
+                               "check the masks or use data.slice_rule=central")
         counts = {s: dict(Counter(m["class_name"] for m in manifest if m["split"] == s)) for s in SPLITS}
         for name in class_names:
             if not counts["train"].get(name):
@@ -203,11 +467,35 @@ def prepare_dataset(
             writer = csv.DictWriter(fh, fieldnames=MANIFEST_FIELDS)
             writer.writeheader()
             writer.writerows(manifest)
+        if deid_log:
+            with open(tmp / "deid_log.csv", "w", newline="") as fh:
+                writer = csv.DictWriter(fh, fieldnames=["file", "tag", "reason", "action"])
+                writer.writeheader()
+                writer.writerows(deid_log)
+        dataset_window = _dataset_window(window, windows)
+        summary = dict(
+            patients=len(pseudonyms), images=len(items), series=len(index.series), source_slices=source_slices,
+            items=len(manifest), classes={n: sum(1 for m in manifest if m["class_name"] == n) for n in class_names},
+            skipped_files=len(index.skipped), skipped_why=dict(Counter(_reason(w) for _, w in index.skipped)),
+        )
         meta = dict(format="medaug-prepared/1", spatial_dims=spatial_dims, image_shape=image_shape,
-                    class_names=class_names, window=window.as_dict(), affine=np.asarray(affine).tolist(),
-                    counts=counts, fingerprint=fp, params=params)
+                    class_names=class_names, window=dataset_window.as_dict(), normalization=window.as_dict(),
+                    affine=np.asarray(affine).tolist(), counts=counts, fingerprint=fp, params=params,
+                    deid=dict(policy=deid, findings=len(findings), files=len({f.file for f in findings}),
+                              log="deid_log.csv" if deid_log else None),
+                    summary=summary)
         (tmp / "dataset.json").write_text(json.dumps(meta, indent=2))
-    return load_info(out_dir)
+    info = load_info(out_dir)
+    info.skipped = [(str(p), why) for p, why in index.skipped]
+    return info
+
+
+def _dataset_window(norm: Normalization, windows: list[IntensityWindow]) -> IntensityWindow:
+    """The window stored for export: the CT window itself, or the median MR percentile window of the items."""
+    if isinstance(norm, IntensityWindow):
+        return norm
+    return IntensityWindow(float(np.median([w.lo for w in windows])), float(np.median([w.hi for w in windows])),
+                           norm.unit)
 
 
 def load_info(prepared_dir: str | Path) -> PreparedInfo:
@@ -218,10 +506,11 @@ def load_info(prepared_dir: str | Path) -> PreparedInfo:
     meta = json.loads((prepared_dir / "dataset.json").read_text())
     return PreparedInfo(prepared_dir, meta["spatial_dims"], meta["image_shape"], meta["class_names"],
                         IntensityWindow(**meta["window"]), np.asarray(meta["affine"]), meta["counts"],
-                        meta["fingerprint"])
+                        meta["fingerprint"], meta.get("summary", {}), meta.get("deid", {}))
 
 
 def read_manifest(prepared_dir: str | Path) -> list[dict]:
+    """Rows of ``manifest.csv`` (``label`` as int); ``source_lo``/``source_hi`` give each item's window."""
     with open(Path(prepared_dir) / "manifest.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     for row in rows:

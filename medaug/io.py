@@ -7,8 +7,14 @@ Conventions, used everywhere in medaug:
   pixel matrix), axis 1 along the column direction, axis 2 along the slice normal.
 * ``Volume.affine`` maps voxel indices to RAS+ millimetres (the NIfTI convention).
   DICOM is LPS+, so ``RAS = diag(-1, -1, 1) @ LPS``.
-* ``Volume.meta`` holds only allow-listed acquisition basics (modality, spacing);
-  nothing that could identify a patient is ever copied into it.
+* ``Volume.meta`` holds only the allow-listed acquisition basics of
+  :data:`medaug.deid.ALLOWED_META` (modality, kVp, ...); nothing that could identify a
+  patient is ever copied into it.
+
+DICOM input may be a folder tree of files with or without ``.dcm`` extension, several
+series mixed: :func:`index_dicom` reads headers only (no pixel data), groups files by
+SeriesInstanceUID and records what it skipped and why (non-DICOM, truncated, no pixel
+data, DICOMDIR). Series may be single-frame files or one enhanced multi-frame file.
 
 Example::
 
@@ -20,18 +26,25 @@ from __future__ import annotations
 
 import os
 import shutil
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterable
 
 import nibabel as nib
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MediaStorageDirectoryStorage, generate_uid
+
+from .deid import allowed_meta
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
+UNEVEN_POLICIES = ("error", "resample")
+#: What to install for compressed pixel data pydicom cannot decode with what is present.
+DECODER_EXTRA = "pip install 'medaug[jpeg]'  (pylibjpeg, pylibjpeg-libjpeg, pylibjpeg-openjpeg, pylibjpeg-rle)"
 
 
 class ImageReadError(ValueError):
@@ -55,108 +68,292 @@ class Volume:
         return tuple(float(s) for s in np.linalg.norm(self.affine[:3, :3], axis=0))
 
 
+@dataclass
+class DicomSeries:
+    """The files of one SeriesInstanceUID and their headers (read without pixel data)."""
+
+    uid: str
+    files: list[Path] = field(default_factory=list)
+    headers: list[Dataset] = field(default_factory=list)
+
+    @property
+    def num_frames(self) -> int:
+        return sum(int(h.get("NumberOfFrames", 1) or 1) for h in self.headers)
+
+
+@dataclass
+class DicomIndex:
+    """DICOM series found under some paths, and the files skipped (``(path, why)``)."""
+
+    series: dict[str, DicomSeries] = field(default_factory=dict)
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+
+    @property
+    def headers(self) -> dict[Path, Dataset]:
+        return {f: h for s in self.series.values() for f, h in zip(s.files, s.headers)}
+
+
 def is_nifti(path: Path) -> bool:
     return path.name.endswith(NIFTI_SUFFIXES)
 
 
-def read_volume(path: str | os.PathLike) -> Volume:
-    """Read a NIfTI file, a DICOM file or a folder holding one DICOM series."""
+def _header_problem(path: Path, fh, ds: Dataset) -> str | None:
+    """Why a readable header is not an image slice we can use, or None."""
+    sop_class = ds.file_meta.get("MediaStorageSOPClassUID") if hasattr(ds, "file_meta") else None
+    if sop_class == MediaStorageDirectoryStorage or "DirectoryRecordSequence" in ds:
+        return "DICOMDIR index file, not an image"
+    start = fh.tell()
+    group = fh.read(2)  # dcmread(stop_before_pixels) stops at the (7FE0,xxxx) pixel data element
+    fh.seek(start)
+    if group not in (b"\xe0\x7f", b"\x7f\xe0"):
+        return f"no pixel data (modality {ds.get('Modality', 'unknown')}); not an image"
+    if "SeriesInstanceUID" not in ds:
+        return "no SeriesInstanceUID; cannot tell which series it belongs to"
+    syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    if syntax is None or not syntax.is_compressed:
+        bits = int(ds.get("BitsAllocated", 16) or 16)
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        expected = int(ds.get("Rows", 0)) * int(ds.get("Columns", 0)) * int(ds.get("SamplesPerPixel", 1)) * frames
+        expected = expected * bits // 8
+        if os.path.getsize(path) < fh.tell() + 8 + expected:  # 8: the shortest element header
+            return f"truncated: file ends before its {expected} bytes of pixel data"
+    return None
+
+
+def index_dicom(paths: Path | Iterable[Path], strict: bool = False) -> DicomIndex:
+    """Read the headers (not the pixels) of every file under ``paths``; group them by series.
+
+    Files with or without extension are tried; NIfTI and hidden files are ignored. A file
+    that is not DICOM, is truncated or holds no image is skipped with a warning, or raises
+    :class:`ImageReadError` when ``strict``.
+    """
+    paths = [Path(paths)] if isinstance(paths, (str, os.PathLike)) else [Path(p) for p in paths]
+    files = []
+    for p in paths:
+        files += sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p]
+    index = DicomIndex()
+    for f in files:
+        if is_nifti(f) or f.name.startswith("."):
+            continue
+        try:
+            with open(f, "rb") as fh:
+                ds = pydicom.dcmread(fh, stop_before_pixels=True)
+                problem = _header_problem(f, fh, ds)
+        except Exception as err:  # pydicom raises many types for broken input
+            problem = f"not a readable DICOM file ({type(err).__name__}: {str(err)[:80]})"
+        if problem:
+            if strict:
+                raise ImageReadError(f"{f}: {problem}; remove it, or run without prepare.strict to skip it")
+            warnings.warn(f"skipping {f}: {problem}", stacklevel=2)
+            index.skipped.append((f, problem))
+            continue
+        uid = str(ds.SeriesInstanceUID)
+        series = index.series.setdefault(uid, DicomSeries(uid))
+        series.files.append(f)
+        series.headers.append(ds)
+    return index
+
+
+def read_volume(
+    path: str | os.PathLike,
+    volume_index: int | None = None,
+    uneven: str = "error",
+    strict: bool = False,
+) -> Volume:
+    """Read a NIfTI file, a DICOM file or a folder holding one DICOM series.
+
+    ``volume_index`` picks one volume of a 4D NIfTI; ``uneven`` is what to do with uneven
+    slice spacing (``error`` or ``resample``); ``strict`` refuses non-image files in a folder.
+    """
     path = Path(path)
     if not path.exists():
         raise ImageReadError(f"{path}: no such file or folder; check the path in your labels file")
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file())
-        return read_dicom_series(files, source=path)
     if is_nifti(path):
-        return read_nifti(path)
-    return read_dicom_series([path], source=path)
+        return read_nifti(path, volume_index=volume_index)
+    index = index_dicom(path, strict=strict)
+    if not index.series:
+        why = "; ".join(sorted({why for _, why in index.skipped})) or "it is empty"
+        raise ImageReadError(f"{path}: no readable DICOM image found ({why}); check the path")
+    if len(index.series) > 1:
+        raise ImageReadError(f"{path}: holds {len(index.series)} DICOM series; give each series its own folder "
+                             "or name the series by its SeriesInstanceUID in the labels file")
+    (series,) = index.series.values()
+    return read_dicom_series(series.files, source=path, uneven=uneven)
 
 
-def read_nifti(path: str | os.PathLike) -> Volume:
-    """Read a 2D or 3D NIfTI image as ``(X, Y, Z)`` float32 with its affine."""
+def read_nifti(path: str | os.PathLike, volume_index: int | None = None) -> Volume:
+    """Read a 2D or 3D NIfTI image as ``(X, Y, Z)`` float32 with its affine.
+
+    A 4D image needs ``volume_index`` (which volume along the 4th axis to read).
+    """
     path = Path(path)
     try:
         img = nib.load(str(path))
-        array = np.asarray(img.dataobj, dtype=np.float32)
+        shape = img.shape
+        if len(shape) == 4 and volume_index is not None:
+            if not -shape[3] <= volume_index < shape[3]:
+                raise ImageReadError(f"{path}: volume_index={volume_index} but the image has {shape[3]} volumes")
+            array = np.asarray(img.dataobj[..., volume_index], dtype=np.float32)
+        else:
+            array = np.asarray(img.dataobj, dtype=np.float32)
+    except ImageReadError:
+        raise
     except Exception as err:  # nibabel raises several types for broken files
         raise ImageReadError(f"{path}: not a readable NIfTI file ({err})") from err
     if array.ndim == 2:
         array = array[:, :, None]
+    if array.ndim == 4 and array.shape[3] == 1:
+        array = array[..., 0]
     if array.ndim != 3:
         raise ImageReadError(
-            f"{path}: NIfTI image has shape {array.shape}; medaug reads 2D or 3D images, "
-            "split 4D series into one file per volume"
+            f"{path}: NIfTI image has shape {array.shape}; medaug reads 2D or 3D images: set "
+            "data.volume_index=<k> to read volume k of a 4D image, or split it into one file per volume"
         )
     if not np.isfinite(array).all():
         raise ImageReadError(f"{path}: image contains NaN or Inf values; fix or mask them before prepare")
     return Volume(array, np.asarray(img.affine, dtype=np.float64), {"modality": "unknown"})
 
 
-def _slice_geometry(ds: Dataset) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, tuple[float, float]]:
-    iop = np.asarray(ds.ImageOrientationPatient, dtype=np.float64)
-    row_dir, col_dir = iop[:3], iop[3:]
-    normal = np.cross(row_dir, col_dir)
-    ipp = np.asarray(ds.ImagePositionPatient, dtype=np.float64)
-    spacing = tuple(float(v) for v in ds.PixelSpacing)  # (between rows, between columns)
-    return row_dir, col_dir, normal, ipp, spacing
+@dataclass
+class _Frame:
+    """One 2D frame with its geometry: ``pixels`` (rows, cols) in source units."""
+
+    position: np.ndarray      # ImagePositionPatient, LPS mm
+    orientation: np.ndarray   # ImageOrientationPatient (row dir, col dir)
+    spacing: tuple[float, float]  # PixelSpacing (between rows, between columns)
+    pixels: np.ndarray
 
 
-def read_dicom_series(files: list[Path], source: Path | None = None) -> Volume:
-    """Read one single-frame DICOM series into a volume in HU (CT) or stored units.
+def _pixels(ds: Dataset, f: Path) -> np.ndarray:
+    """Decoded pixel data; a compressed syntax without a decoder gets a clear error."""
+    syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    try:
+        pixels = ds.pixel_array
+    except Exception as err:
+        if syntax is not None and syntax.is_compressed:
+            raise ImageReadError(f"{f}: pixel data is compressed as '{syntax.name}' ({syntax}) and no installed "
+                                 f"decoder handles it; install the decoders: {DECODER_EXTRA}") from err
+        raise ImageReadError(f"{f}: pixel data cannot be read ({str(err)[:120]}); the file may be truncated") from err
+    if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
+        raise ImageReadError(f"{f}: colour image ({ds.get('PhotometricInterpretation')}); medaug reads greyscale only")
+    return pixels
+
+
+def _functional(ds: Dataset, frame: int, sequence: str, keyword: str):
+    """``keyword`` of an enhanced multi-frame file: per-frame group first, then the shared one."""
+    per, shared = ds.get("PerFrameFunctionalGroupsSequence"), ds.get("SharedFunctionalGroupsSequence")
+    for item in ([per[frame]] if per and frame < len(per) else []) + ([shared[0]] if shared else []):
+        inner = item.get(sequence)
+        if inner and keyword in inner[0]:
+            return inner[0].get(keyword)
+    return ds.get(keyword)
+
+
+def _frames_of(ds: Dataset, f: Path) -> list[_Frame]:
+    """The frames of one file in source units (rescale applied), single- or multi-frame."""
+    pixels = _pixels(ds, f).astype(np.float32)
+    n = int(ds.get("NumberOfFrames", 1) or 1)
+    pixels = pixels.reshape(n, *pixels.shape[-2:])
+    frames = []
+    for k in range(n):
+        iop = _functional(ds, k, "PlaneOrientationSequence", "ImageOrientationPatient")
+        ipp = _functional(ds, k, "PlanePositionSequence", "ImagePositionPatient")
+        spacing = _functional(ds, k, "PixelMeasuresSequence", "PixelSpacing")
+        slope = _functional(ds, k, "PixelValueTransformationSequence", "RescaleSlope")
+        intercept = _functional(ds, k, "PixelValueTransformationSequence", "RescaleIntercept")
+        if iop is None or ipp is None or spacing is None:
+            missing = [n for n, v in (("ImageOrientationPatient", iop), ("ImagePositionPatient", ipp),
+                                      ("PixelSpacing", spacing)) if v is None]
+            raise ImageReadError(f"{f}: frame {k} lacks {', '.join(missing)}; medaug needs patient geometry "
+                                 "(not a cross-sectional image? remove it from the input)")
+        slope = float(slope) if slope not in (None, "") else 1.0
+        intercept = float(intercept) if intercept not in (None, "") else 0.0
+        frames.append(_Frame(np.asarray(ipp, float), np.asarray(iop, float),
+                             (float(spacing[0]), float(spacing[1])), pixels[k] * slope + intercept))
+    return frames
+
+
+def _resample_slices(stack: np.ndarray, dist: np.ndarray, step: float) -> tuple[np.ndarray, int]:
+    """Linear interpolation of ``stack`` (X, Y, Z) at slice distances ``dist`` onto a grid of ``step`` mm."""
+    n = int(round((dist[-1] - dist[0]) / step)) + 1
+    targets = dist[0] + step * np.arange(n)
+    hi = np.clip(np.searchsorted(dist, targets, side="left"), 1, len(dist) - 1)
+    w = ((targets - dist[hi - 1]) / (dist[hi] - dist[hi - 1])).astype(np.float32)
+    return stack[:, :, hi - 1] * (1 - w) + stack[:, :, hi] * w, n
+
+
+def read_dicom_series(files: list[Path], source: Path | None = None, uneven: str = "error") -> Volume:
+    """Read one DICOM series (single-frame files or one enhanced multi-frame file) in HU (CT) or stored units.
 
     Slices are ordered by their position along the slice normal, not by InstanceNumber;
     RescaleSlope/Intercept are applied; the affine comes from ImageOrientationPatient,
-    ImagePositionPatient, PixelSpacing and the measured slice spacing.
+    ImagePositionPatient, PixelSpacing and the measured slice spacing. Uneven spacing
+    (missing slices) raises, or with ``uneven="resample"`` is linearly resampled to the
+    smallest spacing found.
     """
-    source = source or (files[0] if files else Path("."))
-    datasets = []
+    if uneven not in UNEVEN_POLICIES:
+        raise ValueError(f"uneven={uneven!r}; choose one of {', '.join(UNEVEN_POLICIES)}")
+    source = Path(source or (files[0] if files else "."))
+    frames, series, meta = [], set(), None
     for f in files:
         try:
-            datasets.append(pydicom.dcmread(f))
+            ds = pydicom.dcmread(f)
         except Exception as err:
             raise ImageReadError(f"{f}: not a readable DICOM file ({err}); remove it from {source}") from err
-    if not datasets:
+        series.add(str(ds.get("SeriesInstanceUID", "")))
+        meta = meta or allowed_meta(ds)
+        frames += _frames_of(ds, Path(f))
+    if not frames:
         raise ImageReadError(f"{source}: folder holds no DICOM files")
-    series = {str(ds.get("SeriesInstanceUID", "")) for ds in datasets}
     if len(series) > 1:
         raise ImageReadError(f"{source}: holds {len(series)} DICOM series; give each series its own folder")
 
-    row_dir, col_dir, normal, _, spacing = _slice_geometry(datasets[0])
-    for ds in datasets[1:]:
-        if not np.allclose(ds.ImageOrientationPatient, datasets[0].ImageOrientationPatient, atol=1e-4):
-            raise ImageReadError(f"{source}: slices have different orientations; this is not one volume")
-    datasets.sort(key=lambda ds: float(np.dot(np.asarray(ds.ImagePositionPatient, float), normal)))
-    positions = np.array([np.asarray(ds.ImagePositionPatient, float) for ds in datasets])
+    orientation = frames[0].orientation
+    if any(not np.allclose(fr.orientation, orientation, atol=1e-4) for fr in frames):
+        raise ImageReadError(f"{source}: slices have different orientations (a localizer or a radial "
+                             "series?); this is not one volume: remove the odd slices")
+    if any(fr.pixels.shape != frames[0].pixels.shape for fr in frames):
+        raise ImageReadError(f"{source}: slices have different sizes; this is not one volume")
+    row_dir, col_dir = orientation[:3], orientation[3:]
+    normal = np.cross(row_dir, col_dir)
+    frames.sort(key=lambda fr: float(fr.position @ normal))
+    positions = np.array([fr.position for fr in frames])
+    stack = np.stack([fr.pixels.T for fr in frames], axis=-1).astype(np.float32)  # (cols=X, rows=Y, Z)
 
-    if len(datasets) > 1:
-        steps = np.diff(positions, axis=0)
-        step_len = np.linalg.norm(steps, axis=1)
-        if step_len.min() < 1e-6:
+    if len(frames) > 1:
+        direction = positions[-1] - positions[0]
+        if np.linalg.norm(direction) < 1e-6:
+            raise ImageReadError(f"{source}: all {len(frames)} slices share one position (duplicate files, "
+                                 "or several time points in one series?)")
+        direction = direction / np.linalg.norm(direction)
+        dist = (positions - positions[0]) @ direction
+        off_line = np.linalg.norm(positions - positions[0] - dist[:, None] * direction, axis=1).max()
+        steps = np.diff(dist)
+        if steps.min() < 1e-6:
             raise ImageReadError(f"{source}: two slices share one position (duplicate files?)")
-        if np.ptp(step_len) > 0.01 * step_len.mean() + 1e-3:
-            raise ImageReadError(
-                f"{source}: uneven slice spacing ({step_len.min():.3g}-{step_len.max():.3g} mm): "
-                "missing slices? Supply the complete series"
-            )
-        slice_vec = (positions[-1] - positions[0]) / (len(datasets) - 1)
+        if off_line > 0.01 * np.median(steps) + 1e-3:
+            raise ImageReadError(f"{source}: slice positions do not lie on one line; this is not one volume")
+        if np.ptp(steps) > 0.01 * steps.mean() + 1e-3:
+            if uneven == "error":
+                raise ImageReadError(
+                    f"{source}: uneven slice spacing ({steps.min():.3g}-{steps.max():.3g} mm): missing slices? "
+                    "Supply the complete series, or set prepare.uneven_spacing=resample"
+                )
+            step = float(steps.min())  # missing slices leave gaps of whole multiples of the true spacing
+            stack, n = _resample_slices(stack, dist, step)
+            slice_vec = direction * step
+        else:
+            slice_vec = (positions[-1] - positions[0]) / (len(frames) - 1)
     else:
-        slice_vec = normal * float(datasets[0].get("SliceThickness", 1.0) or 1.0)
+        slice_vec = normal * float(meta.get("slice_thickness_mm", 1.0) or 1.0)
 
-    slices = []
-    for ds in datasets:
-        pixels = ds.pixel_array.astype(np.float32)
-        slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
-        intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
-        slices.append((pixels * slope + intercept).T)  # (rows, cols) → (X = cols, Y = rows)
-    array = np.stack(slices, axis=-1).astype(np.float32)
-
+    spacing = frames[0].spacing
     lps = np.eye(4)
     lps[:3, 0] = row_dir * spacing[1]
     lps[:3, 1] = col_dir * spacing[0]
     lps[:3, 2] = slice_vec
     lps[:3, 3] = positions[0]
-    meta = {"modality": str(datasets[0].get("Modality", "unknown"))}
-    return Volume(array, LPS_TO_RAS @ lps, meta)
+    return Volume(stack, LPS_TO_RAS @ lps, meta)
 
 
 @contextmanager

@@ -93,7 +93,6 @@ def make_demo_dataset(
                 "PatientName": "PHANTOM",
                 "PatientIdentityRemoved": "YES",
                 "DeidentificationMethod": "medaug demo phantom: generated, no patient data",
-                "SeriesDescription": "medaug demo phantom",
             }
             write_dicom_series(root / rel, volume, affine, header)
         else:

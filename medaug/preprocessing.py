@@ -1,9 +1,11 @@
 """Bring a :class:`~medaug.io.Volume` into model space with MONAI transforms.
 
 The chain is: channel first → orientation to RAS → resample to a target spacing →
-intensity window to [-1, 1] → crop or pad to a fixed shape. The intensity mapping
-is an :class:`IntensityWindow` kept with the dataset, so samples go back to HU (CT)
-or source units on export.
+intensity window to [-1, 1] → (optionally) crop to the foreground → crop or pad to a
+fixed shape. The intensity mapping is an :class:`IntensityWindow` (CT: a fixed HU
+window; MR: per-volume percentiles, :class:`PercentileNormalization`) kept with the
+dataset, so samples go back to HU (CT) or source units on export. A mask, when given,
+follows the image through the same geometry (nearest neighbour).
 
 Example::
 
@@ -15,12 +17,13 @@ Example::
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Sequence
+from typing import NamedTuple, Sequence, Union
 
 import numpy as np
 import torch
 from monai.data import MetaTensor
-from monai.transforms import Compose, Orientation, ResizeWithPadOrCrop, ScaleIntensityRange, Spacing
+from monai.transforms import (Compose, CropForegroundd, Orientationd, ResizeWithPadOrCropd, ScaleIntensityRanged,
+                              Spacingd)
 
 from .io import Volume
 
@@ -49,39 +52,145 @@ class IntensityWindow:
         return asdict(self)
 
 
-def build_transform(window: IntensityWindow, spatial_size: Sequence[int], pixdim: Sequence[float] | None) -> Compose:
-    """The MONAI chain for a channel-first ``(1, X, Y, Z)`` MetaTensor.
+@dataclass(frozen=True)
+class PercentileNormalization:
+    """MR: per-volume percentiles ``[lower, upper]`` (in %) of the source intensities map to [-1, 1].
 
-    ``pixdim`` entries ≤ 0 keep the source spacing on that axis; ``spatial_size`` entries
-    of -1 keep the size on that axis. Padding uses the lowest intensity (air for CT).
+    MR intensities have no absolute unit, so each volume gets its own
+    :class:`IntensityWindow` (``window_for``); the prepared dataset keeps every item's
+    window in its manifest and, for exporting synthetic images, the median window of the
+    training volumes. Limits: intensities below/above the percentiles are clipped, and a
+    synthetic image comes back in the units of a typical training scan, not of any one scan.
+    ``nonzero`` computes percentiles over non-zero voxels (MR background is usually 0).
+
+    Example::
+
+        norm = PercentileNormalization(1.0, 99.0)
+        window = norm.window_for(volume.array)     # IntensityWindow(lo=p1, hi=p99, unit="MR a.u.")
     """
-    transforms = [Orientation(axcodes="RAS", labels=None)]
+
+    lower: float = 1.0
+    upper: float = 99.0
+    nonzero: bool = True
+    unit: str = "MR a.u."
+
+    def __post_init__(self):
+        if not 0 <= self.lower < self.upper <= 100:
+            raise ValueError(f"percentiles need 0 <= lower < upper <= 100, got {self.lower}, {self.upper}")
+
+    def window_for(self, array: np.ndarray) -> IntensityWindow:
+        values = np.asarray(array, np.float32).ravel()
+        if self.nonzero and (values != 0).any():
+            values = values[values != 0]
+        lo, hi = (float(v) for v in np.percentile(values, [self.lower, self.upper]))
+        if not hi > lo:
+            hi = lo + 1.0  # a constant image: any width gives the same model-space image
+        return IntensityWindow(lo, hi, self.unit)
+
+    def as_dict(self) -> dict:
+        return dict(kind="percentile", **asdict(self))
+
+
+Normalization = Union[IntensityWindow, PercentileNormalization]
+CROPS = ("center", "foreground")
+
+
+def window_of(norm: Normalization, array: np.ndarray) -> IntensityWindow:
+    """The window that maps ``array`` to [-1, 1]: the fixed CT window, or the volume's MR percentiles."""
+    return norm.window_for(array) if isinstance(norm, PercentileNormalization) else norm
+
+
+def build_transform(
+    window: IntensityWindow,
+    spatial_size: Sequence[int],
+    pixdim: Sequence[float] | None,
+    crop: str = "center",
+    margin: int = 2,
+    keys: Sequence[str] = ("image",),
+) -> Compose:
+    """The MONAI dict chain for channel-first ``(1, X, Y, Z)`` MetaTensors under ``keys``.
+
+    ``keys[0]`` is the image; a second key (a mask) is resampled nearest-neighbour and
+    cropped/padded with the image. ``pixdim`` entries ≤ 0 keep the source spacing on that
+    axis; ``spatial_size`` entries of -1 keep the size on that axis. ``crop="foreground"``
+    first crops to the box of voxels above the window's floor (plus ``margin`` voxels), so
+    the crop/pad to ``spatial_size`` centres the body, not the field of view. Padding uses
+    the lowest intensity (air for CT).
+    """
+    if crop not in CROPS:
+        raise ValueError(f"crop={crop!r}; choose one of {', '.join(CROPS)}")
+    keys = list(keys)
+    image = keys[0]
+    transforms = [Orientationd(keys=keys, axcodes="RAS", labels=None)]
     if pixdim is not None:
-        transforms.append(Spacing(pixdim=tuple(pixdim), mode="bilinear", padding_mode="border"))
-    transforms += [
-        ScaleIntensityRange(a_min=window.lo, a_max=window.hi, b_min=-1.0, b_max=1.0, clip=True),
-        ResizeWithPadOrCrop(spatial_size=tuple(spatial_size), mode="constant", value=-1.0),
-    ]
+        transforms.append(Spacingd(keys=keys, pixdim=tuple(pixdim), mode=["bilinear", "nearest"][: len(keys)],
+                                   padding_mode="border"))
+    transforms.append(ScaleIntensityRanged(keys=image, a_min=window.lo, a_max=window.hi, b_min=-1.0, b_max=1.0,
+                                           clip=True))
+    if crop == "foreground":
+        transforms.append(CropForegroundd(keys=keys, source_key=image, select_fn=_above_floor, margin=margin,
+                                          allow_smaller=True))
+    transforms.append(ResizeWithPadOrCropd(keys=image, spatial_size=tuple(spatial_size), mode="constant", value=-1.0))
+    if len(keys) > 1:
+        transforms.append(ResizeWithPadOrCropd(keys=keys[1:], spatial_size=tuple(spatial_size), mode="constant",
+                                               value=0))
     return Compose(transforms)
+
+
+def _above_floor(x):
+    return x > -1.0 + 1e-3
+
+
+class Prepared(NamedTuple):
+    """A preprocessed case: the image in [-1, 1], its mask (or None), and the window used."""
+
+    volume: Volume
+    mask: np.ndarray | None
+    window: IntensityWindow
+
+
+def preprocess_case(
+    volume: Volume,
+    norm: Normalization,
+    spatial_size: Sequence[int],
+    pixdim: Sequence[float] | None = None,
+    mask: np.ndarray | None = None,
+    crop: str = "center",
+    margin: int = 2,
+) -> Prepared:
+    """Like :func:`preprocess`, with an optional mask ``(X, Y, Z)`` on the image's grid carried along.
+
+    The mask comes back as a boolean array on the output grid (nearest-neighbour).
+    """
+    if len(spatial_size) != 3:
+        raise ValueError(f"spatial_size needs 3 entries (X, Y, Z; -1 keeps an axis), got {list(spatial_size)}")
+    window = window_of(norm, volume.array)
+    affine = torch.from_numpy(volume.affine)
+    data = {"image": MetaTensor(torch.from_numpy(volume.array[None].copy()), affine=affine)}
+    if mask is not None:
+        if mask.shape != volume.array.shape:
+            raise ValueError(f"mask shape {mask.shape} differs from image shape {volume.array.shape}")
+        data["mask"] = MetaTensor(torch.from_numpy((mask > 0)[None].astype(np.float32)), affine=affine.clone())
+    out = build_transform(window, spatial_size, pixdim, crop, margin, keys=list(data))(data)
+    image = out["image"]
+    array = image.as_tensor().numpy()[0].astype(np.float32)
+    prepared_mask = out["mask"].as_tensor().numpy()[0] > 0.5 if mask is not None else None
+    return Prepared(Volume(array, image.affine.numpy().astype(np.float64), dict(volume.meta)), prepared_mask, window)
 
 
 def preprocess(
     volume: Volume,
-    window: IntensityWindow,
+    window: Normalization,
     spatial_size: Sequence[int],
     pixdim: Sequence[float] | None = None,
+    crop: str = "center",
 ) -> Volume:
-    """Return ``volume`` in RAS, resampled, windowed to [-1, 1] and cropped/padded.
+    """Return ``volume`` in RAS, resampled, mapped to [-1, 1] and cropped/padded.
 
     ``spatial_size`` has three entries ``(X, Y, Z)``; the result's affine describes the
     output grid in RAS mm, so the geometry survives all the way to export.
     """
-    if len(spatial_size) != 3:
-        raise ValueError(f"spatial_size needs 3 entries (X, Y, Z; -1 keeps an axis), got {list(spatial_size)}")
-    image = MetaTensor(torch.from_numpy(volume.array[None].copy()), affine=torch.from_numpy(volume.affine))
-    out = build_transform(window, spatial_size, pixdim)(image)
-    array = out.as_tensor().numpy()[0].astype(np.float32)
-    return Volume(array, out.affine.numpy().astype(np.float64), dict(volume.meta))
+    return preprocess_case(volume, window, spatial_size, pixdim, crop=crop).volume
 
 
 def slice_volume(volume: Volume, index: int) -> Volume:

@@ -1,21 +1,33 @@
 """prepare: raw DICOM/NIfTI + labels → prepared dataset with patient-level splits.
 
     python -m pipelines.prepare experiment=demo_2d
-    medaug prepare data=labels data.labels=/data/study/labels.csv
+    medaug prepare data=labels data.labels=/data/study/labels.csv prepare.deid=refuse
+
+Prints a summary (patients, series, slices, classes, skipped files with why) and logs it
+to MLflow as run ``<name>-prepare`` in experiment ``<tracking.experiment>-prepare`` (the
+job's own run is created by ``train``).
 """
 
 from __future__ import annotations
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from medaug.dataset import prepare_dataset
 from medaug.phantoms import make_demo_dataset
-from medaug.preprocessing import IntensityWindow
-from pipelines.common import log, path, stage_main
+from medaug.preprocessing import IntensityWindow, PercentileNormalization
+from medaug.tracking import flatten
+from pipelines.common import container, log, make_tracker, path, stage_main
+
+
+def normalization_of(cfg: DictConfig):
+    """The preprocess group's intensity mapping: a CT window or MR percentiles."""
+    if cfg.preprocess.get("percentile") is not None:
+        return PercentileNormalization(**cfg.preprocess.percentile)
+    return IntensityWindow(**cfg.preprocess.window)
 
 
 def run(cfg: DictConfig) -> dict:
-    data = cfg.data
+    data, opts = cfg.data, cfg.prepare
     labels = path(data.labels)
     if data.source == "demo" and not labels.exists():
         demo = data.demo
@@ -24,15 +36,42 @@ def run(cfg: DictConfig) -> dict:
     flat = data.spatial_dims == 2
     spatial_size = list(data.image_size) + ([-1] if flat else [])
     pixdim = None if data.pixdim is None else list(data.pixdim) + ([0.0] if flat else [])
-    info = prepare_dataset(labels, path(cfg.paths.prepared_dir), IntensityWindow(**cfg.preprocess.window),
+    info = prepare_dataset(labels, path(cfg.paths.prepared_dir), normalization_of(cfg),
                            spatial_size=spatial_size, spatial_dims=data.spatial_dims, pixdim=pixdim,
                            split_fractions=list(data.split), slice_rule=data.slice_rule,
-                           slice_band=data.slice_band, seed=cfg.seed)
-    summary = {f"data/{split}/{name}": n for split, counts in info.counts.items() for name, n in counts.items()}
-    log.info("prepared %s: %d classes %s, image shape %s", info.root, info.num_classes, info.class_names,
-             info.image_shape)
+                           slice_band=data.slice_band, seed=cfg.seed, deid=opts.deid, strict=opts.strict,
+                           uneven_spacing=opts.uneven_spacing, volume_index=data.get("volume_index"),
+                           crop=data.get("crop", "center"),
+                           class_names=None if data.get("classes") is None else list(data.classes),
+                           dicom_root=path(data.dicom_root) if data.get("dicom_root") else None)
+    s = info.summary
+    log.info("prepared %s: %d patients, %d images (%d DICOM series), %d source slices -> %d %dD items, "
+             "shape %s", info.root, s.get("patients", 0), s.get("images", 0), s.get("series", 0),
+             s.get("source_slices", 0), s.get("items", 0), info.spatial_dims, info.image_shape)
+    log.info("  classes: %s", ", ".join(f"{i}={n} ({s.get('classes', {}).get(n, 0)})"
+                                        for i, n in enumerate(info.class_names)))
     for split, counts in info.counts.items():
         log.info("  %-5s %s", split, counts)
+    log.info("  de-identification: policy %s, %d findings", info.deid.get("policy"), info.deid.get("findings", 0))
+    log.info("  skipped files: %d", len(info.skipped))
+    for file, why in info.skipped:
+        log.info("    %s: %s", file, why)   # console only: paths never reach outputs or MLflow
+
+    summary = {f"data/{split}/{name}": n for split, counts in info.counts.items() for name, n in counts.items()}
+    summary.update({f"data/{k}": v for k, v in s.items() if isinstance(v, (int, float))})
+    tracker = make_tracker(OmegaConf.merge(cfg, {"tracking": {"experiment": f"{cfg.tracking.experiment}-prepare"}}))
+    tracker.start(run_name=f"{cfg.name}-prepare", tags={"medaug.job": cfg.name, "medaug.stage": "prepare"})
+    try:
+        config = container(cfg)
+        tracker.log_params(flatten({k: config[k] for k in ("data", "preprocess", "prepare", "seed")
+                                    if k in config} | {"dataset": info.fingerprint}))
+        tracker.set_tags({"deid.policy": info.deid.get("policy"), "deid.findings": info.deid.get("findings", 0)})
+        tracker.log_metrics(summary)
+        tracker.log_artifact(info.root / "dataset.json", "prepared")
+        if (info.root / "deid_log.csv").exists():
+            tracker.log_artifact(info.root / "deid_log.csv", "prepared")
+    finally:
+        tracker.end()
     return summary
 
 

@@ -1,12 +1,23 @@
 import csv
+import json
+import logging
+import re
 
+import numpy as np
+import pydicom
 import pytest
 import torch
 
 from medaug.dataset import DatasetError, load_info, load_split, prepare_dataset, read_manifest, split_patients
+from medaug.io import write_dicom_series, write_nifti
 from medaug.phantoms import make_demo_dataset
+from medaug.preprocessing import IntensityWindow, PercentileNormalization
+from pipelines import prepare
 
-from .conftest import WINDOW
+from .conftest import CONF_DIR, WINDOW, compose_cfg
+from .test_pipelines import _cli
+
+REPO = CONF_DIR.parent
 
 
 def test_prepared_dataset_shapes_and_range(prepared):
@@ -40,11 +51,15 @@ def test_split_is_seeded_and_stratified():
         assert got.count("train") == 6 and got.count("val") == 2 and got.count("test") == 2
 
 
-def test_second_prepare_reuses_cache(tmp_path):
+def test_second_prepare_reuses_cache_without_reading_dicom(tmp_path, monkeypatch):
     labels = make_demo_dataset(tmp_path / "raw", spatial_dims=2, n_per_class=3, size=8)
     args = dict(window=WINDOW, spatial_size=[8, 8, -1], spatial_dims=2)
     prepare_dataset(labels, tmp_path / "p", **args)
     stamp = (tmp_path / "p" / "DONE").stat().st_mtime_ns
+    def no_reading(*a, **k):
+        raise AssertionError("DICOM read on a cached run")
+
+    monkeypatch.setattr(pydicom, "dcmread", no_reading)
     prepare_dataset(labels, tmp_path / "p", **args)
     assert (tmp_path / "p" / "DONE").stat().st_mtime_ns == stamp
 
@@ -77,3 +92,237 @@ def test_bad_labels_are_refused(tmp_path, problem, message):
     with pytest.raises(DatasetError, match=message):
         prepare_dataset(labels, tmp_path / "p", WINDOW, spatial_size=[8, 8, -1], spatial_dims=2)
     assert not (tmp_path / "p").exists()
+
+
+def _nifti(path, array, affine=None):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_nifti(path, np.asarray(array, np.float32), np.eye(4) if affine is None else affine)
+
+
+def _declared(patient):
+    return {"PatientID": patient, "PatientIdentityRemoved": "YES", "DeidentificationMethod": "test corpus"}
+
+
+def _write_csv(path, rows):
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0].keys()))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def test_folder_per_class_layout_mixes_nifti_and_dicom(tmp_path):
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(["benign", "malignant"]):
+        for p in range(3):
+            volume = rng.normal(size=(6, 6, 2)) * 50 + 100 * c
+            if p == 0:  # a patient folder with two DICOM series (files without extension)
+                for s in range(2):
+                    for f in write_dicom_series(tmp_path / "tmp" / f"{name}{s}", volume, np.eye(4),
+                                                _declared(f"{name}-p0")):
+                        (tmp_path / "raw" / name / f"{name}-p0").mkdir(parents=True, exist_ok=True)
+                        f.rename(tmp_path / "raw" / name / f"{name}-p0" / f"s{s}_{f.stem}")
+            else:
+                _nifti(tmp_path / "raw" / name / f"{name}-p{p}.nii.gz", volume)
+    info = prepare_dataset(tmp_path / "raw", tmp_path / "p", WINDOW, spatial_size=[6, 6, -1], spatial_dims=2,
+                           slice_rule="all", split_fractions=(0.34, 0.33, 0.33))
+    rows = read_manifest(tmp_path / "p")
+    assert info.class_names == ["benign", "malignant"]
+    assert info.summary["patients"] == 6 and info.summary["series"] == 4 and info.summary["images"] == 8
+    assert len(rows) == 8 * 2 and {r["label"] for r in rows if r["class_name"] == "malignant"} == {1}
+    assert len({r["patient"] for r in rows}) == 6
+
+
+@pytest.mark.parametrize("flavour", ["msd", "nnunet"])
+def test_msd_and_nnunet_dataset_json_with_masks_and_nonempty_slices(tmp_path, flavour):
+    root = tmp_path / "Task01"
+    entries = []
+    for i in range(6):
+        image = np.full((4, 4, 6), 100.0 * i)
+        mask = np.zeros((4, 4, 6))
+        if i % 2:  # odd cases: a tumour (label 2) in slices 2-3 and a little edema (1) in slice 2
+            mask[1:3, 1:3, 2:4] = 2
+            mask[0, 0, 2] = 1
+        else:      # even cases: edema only, in slice 1
+            mask[0:2, 0:2, 1] = 1
+        name = f"case_{i:03d}"
+        image_rel = f"imagesTr/{name}_0000.nii.gz" if flavour == "nnunet" else f"imagesTr/{name}.nii.gz"
+        _nifti(root / image_rel, image)
+        _nifti(root / f"labelsTr/{name}.nii.gz", mask)
+        entries.append({"image": f"./{image_rel}", "label": f"./labelsTr/{name}.nii.gz"})
+    meta = ({"labels": {"0": "background", "1": "edema", "2": "tumour"}, "training": entries} if flavour == "msd"
+            else {"labels": {"background": 0, "edema": 1, "tumour": 2}, "file_ending": ".nii.gz"})
+    (root / "dataset.json").write_text(json.dumps(meta))
+    info = prepare_dataset(root / "dataset.json", tmp_path / "p", IntensityWindow(0, 500, "a.u."),
+                           spatial_size=[4, 4, -1], spatial_dims=2, slice_rule="nonempty",
+                           split_fractions=(0.34, 0.33, 0.33))
+    rows = read_manifest(tmp_path / "p")
+    assert info.class_names == ["edema", "tumour"]   # each case's class: its mask's label with most voxels
+    tumour = {r["patient"] for r in rows if r["class_name"] == "tumour"}
+    assert tumour == {"patient_0002", "patient_0004", "patient_0006"}
+    assert len(rows) == 3 * 2 + 3 * 1                # only the slices where the mask is non-empty
+
+
+def test_labels_row_may_name_a_series_uid_in_a_mixed_folder(tmp_path):
+    rows = []
+    (tmp_path / "raw" / "all").mkdir(parents=True)
+    for i in range(6):  # six series with constant values 0, 10, ..., 50, all files in one folder
+        files = write_dicom_series(tmp_path / "tmp" / str(i), np.full((4, 4, 2), 10.0 * i), np.eye(4),
+                                   _declared(f"p{i}"))
+        uid = pydicom.dcmread(files[0]).SeriesInstanceUID
+        for f in files:
+            f.rename(tmp_path / "raw" / "all" / f"{i}_{f.name}")
+        rows.append({"series_uid": uid, "patient_id": f"p{i}", "label": "ab"[i % 2]})
+    labels = _write_csv(tmp_path / "raw" / "labels.csv", rows)
+    info = prepare_dataset(labels, tmp_path / "p", IntensityWindow(0, 50, "a.u."), spatial_size=[4, 4, -1],
+                           spatial_dims=2, slice_rule="all", split_fractions=(0.34, 0.33, 0.33))
+    assert info.summary["series"] == 6 and len(read_manifest(tmp_path / "p")) == 12
+    images, classes = load_split(tmp_path / "p", "train")
+    series_index = torch.round((images.mean(dim=(1, 2, 3)) + 1) / 2 * 5).long()  # back to i from 10 * i
+    assert torch.equal(series_index % 2, classes)      # each series got the label of its own row
+    assert "1.2." not in (tmp_path / "p" / "manifest.csv").read_text()   # UIDs never reach the manifest
+
+
+def _bad_input(tmp_path, problem):
+    """A small dataset with one problem; returns (labels, prepare kwargs)."""
+    raw = tmp_path / "raw"
+    rows = []
+    for i in range(6):
+        _nifti(raw / f"img{i}.nii.gz", np.random.default_rng(i).normal(size=(4, 4, 3)))
+        rows.append({"path": f"img{i}.nii.gz", "patient_id": f"p{i}", "label": "ab"[i % 2]})
+    kwargs = {}
+    if problem == "missing_file":
+        rows[0]["path"] = "nowhere.nii.gz"
+    elif problem == "unknown_class":
+        rows[1]["label"] = "c"
+        kwargs["class_names"] = ["a", "b"]
+    elif problem == "empty_class":
+        kwargs["class_names"] = ["a", "b", "c"]
+    elif problem == "nan":
+        bad = np.zeros((4, 4, 3))
+        bad[0, 0, 0] = np.nan
+        _nifti(raw / "img0.nii.gz", bad)
+    elif problem == "no_images":
+        (raw / "empty" / "a").mkdir(parents=True)
+        return raw / "empty", kwargs
+    elif problem == "one_slice_3d":
+        write_dicom_series(raw / "one", np.zeros((4, 4, 1)), np.eye(4), _declared("p0"))
+        rows[0]["path"] = "one"
+        kwargs["spatial_dims"] = 3
+    elif problem in ("uneven", "mixed_orientation"):
+        files = write_dicom_series(raw / "s", np.zeros((4, 4, 4)), np.eye(4), _declared("p0"))
+        if problem == "uneven":
+            files[1].unlink()
+        else:
+            ds = pydicom.dcmread(files[1])
+            ds.ImageOrientationPatient = [0, 1, 0, 0, 0, -1]
+            ds.save_as(files[1])
+        rows[0]["path"] = "s"
+    elif problem in ("non_dicom_strict", "two_series"):
+        write_dicom_series(raw / "s", np.zeros((4, 4, 2)), np.eye(4), _declared("p0"))
+        if problem == "two_series":
+            write_dicom_series(raw / "s" / "other", np.zeros((4, 4, 2)), np.eye(4), _declared("p0"))
+        else:
+            (raw / "s" / "README").write_text("scanner export notes")
+            kwargs["strict"] = True
+        rows[0]["path"] = "s"
+    elif problem == "split_conflict":
+        rows[1]["patient_id"] = "p0"
+        rows[0]["split"], rows[1]["split"] = "train", "test"
+        for row in rows[2:]:
+            row["split"] = ""
+    elif problem == "phi":
+        write_dicom_series(raw / "s", np.zeros((4, 4, 2)), np.eye(4), {"PatientName": "DOE^J"})
+        rows[0]["path"] = "s"
+    return _write_csv(raw / "labels.csv", rows), kwargs
+
+
+BAD_INPUTS = {
+    "missing_file": r"labels.csv:2: image 'nowhere.nii.gz' not found",
+    "unknown_class": r"labels.csv:3: unknown class 'c'.*data.classes",
+    "empty_class": r"class 'c' has no images",
+    "nan": r"img0.nii.gz: image contains NaN or Inf",
+    "no_images": r"empty: folder with no images",
+    "one_slice_3d": r"labels.csv:2: a single-slice image cannot train a 3D model",
+    "uneven": r"raw/s: uneven slice spacing.*prepare.uneven_spacing=resample",
+    "mixed_orientation": r"raw/s: slices have different orientations",
+    "non_dicom_strict": r"s/README: not a readable DICOM file.*prepare.strict",
+    "two_series": r"labels.csv:2: .*holds 2 DICOM series; name one per row by its SeriesInstanceUID",
+    "split_conflict": r"labels.csv:3: patient is given splits 'train' and 'test'",
+    "phi": r"(?s)gate \(refuse\).*s/slice_0000.dcm: \(0010,0010\) PatientName",
+}
+
+
+@pytest.mark.parametrize("problem", sorted(BAD_INPUTS))
+def test_bad_input_is_refused_with_file_and_fix_and_leaves_nothing(tmp_path, problem):
+    labels, kwargs = _bad_input(tmp_path, problem)
+    args = dict(window=WINDOW, spatial_size=[4, 4, -1], spatial_dims=2, split_fractions=(0.34, 0.33, 0.33))
+    if kwargs.get("spatial_dims") == 3:
+        args["spatial_size"] = [4, 4, 4]
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=BAD_INPUTS[problem]):
+        prepare_dataset(labels, tmp_path / "p", **args)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["raw"]   # no prepared folder, no temp folder
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("problem", ["missing_file", "uneven"])
+def test_bad_input_exits_2_from_the_cli(tmp_path, problem):
+    labels, _ = _bad_input(tmp_path, problem)
+    r = _cli(["pipelines.prepare", "data=labels", f"data.labels={labels}", "data.image_size=[4,4]",
+              "tracking=none", f"paths.output_dir={tmp_path}/job"], REPO)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1].startswith("medaug prepare: error: ")
+    assert re.search(BAD_INPUTS[problem], r.stderr) and "Traceback" not in r.stderr
+    assert not (tmp_path / "job" / "prepared").exists()
+
+
+def test_uneven_series_can_be_resampled_by_config(tmp_path):
+    labels, _ = _bad_input(tmp_path, "uneven")
+    info = prepare_dataset(labels, tmp_path / "p", WINDOW, spatial_size=[4, 4, -1], spatial_dims=2,
+                           slice_rule="all", split_fractions=(0.34, 0.33, 0.33), uneven_spacing="resample")
+    assert info.summary["source_slices"] == 5 * 3 + 4   # the gap is filled: 4 slices again
+
+
+def test_non_image_files_are_skipped_and_summarised(tmp_path):
+    labels, _ = _bad_input(tmp_path, "non_dicom_strict")
+    with pytest.warns(UserWarning, match="skipping .*README"):
+        info = prepare_dataset(labels, tmp_path / "p", WINDOW, spatial_size=[4, 4, -1], spatial_dims=2,
+                               split_fractions=(0.34, 0.33, 0.33))
+    assert info.summary["skipped_files"] == 1 and info.summary["skipped_why"] == {"not a readable DICOM file": 1}
+    assert info.skipped[0][0].endswith("README")
+    assert "README" not in (tmp_path / "p" / "dataset.json").read_text()
+
+
+def test_mr_percentile_dataset_stores_each_window_and_the_median_for_export(tmp_path):
+    raw = tmp_path / "raw"
+    rows = []
+    for i in range(6):  # scans of different gain: the same anatomy times 1..6
+        array = np.zeros((6, 6, 3))
+        array[1:5, 1:5] = np.linspace(100, 500, 16 * 3).reshape(4, 4, 3) * (i + 1)
+        _nifti(raw / f"mr{i}.nii.gz", array)
+        rows.append({"path": f"mr{i}.nii.gz", "patient_id": f"p{i}", "label": "ab"[i % 2]})
+    labels = _write_csv(raw / "labels.csv", rows)
+    info = prepare_dataset(labels, tmp_path / "p", PercentileNormalization(0, 100), spatial_size=[6, 6, -1],
+                           spatial_dims=2, slice_rule="all", split_fractions=(0.34, 0.33, 0.33))
+    manifest = read_manifest(tmp_path / "p")
+    lows = sorted({float(r["source_lo"]) for r in manifest})
+    assert lows == pytest.approx([100.0 * k for k in range(1, 7)])  # one window per scan
+    assert info.window == IntensityWindow(350.0, 1750.0, "MR a.u.")  # median window, used by export
+    meta = json.loads((tmp_path / "p" / "dataset.json").read_text())
+    assert meta["normalization"]["kind"] == "percentile"
+    images, _ = load_split(tmp_path / "p", "train")
+    assert images.max() == pytest.approx(1.0) and images.min() == pytest.approx(-1.0)
+
+
+def test_prepare_stage_prints_the_summary(tmp_path, caplog):
+    labels, _ = _bad_input(tmp_path, "non_dicom_strict")
+    cfg = compose_cfg("prepare", tmp_path / "job", ["data=labels", f"data.labels={labels}", "data.image_size=[4,4]",
+                                                     "data.split=[0.34,0.33,0.33]", "tracking=none"])
+    with caplog.at_level(logging.INFO, logger="medaug"), pytest.warns(UserWarning, match="skipping"):
+        result = prepare.run(cfg)
+    text = caplog.text
+    assert "6 patients, 6 images (1 DICOM series), 17 source slices" in text
+    assert "classes: 0=a (" in text and "de-identification: policy refuse, 0 findings" in text
+    assert "skipped files: 1" in text and "README: not a readable DICOM file" in text
+    assert result["data/patients"] == 6 and result["data/skipped_files"] == 1

@@ -1,10 +1,15 @@
+import shutil
+from pathlib import Path
+
 import nibabel as nib
 import numpy as np
 import pydicom
+import pydicom.data
 import pytest
 
-from medaug.io import (ImageReadError, atomic_folder, is_complete, read_dicom_series, read_nifti, read_volume,
-                       write_dicom_series, write_nifti)
+from medaug.deid import ALLOWED_META
+from medaug.io import (ImageReadError, atomic_folder, index_dicom, is_complete, read_dicom_series, read_nifti,
+                       read_volume, write_dicom_series, write_nifti)
 
 
 def oblique_affine():
@@ -81,7 +86,7 @@ def test_dicom_folder_with_two_series_is_refused(tmp_path):
 def test_dicom_missing_slice_is_refused(tmp_path):
     files = write_dicom_series(tmp_path / "s", np.zeros((4, 4, 5)), np.eye(4), {})
     files[2].unlink()
-    with pytest.raises(ImageReadError, match="uneven slice spacing"):
+    with pytest.raises(ImageReadError, match="uneven slice spacing.*prepare.uneven_spacing=resample"):
         read_volume(tmp_path / "s")
 
 
@@ -90,7 +95,7 @@ def test_pydicom_shipped_ct_reads_in_hu():
 
     vol = read_volume(get_testdata_file("CT_small.dcm"))
     assert vol.array.shape == (128, 128, 1)
-    assert vol.meta == {"modality": "CT"}
+    assert vol.meta["modality"] == "CT" and set(vol.meta) <= set(ALLOWED_META.values())
     assert -1100 < vol.array.min() < vol.array.max() < 3100   # HU, after rescale
     assert vol.spacing[:2] == pytest.approx((0.661468, 0.661468), abs=1e-5)
 
@@ -105,3 +110,163 @@ def test_atomic_folder_leaves_nothing_on_failure(tmp_path):
     with atomic_folder(tmp_path / "out") as tmp:
         (tmp / "full.txt").write_text("x")
     assert is_complete(tmp_path / "out") and (tmp_path / "out" / "full.txt").exists()
+
+
+PYDICOM_FILES = Path(pydicom.data.get_testdata_file("CT_small.dcm", download=False)).parent
+
+
+def test_rescale_slope_and_intercept_are_applied(tmp_path):
+    hu = (np.arange(4 * 3 * 2, dtype=np.float32) * 85 - 1024).reshape(4, 3, 2)  # stored = (HU + 1024) / 2.5 is whole
+    files = write_dicom_series(tmp_path / "s", hu, np.eye(4), {})
+    for f in files:  # store (HU + 1024) / 2.5 → slope 2.5, intercept -1024
+        ds = pydicom.dcmread(f)
+        ds.RescaleSlope, ds.RescaleIntercept = "2.5", "-1024"
+        ds.PixelData = np.round((ds.pixel_array + 1024) / 2.5).astype(np.int16).tobytes()
+        ds.save_as(f)
+    np.testing.assert_allclose(read_volume(tmp_path / "s").array, hu, atol=1e-3)
+
+
+def test_two_series_in_one_folder_without_extensions_are_grouped(tmp_path):
+    rng = np.random.default_rng(2)
+    truth = {}
+    for name, affine in (("a", oblique_affine()), ("b", np.diag([0.5, 0.5, 3.0, 1.0]))):
+        hu = rng.integers(-1000, 1000, size=(5, 4, 3)).astype(np.float32)
+        for f in write_dicom_series(tmp_path / "tmp" / name, hu, affine, {}):
+            target = tmp_path / "mixed" / f"{name}{f.stem[-2:]}"  # no extension, one flat folder
+            target.parent.mkdir(exist_ok=True)
+            f.rename(target)
+        truth[name] = (hu, affine)
+    index = index_dicom(tmp_path / "mixed")
+    assert len(index.series) == 2 and not index.skipped
+    for series in index.series.values():
+        vol = read_dicom_series(series.files)
+        name = series.files[0].name[0]
+        want, want_affine = flip_slices(*truth[name]) if name == "a" else truth[name]
+        np.testing.assert_allclose(vol.array, want, atol=1e-3)
+        np.testing.assert_allclose(vol.affine, want_affine, atol=1e-3)
+
+
+def enhanced_multiframe(tmp_path, hu, affine, order):
+    """One enhanced CT file holding the slices of ``hu`` in ``order`` (per-frame positions, shared geometry)."""
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    files = write_dicom_series(tmp_path / "single", hu, affine, {})
+    slices = [pydicom.dcmread(f) for f in files]
+    ds = slices[0]
+    ds.NumberOfFrames = len(order)
+    plane, measures, rescale = Dataset(), Dataset(), Dataset()
+    plane.ImageOrientationPatient = ds.ImageOrientationPatient
+    measures.PixelSpacing, measures.SliceThickness = ds.PixelSpacing, ds.SliceThickness
+    rescale.RescaleSlope, rescale.RescaleIntercept = ds.RescaleSlope, ds.RescaleIntercept
+    shared = Dataset()
+    shared.PlaneOrientationSequence = Sequence([plane])
+    shared.PixelMeasuresSequence = Sequence([measures])
+    shared.PixelValueTransformationSequence = Sequence([rescale])
+    ds.SharedFunctionalGroupsSequence = Sequence([shared])
+    per_frame = []
+    for k in order:
+        position, item = Dataset(), Dataset()
+        position.ImagePositionPatient = slices[k].ImagePositionPatient
+        item.PlanePositionSequence = Sequence([position])
+        per_frame.append(item)
+    ds.PerFrameFunctionalGroupsSequence = Sequence(per_frame)
+    for keyword in ("ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing", "RescaleSlope"):
+        delattr(ds, keyword)
+    ds.PixelData = b"".join(slices[k].PixelData for k in order)
+    path = tmp_path / "enhanced.dcm"
+    ds.save_as(path)
+    return path
+
+
+@pytest.mark.parametrize("order", [[3, 0, 5, 1, 4, 2], [0]], ids=["6-frames-shuffled", "1-frame"])
+def test_enhanced_multiframe_file_reads_like_the_series(tmp_path, order):
+    hu = np.random.default_rng(3).integers(-1000, 1000, size=(5, 4, len(order))).astype(np.float32)
+    affine = np.diag([0.7, 0.8, 2.0, 1.0])
+    path = enhanced_multiframe(tmp_path, hu, affine, order=order)
+    vol = read_volume(path)
+    np.testing.assert_allclose(vol.array, hu, atol=1e-3)
+    np.testing.assert_allclose(vol.affine, affine, atol=1e-4)
+
+
+def test_compressed_pixel_data_without_decoder_names_syntax_and_extra():
+    with pytest.raises(ImageReadError, match=r"JPEG-LS Lossless.*pip install 'medaug\[jpeg\]'"):
+        read_volume(PYDICOM_FILES / "MR_small_jpeg_ls_lossless.dcm")
+    # JPEG 2000 lossless decodes with what is installed and equals the uncompressed file
+    np.testing.assert_array_equal(read_volume(PYDICOM_FILES / "MR_small_jp2klossless.dcm").array,
+                                  read_volume(PYDICOM_FILES / "MR_small.dcm").array)
+
+
+def test_truncated_and_non_dicom_files_are_skipped_or_refused_when_strict(tmp_path):
+    hu = np.zeros((4, 4, 3), np.float32)
+    files = write_dicom_series(tmp_path / "s", hu, np.eye(4), {})
+    (tmp_path / "s" / "notes.txt").write_text("not an image")
+    data = files[0].read_bytes()
+    (tmp_path / "s" / "broken").write_bytes(data[: len(data) - 10])
+    with pytest.warns(UserWarning, match="skipping"):
+        index = index_dicom(tmp_path / "s")
+    why = {p.name: reason for p, reason in index.skipped}
+    assert set(why) == {"notes.txt", "broken"}
+    assert "not a readable DICOM" in why["notes.txt"] and "truncated" in why["broken"]
+    assert read_volume(tmp_path / "s").array.shape == (4, 4, 3)
+    with pytest.raises(ImageReadError, match="broken: truncated.*prepare.strict"):
+        read_volume(tmp_path / "s", strict=True)
+    shutil.copy(PYDICOM_FILES / "MR_truncated.dcm", tmp_path / "mr")
+    with pytest.warns(UserWarning), pytest.raises(ImageReadError, match="no readable DICOM image.*truncated"):
+        read_volume(tmp_path / "mr")
+
+
+def test_uneven_spacing_can_be_resampled(tmp_path):
+    hu = np.broadcast_to(np.arange(6, dtype=np.float32) * 100, (3, 3, 6)).copy()  # linear along z
+    files = write_dicom_series(tmp_path / "s", hu, np.diag([1.0, 1.0, 2.0, 1.0]), {})
+    files[2].unlink()
+    vol = read_volume(tmp_path / "s", uneven="resample")
+    assert vol.array.shape == (3, 3, 6) and vol.spacing == pytest.approx((1, 1, 2))
+    np.testing.assert_allclose(vol.array[0, 0], np.arange(6) * 100, atol=1e-3)  # the gap is interpolated
+
+
+def test_nifti_4d_needs_a_volume_index(tmp_path):
+    array = np.stack([np.full((3, 3, 2), k, np.float32) for k in range(3)], axis=-1)
+    nib.save(nib.Nifti1Image(array, np.eye(4)), tmp_path / "t.nii.gz")
+    with pytest.raises(ImageReadError, match=r"t.nii.gz.*data.volume_index"):
+        read_volume(tmp_path / "t.nii.gz")
+    assert read_volume(tmp_path / "t.nii.gz", volume_index=2).array.max() == 2
+
+
+def test_pydicom_shipped_ct_series_is_ordered_by_position():
+    """dicomdirtests/98892001/CT5N: 5 real CT slices, files named against the slice order."""
+    folder = PYDICOM_FILES / "dicomdirtests" / "98892001" / "CT5N"
+    vol = read_volume(folder)
+    assert vol.array.shape == (16, 16, 5) and vol.meta["modality"] == "CT"
+    np.testing.assert_allclose(vol.affine[:3, 2], [0, 0, 2.5], atol=1e-4)        # ascending along +S
+    np.testing.assert_allclose(vol.affine[:3, 3], [72.2, 143.0, -1.2375], atol=1e-3)  # LPS → RAS origin
+    by_z = sorted(folder.iterdir(), key=lambda f: float(pydicom.dcmread(f).ImagePositionPatient[2]))
+    first = pydicom.dcmread(by_z[0])
+    want = first.pixel_array.T * float(first.RescaleSlope) + float(first.RescaleIntercept)
+    np.testing.assert_allclose(vol.array[:, :, 0], want)
+
+
+def test_pydicom_shipped_tree_is_indexed_and_bad_series_are_refused():
+    root = PYDICOM_FILES / "dicomdirtests"
+    with pytest.warns(UserWarning):
+        index = index_dicom(root)
+    assert any("DICOMDIR" in why for _, why in index.skipped)
+    assert sum(s.num_frames for s in index.series.values()) == len(index.headers)
+    with pytest.raises(ImageReadError, match="uneven slice spacing"):
+        read_volume(root / "77654033" / "CT2")
+    with pytest.raises(ImageReadError, match="different orientations"):
+        read_volume(root / "98892001" / "CT2N")
+
+
+def test_nibabel_shipped_nifti_keep_their_affine():
+    data = Path(nib.__file__).parent / "tests" / "data"
+    anat = nib.load(data / "anatomical.nii")
+    vol = read_volume(data / "anatomical.nii")
+    np.testing.assert_allclose(vol.affine, anat.affine)
+    np.testing.assert_allclose(vol.array, np.asarray(anat.dataobj, np.float32))
+    four_d = nib.load(data / "example4d.nii.gz")
+    with pytest.raises(ImageReadError, match=r"example4d.nii.gz: NIfTI image has shape .*data.volume_index"):
+        read_volume(data / "example4d.nii.gz")
+    vol = read_volume(data / "example4d.nii.gz", volume_index=1)
+    np.testing.assert_allclose(vol.array, np.asarray(four_d.dataobj[..., 1], np.float32))
+    np.testing.assert_allclose(vol.affine, four_d.affine)

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from medaug.io import Volume
-from medaug.preprocessing import IntensityWindow, preprocess, slice_volume
+from medaug.preprocessing import IntensityWindow, PercentileNormalization, preprocess, preprocess_case, slice_volume
 
 
 def test_window_roundtrip_and_clipping():
@@ -39,3 +39,39 @@ def test_slice_affine_points_at_the_slice():
     s = slice_volume(Volume(np.zeros((3, 3, 5), np.float32), affine), 2)
     assert s.array.shape == (3, 3, 1)
     assert s.affine[2, 3] == pytest.approx(15.0)
+
+
+def test_mr_percentile_window_and_its_inverse():
+    rng = np.random.default_rng(0)
+    array = np.zeros((10, 10, 10), np.float32)
+    array[2:8, 2:8, 2:8] = rng.uniform(100, 1100, size=(6, 6, 6))  # background 0, tissue 100-1100 a.u.
+    norm = PercentileNormalization(1.0, 99.0)
+    window = norm.window_for(array)
+    tissue = array[array != 0]
+    assert window.lo == pytest.approx(np.percentile(tissue, 1)) and window.hi == pytest.approx(np.percentile(tissue, 99))
+    assert window.unit == "MR a.u."
+    prepared = preprocess_case(Volume(array, np.eye(4)), norm, spatial_size=(10, 10, 10))
+    assert prepared.window == window
+    inside = (array >= window.lo) & (array <= window.hi)
+    np.testing.assert_allclose(window.to_source(prepared.volume.array)[inside], array[inside], rtol=1e-4)
+    with pytest.raises(ValueError, match="percentiles"):
+        PercentileNormalization(99, 1)
+
+
+def test_foreground_crop_centres_the_body_and_carries_the_mask():
+    array = np.full((40, 40, 1), -1000.0, np.float32)
+    array[2:12, 4:12, 0] = 40.0                      # the body sits in a corner of a large field of view
+    mask = np.zeros_like(array)
+    mask[5:7, 6:8, 0] = 1
+    centre = preprocess_case(Volume(array, np.eye(4)), IntensityWindow(-160, 240), (16, 16, -1),
+                             mask=mask, crop="center")
+    fg = preprocess_case(Volume(array, np.eye(4)), IntensityWindow(-160, 240), (16, 16, -1),
+                         mask=mask, crop="foreground", margin=1)
+    assert (centre.volume.array > -1).sum() < 10 * 8          # the centre crop cuts the body off
+    assert (fg.volume.array > -1).sum() == 10 * 8             # the foreground crop keeps all of it
+    body = np.argwhere(fg.volume.array[:, :, 0] > -1)
+    assert abs(body.mean(0) - 7.5).max() <= 1.0              # ...in the middle
+    assert fg.mask.sum() == 4 and fg.volume.array[fg.mask].min() > -1   # the mask moved with the image
+    # the affine still maps voxels to the same world position
+    i, j = np.argwhere(fg.mask[:, :, 0])[0]
+    np.testing.assert_allclose((fg.volume.affine @ [i, j, 0, 1])[:2], [5, 6])
