@@ -212,12 +212,21 @@ def write_dicom_series(
     affine: np.ndarray,
     header: dict,
     modality: str = "CT",
+    *,
+    window: tuple[float, float] | None = None,
+    file_name: str = "slice_{k:04d}.dcm",
 ) -> list[Path]:
-    """Write ``array`` (X, Y, Z) in HU as a CT series, one file per slice, with fresh UIDs.
+    """Write ``array`` (X, Y, Z) in HU as a CT Image series, one file per slice, with fresh UIDs.
 
-    ``header`` holds the identifying and descriptive attributes the caller chooses
-    (e.g. ``PatientID``, ``PatientName``, ``SeriesDescription``); nothing else is copied
-    from anywhere. Stored integers map back to HU through RescaleSlope/Intercept.
+    Study, series, frame-of-reference and instance UIDs are generated (random, never
+    derived from anything). ``header`` holds the identifying and descriptive attributes
+    the caller chooses (e.g. ``PatientID``, ``PatientName``, ``SeriesDescription``) and
+    overrides the empty type-2 defaults; nothing else is copied from anywhere. Stored
+    int16 values map back to HU through RescaleSlope/Intercept (rounded to ``slope`` HU).
+    ``window`` = (centre, width) in HU sets WindowCenter/WindowWidth. ``file_name`` is
+    formatted with the slice index ``k`` (a 2D image, Z = 1, can get a plain name).
+    Geometry: ImagePositionPatient per slice, ImageOrientationPatient, PixelSpacing
+    (row, column spacing in mm) and SliceThickness come from ``affine`` (voxel → RAS mm).
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -231,6 +240,9 @@ def write_dicom_series(
     stored = np.round(np.asarray(array, dtype=np.float64) / slope).astype(np.int16)
 
     study_uid, series_uid, frame_uid = generate_uid(), generate_uid(), generate_uid()
+    type2 = dict(PatientName="", PatientID="", PatientBirthDate="", PatientSex="", StudyDate="", StudyTime="",
+                 ReferringPhysicianName="", StudyID="", AccessionNumber="", PositionReferenceIndicator="",
+                 Manufacturer="", KVP="", AcquisitionNumber="")
     paths = []
     for k in range(array.shape[2]):
         sop_uid = generate_uid()
@@ -250,7 +262,7 @@ def write_dicom_series(
         ds.InstanceNumber = k + 1
         ds.ImageType = ["DERIVED", "SECONDARY", "AXIAL"]
         ds.PatientPosition = "HFS"
-        for key, value in header.items():
+        for key, value in {**type2, **header}.items():
             setattr(ds, key, value)
         ds.ImageOrientationPatient = [float(f"{v:.6f}") for v in iop]
         ds.ImagePositionPatient = [float(f"{v:.4f}") for v in lps[:3, 3] + k * col_z]
@@ -264,8 +276,11 @@ def write_dicom_series(
         ds.RescaleSlope = f"{slope:.8g}"
         ds.RescaleIntercept = "0"
         ds.RescaleType = "HU"
+        if window is not None:
+            ds.WindowCenter = f"{float(window[0]):.6g}"
+            ds.WindowWidth = f"{max(float(window[1]), 1.0):.6g}"
         ds.PixelData = np.ascontiguousarray(stored[:, :, k].T).tobytes()
-        path = folder / f"slice_{k:04d}.dcm"
+        path = folder / file_name.format(k=k)
         tmp = _atomic_target(path)
         ds.save_as(tmp, enforce_file_format=True)
         os.replace(tmp, path)
