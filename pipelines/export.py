@@ -23,13 +23,13 @@ from medaug.sampling import load_samples
 from pipelines.common import REPO_ROOT, log, make_tracker, path, stage_main, tracking_uri
 
 
-PRIVACY_REPORTS = ("privacy*.json", "privacy*.md", "report*.md")
+PRIVACY_REPORTS = ("metrics.json", "privacy*.json", "privacy*.md", "report*.md", "report*.html")
 
 
 def privacy_inputs(eval_dir: Path, n: int, metrics: dict) -> tuple[list | None, list[Path], str]:
     """What the evaluation left about privacy: per-sample scores (``privacy_scores.csv`` with
-    columns ``index,score``), report files (text only: no image can carry training data into
-    an export) and a one-line verdict for the data card."""
+    columns ``index,score``), report files (``metrics.json`` and text reports; none that embeds
+    an image, which could carry training data into an export) and a one-line verdict for the data card."""
     scores = None
     table = eval_dir / "privacy_scores.csv"
     if table.is_file():

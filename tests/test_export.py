@@ -222,3 +222,35 @@ def test_export_refuses_to_overwrite_and_leaves_no_partial(tmp_path):
 def test_render_card_fills_every_placeholder():
     text = render_card(TEMPLATE, {**CARD, "num_samples": 2, "files": "NIfTI", "filtered": "none"})
     assert "${" not in text and "| m | 1 |" in text
+
+
+def test_export_stage_writes_every_format_and_the_share_bundle(tmp_path):
+    from medaug.io import atomic_folder
+    from medaug.sampling import save_samples
+    from pipelines import export as export_stage
+
+    from .conftest import compose_cfg
+
+    images = _images(3, 2)
+    rows = [dict(index=i, label=i % 2, class_name="ab"[i % 2], seed=5 + i, guidance_scale=2.0, sampler="ddim",
+                 steps=3, checkpoint_id="abc") for i in range(3)]
+    info = dict(checkpoint_id="abc", checkpoint_step=4, mlflow_run_id="run-7f3a", class_names=["a", "b"],
+                spatial_dims=2, image_shape=[8, 8], window=WINDOW.as_dict(), affine=AFFINE.tolist(), dataset="fp",
+                model="M", sample=dict(sampler="ddim", steps=3, eta=0.0, guidance_scale=2.0, seed=5))
+    save_samples(tmp_path / "samples", images, rows, info, ["a", "b"])
+    with atomic_folder(tmp_path / "eval") as ev:
+        (ev / "metrics.json").write_text(json.dumps({"fidelity/label_acc": 0.5, "privacy/copy_rate": 0.0}))
+        (ev / "privacy_scores.csv").write_text("index,score\n0,0.25\n2,0.5\n")
+        (ev / "report.md").write_text("![neighbour](data:image/png;base64,AAAA)\n")  # embeds pixels: never copied
+    cfg = compose_cfg("export", tmp_path, ["tracking=none", "export.format=[nifti,dicom,png]",
+                                           "export.profile=share", "export.dataset_json=true"])
+    result = export_stage.run(cfg)
+    out = tmp_path / "export"
+    assert result["formats"] == ["nifti", "dicom", "png"] and result["archive"] == str(tmp_path / "export.tar.gz")
+    assert (tmp_path / "export.tar.gz.sha256").is_file() and (out / "dataset.json").is_file()
+    manifest = _manifest(out)
+    assert [m["privacy_score"] for m in manifest] == ["0.25", "", "0.5"] and "seed" not in manifest[0]
+    assert sorted(p.name for p in (out / "privacy").iterdir()) == ["metrics.json"]
+    card = (out / "DATA_CARD.md").read_text()
+    assert "`privacy/copy_rate` 0" in card and "run-7f3a" not in card and "${" not in card
+    assert all((out / m["dicom"]).is_file() and (out / m["png"]).is_file() for m in manifest)
