@@ -194,6 +194,9 @@ def augment(
     chunks = [(c, start) for c, start in enumerate(range(0, n, chunk_size))]
     chunk_dir = lambda c: out_dir / "chunks" / f"chunk_{c:05d}"
     mine = [(c, start) for c, start in chunks if c % world_size == rank and not is_complete(chunk_dir(c))]
+    for c, _ in mine:  # half-written chunks of a killed run (only this rank writes chunk c)
+        for stale in (out_dir / "chunks").glob(f".chunk_{c:05d}.tmp*"):
+            shutil.rmtree(stale, ignore_errors=True)
     if mine:
         net = ema_network(ckpt) if use_ema else network_from_spec(ckpt.config["model"])
         if not use_ema:

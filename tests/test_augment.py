@@ -106,8 +106,10 @@ def test_interrupted_and_sharded_runs_equal_one_uninterrupted_run(prepared_2d, c
     partial = tmp_path / "resumed"
     assert (partial / "chunks" / "chunk_00000" / "DONE").exists() and not (partial / "DONE").exists()
     assert not (partial / "manifest.csv").exists() and len(list((partial / "chunks").iterdir())) == 1
+    (partial / "chunks" / ".chunk_00001.tmp99999").mkdir()  # killed while writing chunk 1
     resumed = augment(prepared_2d, ckpt_2d, partial, **kwargs)
     assert resumed.complete and resumed.generated == 3
+    assert sorted(p.name for p in (partial / "chunks").iterdir()) == ["chunk_00000", "chunk_00001", "chunk_00002"]
     assert folder_state(partial) == folder_state(tmp_path / "ref")
 
     shard0 = augment(prepared_2d, ckpt_2d, tmp_path / "sharded", rank=0, world_size=2, **kwargs)
