@@ -76,8 +76,8 @@ def run(cfg: DictConfig) -> dict:
     template = path(x.template) if x.template else REPO_ROOT / "data_cards" / "TEMPLATE.md"
     out = export_dataset(images, rows, path(cfg.paths.export_dir), window=window, affine=affine,
                          card_fields=card, template=template, formats=formats, profile=x.profile,
-                         png_bits=x.png_bits, dataset_json=x.dataset_json, privacy_scores=scores,
-                         privacy_files=reports, archive=x.archive, overwrite=x.overwrite)
+                         png_bits=x.png_bits, dicom_multiframe=x.dicom_multiframe, dataset_json=x.dataset_json,
+                         privacy_scores=scores, privacy_files=reports, archive=x.archive, overwrite=x.overwrite)
 
     tracker = make_tracker(cfg)
     tracker.start(run_name=cfg.name, run_id=info.get("mlflow_run_id"), tags={"medaug.job": cfg.name})

@@ -1,6 +1,8 @@
 import csv
 import hashlib
 import json
+import shutil
+import subprocess
 import tarfile
 import warnings
 import zipfile
@@ -37,11 +39,24 @@ DICOM_ALLOWED = {
     "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "PatientIdentityRemoved", "DeidentificationMethod",
     "StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber", "StudyDescription",
     "SeriesDescription", "ImageComments", "DerivationDescription", "BurnedInAnnotation", "Manufacturer",
-    "BodyPartExamined", "PositionReferenceIndicator", "KVP", "AcquisitionNumber",
+    "Laterality", "ContentDate", "ContentTime", "PositionReferenceIndicator", "KVP", "AcquisitionNumber",
     "ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing", "SliceThickness",
     "SamplesPerPixel", "PhotometricInterpretation", "Rows", "Columns", "BitsAllocated", "BitsStored", "HighBit",
     "PixelRepresentation", "RescaleSlope", "RescaleIntercept", "RescaleType", "WindowCenter", "WindowWidth",
     "PixelData",
+}
+# The Enhanced CT option adds its functional groups, dimensions and equipment attributes.
+ENHANCED_ALLOWED = DICOM_ALLOWED - {"Laterality", "KVP", "AcquisitionNumber", "DerivationDescription"} | {
+    "NumberOfFrames", "ManufacturerModelName", "DeviceSerialNumber", "SoftwareVersions", "ContentQualification",
+    "PixelPresentation", "VolumetricProperties", "VolumeBasedCalculationTechnique", "PresentationLUTShape",
+    "LossyImageCompression", "AcquisitionContextSequence", "DimensionOrganizationType",
+    "DimensionOrganizationSequence", "DimensionOrganizationUID", "DimensionIndexSequence", "DimensionIndexPointer",
+    "FunctionalGroupPointer", "DimensionDescriptionLabel", "SharedFunctionalGroupsSequence",
+    "PerFrameFunctionalGroupsSequence", "PixelMeasuresSequence", "PlaneOrientationSequence", "PlanePositionSequence",
+    "PixelValueTransformationSequence", "FrameVOILUTSequence", "CTImageFrameTypeSequence", "FrameType",
+    "FrameAnatomySequence", "AnatomicRegionSequence", "CodeValue", "CodingSchemeDesignator", "CodeMeaning",
+    "FrameLaterality", "IrradiationEventIdentificationSequence", "IrradiationEventUID", "FrameContentSequence",
+    "DimensionIndexValues",
 }
 # Type 1 and 2 attributes of the CT Image IOD's modules (patient, study, series, frame of
 # reference, equipment, image, plane, pixel, CT image, SOP common).
@@ -123,7 +138,8 @@ def test_dicom_reads_back_like_the_nifti_with_valid_headers(tmp_path, spatial_di
             assert ds.SOPClassUID == pydicom.uid.CTImageStorage and ds.Modality == "CT"
             assert list(ds.ImageType)[:2] == ["DERIVED", "SECONDARY"]
             assert "SYNTHETIC" in ds.SeriesDescription and "SYNTHETIC" in ds.ImageComments
-            assert ds.PatientIdentityRemoved == "YES" and ds.PatientID == str(ds.PatientName) == f"SYN{i:05d}"
+            assert ds.PatientIdentityRemoved == "YES" and ds.PatientID == f"SYN{i:05d}"
+            assert str(ds.PatientName) == f"SYNTHETIC^SYN{i:05d}"
             assert float(ds.WindowCenter) == 40 and float(ds.WindowWidth) == 400
             assert float(ds.PixelSpacing[0]) == pytest.approx(0.7) and float(ds.PixelSpacing[1]) == pytest.approx(0.8)
             assert float(ds.SliceThickness) == pytest.approx(2.5)
@@ -136,6 +152,43 @@ def test_dicom_reads_back_like_the_nifti_with_valid_headers(tmp_path, spatial_di
         studies |= series
     flat = [u for s in studies for u in s]
     assert len(studies) == 3 and len(set(flat)) == len(flat) and not set(flat) & uids
+    if shutil.which("dciodvfy"):  # dicom3tools' IOD validator, where installed
+        for f in [p for p in out.joinpath("dicom").rglob("*.dcm")][:4]:
+            report = subprocess.run(["dciodvfy", str(f)], capture_output=True, text=True).stderr
+            assert "CTImage" in report and "Error" not in report, report
+
+
+def read_enhanced_ct(path):
+    """Volume (X, Y, Z) in HU and RAS affine of an Enhanced CT file, straight from its functional groups."""
+    ds = pydicom.dcmread(path)
+    shared = ds.SharedFunctionalGroupsSequence[0]
+    rescale = shared.PixelValueTransformationSequence[0]
+    array = ds.pixel_array.astype(np.float64) * float(rescale.RescaleSlope) + float(rescale.RescaleIntercept)
+    iop = np.asarray(shared.PlaneOrientationSequence[0].ImageOrientationPatient, float)
+    spacing = np.asarray(shared.PixelMeasuresSequence[0].PixelSpacing, float)
+    ipp = [np.asarray(f.PlanePositionSequence[0].ImagePositionPatient, float) for f in ds.PerFrameFunctionalGroupsSequence]
+    lps = np.eye(4)
+    lps[:3, 0], lps[:3, 1] = iop[:3] * spacing[1], iop[3:] * spacing[0]
+    lps[:3, 2], lps[:3, 3] = (ipp[-1] - ipp[0]) / (len(ipp) - 1), ipp[0]
+    return ds, array.transpose(2, 1, 0), np.diag([-1.0, -1, 1, 1]) @ lps
+
+
+def test_enhanced_multiframe_option_matches_the_nifti(tmp_path):
+    out = _export(tmp_path, _images(2, 3), formats=["nifti", "dicom"], dicom_multiframe=True)
+    for i, row in enumerate(_manifest(out)):
+        nifti = read_volume(out / row["nifti"])
+        ds, array, affine = read_enhanced_ct(out / row["dicom"])
+        np.testing.assert_allclose(array, nifti.array, atol=0.5 + 1e-3)
+        np.testing.assert_allclose(affine, nifti.affine, atol=1e-3)
+        assert ds.SOPClassUID == pydicom.uid.EnhancedCTImageStorage and ds.NumberOfFrames == 8
+        assert ds.PatientIdentityRemoved == "YES" and "SYNTHETIC" in ds.ImageComments and ds.ImageType[0] == "DERIVED"
+        assert float(ds.SharedFunctionalGroupsSequence[0].FrameVOILUTSequence[0].WindowWidth) == 400
+        assert all(UID(u).is_valid for u in (ds.SOPInstanceUID, ds.StudyInstanceUID, ds.SeriesInstanceUID))
+        keywords = {e.keyword for e in ds.iterall()} | {e.keyword for e in ds.file_meta}
+        assert keywords <= ENHANCED_ALLOWED, keywords - ENHANCED_ALLOWED
+        if shutil.which("dciodvfy"):
+            report = subprocess.run(["dciodvfy", str(out / row["dicom"])], capture_output=True, text=True).stderr
+            assert "EnhancedCTImage" in report and "Error" not in report, report
 
 
 @pytest.mark.parametrize("bits", [8, 16])
