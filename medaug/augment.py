@@ -83,7 +83,8 @@ def synthetic_counts(real_counts: Mapping[str, int], policy: str, num_per_class=
         if isinstance(num_per_class, Mapping):
             unknown = set(num_per_class) - set(real_counts)
             if unknown:
-                raise ValueError(f"augment.num_per_class names unknown classes {sorted(unknown)}; known: {sorted(real_counts)}")
+                raise ValueError(f"augment.num_per_class names unknown classes {sorted(unknown)}; "
+                                 f"known: {sorted(real_counts)}")
             counts = {c: int(num_per_class.get(c, 0)) for c in real_counts}
         elif num_per_class is None:
             raise ValueError("augment.policy=per_class needs augment.num_per_class (an int or {class_name: count})")
@@ -169,9 +170,10 @@ def augment(
     if not real:
         raise DatasetError(f"{input}: split {split!r} has no items; choose augment.split=train|val|test")
     ckpt = load_checkpoint(ckpt_path)
-    if list(ckpt.meta["class_names"]) != list(info.class_names) or list(ckpt.meta["image_shape"]) != list(info.image_shape):
-        raise ValueError(f"{ckpt_path}: trained on classes {ckpt.meta['class_names']} of shape {ckpt.meta['image_shape']}, "
-                         f"but {input} has {info.class_names} of shape {info.image_shape}; use the matching checkpoint")
+    trained_on = (list(ckpt.meta["class_names"]), list(ckpt.meta["image_shape"]))
+    if trained_on != (list(info.class_names), list(info.image_shape)):
+        raise ValueError(f"{ckpt_path}: trained on classes {trained_on[0]} of shape {trained_on[1]}, but {input} has "
+                         f"{info.class_names} of shape {info.image_shape}; use the matching checkpoint")
     real_counts = {c: sum(r["class_name"] == c for r in real) for c in info.class_names}
     counts = synthetic_counts(real_counts, policy, num_per_class, ratio)
     labels = labels_for_counts({info.class_names.index(c): n for c, n in counts.items()})
@@ -272,7 +274,7 @@ class MixedDataset(Dataset):
 
     def __init__(self, folder: str | os.PathLike, transform=None, *, real: bool = True, synthetic: bool = True):
         folder = Path(folder)
-        rows = [r for r in read_mixed_manifest(folder) if (r["synthetic"] and synthetic) or (not r["synthetic"] and real)]
+        rows = [r for r in read_mixed_manifest(folder) if (synthetic if r["synthetic"] else real)]
         plan = json.loads((folder / "plan.json").read_text())
         self.class_names = plan["class_names"]
         self.spatial_dims = plan["spatial_dims"]

@@ -241,8 +241,8 @@ def write_dicom_series(
 
     study_uid, series_uid, frame_uid = generate_uid(), generate_uid(), generate_uid()
     type2 = dict(PatientName="", PatientID="", PatientBirthDate="", PatientSex="", StudyDate="", StudyTime="",
-                 ReferringPhysicianName="", StudyID="", AccessionNumber="", Laterality="", PositionReferenceIndicator="",
-                 Manufacturer="", KVP="", AcquisitionNumber="")
+                 ReferringPhysicianName="", StudyID="", AccessionNumber="", Laterality="",
+                 PositionReferenceIndicator="", Manufacturer="", KVP="", AcquisitionNumber="")
     paths = []
     for k in range(array.shape[2]):
         sop_uid = generate_uid()

@@ -41,8 +41,8 @@ def privacy_inputs(eval_dir: Path, n: int, metrics: dict) -> tuple[list | None, 
     files = sorted({p for pattern in PRIVACY_REPORTS for p in eval_dir.glob(pattern)})
     files = [p for p in files if "data:image" not in p.read_text(errors="ignore")]
     audit = {k: v for k, v in metrics.items() if k.startswith("privacy/") and v is not None}
-    verdict = (", ".join(f"`{k}` {v:.4g}" if isinstance(v, (int, float)) else f"`{k}` {v}" for k, v in sorted(audit.items()))
-               if audit else "not audited: run `medaug evaluate` with the privacy audit before sharing")
+    shown = [f"`{k}` {v:.4g}" if isinstance(v, (int, float)) else f"`{k}` {v}" for k, v in sorted(audit.items())]
+    verdict = ", ".join(shown) if audit else "not audited: run `medaug evaluate` with the privacy audit before sharing"
     return scores, files, verdict
 
 
@@ -72,7 +72,8 @@ def run(cfg: DictConfig) -> dict:
         class_counts=", ".join(f"{name}: {n}" for name, n in sorted(counts.items())),
         metrics=metrics_table(headline) if headline else "_not evaluated_",
     )
-    scores, reports, card["privacy"] = privacy_inputs(eval_dir, len(rows), metrics) if complete else (None, [], "not audited")
+    scores, reports, card["privacy"] = (privacy_inputs(eval_dir, len(rows), metrics) if complete
+                                        else (None, [], "not audited"))
     template = path(x.template) if x.template else REPO_ROOT / "data_cards" / "TEMPLATE.md"
     out = export_dataset(images, rows, path(cfg.paths.export_dir), window=window, affine=affine,
                          card_fields=card, template=template, formats=formats, profile=x.profile,

@@ -166,7 +166,8 @@ def read_enhanced_ct(path):
     array = ds.pixel_array.astype(np.float64) * float(rescale.RescaleSlope) + float(rescale.RescaleIntercept)
     iop = np.asarray(shared.PlaneOrientationSequence[0].ImageOrientationPatient, float)
     spacing = np.asarray(shared.PixelMeasuresSequence[0].PixelSpacing, float)
-    ipp = [np.asarray(f.PlanePositionSequence[0].ImagePositionPatient, float) for f in ds.PerFrameFunctionalGroupsSequence]
+    frames = ds.PerFrameFunctionalGroupsSequence
+    ipp = [np.asarray(f.PlanePositionSequence[0].ImagePositionPatient, float) for f in frames]
     lps = np.eye(4)
     lps[:3, 0], lps[:3, 1] = iop[:3] * spacing[1], iop[3:] * spacing[0]
     lps[:3, 2], lps[:3, 3] = (ipp[-1] - ipp[0]) / (len(ipp) - 1), ipp[0]
@@ -239,7 +240,8 @@ def test_share_bundle_is_one_archive_without_provenance(tmp_path, archive):
     else:
         members = [m.name for m in tarfile.open(bundle).getmembers() if m.isfile()]
     assert all(m.startswith("e/") for m in members)
-    assert {"e/manifest.csv", "e/DATA_CARD.md", "e/SHA256SUMS", "e/dataset.json", "e/privacy/privacy_report.md"} <= set(members)
+    wanted = {"e/manifest.csv", "e/DATA_CARD.md", "e/SHA256SUMS", "e/dataset.json", "e/privacy/privacy_report.md"}
+    assert wanted <= set(members)
     assert len(members) == len([p for p in out.rglob("*") if p.is_file()])
     manifest = _manifest(out)
     assert set(manifest[0]) == {"path", "nifti", "dicom", "png", "class_name", "label", "privacy_score", "synthetic"}
