@@ -13,14 +13,16 @@ Example::
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from .model import EMA, save_checkpoint
@@ -29,7 +31,12 @@ from .tracking import NullTracker, Tracker
 
 @dataclass
 class TrainSettings:
-    """What the fit loop needs beyond the objects; ``amp_dtype=None`` trains in fp32."""
+    """What the fit loop needs beyond the objects; ``amp_dtype=None`` trains in fp32.
+
+    ``rank``/``world_size`` describe data-parallel training: every rank draws the same
+    global batch of ``batch_size * world_size`` and trains on its own slice, so N ranks
+    reproduce one process with an N-times larger batch.
+    """
 
     max_steps: int = 1000
     batch_size: int = 32
@@ -38,7 +45,11 @@ class TrainSettings:
     seed: int = 0
     ckpt_every: int = 500
     log_every: int = 25
+    ema_every: int = 1
     amp_dtype: torch.dtype | None = None
+    channels_last: bool = False
+    rank: int = 0
+    world_size: int = 1
 
 
 @dataclass
@@ -53,6 +64,24 @@ def step_generator(seed: int, step: int, device: torch.device | str = "cpu") -> 
     return torch.Generator(device=device).manual_seed(seed * 1_000_003 + step)
 
 
+class StepNoise(NamedTuple):
+    """The random draws of one training step, for a batch of N images."""
+
+    noise: torch.Tensor      # (N, C, *spatial) fp32, standard normal
+    timesteps: torch.Tensor  # (N,) int64 in [0, num_train_timesteps)
+    drop: torch.Tensor       # (N,) bool: label replaced by the null class
+
+
+def draw_step_noise(shape: Sequence[int], num_train_timesteps: int, p_uncond: float,
+                    generator: torch.Generator) -> StepNoise:
+    """Noise, timesteps and label drops for a batch of ``shape`` (N, C, *spatial)."""
+    device = generator.device
+    noise = torch.randn(tuple(shape), generator=generator, device=device, dtype=torch.float32)
+    t = torch.randint(0, num_train_timesteps, (shape[0],), generator=generator, device=device)
+    drop = torch.rand(shape[0], generator=generator, device=device) < p_uncond
+    return StepNoise(noise, t, drop)
+
+
 def diffusion_loss(
     model: nn.Module,
     scheduler,
@@ -60,25 +89,58 @@ def diffusion_loss(
     labels: torch.Tensor,
     *,
     null_class: int,
-    p_uncond: float,
-    generator: torch.Generator,
+    p_uncond: float = 0.0,
+    generator: torch.Generator | None = None,
+    draws: StepNoise | None = None,
     amp_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Per-sample epsilon-prediction loss ``[N]`` for images ``x0`` (N, C, *spatial) in [-1, 1].
 
     Labels are replaced by ``null_class`` with probability ``p_uncond`` (classifier-free
-    guidance training). Noise and the noised input are made in fp32 outside autocast;
-    only the network runs under ``amp_dtype``.
+    guidance training). The random draws come from ``draws`` or else from ``generator``.
+    Noise and the noised input are made in fp32 outside autocast (``add_noise`` on bf16
+    input would turn the scheduler's ``alphas_cumprod`` into bf16 for good); only the
+    network runs under ``amp_dtype``.
     """
-    n, device = x0.shape[0], x0.device
-    noise = torch.randn(x0.shape, generator=generator, device=device, dtype=torch.float32)
-    t = torch.randint(0, scheduler.num_train_timesteps, (n,), generator=generator, device=device)
-    drop = torch.rand(n, generator=generator, device=device) < p_uncond
-    labels = torch.where(drop, torch.full_like(labels, null_class), labels)
-    x_t = scheduler.add_noise(original_samples=x0.float(), noise=noise, timesteps=t)
-    with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-        pred = model(x_t, timesteps=t, class_labels=labels)
-    return F.mse_loss(pred.float(), noise, reduction="none").flatten(1).mean(1)
+    if draws is None:
+        draws = draw_step_noise(x0.shape, scheduler.num_train_timesteps, p_uncond, generator)
+    labels = torch.where(draws.drop, torch.full_like(labels, null_class), labels)
+    x_t = scheduler.add_noise(original_samples=x0.float(), noise=draws.noise, timesteps=draws.timesteps)
+    if x_t.ndim == 4 and x0.is_contiguous(memory_format=torch.channels_last):
+        x_t = x_t.contiguous(memory_format=torch.channels_last)
+    with torch.autocast(x0.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        pred = model(x_t, timesteps=draws.timesteps, class_labels=labels)
+    return F.mse_loss(pred.float(), draws.noise, reduction="none").flatten(1).mean(1)
+
+
+def enable_activation_checkpointing(model: nn.Module) -> nn.Module:
+    """Recompute the activations of every down, middle and up block of a MONAI
+    ``DiffusionModelUNet`` in the backward pass instead of storing them (less memory,
+    about a third more compute). The weights and their names are unchanged."""
+    blocks = [*getattr(model, "down_blocks", []), getattr(model, "middle_block", None), *getattr(model, "up_blocks", [])]
+    blocks = [b for b in blocks if b is not None]
+    if not blocks:
+        raise ValueError(f"{type(model).__name__} has no down/middle/up blocks to checkpoint")
+    for block in blocks:
+        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+    return model
+
+
+def prepare_for_speed(model: nn.Module, *, channels_last: bool = False, compile_mode: str | None = None,
+                      activation_checkpointing: bool = False) -> nn.Module:
+    """Apply the speed and memory switches to a network already on its device.
+
+    ``compile_mode`` is a ``torch.compile`` mode (``default``, ``max-autotune-no-cudagraphs``,
+    ...) or None for eager. The returned module may be a compiled wrapper; it shares its
+    parameters with ``model`` (use :func:`medaug.model.unwrap` to reach the network).
+    """
+    if activation_checkpointing:
+        enable_activation_checkpointing(model)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if compile_mode:
+        model = torch.compile(model, mode=None if compile_mode == "default" else compile_mode)
+    return model
 
 
 def fit(
@@ -107,11 +169,17 @@ def fit(
     n = images.shape[0]
     if n == 0:
         raise ValueError("no training images: the train split is empty")
-    batch_size = min(settings.batch_size, n)
+    world, rank = settings.world_size, settings.rank
+    batch_size = min(settings.batch_size, n // world)
+    if batch_size == 0:
+        raise ValueError(f"{n} training images cannot feed {world} ranks")
+    global_shape = (batch_size * world, *images.shape[1:])
+    mine = slice(rank * batch_size, (rank + 1) * batch_size)
+    memory_format = torch.channels_last if settings.channels_last and images.ndim == 4 else torch.preserve_format
     result = FitResult(step=start_step, checkpoint=ckpt_path)
 
     def checkpoint(step: int) -> None:
-        if ckpt_path is not None:
+        if ckpt_path is not None and rank == 0:
             payload = checkpoint_payload() if checkpoint_payload else {"config": {}, "meta": {}}
             save_checkpoint(ckpt_path, model=model, ema=ema, optimizer=optimizer, step=step, **payload)
 
@@ -120,26 +188,33 @@ def fit(
     window_steps = 0
     step = start_step
     bar = tqdm(range(start_step, settings.max_steps), desc="train", unit="step", initial=start_step,
-               total=settings.max_steps)
+               total=settings.max_steps, disable=rank != 0)
     try:
         for step in bar:
-            gen_cpu = step_generator(settings.seed, step)
-            idx = torch.randperm(n, generator=gen_cpu)[:batch_size]
-            x0 = images[idx].to(device, non_blocking=True)
+            # indices are drawn where the images are: no host-device copy, no sync in the step
+            gen = step_generator(settings.seed, step, device)
+            data_gen = gen if images.device == device else step_generator(settings.seed, step, images.device)
+            idx = torch.randperm(n, generator=data_gen, device=images.device)[: batch_size * world][mine]
+            x0 = images[idx].to(device, non_blocking=True, memory_format=memory_format)
             y = labels[idx].to(device, non_blocking=True)
-            gen = gen_cpu if device.type == "cpu" else step_generator(settings.seed, step, device)
-            loss = diffusion_loss(model, scheduler, x0, y, null_class=null_class, p_uncond=settings.p_uncond,
-                                  generator=gen, amp_dtype=settings.amp_dtype).mean()
+            draws = StepNoise(*(d[mine] for d in draw_step_noise(global_shape, scheduler.num_train_timesteps,
+                                                                 settings.p_uncond, gen)))
+            loss = diffusion_loss(model, scheduler, x0, y, null_class=null_class, draws=draws,
+                                  amp_dtype=settings.amp_dtype).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if settings.grad_clip:
                 nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
             optimizer.step()
-            ema.update(model)
+            if (step + 1) % settings.ema_every == 0:
+                ema.update(model)
             window += loss.detach()
             window_steps += 1
             done = step + 1
             if done % settings.log_every == 0 or done == settings.max_steps:
+                if world > 1:  # the mean over all ranks, as one process with the global batch would see
+                    torch.distributed.all_reduce(window)
+                    window /= world
                 value = float(window) / window_steps
                 if not math.isfinite(value):
                     raise FloatingPointError(f"training loss became {value} at step {done}; lower training.lr")

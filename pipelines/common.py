@@ -54,13 +54,24 @@ def path(cfg_value: str) -> Path:
     return Path(str(cfg_value)).expanduser().resolve()
 
 
+def distributed() -> tuple[int, int, int]:
+    """``(rank, local_rank, world_size)`` from torchrun's environment; (0, 0, 1) without it."""
+    return (int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)),
+            int(os.environ.get("WORLD_SIZE", 1)))
+
+
 def device_of(cfg: DictConfig) -> torch.device:
     name = cfg.training.device
     if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
+        name = f"cuda:{distributed()[1]}" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"training.device={name} but no CUDA device is visible; use training.device=cpu")
     return torch.device(name)
+
+
+def switch(value, on_cuda: bool) -> bool:
+    """A speed switch from the config: ``auto`` means on for CUDA, off elsewhere."""
+    return on_cuda if value == "auto" else bool(value)
 
 
 def amp_dtype_of(cfg: DictConfig, device: torch.device) -> torch.dtype | None:

@@ -12,27 +12,48 @@ import numpy as np
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
+from torch.nn.parallel import DistributedDataParallel
 
 from medaug.dataset import load_info, load_split
 from medaug.model import EMA, load_checkpoint, network_from_spec, set_rng_state
-from medaug.tracking import flatten
-from medaug.training import TrainSettings, fit
-from pipelines.common import amp_dtype_of, container, default_ckpt, device_of, log, make_tracker, path, stage_main
+from medaug.tracking import NullTracker, flatten
+from medaug.training import TrainSettings, fit, prepare_for_speed
+from pipelines.common import (amp_dtype_of, container, default_ckpt, device_of, distributed, log, make_tracker, path,
+                              stage_main, switch)
 
 
 def run(cfg: DictConfig) -> dict:
+    rank, _, world = distributed()
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    try:
+        return _train(cfg, rank, world)
+    finally:
+        if world > 1:
+            torch.distributed.destroy_process_group()
+
+
+def _train(cfg: DictConfig, rank: int, world: int) -> dict:
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     random.seed(cfg.seed)
     info = load_info(path(cfg.paths.prepared_dir))
     images, labels = load_split(info.root, "train")
     device = device_of(cfg)
+    t = cfg.training
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+        if switch(t.data_on_device, True) and images.nbytes < 2 * 2**30:
+            images, labels = images.to(device), labels.to(device)
 
     config = container(cfg)
     config["model"].update(num_class_embeds=info.num_classes + 1, spatial_dims=info.spatial_dims)
     net = network_from_spec(config["model"]).to(device)
-    ema = EMA(net, cfg.training.ema_decay)
-    optimizer = instantiate(cfg.training.optimizer)(net.parameters())
+    ema = EMA(net, t.ema_decay)
+    optimizer = instantiate(t.optimizer, **({"fused": True} if cuda else {}))(net.parameters())
     scheduler = network_from_spec(config["scheduler"])
 
     out_ckpt = path(cfg.paths.train_dir) / "checkpoints" / "last.pt"
@@ -51,7 +72,14 @@ def run(cfg: DictConfig) -> dict:
             log.warning("resuming on a prepared dataset that differs from the checkpoint's")
         log.info("resuming from %s at step %d", resume_from, start_step)
 
-    tracker = make_tracker(cfg)
+    compile_mode = {"auto": "default" if cuda else None, False: None, True: "default"}.get(t.compile, t.compile)
+    channels_last = switch(t.channels_last, cuda) and info.spatial_dims == 2
+    model = prepare_for_speed(net, channels_last=channels_last, compile_mode=compile_mode,
+                              activation_checkpointing=t.activation_checkpointing)
+    if world > 1:
+        model = DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
+
+    tracker = make_tracker(cfg) if rank == 0 else NullTracker()
     tracker.start(run_name=cfg.name, run_id=run_id, tags={"medaug.job": cfg.name})
     if start_step == 0:
         tracker.log_params(flatten({k: v for k, v in config.items() if k not in ("sample", "evaluate", "export")}))
@@ -59,21 +87,23 @@ def run(cfg: DictConfig) -> dict:
     meta = dict(class_names=info.class_names, spatial_dims=info.spatial_dims, image_shape=info.image_shape,
                 window=info.window.as_dict(), affine=info.affine.tolist(), dataset=info.fingerprint,
                 mlflow_run_id=tracker.run_id)
-    t = cfg.training
     settings = TrainSettings(max_steps=t.max_steps, batch_size=t.batch_size, p_uncond=t.p_uncond,
                              grad_clip=t.grad_clip, seed=t.seed, ckpt_every=t.ckpt_every, log_every=t.log_every,
-                             amp_dtype=amp_dtype_of(cfg, device))
+                             ema_every=t.ema_every, amp_dtype=amp_dtype_of(cfg, device), channels_last=channels_last,
+                             rank=rank, world_size=world)
     try:
-        result = fit(net, ema, optimizer, scheduler, images, labels, settings, null_class=info.num_classes,
+        result = fit(model, ema, optimizer, scheduler, images, labels, settings, null_class=info.num_classes,
                      start_step=start_step, ckpt_path=out_ckpt,
                      checkpoint_payload=lambda: {"config": config, "meta": meta}, tracker=tracker)
     except BaseException:
         tracker.end("KILLED")
         raise
-    tracker.log_artifact(out_ckpt, "checkpoints")
+    if rank == 0:
+        tracker.log_artifact(out_ckpt, "checkpoints")
     tracker.end()
     final = result.losses[-1][1] if result.losses else float("nan")
-    log.info("trained to step %d (loss %.4f); checkpoint %s", result.step, final, out_ckpt)
+    if rank == 0:
+        log.info("trained to step %d (loss %.4f); checkpoint %s", result.step, final, out_ckpt)
     return {"train/loss": final, "train/step": result.step, "checkpoint": str(out_ckpt)}
 
 

@@ -1,6 +1,7 @@
 """Every stage and experiment, end to end on tiny data; the CLI; multirun; error exits."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -98,3 +99,21 @@ def test_bad_input_exits_nonzero_with_one_line(tmp_path):
     assert "Traceback" not in r.stderr
     r = _cli(["pipelines.cli", "nonsense"], REPO)
     assert r.returncode == 2 and "usage: medaug" in r.stderr
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_ranks_match_one_process_with_double_batch(tmp_path):
+    common = ["experiment=demo_2d", *for_stage("train", TINY), f"paths.output_dir={tmp_path}",
+              "training.max_steps=3", "training.grad_clip=null"]
+    prepare.run(compose_cfg("prepare", tmp_path, common))
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "-m", "pipelines.train", *common, "training.batch_size=2", f"paths.train_dir={tmp_path}/ddp"],
+                       cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    train.run(compose_cfg("train", tmp_path, [*common, "training.batch_size=4", f"paths.train_dir={tmp_path}/one"]))
+    ddp = load_checkpoint(tmp_path / "ddp" / "checkpoints" / "last.pt")
+    one = load_checkpoint(tmp_path / "one" / "checkpoints" / "last.pt")
+    assert ddp.step == one.step == 3
+    for name, w in one.model.items():
+        torch.testing.assert_close(ddp.model[name], w, atol=2e-5, rtol=1e-4)
+    assert any(not torch.equal(one.model[k], one.ema["model"][k]) for k in one.model)  # training changed weights

@@ -108,3 +108,19 @@ def test_nan_loss_stops_with_advice():
     net, ema, opt, sch = tiny()
     with pytest.raises(FloatingPointError, match="training.lr"):
         fit(net, ema, opt, sch, x, y, TrainSettings(max_steps=2, batch_size=4, log_every=1), null_class=3)
+
+
+def test_activation_checkpointing_and_channels_last_keep_the_maths():
+    from medaug.training import prepare_for_speed
+
+    x, y = data(2, 4)
+    grads = []
+    for switches in ({}, {"activation_checkpointing": True, "channels_last": True}):
+        net, _, _, sch = tiny()
+        model = prepare_for_speed(net, **switches)
+        loss = diffusion_loss(model, sch, x, y, null_class=3, p_uncond=0.0, generator=step_generator(0, 0)).mean()
+        loss.backward()
+        grads.append([p.grad.clone() for p in net.parameters()])
+        assert list(net.state_dict()) == list(tiny()[0].state_dict())  # checkpoint names unchanged
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)

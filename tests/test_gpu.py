@@ -1,0 +1,43 @@
+"""Checks that need a CUDA device: run with `pytest -m gpu` on a GPU machine."""
+
+import pytest
+import torch
+from monai.networks.schedulers import DDPMScheduler
+
+from medaug.model import EMA, network_from_spec
+from medaug.sampling import inference_scheduler, sample_images
+from medaug.training import TrainSettings, fit, prepare_for_speed
+
+from .test_model import SPEC
+
+pytestmark = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@needs_cuda
+def test_bf16_compiled_training_learns_and_keeps_schedule_fp32():
+    torch.manual_seed(0)
+    net = network_from_spec({**SPEC, "use_flash_attention": True}).cuda()
+    ema = EMA(net)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3, fused=True)
+    model = prepare_for_speed(net, channels_last=True, compile_mode="default")
+    sch = DDPMScheduler(num_train_timesteps=100)
+    x = (torch.rand(16, 1, 16, 16, device="cuda") * 2 - 1).contiguous(memory_format=torch.channels_last)
+    y = torch.arange(16, device="cuda") % 3
+    result = fit(model, ema, opt, sch, x, y, TrainSettings(max_steps=60, batch_size=16, log_every=20, ckpt_every=0,
+                                                           amp_dtype=torch.bfloat16, channels_last=True),
+                 null_class=3)
+    assert result.losses[-1][1] < result.losses[0][1]
+    assert sch.alphas_cumprod.dtype == torch.float32
+
+
+@needs_cuda
+def test_cuda_sampling_is_seeded():
+    torch.manual_seed(0)
+    net = network_from_spec({**SPEC, "use_flash_attention": True}).cuda().eval()
+    labels = torch.tensor([0, 1, 2, 0])
+    kw = dict(guidance_scale=2.0, null_class=3, batch_size=4, progress=False, amp_dtype=torch.bfloat16)
+    a = sample_images(net, inference_scheduler({"num_train_timesteps": 100}, "ddpm", 10), labels, [16, 16], seed=3, **kw)
+    b = sample_images(net, inference_scheduler({"num_train_timesteps": 100}, "ddpm", 10), labels, [16, 16], seed=3, **kw)
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+    assert a.device.type == "cpu" and a.shape == (4, 1, 16, 16)
