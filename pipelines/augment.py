@@ -7,22 +7,18 @@
 
 from __future__ import annotations
 
-import os
-
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from medaug.augment import augment
-from pipelines.common import amp_dtype_of, default_ckpt, device_of, log, path, stage_main
+from pipelines.common import amp_dtype_of, default_ckpt, device_of, distributed, log, path, stage_main
 
 
 def run(cfg: DictConfig) -> dict:
     a = cfg.augment
-    rank = int(a.rank if a.rank is not None else os.environ.get("RANK", 0))
-    world_size = int(a.world_size if a.world_size is not None else os.environ.get("WORLD_SIZE", 1))
-    device = device_of(cfg)
-    if device.type == "cuda" and world_size > 1:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
+    env_rank, _, env_world = distributed()
+    rank = int(a.rank if a.rank is not None else env_rank)
+    world_size = int(a.world_size if a.world_size is not None else env_world)
+    device = device_of(cfg)  # cuda:LOCAL_RANK under torchrun
     num = OmegaConf.to_container(a.num_per_class) if OmegaConf.is_config(a.num_per_class) else a.num_per_class
     result = augment(path(cfg.input), default_ckpt(cfg), path(cfg.output), policy=a.policy, num_per_class=num,
                      ratio=a.ratio, split=a.split, guidance_scale=a.guidance_scale, sampler=a.sampler, steps=a.steps,
