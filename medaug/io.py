@@ -409,12 +409,21 @@ def write_dicom_series(
     affine: np.ndarray,
     header: dict,
     modality: str = "CT",
+    *,
+    window: tuple[float, float] | None = None,
+    file_name: str = "slice_{k:04d}.dcm",
 ) -> list[Path]:
-    """Write ``array`` (X, Y, Z) in HU as a CT series, one file per slice, with fresh UIDs.
+    """Write ``array`` (X, Y, Z) in HU as a CT Image series, one file per slice, with fresh UIDs.
 
-    ``header`` holds the identifying and descriptive attributes the caller chooses
-    (e.g. ``PatientID``, ``PatientName``, ``SeriesDescription``); nothing else is copied
-    from anywhere. Stored integers map back to HU through RescaleSlope/Intercept.
+    Study, series, frame-of-reference and instance UIDs are generated (random, never
+    derived from anything). ``header`` holds the identifying and descriptive attributes
+    the caller chooses (e.g. ``PatientID``, ``PatientName``, ``SeriesDescription``) and
+    overrides the empty type-2 defaults; nothing else is copied from anywhere. Stored
+    int16 values map back to HU through RescaleSlope/Intercept (rounded to ``slope`` HU).
+    ``window`` = (centre, width) in HU sets WindowCenter/WindowWidth. ``file_name`` is
+    formatted with the slice index ``k`` (a 2D image, Z = 1, can get a plain name).
+    Geometry: ImagePositionPatient per slice, ImageOrientationPatient, PixelSpacing
+    (row, column spacing in mm) and SliceThickness come from ``affine`` (voxel → RAS mm).
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -428,6 +437,9 @@ def write_dicom_series(
     stored = np.round(np.asarray(array, dtype=np.float64) / slope).astype(np.int16)
 
     study_uid, series_uid, frame_uid = generate_uid(), generate_uid(), generate_uid()
+    type2 = dict(PatientName="", PatientID="", PatientBirthDate="", PatientSex="", StudyDate="", StudyTime="",
+                 ReferringPhysicianName="", StudyID="", AccessionNumber="", Laterality="",
+                 PositionReferenceIndicator="", Manufacturer="", KVP="", AcquisitionNumber="")
     paths = []
     for k in range(array.shape[2]):
         sop_uid = generate_uid()
@@ -447,7 +459,7 @@ def write_dicom_series(
         ds.InstanceNumber = k + 1
         ds.ImageType = ["DERIVED", "SECONDARY", "AXIAL"]
         ds.PatientPosition = "HFS"
-        for key, value in header.items():
+        for key, value in {**type2, **header}.items():
             setattr(ds, key, value)
         ds.ImageOrientationPatient = [float(f"{v:.6f}") for v in iop]
         ds.ImagePositionPatient = [float(f"{v:.4f}") for v in lps[:3, 3] + k * col_z]
@@ -461,10 +473,114 @@ def write_dicom_series(
         ds.RescaleSlope = f"{slope:.8g}"
         ds.RescaleIntercept = "0"
         ds.RescaleType = "HU"
+        if window is not None:
+            ds.WindowCenter = f"{float(window[0]):.6g}"
+            ds.WindowWidth = f"{max(float(window[1]), 1.0):.6g}"
         ds.PixelData = np.ascontiguousarray(stored[:, :, k].T).tobytes()
-        path = folder / f"slice_{k:04d}.dcm"
+        path = folder / file_name.format(k=k)
         tmp = _atomic_target(path)
         ds.save_as(tmp, enforce_file_format=True)
         os.replace(tmp, path)
         paths.append(path)
     return paths
+
+
+def write_dicom_multiframe(
+    path: str | os.PathLike,
+    array: np.ndarray,
+    affine: np.ndarray,
+    header: dict,
+    *,
+    window: tuple[float, float] | None = None,
+) -> Path:
+    """Write ``array`` (X, Y, Z) in HU as one Enhanced CT Image (multi-frame) file, fresh UIDs.
+
+    The same content as :func:`write_dicom_series` in one object: geometry, rescale and
+    window sit in the shared functional groups, each frame's ImagePositionPatient in its
+    per-frame group (dimension: position along the stack). ``header`` as there, less the
+    attributes this IOD does not hold. The enhanced IODs allow only PRIMARY as ImageType
+    value 2, so it is DERIVED\\PRIMARY\\VOLUME\\NONE. Validated with dicom3tools' dciodvfy.
+    """
+
+    def _item(**fields) -> Dataset:
+        item = Dataset()
+        for key, value in fields.items():
+            setattr(item, key, value)
+        return item
+
+    import datetime
+
+    from pydicom.uid import EnhancedCTImageStorage
+
+    not_in_iod = {"DerivationDescription", "Laterality", "KVP", "AcquisitionNumber"}
+    path = Path(path)
+    lps = np.linalg.inv(LPS_TO_RAS) @ np.asarray(affine, dtype=np.float64)
+    col_x, col_y, col_z = lps[:3, 0], lps[:3, 1], lps[:3, 2]
+    dx, dy, dz = (float(np.linalg.norm(v)) for v in (col_x, col_y, col_z))
+    max_abs = float(np.abs(array).max()) if array.size else 0.0
+    slope = 1.0 if max_abs <= 32767 else max_abs / 32767
+    stored = np.round(np.asarray(array, dtype=np.float64) / slope).astype(np.int16)
+    now = datetime.datetime.now()
+
+    sop_uid, dim_uid = generate_uid(), generate_uid()
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = EnhancedCTImageStorage
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = EnhancedCTImageStorage, sop_uid
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = generate_uid(), generate_uid(), generate_uid()
+    ds.Modality, ds.SeriesNumber, ds.InstanceNumber = "CT", 1, 1
+    ds.ImageType = ["DERIVED", "PRIMARY", "VOLUME", "NONE"]  # the enhanced IODs allow only PRIMARY as value 2
+    defaults = dict(PatientName="", PatientID="", PatientBirthDate="", PatientSex="", StudyDate="", StudyTime="",
+                    ReferringPhysicianName="", StudyID="", AccessionNumber="",
+                    PositionReferenceIndicator="", Manufacturer="medaug", ManufacturerModelName="medaug",
+                    DeviceSerialNumber="none", SoftwareVersions="medaug", ContentDate=now.strftime("%Y%m%d"),
+                    ContentTime=now.strftime("%H%M%S"))
+    for key, value in {**defaults, **header}.items():
+        if key not in not_in_iod:
+            setattr(ds, key, value)
+    ds.PatientPosition = "HFS"
+    ds.PixelPresentation, ds.VolumetricProperties, ds.VolumeBasedCalculationTechnique = "MONOCHROME", "VOLUME", "NONE"
+    ds.ContentQualification = "RESEARCH"
+    ds.NumberOfFrames = int(array.shape[2])
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.Rows, ds.Columns = int(array.shape[1]), int(array.shape[0])
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+    ds.PresentationLUTShape, ds.LossyImageCompression = "IDENTITY", "00"
+    ds.BurnedInAnnotation = ds.get("BurnedInAnnotation", "NO") or "NO"
+    ds.AcquisitionContextSequence = []
+    ds.DimensionOrganizationType = "3D"
+    ds.DimensionOrganizationSequence = [_item(DimensionOrganizationUID=dim_uid)]
+    ds.DimensionIndexSequence = [_item(DimensionOrganizationUID=dim_uid, DimensionIndexPointer=0x00200032,
+                                       FunctionalGroupPointer=0x00209113,
+                                       DimensionDescriptionLabel="Image Position (Patient)")]
+    shared = _item(
+        PixelMeasuresSequence=[_item(PixelSpacing=[float(f"{dy:.6f}"), float(f"{dx:.6f}")],
+                                     SliceThickness=float(f"{dz:.6f}"))],
+        PlaneOrientationSequence=[_item(ImageOrientationPatient=[float(f"{v:.6f}")
+                                                                 for v in np.concatenate([col_x / dx, col_y / dy])])],
+        PixelValueTransformationSequence=[_item(RescaleIntercept="0", RescaleSlope=f"{slope:.8g}", RescaleType="HU")],
+        CTImageFrameTypeSequence=[_item(FrameType=list(ds.ImageType), PixelPresentation="MONOCHROME",
+                                        VolumetricProperties="VOLUME", VolumeBasedCalculationTechnique="NONE")],
+        IrradiationEventIdentificationSequence=[_item(IrradiationEventUID=generate_uid())],
+        FrameAnatomySequence=[_item(AnatomicRegionSequence=[_item(CodeValue="38266002", CodingSchemeDesignator="SCT",
+                                                                  CodeMeaning="Entire body")],
+                                    FrameLaterality="U")],
+    )
+    if window is not None:
+        shared.FrameVOILUTSequence = [_item(WindowCenter=f"{float(window[0]):.6g}",
+                                            WindowWidth=f"{max(float(window[1]), 1.0):.6g}")]
+    ds.SharedFunctionalGroupsSequence = [shared]
+    ds.PerFrameFunctionalGroupsSequence = [
+        _item(FrameContentSequence=[_item(DimensionIndexValues=[k + 1])],
+              PlanePositionSequence=[_item(ImagePositionPatient=[float(f"{v:.4f}") for v in lps[:3, 3] + k * col_z])])
+        for k in range(array.shape[2])
+    ]
+    ds.PixelData = np.ascontiguousarray(stored.transpose(2, 1, 0)).tobytes()  # frames of (rows, cols)
+    tmp = _atomic_target(path)
+    ds.save_as(tmp, enforce_file_format=True)
+    os.replace(tmp, path)
+    return path
+

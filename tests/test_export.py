@@ -1,11 +1,20 @@
 import csv
+import hashlib
 import json
+import shutil
+import subprocess
+import tarfile
+import warnings
+import zipfile
 
 import numpy as np
+import pydicom
 import pytest
 import torch
+from PIL import Image
+from pydicom.uid import UID
 
-from medaug.export import ExportError, export_dataset, render_card
+from medaug.export import ExportError, archive_folder, export_dataset, png_planes, render_card
 from medaug.io import read_volume
 from medaug.preprocessing import IntensityWindow
 
@@ -13,27 +22,243 @@ from .conftest import CONF_DIR
 
 TEMPLATE = CONF_DIR.parent / "data_cards" / "TEMPLATE.md"
 CARD = dict(name="t", created="2026-01-01", medaug_version="0", checkpoint_id="abc", training_steps=5,
-            model="M", dataset_fingerprint="f", mlflow_run_id="r", sampler="ddim", guidance_scale=2, seed=1,
+            model="M", dataset_fingerprint="f", mlflow_run_id="run-7f3a", sampler="ddim", guidance_scale=2, seed=1,
             spatial_dims=2, image_shape="8 × 8", spacing="2 × 2", intensity="HU", class_counts="a: 2",
-            metrics="| m | 1 |")
+            metrics="| m | 1 |", privacy="not audited")
+WINDOW = IntensityWindow(-160, 240)
+# An oblique, right-handed geometry (rotation about x) with anisotropic voxels, RAS mm.
+_C, _S = np.cos(0.3), np.sin(0.3)
+AFFINE = np.array([[0.8, 0, 0, -40.0], [0, 0.7 * _C, -2.5 * _S, 12.5], [0, 0.7 * _S, 2.5 * _C, 30.25], [0, 0, 0, 1]])
+
+# Every attribute a medaug DICOM file may hold (file meta included); anything else is a leak.
+DICOM_ALLOWED = {
+    "FileMetaInformationGroupLength", "FileMetaInformationVersion", "MediaStorageSOPClassUID",
+    "MediaStorageSOPInstanceUID", "TransferSyntaxUID", "ImplementationClassUID", "ImplementationVersionName",
+    "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID",
+    "Modality", "SeriesNumber", "InstanceNumber", "ImageType", "PatientPosition",
+    "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "PatientIdentityRemoved", "DeidentificationMethod",
+    "StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber", "StudyDescription",
+    "SeriesDescription", "ImageComments", "DerivationDescription", "BurnedInAnnotation", "Manufacturer",
+    "Laterality", "ContentDate", "ContentTime", "PositionReferenceIndicator", "KVP", "AcquisitionNumber",
+    "ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing", "SliceThickness",
+    "SamplesPerPixel", "PhotometricInterpretation", "Rows", "Columns", "BitsAllocated", "BitsStored", "HighBit",
+    "PixelRepresentation", "RescaleSlope", "RescaleIntercept", "RescaleType", "WindowCenter", "WindowWidth",
+    "PixelData",
+}
+# The Enhanced CT option adds its functional groups, dimensions and equipment attributes.
+ENHANCED_ALLOWED = DICOM_ALLOWED - {"Laterality", "KVP", "AcquisitionNumber", "DerivationDescription"} | {
+    "NumberOfFrames", "ManufacturerModelName", "DeviceSerialNumber", "SoftwareVersions", "ContentQualification",
+    "PixelPresentation", "VolumetricProperties", "VolumeBasedCalculationTechnique", "PresentationLUTShape",
+    "LossyImageCompression", "AcquisitionContextSequence", "DimensionOrganizationType",
+    "DimensionOrganizationSequence", "DimensionOrganizationUID", "DimensionIndexSequence", "DimensionIndexPointer",
+    "FunctionalGroupPointer", "DimensionDescriptionLabel", "SharedFunctionalGroupsSequence",
+    "PerFrameFunctionalGroupsSequence", "PixelMeasuresSequence", "PlaneOrientationSequence", "PlanePositionSequence",
+    "PixelValueTransformationSequence", "FrameVOILUTSequence", "CTImageFrameTypeSequence", "FrameType",
+    "FrameAnatomySequence", "AnatomicRegionSequence", "CodeValue", "CodingSchemeDesignator", "CodeMeaning",
+    "FrameLaterality", "IrradiationEventIdentificationSequence", "IrradiationEventUID", "FrameContentSequence",
+    "DimensionIndexValues",
+}
+# Type 1 and 2 attributes of the CT Image IOD's modules (patient, study, series, frame of
+# reference, equipment, image, plane, pixel, CT image, SOP common).
+CT_REQUIRED = {
+    "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID", "StudyDate", "StudyTime",
+    "ReferringPhysicianName", "StudyID", "AccessionNumber", "Modality", "SeriesInstanceUID", "SeriesNumber",
+    "FrameOfReferenceUID", "PositionReferenceIndicator", "Manufacturer", "InstanceNumber", "PixelSpacing",
+    "ImageOrientationPatient", "ImagePositionPatient", "SliceThickness", "SamplesPerPixel",
+    "PhotometricInterpretation", "Rows", "Columns", "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation",
+    "PixelData", "ImageType", "RescaleIntercept", "RescaleSlope", "KVP", "AcquisitionNumber", "SOPClassUID",
+    "SOPInstanceUID",
+}
+
+
+def _rows(n):
+    return [{"index": i, "label": i % 2, "class_name": "ab"[i % 2], "seed": 10 + i, "guidance_scale": 2.0,
+             "checkpoint_id": "abc"} for i in range(n)]
+
+
+def _images(n, spatial_dims, size=8):
+    g = torch.Generator().manual_seed(spatial_dims)
+    return torch.rand(n, 1, *([size] * spatial_dims), generator=g) * 2 - 1
+
+
+def _export(tmp_path, images, name="e", **kwargs):
+    kwargs.setdefault("card_fields", CARD)
+    return export_dataset(images, _rows(len(images)), tmp_path / name, window=WINDOW, affine=AFFINE,
+                          template=TEMPLATE, **kwargs)
+
+
+def _manifest(out):
+    return list(csv.DictReader(open(out / "manifest.csv")))
 
 
 @pytest.mark.parametrize("spatial_dims", [2, 3])
 def test_export_writes_hu_nifti_with_geometry(tmp_path, spatial_dims):
-    window = IntensityWindow(-160, 240)
     images = torch.linspace(-1, 1, 2 * 8**spatial_dims).reshape(2, 1, *([8] * spatial_dims))
-    affine = np.diag([2.0, 2.0, 3.0, 1.0])
-    rows = [{"label": i, "class_name": "ab"[i], "seed": i, "checkpoint_id": "abc"} for i in range(2)]
-    out = export_dataset(images, rows, tmp_path / "e", window=window, affine=affine, card_fields=CARD,
-                         template=TEMPLATE)
-    manifest = list(csv.DictReader(open(out / "manifest.csv")))
+    out = _export(tmp_path, images)
+    manifest = _manifest(out)
     assert [m["class_name"] for m in manifest] == ["a", "b"] and len(json.load(open(out / "manifest.json"))) == 2
+    assert manifest[1]["seed"] == "11" and manifest[1]["checkpoint_id"] == "abc" and manifest[1]["privacy_score"] == ""
     vol = read_volume(out / manifest[1]["path"])
-    np.testing.assert_allclose(vol.affine, affine)
-    np.testing.assert_allclose(vol.array.reshape(-1), window.to_source(images[1].reshape(-1).numpy()), atol=1e-3)
+    np.testing.assert_allclose(vol.affine, AFFINE)
+    np.testing.assert_allclose(vol.array.reshape(-1), WINDOW.to_source(images[1].reshape(-1).numpy()), atol=1e-3)
     card = (out / "DATA_CARD.md").read_text()
-    assert "synthetic" in card.lower() and "abc" in card and "$" not in card
+    assert "synthetic" in card.lower() and "abc" in card and "run-7f3a" in card and "$" not in card
     assert (out / "DONE").exists()
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_dicom_reads_back_like_the_nifti_with_valid_headers(tmp_path, spatial_dims):
+    from monai.transforms import LoadImage
+
+    out = _export(tmp_path, _images(3, spatial_dims), formats=["nifti", "dicom"])
+    manifest = _manifest(out)
+    uids, studies = set(), set()
+    for i, row in enumerate(manifest):
+        nifti = read_volume(out / row["nifti"])
+        dicom_path = out / row["dicom"]
+        assert dicom_path.is_file() if spatial_dims == 2 else len(list(dicom_path.glob("*.dcm"))) == 8
+        dicom = read_volume(dicom_path)
+        np.testing.assert_allclose(dicom.array, nifti.array, atol=0.5 + 1e-3)  # stored as whole HU
+        np.testing.assert_allclose(dicom.affine, nifti.affine, atol=1e-3)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            monai = LoadImage(reader="PydicomReader", image_only=True)(str(dicom_path))
+        np.testing.assert_allclose(np.asarray(monai).reshape(nifti.array.shape), nifti.array, atol=0.5 + 1e-3)
+        cols = 4 if spatial_dims == 3 else 2  # a single 2D image has no slice step for MONAI to measure
+        np.testing.assert_allclose(np.asarray(monai.affine)[:3, :cols], nifti.affine[:3, :cols], atol=1e-3)
+        np.testing.assert_allclose(np.asarray(monai.affine)[:3, 3], nifti.affine[:3, 3], atol=1e-3)
+
+        files = [dicom_path] if spatial_dims == 2 else sorted(dicom_path.glob("*.dcm"))
+        series = set()
+        for f in files:
+            ds = pydicom.dcmread(f)
+            keywords = {e.keyword for e in ds} | {e.keyword for e in ds.file_meta}
+            assert keywords <= DICOM_ALLOWED, keywords - DICOM_ALLOWED
+            assert CT_REQUIRED <= keywords, CT_REQUIRED - keywords
+            assert ds.SOPClassUID == pydicom.uid.CTImageStorage and ds.Modality == "CT"
+            assert list(ds.ImageType)[:2] == ["DERIVED", "SECONDARY"]
+            assert "SYNTHETIC" in ds.SeriesDescription and "SYNTHETIC" in ds.ImageComments
+            assert ds.PatientIdentityRemoved == "YES" and ds.PatientID == f"SYN{i:05d}"
+            assert str(ds.PatientName) == f"SYNTHETIC^SYN{i:05d}"
+            assert float(ds.WindowCenter) == 40 and float(ds.WindowWidth) == 400
+            assert float(ds.PixelSpacing[0]) == pytest.approx(0.7) and float(ds.PixelSpacing[1]) == pytest.approx(0.8)
+            assert float(ds.SliceThickness) == pytest.approx(2.5)
+            for uid in (ds.SOPInstanceUID, ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID):
+                assert UID(uid).is_valid
+            assert ds.SOPInstanceUID not in uids
+            uids.add(ds.SOPInstanceUID)
+            series.add((ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID))
+        assert len(series) == 1  # one series per sample
+        studies |= series
+    flat = [u for s in studies for u in s]
+    assert len(studies) == 3 and len(set(flat)) == len(flat) and not set(flat) & uids
+    if shutil.which("dciodvfy"):  # dicom3tools' IOD validator, where installed
+        for f in [p for p in out.joinpath("dicom").rglob("*.dcm")][:4]:
+            report = subprocess.run(["dciodvfy", str(f)], capture_output=True, text=True).stderr
+            assert "CTImage" in report and "Error" not in report, report
+
+
+def read_enhanced_ct(path):
+    """Volume (X, Y, Z) in HU and RAS affine of an Enhanced CT file, straight from its functional groups."""
+    ds = pydicom.dcmread(path)
+    shared = ds.SharedFunctionalGroupsSequence[0]
+    rescale = shared.PixelValueTransformationSequence[0]
+    array = ds.pixel_array.astype(np.float64) * float(rescale.RescaleSlope) + float(rescale.RescaleIntercept)
+    iop = np.asarray(shared.PlaneOrientationSequence[0].ImageOrientationPatient, float)
+    spacing = np.asarray(shared.PixelMeasuresSequence[0].PixelSpacing, float)
+    frames = ds.PerFrameFunctionalGroupsSequence
+    ipp = [np.asarray(f.PlanePositionSequence[0].ImagePositionPatient, float) for f in frames]
+    lps = np.eye(4)
+    lps[:3, 0], lps[:3, 1] = iop[:3] * spacing[1], iop[3:] * spacing[0]
+    lps[:3, 2], lps[:3, 3] = (ipp[-1] - ipp[0]) / (len(ipp) - 1), ipp[0]
+    return ds, array.transpose(2, 1, 0), np.diag([-1.0, -1, 1, 1]) @ lps
+
+
+def test_enhanced_multiframe_option_matches_the_nifti(tmp_path):
+    out = _export(tmp_path, _images(2, 3), formats=["nifti", "dicom"], dicom_multiframe=True)
+    for i, row in enumerate(_manifest(out)):
+        nifti = read_volume(out / row["nifti"])
+        ds, array, affine = read_enhanced_ct(out / row["dicom"])
+        np.testing.assert_allclose(array, nifti.array, atol=0.5 + 1e-3)
+        np.testing.assert_allclose(affine, nifti.affine, atol=1e-3)
+        assert ds.SOPClassUID == pydicom.uid.EnhancedCTImageStorage and ds.NumberOfFrames == 8
+        assert ds.PatientIdentityRemoved == "YES" and "SYNTHETIC" in ds.ImageComments and ds.ImageType[0] == "DERIVED"
+        assert float(ds.SharedFunctionalGroupsSequence[0].FrameVOILUTSequence[0].WindowWidth) == 400
+        assert all(UID(u).is_valid for u in (ds.SOPInstanceUID, ds.StudyInstanceUID, ds.SeriesInstanceUID))
+        keywords = {e.keyword for e in ds.iterall()} | {e.keyword for e in ds.file_meta}
+        assert keywords <= ENHANCED_ALLOWED, keywords - ENHANCED_ALLOWED
+        if shutil.which("dciodvfy"):
+            report = subprocess.run(["dciodvfy", str(out / row["dicom"])], capture_output=True, text=True).stderr
+            assert "EnhancedCTImage" in report and "Error" not in report, report
+
+
+@pytest.mark.parametrize("bits", [8, 16])
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_png_previews_map_the_window_to_the_bit_depth(tmp_path, spatial_dims, bits):
+    images = _images(2, spatial_dims)
+    corner = (0, 0) if spatial_dims == 2 else (0, 0, 4)  # 3D: in the axial mid-slice
+    images[(0, 0, *corner)] = -1.0
+    images[(0, 0, 1, *corner[1:])] = 1.0
+    out = _export(tmp_path, images, formats=["png"], png_bits=bits)
+    files = _manifest(out)[0]["png"].split(";")
+    assert len(files) == (1 if spatial_dims == 2 else 3)
+    png = np.asarray(Image.open(out / files[0]))
+    planes = png_planes(images[0], bits)
+    np.testing.assert_array_equal(png, next(iter(planes.values())))
+    assert png.shape == (8, 8) and png.min() == 0 and png.max() == 2**bits - 1
+    # display orientation: x (array axis 0) runs left→right, y (axis 1) bottom→top
+    assert png[-1, 0] == 0 and png[-1, 1] == 2**bits - 1  # voxels x=0 (-1) and x=1 (+1) at y=0
+    with pytest.raises(ExportError, match="png_bits"):
+        png_planes(images[0], 12)
+
+
+def test_keep_drops_samples_and_privacy_scores_fill_the_column(tmp_path):
+    out = _export(tmp_path, _images(4, 2), keep=[True, False, True, False], privacy_scores=[0.1, 0.9, None, 0.8])
+    manifest = _manifest(out)
+    assert [m["path"] for m in manifest] == ["images/synth_00000_a.nii.gz", "images/synth_00002_a.nii.gz"]
+    assert [m["privacy_score"] for m in manifest] == ["0.1", ""]
+    assert "2 of 4 samples dropped by the copy filter" in (out / "DATA_CARD.md").read_text()
+    with pytest.raises(ExportError, match="keep has 3 entries for 4 samples"):
+        _export(tmp_path, _images(4, 2), name="f", keep=[True] * 3)
+    with pytest.raises(ExportError, match="nothing to export"):
+        _export(tmp_path, _images(2, 2), name="g", keep=[False, False])
+    with pytest.raises(ExportError, match="choose one or more of"):
+        _export(tmp_path, _images(2, 2), name="h", formats=["jpeg"])
+
+
+@pytest.mark.parametrize("archive", ["tar.gz", "zip"])
+def test_share_bundle_is_one_archive_without_provenance(tmp_path, archive):
+    report = tmp_path / "privacy_report.md"
+    report.write_text("# privacy: pass\n")
+    out = _export(tmp_path, _images(2, 3), formats=["nifti", "dicom", "png"], profile="share", archive=archive,
+                  dataset_json=True, privacy_files=[report])
+    bundle = tmp_path / f"e.{archive}"
+    digest, name = (tmp_path / f"e.{archive}.sha256").read_text().split()
+    assert name == bundle.name and digest == hashlib.sha256(bundle.read_bytes()).hexdigest()
+    if archive == "zip":
+        members = zipfile.ZipFile(bundle).namelist()
+    else:
+        members = [m.name for m in tarfile.open(bundle).getmembers() if m.isfile()]
+    assert all(m.startswith("e/") for m in members)
+    wanted = {"e/manifest.csv", "e/DATA_CARD.md", "e/SHA256SUMS", "e/dataset.json", "e/privacy/privacy_report.md"}
+    assert wanted <= set(members)
+    assert len(members) == len([p for p in out.rglob("*") if p.is_file()])
+    manifest = _manifest(out)
+    assert set(manifest[0]) == {"path", "nifti", "dicom", "png", "class_name", "label", "privacy_score", "synthetic"}
+    assert "run-7f3a" not in (out / "DATA_CARD.md").read_text()
+    sums = dict(line.split("  ")[::-1] for line in (out / "SHA256SUMS").read_text().splitlines())
+    assert len(sums) == len(members) - 2  # all but SHA256SUMS and DONE
+    for rel, digest in sums.items():
+        assert hashlib.sha256((out / rel).read_bytes()).hexdigest() == digest
+    dataset = json.loads((out / "dataset.json").read_text())
+    assert dataset["numTraining"] == 2 and dataset["labels"] == {"0": "a", "1": "b"}
+    assert all((out / item["image"]).is_file() for item in dataset["training"])
+    # the archive is reproducible: packing the same folder again gives the same checksum
+    assert archive_folder(out, archive)[1].read_text().split()[0] == digest_of(bundle)
+
+
+def digest_of(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def test_export_refuses_to_overwrite_and_leaves_no_partial(tmp_path):
@@ -50,5 +275,37 @@ def test_export_refuses_to_overwrite_and_leaves_no_partial(tmp_path):
 
 
 def test_render_card_fills_every_placeholder():
-    text = render_card(TEMPLATE, {**CARD, "num_samples": 2})
+    text = render_card(TEMPLATE, {**CARD, "num_samples": 2, "files": "NIfTI", "filtered": "none"})
     assert "${" not in text and "| m | 1 |" in text
+
+
+def test_export_stage_writes_every_format_and_the_share_bundle(tmp_path):
+    from medaug.io import atomic_folder
+    from medaug.sampling import save_samples
+    from pipelines import export as export_stage
+
+    from .conftest import compose_cfg
+
+    images = _images(3, 2)
+    rows = [dict(index=i, label=i % 2, class_name="ab"[i % 2], seed=5 + i, guidance_scale=2.0, sampler="ddim",
+                 steps=3, checkpoint_id="abc") for i in range(3)]
+    info = dict(checkpoint_id="abc", checkpoint_step=4, mlflow_run_id="run-7f3a", class_names=["a", "b"],
+                spatial_dims=2, image_shape=[8, 8], window=WINDOW.as_dict(), affine=AFFINE.tolist(), dataset="fp",
+                model="M", sample=dict(sampler="ddim", steps=3, eta=0.0, guidance_scale=2.0, seed=5))
+    save_samples(tmp_path / "samples", images, rows, info, ["a", "b"])
+    with atomic_folder(tmp_path / "eval") as ev:
+        (ev / "metrics.json").write_text(json.dumps({"fidelity/label_acc": 0.5, "privacy/copy_rate": 0.0}))
+        (ev / "privacy_scores.csv").write_text("index,score\n0,0.25\n2,0.5\n")
+        (ev / "report.md").write_text("![neighbour](data:image/png;base64,AAAA)\n")  # embeds pixels: never copied
+    cfg = compose_cfg("export", tmp_path, ["tracking=none", "export.format=[nifti,dicom,png]",
+                                           "export.profile=share", "export.dataset_json=true"])
+    result = export_stage.run(cfg)
+    out = tmp_path / "export"
+    assert result["formats"] == ["nifti", "dicom", "png"] and result["archive"] == str(tmp_path / "export.tar.gz")
+    assert (tmp_path / "export.tar.gz.sha256").is_file() and (out / "dataset.json").is_file()
+    manifest = _manifest(out)
+    assert [m["privacy_score"] for m in manifest] == ["0.25", "", "0.5"] and "seed" not in manifest[0]
+    assert sorted(p.name for p in (out / "privacy").iterdir()) == ["metrics.json"]
+    card = (out / "DATA_CARD.md").read_text()
+    assert "`privacy/copy_rate` 0" in card and "run-7f3a" not in card and "${" not in card
+    assert all((out / m["dicom"]).is_file() and (out / m["png"]).is_file() for m in manifest)

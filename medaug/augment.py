@@ -1,0 +1,299 @@
+"""Augmentation as a stage: a prepared dataset + a checkpoint → one mixed real + synthetic manifest.
+
+A policy decides how many synthetic images each class gets (:func:`synthetic_counts`):
+
+* ``per_class``: a fixed number per class (an int, or ``{class_name: count}``);
+* ``balance``: bring every class up to the largest one (``max(real) - real[c]``);
+* ``ratio``: ``round(ratio * real[c])`` synthetic images per class (1.0 doubles each class).
+
+Output folder (synthetic images are stored like prepared items: model space [-1, 1],
+NIfTI with the training affine, so real and synthetic items load the same way)::
+
+    plan.json                        settings key, per-class counts, classes, geometry; written first
+    chunks/chunk_00000/              one atomic folder per block of ``chunk_size`` samples
+        synth_00000_<class>.nii.gz   sample i starts from the noise of ``seed + i``
+        rows.json                    its manifest rows
+        DONE
+    manifest.csv                     real and synthetic items (``synthetic`` column); written last
+    DONE
+
+Running it again with the same settings does nothing; a run killed mid-way resumes at
+the first missing chunk. Chunks are shared out by index (chunk c goes to rank
+``c % world_size``) and aligned to the batch size, so sharded runs write exactly the
+images a single process writes; whichever rank completes the last chunk writes the manifest.
+
+Example (the module is callable: ``medaug.augment(...)`` is :func:`augment`)::
+
+    result = medaug.augment("outputs/demo_2d/prepared", "outputs/demo_2d/train/checkpoints/last.pt",
+                            "outputs/demo_2d/augment", policy="balance")
+    loader = monai.data.DataLoader(MixedDataset(result.out_dir), batch_size=16, shuffle=True)
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import shutil
+import sys
+import types
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping
+
+import torch
+from monai.data import Dataset
+from monai.transforms import Compose, LoadImaged, SqueezeDimd
+from tqdm.auto import tqdm
+
+from .dataset import DatasetError, load_info, read_manifest
+from .io import atomic_folder, is_complete, write_nifti
+from .model import ema_network, load_checkpoint, network_from_spec
+from .sampling import inference_scheduler, labels_for_counts, sample_images
+
+POLICIES = ("per_class", "balance", "ratio")
+MANIFEST_FIELDS = ["item_id", "path", "label", "class_name", "split", "synthetic", "patient", "seed",
+                   "guidance_scale", "checkpoint_id"]
+PLAN_FORMAT = "medaug-augment/1"
+
+
+@dataclass
+class AugmentResult:
+    """What an augment call found and did.
+
+    ``synthetic``: planned synthetic count per class name; ``generated``: samples generated
+    by this call (0 when the folder was already complete); ``complete``: the manifest exists.
+    """
+
+    out_dir: Path
+    real: int
+    synthetic: dict = field(default_factory=dict)
+    generated: int = 0
+    complete: bool = False
+
+
+def synthetic_counts(real_counts: Mapping[str, int], policy: str, num_per_class=None, ratio=None) -> dict[str, int]:
+    """How many synthetic images each class gets under ``policy`` (see the module docstring).
+
+    ``real_counts``: ``{class_name: real images}`` of the split being augmented.
+    """
+    if policy == "per_class":
+        if isinstance(num_per_class, Mapping):
+            unknown = set(num_per_class) - set(real_counts)
+            if unknown:
+                raise ValueError(f"augment.num_per_class names unknown classes {sorted(unknown)}; "
+                                 f"known: {sorted(real_counts)}")
+            counts = {c: int(num_per_class.get(c, 0)) for c in real_counts}
+        elif num_per_class is None:
+            raise ValueError("augment.policy=per_class needs augment.num_per_class (an int or {class_name: count})")
+        else:
+            counts = {c: int(num_per_class) for c in real_counts}
+    elif policy == "balance":
+        top = max(real_counts.values())
+        counts = {c: top - n for c, n in real_counts.items()}
+    elif policy == "ratio":
+        if ratio is None or float(ratio) < 0:
+            raise ValueError(f"augment.ratio={ratio}; give a number >= 0 (synthetic per real image of each class)")
+        counts = {c: int(round(float(ratio) * n)) for c, n in real_counts.items()}
+    else:
+        raise ValueError(f"augment.policy={policy!r}; choose one of {list(POLICIES)}")
+    if any(n < 0 for n in counts.values()):
+        raise ValueError(f"augment.num_per_class={num_per_class} asks for a negative count")
+    return counts
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+def _check_folder(out_dir: Path, key: str, overwrite: bool) -> None:
+    """Accept an empty/missing folder or one holding this plan; clear another plan if ``overwrite``."""
+    if not out_dir.exists() or not any(out_dir.iterdir()):
+        return
+    plan_file = out_dir / "plan.json"
+    same = plan_file.is_file() and json.loads(plan_file.read_text()).get("key") == key
+    if same:
+        return
+    if not plan_file.is_file() and not overwrite:
+        raise ValueError(f"{out_dir}: exists and is not an augment folder; choose another output folder")
+    if not overwrite:
+        raise ValueError(f"{out_dir}: holds an augmentation made with other settings; "
+                         "pass overwrite (augment.overwrite=true) or choose another output folder")
+    shutil.rmtree(out_dir)
+
+
+def augment(
+    input: str | os.PathLike,
+    ckpt_path: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    policy: str = "balance",
+    num_per_class=None,
+    ratio: float | None = None,
+    split: str = "train",
+    guidance_scale: float = 2.0,
+    sampler: str = "ddim",
+    steps: int = 50,
+    eta: float = 0.0,
+    seed: int = 1234,
+    batch_size: int = 16,
+    chunk_size: int | None = None,
+    use_ema: bool = True,
+    rank: int = 0,
+    world_size: int = 1,
+    device: str | torch.device = "cpu",
+    amp_dtype: torch.dtype | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    on_chunk: Callable[[int], None] | None = None,
+) -> AugmentResult:
+    """Add synthetic images to the ``split`` of the prepared dataset ``input`` and write ``out_dir``.
+
+    ``chunk_size`` (default ``batch_size``) must be a multiple of ``batch_size``; this
+    process generates the chunks ``c`` with ``c % world_size == rank``. ``on_chunk(c)`` is
+    called after chunk ``c`` is written (progress hooks, tests). Images: model space
+    [-1, 1], ``(1, *image_shape)`` per item.
+    """
+    input, out_dir = Path(input), Path(out_dir)
+    chunk_size = int(chunk_size or batch_size)
+    if batch_size < 1 or chunk_size % batch_size:
+        raise ValueError(f"augment.chunk_size={chunk_size} must be a multiple of augment.batch_size={batch_size} "
+                         "(so every process draws the same batches)")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
+    info = load_info(input)
+    real = [r for r in read_manifest(input) if r["split"] == split]
+    if not real:
+        raise DatasetError(f"{input}: split {split!r} has no items; choose augment.split=train|val|test")
+    ckpt = load_checkpoint(ckpt_path)
+    trained_on = (list(ckpt.meta["class_names"]), list(ckpt.meta["image_shape"]))
+    if trained_on != (list(info.class_names), list(info.image_shape)):
+        raise ValueError(f"{ckpt_path}: trained on classes {trained_on[0]} of shape {trained_on[1]}, but {input} has "
+                         f"{info.class_names} of shape {info.image_shape}; use the matching checkpoint")
+    real_counts = {c: sum(r["class_name"] == c for r in real) for c in info.class_names}
+    counts = synthetic_counts(real_counts, policy, num_per_class, ratio)
+    labels = labels_for_counts({info.class_names.index(c): n for c, n in counts.items()})
+    settings = dict(format=PLAN_FORMAT, dataset=info.fingerprint, split=split, checkpoint_id=ckpt.id, counts=counts,
+                    guidance_scale=float(guidance_scale), sampler=sampler, steps=int(steps), eta=float(eta),
+                    seed=int(seed), batch_size=int(batch_size), chunk_size=chunk_size, use_ema=bool(use_ema))
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    result = AugmentResult(out_dir, len(real), counts)
+    _check_folder(out_dir, key, overwrite)
+    if is_complete(out_dir):
+        result.complete = True
+        return result
+    (out_dir / "chunks").mkdir(parents=True, exist_ok=True)
+    if not (out_dir / "plan.json").is_file():
+        _write_json(out_dir / "plan.json", dict(key=key, settings=settings, class_names=info.class_names,
+                                                spatial_dims=info.spatial_dims, image_shape=info.image_shape,
+                                                window=info.window.as_dict(), affine=info.affine.tolist()))
+
+    n = len(labels)
+    chunks = [(c, start) for c, start in enumerate(range(0, n, chunk_size))]
+    chunk_dir = lambda c: out_dir / "chunks" / f"chunk_{c:05d}"
+    mine = [(c, start) for c, start in chunks if c % world_size == rank and not is_complete(chunk_dir(c))]
+    for c, _ in mine:  # half-written chunks of a killed run (only this rank writes chunk c)
+        for stale in (out_dir / "chunks").glob(f".chunk_{c:05d}.tmp*"):
+            shutil.rmtree(stale, ignore_errors=True)
+    if mine:
+        net = ema_network(ckpt) if use_ema else network_from_spec(ckpt.config["model"])
+        if not use_ema:
+            net.load_state_dict(ckpt.model)
+        net = net.to(device).eval()
+        scheduler = inference_scheduler(ckpt.config["scheduler"], sampler, steps)
+        for c, start in tqdm(mine, desc=f"augment (rank {rank})", unit="chunk", disable=not progress):
+            y = labels[start : start + chunk_size]
+            images = sample_images(net, scheduler, y, info.image_shape, guidance_scale=guidance_scale,
+                                   null_class=len(info.class_names), seed=seed + start, batch_size=batch_size,
+                                   eta=eta, amp_dtype=amp_dtype, progress=False)
+            rows = []
+            with atomic_folder(chunk_dir(c)) as tmp:
+                for j, (image, label) in enumerate(zip(images, y.tolist())):
+                    i = start + j
+                    name = f"synth_{i:05d}_{info.class_names[label]}"
+                    array = image[0].numpy()
+                    write_nifti(tmp / f"{name}.nii.gz", array[..., None] if array.ndim == 2 else array, info.affine,
+                                descrip=f"SYNTHETIC medaug {info.class_names[label]}")
+                    rows.append(dict(item_id=name, path=f"chunks/{chunk_dir(c).name}/{name}.nii.gz", label=label,
+                                     class_name=info.class_names[label], split=split, synthetic=True, patient="",
+                                     seed=seed + i, guidance_scale=float(guidance_scale), checkpoint_id=ckpt.id))
+                (tmp / "rows.json").write_text(json.dumps(rows, indent=2))
+            result.generated += len(y)
+            if on_chunk is not None:
+                on_chunk(c)
+    if all(is_complete(chunk_dir(c)) for c, _ in chunks):
+        _finish(out_dir, input, real, [chunk_dir(c) for c, _ in chunks])
+        result.complete = True
+    return result
+
+
+def _finish(out_dir: Path, prepared: Path, real: list[dict], chunk_dirs: list[Path]) -> None:
+    """Write ``manifest.csv`` (real rows first, paths relative to ``out_dir``), then ``DONE``."""
+    rows = [dict(item_id=r["item_id"], path=os.path.relpath(prepared.resolve() / r["path"], out_dir.resolve()),
+                 label=r["label"], class_name=r["class_name"], split=r["split"], synthetic=False, patient=r["patient"])
+            for r in real]
+    for d in chunk_dirs:
+        rows += json.loads((d / "rows.json").read_text())
+    tmp = out_dir / f".manifest.csv.tmp{os.getpid()}"
+    with open(tmp, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=MANIFEST_FIELDS, restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, out_dir / "manifest.csv")
+    (out_dir / "DONE").write_text("complete\n")
+
+
+def read_mixed_manifest(folder: str | os.PathLike) -> list[dict]:
+    """Rows of a complete augment folder's manifest; ``label`` int, ``synthetic`` bool, ``path`` absolute."""
+    folder = Path(folder)
+    if not is_complete(folder):
+        raise DatasetError(f"{folder}: not a complete augment folder (no DONE marker); run `medaug augment` first")
+    with open(folder / "manifest.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    for row in rows:
+        row["label"] = int(row["label"])
+        row["synthetic"] = row["synthetic"] == "True"
+        row["path"] = str((folder / row["path"]).resolve())
+    return rows
+
+
+class MixedDataset(Dataset):
+    """A MONAI ``Dataset`` over an augment folder: items ``{"image": (1, *spatial) in [-1, 1],
+    "label": int, "synthetic": bool}``, real and synthetic alike.
+
+    ``transform`` replaces the default loader chain (it receives ``{"image": path, ...}``);
+    ``synthetic=False`` / ``real=False`` keep one kind only. Two lines for a MONAI script::
+
+        ds = MixedDataset("outputs/demo_2d/augment")
+        loader = monai.data.DataLoader(ds, batch_size=16, shuffle=True)
+    """
+
+    def __init__(self, folder: str | os.PathLike, transform=None, *, real: bool = True, synthetic: bool = True):
+        folder = Path(folder)
+        rows = [r for r in read_mixed_manifest(folder) if (synthetic if r["synthetic"] else real)]
+        plan = json.loads((folder / "plan.json").read_text())
+        self.class_names = plan["class_names"]
+        self.spatial_dims = plan["spatial_dims"]
+        if transform is None:
+            with warnings.catch_warnings():  # MONAI announces its optional GPU DICOM decoder on every loader
+                warnings.filterwarnings("ignore", message=".*nvImageCodec.*")
+                steps = [LoadImaged(keys="image", image_only=True, ensure_channel_first=True)]
+            if self.spatial_dims == 2:
+                steps.append(SqueezeDimd(keys="image", dim=3))  # (1, X, Y, 1) → (1, X, Y)
+            transform = Compose(steps)
+        data = [{"image": r["path"], "label": r["label"], "synthetic": r["synthetic"]} for r in rows]
+        super().__init__(data, transform)
+
+
+class _CallableModule(types.ModuleType):
+    """``medaug.augment(...)`` calls :func:`augment` while ``medaug.augment.MixedDataset`` stays reachable."""
+
+    def __call__(self, *args, **kwargs) -> AugmentResult:
+        return augment(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
