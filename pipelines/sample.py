@@ -2,17 +2,20 @@
 
     python -m pipelines.sample experiment=demo_2d sample.num_per_class=32 sample.guidance_scale=3
     medaug sample ckpt_path=model.pt 'sample.num_per_class={healthy: 10, multi_lesion: 50}'
+    torchrun --nproc_per_node=4 -m pipelines.sample experiment=demo_2d     # batches shared out over 4 GPUs
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from medaug.model import ema_network, load_checkpoint, network_from_spec
 from medaug.sampling import inference_scheduler, labels_for_counts, sample_images, save_samples
-from pipelines.common import amp_dtype_of, container, default_ckpt, device_of, log, make_tracker, path, stage_main
+from pipelines.common import (amp_dtype_of, container, default_ckpt, device_of, distributed, log, make_tracker, path,
+                              stage_main)
 
 
 def class_counts(num_per_class, class_names: list[str]) -> dict[int, int]:
@@ -44,9 +47,25 @@ def run(cfg: DictConfig) -> dict:
     counts = class_counts(OmegaConf.to_container(num) if OmegaConf.is_config(num) else num, class_names)
     labels = labels_for_counts(counts)
     scheduler = inference_scheduler(ckpt.config["scheduler"], s.sampler, s.steps)
-    images = sample_images(net, scheduler, labels, ckpt.meta["image_shape"], guidance_scale=s.guidance_scale,
-                           null_class=len(class_names), seed=s.seed, batch_size=s.batch_size, eta=s.eta,
-                           amp_dtype=amp_dtype_of(cfg, device))
+    rank, _, world = distributed()
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    # batch b (samples b*batch_size ...) is made by rank b % world with the seeds a single
+    # process would use, so any number of ranks writes the same images
+    starts = list(range(0, len(labels), s.batch_size))[rank::world]
+    mine = {start: sample_images(net, scheduler, labels[start : start + s.batch_size], ckpt.meta["image_shape"],
+                                 guidance_scale=s.guidance_scale, null_class=len(class_names), seed=s.seed + start,
+                                 batch_size=s.batch_size, eta=s.eta, amp_dtype=amp_dtype_of(cfg, device),
+                                 progress=rank == 0)
+            for start in starts}
+    if world > 1:
+        gathered = [None] * world
+        torch.distributed.all_gather_object(gathered, mine)
+        mine = {k: v for part in gathered for k, v in part.items()}
+        torch.distributed.destroy_process_group()
+        if rank != 0:
+            return {"samples": 0, "rank": rank}
+    images = torch.cat([mine[k] for k in sorted(mine)])
     rows = [dict(index=i, label=int(y), class_name=class_names[int(y)], seed=s.seed + i,
                  guidance_scale=s.guidance_scale, sampler=s.sampler, steps=s.steps, checkpoint_id=ckpt.id)
             for i, y in enumerate(labels)]

@@ -117,3 +117,31 @@ def test_ddp_two_cpu_ranks_match_one_process_with_double_batch(tmp_path):
     for name, w in one.model.items():
         torch.testing.assert_close(ddp.model[name], w, atol=2e-5, rtol=1e-4)
     assert any(not torch.equal(one.model[k], one.ema["model"][k]) for k in one.model)  # training changed weights
+
+
+@pytest.mark.slow
+def test_sampling_sharded_over_two_ranks_equals_one_process(tmp_path):
+    common = ["experiment=demo_2d", *for_stage("train", TINY), f"paths.output_dir={tmp_path}"]
+    prepare.run(compose_cfg("prepare", tmp_path, common))
+    train.run(compose_cfg("train", tmp_path, common))
+    opts = ["sample.num_per_class=3", "sample.batch_size=2", "sample.steps=3", "sample.sampler=ddpm"]
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "-m", "pipelines.sample", *common, *opts, f"paths.samples_dir={tmp_path}/two"],
+                       cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    sample.run(compose_cfg("sample", tmp_path, [*common, *opts, f"paths.samples_dir={tmp_path}/one"]))
+    two, labels2, rows2, _ = load_samples(tmp_path / "two")
+    one, labels1, rows1, _ = load_samples(tmp_path / "one")
+    assert len(one) == 9 and torch.equal(labels1, labels2) and rows1 == rows2
+    torch.testing.assert_close(two, one, atol=1e-6, rtol=0)
+
+
+def test_slurm_launcher_config_composes(tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=["hydra/launcher=slurm", "experiment=demo_2d", f"paths.output_dir={tmp_path}"],
+                      return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert launcher.gpus_per_node == 1 and launcher.timeout_min == 240 and launcher.tasks_per_node == 1
