@@ -60,7 +60,7 @@ class FitResult:
 
 
 def step_generator(seed: int, step: int, device: torch.device | str = "cpu") -> torch.Generator:
-    """The generator for one training step: a function of ``(seed, step)`` only."""
+    """The generator for one training step: a function of ``(seed, step)`` only (as fit seeds it)."""
     return torch.Generator(device=device).manual_seed(seed * 1_000_003 + step)
 
 
@@ -183,6 +183,8 @@ def fit(
             payload = checkpoint_payload() if checkpoint_payload else {"config": {}, "meta": {}}
             save_checkpoint(ckpt_path, model=model, ema=ema, optimizer=optimizer, step=step, **payload)
 
+    gen = torch.Generator(device=device)  # reseeded from (seed, step) at every step
+    data_gen = gen if images.device == device else torch.Generator(device=images.device)
     model.train()
     window = torch.zeros((), device=device)
     window_steps = 0
@@ -192,8 +194,9 @@ def fit(
     try:
         for step in bar:
             # indices are drawn where the images are: no host-device copy, no sync in the step
-            gen = step_generator(settings.seed, step, device)
-            data_gen = gen if images.device == device else step_generator(settings.seed, step, images.device)
+            gen.manual_seed(settings.seed * 1_000_003 + step)
+            if data_gen is not gen:
+                data_gen.manual_seed(settings.seed * 1_000_003 + step)
             idx = torch.randperm(n, generator=data_gen, device=images.device)[: batch_size * world][mine]
             x0 = images[idx].to(device, non_blocking=True, memory_format=memory_format)
             y = labels[idx].to(device, non_blocking=True)

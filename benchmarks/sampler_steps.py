@@ -1,0 +1,70 @@
+"""Realism against the number of sampling steps, per sampler, for one trained job.
+
+Run by hand after `make demo` (or any finished train stage):
+
+    python benchmarks/sampler_steps.py --job outputs/demo_2d [--plan pndm:10,pndm:20,ddim:20,ddim:50,ddpm:1000]
+
+For each sampler:steps pair it samples the same labels with the same seed from the job's
+checkpoint and scores them with the evaluate stage's metrics against the held-out real
+split (label fidelity, intensity histogram distance, and the feature-space metrics where
+available). Writes benchmarks/results/sampler-steps-<job>.json and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from medaug.dataset import load_info, load_split
+from medaug.metrics import realism_metrics, train_classifier
+from medaug.model import ema_network, load_checkpoint
+from medaug.sampling import inference_scheduler, labels_for_counts, sample_images
+
+ROOT = Path(__file__).resolve().parents[1]
+KEYS = ("fidelity/label_acc", "fidelity/hist_w1")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--job", default="outputs/demo_2d")
+    ap.add_argument("--plan", default="pndm:10,pndm:20,ddim:20,ddim:50,ddpm:1000")
+    ap.add_argument("--per-class", type=int, default=16)
+    ap.add_argument("--guidance", type=float, default=2.0)
+    args = ap.parse_args()
+    job = Path(args.job)
+    ckpt = load_checkpoint(job / "train" / "checkpoints" / "last.pt")
+    info = load_info(job / "prepared")
+    net = ema_network(ckpt)
+    train_x, train_y = load_split(info.root, "train")
+    test_x, test_y = load_split(info.root, "test")
+    clf = train_classifier(train_x, train_y, info.num_classes, steps=400, seed=0)
+    labels = labels_for_counts({c: args.per_class for c in range(info.num_classes)})
+    rows = {}
+    for item in args.plan.split(","):
+        sampler, steps = item.split(":")
+        t0 = time.perf_counter()
+        x = sample_images(net, inference_scheduler(ckpt.config["scheduler"], sampler, int(steps)), labels,
+                          ckpt.meta["image_shape"], guidance_scale=args.guidance, null_class=info.num_classes,
+                          seed=1234, batch_size=64)
+        m = realism_metrics(clf, train_x, train_y, test_x, test_y, x, labels, info.class_names, seed=0)
+        rows[item] = {**{k: m[k] for k in KEYS}, "seconds": time.perf_counter() - t0}
+        print(item, rows[item], flush=True)
+    rows["real_reference"] = {"fidelity/label_acc": m["fidelity/label_acc_real"],
+                              "fidelity/hist_w1": m["fidelity/hist_w1_real"]}
+    out = ROOT / "benchmarks" / "results" / f"sampler-steps-{job.name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"checkpoint": ckpt.id, "training_steps": ckpt.step, "per_class": args.per_class,
+                               "guidance_scale": args.guidance, "results": rows}, indent=1))
+    print(f"\n{'sampler:steps':16} " + " ".join(f"{k:>22}" for k in KEYS) + "  seconds")
+    for item, r in rows.items():
+        print(f"{item:16} " + " ".join(f"{r[k]:22.4f}" for k in KEYS) + f"  {r.get('seconds', 0):7.1f}")
+    print("written to", out)
+
+
+if __name__ == "__main__":
+    torch.set_grad_enabled(False)
+    main()
