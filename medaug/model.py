@@ -67,6 +67,9 @@ class EMA:
         d = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
         ema_params = list(self.model.parameters())
         params = [p.detach() for p in model.parameters()]
+        for e, p in zip(ema_params, params):  # same memory layout (channels_last), or foreach falls back to slow loops
+            if e.stride() != p.stride():
+                e.data = torch.empty_like(p).copy_(e.data)
         torch._foreach_lerp_(ema_params, params, 1 - d)
         for b_ema, b in zip(self.model.buffers(), model.buffers()):
             b_ema.copy_(b)
