@@ -25,6 +25,7 @@ Example::
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -35,6 +36,7 @@ import torch.nn.functional as F
 from monai.metrics import FIDMetric, MultiScaleSSIMMetric
 from monai.metrics.fid import compute_frechet_distance
 from monai.networks.nets import DenseNet
+from scipy.linalg import LinAlgWarning
 from scipy.stats import rankdata, wasserstein_distance
 from tqdm.auto import tqdm
 
@@ -273,7 +275,9 @@ def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     if len(a) < 2 or len(b) < 2:
         return float("nan")
     try:
-        return float(FIDMetric()(a.double(), b.double()))
+        with warnings.catch_warnings():  # fewer samples than features: singular covariances, expected here
+            warnings.simplefilter("ignore", LinAlgWarning)
+            return float(FIDMetric()(a.double(), b.double()))
     except ValueError:  # large imaginary part of sqrtm: rank-deficient covariances
         ridge = torch.eye(a.shape[1], dtype=torch.float64) * 1e-6
         ca, cb = torch.cov(a.double().T) + ridge, torch.cov(b.double().T) + ridge
