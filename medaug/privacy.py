@@ -18,13 +18,17 @@ Example::
 
     scores = copy_scores(synth_x, train_x, heldout_x, encoder, space="pixel")
     keep = copy_filter(scores.score, scores.threshold)      # (N,) bool, False for copies
+    index, score, threshold = read_copy_scores("outputs/demo_2d/eval")   # the same, from evaluate's folder
     audit = privacy_audit(synth_x, train_x, heldout_x, train_patients, encoder)
     audit.verdict, audit.reasons, audit.metrics["privacy/copy_rate"]
 """
 
 from __future__ import annotations
 
+import csv
+import json
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -142,6 +146,23 @@ def copy_filter(scores: np.ndarray, threshold: float) -> np.ndarray:
     if not np.isfinite(threshold):
         raise ValueError(f"copy threshold {threshold} is not a finite number")
     return ~(scores > threshold)
+
+
+def read_copy_scores(eval_dir: str | Path) -> tuple[np.ndarray, np.ndarray, float]:
+    """What the copy filter needs from an ``evaluate`` folder: ``(sample index (N,) int — the ``index`` column of
+    the samples manifest, copy score (N,) float, threshold)`` from ``per_sample.csv`` and ``privacy.json``.
+
+    Example: ``index, score, thr = read_copy_scores("outputs/demo_2d/eval"); keep = index[copy_filter(score, thr)]``.
+    """
+    eval_dir = Path(eval_dir)
+    per_sample, summary = eval_dir / "per_sample.csv", eval_dir / "privacy.json"
+    if not per_sample.is_file() or not summary.is_file():
+        raise FileNotFoundError(f"{eval_dir}: no per_sample.csv/privacy.json; run `medaug evaluate` on these samples first")
+    with open(per_sample, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    index = np.array([int(r["index"]) for r in rows], dtype=np.int64)
+    scores = np.array([float(r["copy_score"]) for r in rows], dtype=np.float64)
+    return index, scores, float(json.loads(summary.read_text())["threshold"])
 
 
 @dataclass

@@ -3,10 +3,11 @@
 import csv
 import json
 
+import pytest
 import torch
 
 from medaug.dataset import load_info, load_split, read_manifest
-from medaug.privacy import copy_filter
+from medaug.privacy import copy_filter, read_copy_scores
 from medaug.sampling import save_samples
 from pipelines import evaluate
 
@@ -48,6 +49,9 @@ def test_training_set_as_synthetic_fails_and_writes_the_copy_filter_inputs(tmp_p
     assert [r["nn_train_item"] for r in rows] == train_ids          # every image finds itself
     keep = copy_filter([float(r["copy_score"]) for r in rows], privacy["threshold"])
     assert not keep.any() and all(r["is_copy"] == "1" for r in rows)
+    index, scores, threshold = read_copy_scores(out)
+    assert index.tolist() == list(range(len(train_ids))) and threshold == privacy["threshold"]
+    assert not copy_filter(scores, threshold).any()
     assert privacy["verdict"] == "fail" and privacy["flags"]["max_copy_rate"] == 0.1 and privacy["reasons"]
     assert "DenseNet classifier trained on the real train split" in privacy["extractors"][0]
     report = (out / "report.md").read_text()
@@ -64,6 +68,11 @@ def test_heldout_volumes_pass_with_25d_features_and_flags_from_config(tmp_path, 
     assert "2.5D" in " ".join(json.loads((tmp_path / "eval" / "privacy.json").read_text())["extractors"])
     strict = run_eval(tmp_path, prepared_3d, ["evaluate.privacy.max_copy_rate=0.0", "evaluate.utility.seeds=[]"])
     assert strict["privacy/verdict"] == "fail" and not any(k.startswith("utility/") for k in strict)
+
+
+def test_read_copy_scores_names_the_fix(tmp_path):
+    with pytest.raises(FileNotFoundError, match="run `medaug evaluate`"):
+        read_copy_scores(tmp_path)
 
 
 def test_artifacts_land_under_evaluation_in_mlflow(tmp_path, prepared_2d):
