@@ -250,7 +250,8 @@ def load_weights(network: torch.nn.Module, weights_file) -> torch.nn.Module:
     with any ``module.`` prefix from DataParallel removed) into ``network``; strict, with a clear error."""
     weights_file = Path(weights_file)
     if not weights_file.is_file():
-        raise FileNotFoundError(f"{weights_file}: encoder weights not found; set evaluate.encoder.weights=<state dict file>")
+        raise FileNotFoundError(f"{weights_file}: encoder weights not found; "
+                                "set evaluate.encoder.weights=<state dict file>")
     state = torch.load(weights_file, map_location="cpu", weights_only=True)
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
@@ -418,7 +419,8 @@ class UtilityResult:
             gains = np.subtract(getattr(self, kind)["augmented"], getattr(self, kind)["real"])
             out[f"utility/aug_gain_{kind}"] = float(np.mean(gains))
             out[f"utility/aug_gain_{kind}_std"] = float(np.std(gains))
-        out["utility/tstr_ratio_acc"] = out["utility/tstr_acc"] / out["utility/real_acc"] if out["utility/real_acc"] else float("nan")
+        real = out["utility/real_acc"]
+        out["utility/tstr_ratio_acc"] = out["utility/tstr_acc"] / real if real else float("nan")
         return out
 
 

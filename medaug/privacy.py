@@ -49,7 +49,8 @@ def standardise(x: torch.Tensor) -> torch.Tensor:
     return torch.where(norm > 1e-8, x / norm.clamp_min(1e-8), torch.zeros_like(x))
 
 
-def nearest_by_correlation(query: torch.Tensor, reference: torch.Tensor, chunk: int = 512) -> tuple[np.ndarray, np.ndarray]:
+def nearest_by_correlation(query: torch.Tensor, reference: torch.Tensor,
+                           chunk: int = 512) -> tuple[np.ndarray, np.ndarray]:
     """For standardised ``query`` (N, D) and ``reference`` (M, D): each query row's highest correlation
     to a reference row and that row's index, ``((N,) float, (N,) int)``."""
     if len(reference) == 0:
@@ -157,7 +158,8 @@ def read_copy_scores(eval_dir: str | Path) -> tuple[np.ndarray, np.ndarray, floa
     eval_dir = Path(eval_dir)
     per_sample, summary = eval_dir / "per_sample.csv", eval_dir / "privacy.json"
     if not per_sample.is_file() or not summary.is_file():
-        raise FileNotFoundError(f"{eval_dir}: no per_sample.csv/privacy.json; run `medaug evaluate` on these samples first")
+        raise FileNotFoundError(f"{eval_dir}: no per_sample.csv/privacy.json; "
+                                "run `medaug evaluate` on these samples first")
     with open(per_sample, newline="") as fh:
         rows = list(csv.DictReader(fh))
     index = np.array([int(r["index"]) for r in rows], dtype=np.int64)

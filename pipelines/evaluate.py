@@ -3,7 +3,8 @@
     python -m pipelines.evaluate experiment=demo_2d
     medaug evaluate experiment=demo_3d evaluate.privacy.max_copy_rate=0.05 evaluate.utility.seeds=[0,1,2]
     medaug evaluate evaluate.encoder.weights=my_encoder.pt \
-        'evaluate.encoder.network={_target_: monai.networks.nets.DenseNet121, spatial_dims: 2, in_channels: 1, out_channels: 2}'
+        'evaluate.encoder.network={_target_: monai.networks.nets.DenseNet121, spatial_dims: 2,
+                                  in_channels: 1, out_channels: 2}'
 
 Writes ``metrics.json`` (what MLflow holds), ``privacy.json`` (verdict, reasons, copy threshold),
 ``per_sample.csv`` (copy score and nearest training item per synthetic sample; export's copy
@@ -53,7 +54,7 @@ def encoder_of(e: DictConfig, clf, steps: int) -> FeatureExtractor:
                                      f"seed {e.seed}), penultimate pooled features")
     if not e.encoder.get("network"):
         raise ValueError("evaluate.encoder.weights is set but evaluate.encoder.network is not; give the network's "
-                         "_target_ and arguments, e.g. {_target_: monai.networks.nets.DenseNet121, spatial_dims: 2, ...}")
+                         "_target_ and arguments, e.g. {_target_: monai.networks.nets.DenseNet121, ...}")
     spec = OmegaConf.to_container(e.encoder.network, resolve=True)
     weights = path(e.encoder.weights)
     net = load_weights(network_from_spec(spec), weights)
@@ -119,8 +120,9 @@ def run(cfg: DictConfig) -> dict:
                           percentile=p.percentile, flags=flags, synth_labels=synth_y, class_names=names, seed=e.seed)
     metrics.update(audit.metrics)
     if e.utility.seeds:
-        metrics.update(utility_metrics(train_x, train_y, synth_x, synth_y, test_x, test_y, k, seeds=list(e.utility.seeds),
-                                       steps=e.utility.steps, batch_size=e.utility.batch_size).metrics())
+        metrics.update(utility_metrics(train_x, train_y, synth_x, synth_y, test_x, test_y, k,
+                                       seeds=list(e.utility.seeds), steps=e.utility.steps,
+                                       batch_size=e.utility.batch_size).metrics())
     finite = {key: v for key, v in metrics.items() if math.isfinite(v)}
     privacy = audit.summary() | {"extractors": extractors}
 

@@ -87,3 +87,17 @@ def test_artifacts_land_under_evaluation_in_mlflow(tmp_path, prepared_2d):
             "evaluation/nearest_pairs.png"} <= files
     assert "privacy/copy_rate" in run.data.metrics and run.data.tags["privacy.verdict"] in {"pass", "warn", "fail"}
     assert "DenseNet" in run.data.tags["evaluate.extractor"]
+
+
+def test_user_encoder_weights_drive_the_features_and_are_named(tmp_path, prepared_2d):
+    from medaug.metrics import make_classifier
+
+    planted_samples(prepared_2d, ["test"], tmp_path / "s")
+    torch.save(make_classifier((16, 16), 3).state_dict(), tmp_path / "enc.pt")
+    net = ("evaluate.encoder.network={_target_:monai.networks.nets.DenseNet,spatial_dims:2,in_channels:1,"
+           "out_channels:3,init_features:16,growth_rate:8,block_config:[2,2,2],bn_size:2}")
+    run_eval(tmp_path, prepared_2d, [f"evaluate.encoder.weights={tmp_path / 'enc.pt'}", net, "evaluate.utility.seeds=[]"])
+    extractors = json.loads((tmp_path / "eval" / "privacy.json").read_text())["extractors"]
+    assert extractors[0].startswith("user encoder monai.networks.nets.DenseNet (weights sha256 ")
+    with pytest.raises(ValueError, match="evaluate.encoder.network is not"):
+        run_eval(tmp_path, prepared_2d, [f"evaluate.encoder.weights={tmp_path / 'enc.pt'}"])

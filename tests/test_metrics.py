@@ -60,13 +60,15 @@ def gaussian(n, d=4, shift=0.0, seed=0):
 def test_frechet_distance_is_squared_mean_shift_for_equal_covariances():
     a = gaussian(500)
     assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
-    assert frechet_distance(a, a + torch.tensor([1.0, 2.0, 0.0, 0.0], dtype=torch.float64)) == pytest.approx(5.0, abs=1e-4)
+    shift = torch.tensor([1.0, 2.0, 0.0, 0.0], dtype=torch.float64)
+    assert frechet_distance(a, a + shift) == pytest.approx(5.0, abs=1e-4)
     assert math.isnan(frechet_distance(a[:1], a))
 
 
 def test_kid_is_unbiased_near_zero_for_one_distribution_and_positive_when_shifted():
-    same, same_std = kernel_inception_distance(gaussian(200, seed=1), gaussian(200, seed=2), n_subsets=20, subset_size=50)
-    far, _ = kernel_inception_distance(gaussian(200, seed=1), gaussian(200, shift=1.0, seed=2), n_subsets=20, subset_size=50)
+    kw = dict(n_subsets=20, subset_size=50)
+    same, same_std = kernel_inception_distance(gaussian(200, seed=1), gaussian(200, seed=2), **kw)
+    far, _ = kernel_inception_distance(gaussian(200, seed=1), gaussian(200, shift=1.0, seed=2), **kw)
     assert abs(same) < 3 * same_std + 0.02 and far > 10 * abs(same) and far > 0.1
 
 
