@@ -136,7 +136,7 @@ def score_histograms(synth: Mapping[str, np.ndarray], heldout: Mapping[str, np.n
 def _fmt(v) -> str:
     if v is None or (isinstance(v, float) and not math.isfinite(v)):
         return "n/a"
-    return f"{v:.4g}"
+    return "0" if abs(v) < 1e-9 else f"{v:.4g}"
 
 
 def write_report(path: str | Path, metrics: Mapping[str, float], class_names: Sequence[str], extractors: Sequence[str],

@@ -152,7 +152,9 @@ def run(cfg: DictConfig) -> dict:
         tags["evaluate.encoder.weights"] = "<path>"
     tracker.set_tags(tags | {"evaluate.extractor": " | ".join(extractors), "privacy.verdict": audit.verdict})
     tracker.log_metrics(finite)
-    tracker.log_artifact(out_dir, "evaluation")
+    for file in sorted(out_dir.iterdir()):
+        if file.name != "DONE":
+            tracker.log_artifact(file, "evaluation")
     tracker.end()
     for key in sorted(metrics):
         if key.count("/") == 1 and not key.endswith("_std"):
