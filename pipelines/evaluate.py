@@ -64,7 +64,8 @@ def encoder_of(e: DictConfig, clf, steps: int) -> FeatureExtractor:
 
 
 def held_out(root, splits) -> tuple[torch.Tensor, torch.Tensor]:
-    splits = [splits] if isinstance(splits, str) else list(splits)
+    """The real images of one split name or a list of them (patients never trained on), concatenated."""
+    splits = [splits] if isinstance(splits, str) else [str(s) for s in splits]
     parts = [load_split(root, s) for s in splits]
     x, y = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     if len(x) < 2:
@@ -94,8 +95,7 @@ def run(cfg: DictConfig) -> dict:
     if names != info["class_names"]:
         raise ValueError(f"samples have classes {info['class_names']} but {prepared.root} has {names}")
     train_x, train_y = load_split(prepared.root, "train")
-    test_x, test_y = held_out(prepared.root, OmegaConf.to_container(e.real_split) if OmegaConf.is_config(e.real_split)
-                              else e.real_split)
+    test_x, test_y = held_out(prepared.root, e.real_split)
     train_items = [r for r in read_manifest(prepared.root) if r["split"] == "train"]
     k = prepared.num_classes
 

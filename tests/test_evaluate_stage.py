@@ -66,7 +66,8 @@ def test_heldout_volumes_pass_with_25d_features_and_flags_from_config(tmp_path, 
     assert result["privacy/verdict"] == "pass" and result["privacy/copy_rate"] <= 0.1
     assert {"fidelity/fd_25d", "fidelity/fd_25d_floor", "fidelity/precision_25d/healthy"} <= set(result)
     assert "2.5D" in " ".join(json.loads((tmp_path / "eval" / "privacy.json").read_text())["extractors"])
-    strict = run_eval(tmp_path, prepared_3d, ["evaluate.privacy.max_copy_rate=0.0", "evaluate.utility.seeds=[]"])
+    strict = run_eval(tmp_path, prepared_3d, ["evaluate.privacy.max_copy_rate=0.0", "evaluate.utility.seeds=[]",
+                                              "evaluate.real_split=test"])
     assert strict["privacy/verdict"] == "fail" and not any(k.startswith("utility/") for k in strict)
 
 
