@@ -169,8 +169,10 @@ def read_copy_scores(eval_dir: str | Path) -> tuple[np.ndarray, np.ndarray, floa
 
 @dataclass
 class PrivacyFlags:
-    """When the audit raises a flag (defaults: ANCHORS.md). ``alpha``: significance of the
-    binomial test that turns a high closer-to-train share from a warning into a failure."""
+    """When the audit raises a flag (defaults: ANCHORS.md): a copy rate above ``max_copy_rate`` fails;
+    a closer-to-train share above ``max_closer_share`` fails when the one-sided binomial test against 0.5
+    is significant at ``alpha`` (with few samples a share of 0.6 is chance: reported, no flag); a DCR
+    ratio below ``min_dcr_ratio`` warns."""
 
     max_copy_rate: float = 0.10
     max_closer_share: float = 0.55
@@ -262,9 +264,11 @@ def privacy_audit(synth: torch.Tensor, train: torch.Tensor, heldout: torch.Tenso
         fails.append(line)
     line = (f"closer-to-train share {share:.2f} (limit {flags.max_closer_share:.2f}, expected 0.5), "
             f"binomial p = {p:.3g}")
+    if share > flags.max_closer_share and p >= flags.alpha:
+        line += f" (above the limit but not significant at alpha {flags.alpha} with {len(copies)} samples: no flag)"
     checks.append(line)
-    if share > flags.max_closer_share:
-        (fails if p < flags.alpha else warns).append(line + ("" if p < flags.alpha else " (not significant)"))
+    if share > flags.max_closer_share and p < flags.alpha:
+        fails.append(line)
     ratio = m["privacy/dcr_ratio"]
     line = f"DCR 5th-percentile ratio synthetic/held-out {ratio:.2f} (limit {flags.min_dcr_ratio:.2f})"
     checks.append(line)

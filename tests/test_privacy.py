@@ -95,3 +95,18 @@ def test_bad_settings_raise_clear_errors(data):
         copy_scores(data["val"], data["train"], data["held"], percentile=100)
     with pytest.raises(ValueError, match="held-out real images"):
         privacy_audit(data["val"], data["train"], data["held"][:1], data["patients"])
+
+
+def test_blurred_memorisation_below_the_copy_threshold_fails_on_closer_to_train(data):
+    noisy = data["train"] + 0.15 * torch.randn(data["train"].shape, generator=torch.Generator().manual_seed(0))
+    audit = privacy_audit(noisy, data["train"], data["held"], data["patients"])
+    assert audit.metrics["privacy/copy_rate"] == 0.0          # no single image is a copy...
+    assert audit.metrics["privacy/closer_to_train"] > 0.95 and audit.metrics["privacy/closer_to_train_p"] < 1e-6
+    assert audit.verdict == "fail" and audit.reasons[0].startswith("closer-to-train share 1.00")  # ...but it memorised
+
+
+def test_a_non_significant_closer_share_is_reported_without_a_flag(data):
+    few = data["val"][:8]
+    audit = privacy_audit(few, data["train"], data["held"], data["patients"], flags=PrivacyFlags(max_closer_share=0.0))
+    assert audit.metrics["privacy/closer_to_train_p"] >= 0.05 and audit.reasons == []
+    assert "not significant" in audit.checks[1] and audit.verdict == "pass"
