@@ -191,8 +191,13 @@ class FeatureExtractor:
         self.channels = channels
         self._layer = _last_linear(network)
         self._captured: list[torch.Tensor] = []
+        self._active = False  # capture only in our own calls, not when others run the network
         if self._layer is not None:
-            self._layer.register_forward_pre_hook(lambda _m, inputs: self._captured.append(inputs[0].detach()))
+            self._layer.register_forward_pre_hook(self._capture)
+
+    def _capture(self, _module, inputs) -> None:
+        if self._active:
+            self._captured.append(inputs[0].detach())
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
@@ -202,7 +207,11 @@ class FeatureExtractor:
             if self.channels > 1:
                 x = x.repeat(1, self.channels, *([1] * (x.ndim - 2)))
             self._captured.clear()
-            out = self.network(x)
+            self._active = True
+            try:
+                out = self.network(x)
+            finally:
+                self._active = False
             f = self._captured[-1] if self._layer is not None else out
             feats.append(f.flatten(2).mean(2) if f.ndim > 2 else f)
         if not feats:

@@ -188,3 +188,13 @@ def test_planted_noise_and_collapsed_class_against_real():
     m = realism_metrics(clf, tx, ty, hx, hy, collapsed, vy, names, n_pairs=16)
     assert m["diversity/msssim/single_lesion"] > 0.99 > m["diversity/msssim_real/single_lesion"] + 0.1
     assert m["diversity/msssim/healthy"] < 0.95
+
+
+def test_feature_extractor_leaves_the_network_usable_as_a_classifier():
+    net = make_classifier((16, 16), 3)
+    enc = FeatureExtractor(net, "t")
+    x = torch.rand(4, 1, 16, 16)
+    before = enc(x)
+    held = len(enc._captured)
+    logits = [net(x) for _ in range(3)]              # running the classifier does not feed the extractor
+    assert logits[0].shape == (4, 3) and len(enc._captured) == held == 1 and torch.equal(enc(x), before)
