@@ -149,6 +149,23 @@ def copy_filter(scores: np.ndarray, threshold: float) -> np.ndarray:
     return ~(scores > threshold)
 
 
+def write_per_sample(path: str | Path, scores: CopyScores, sample_index: Sequence[int], labels: Sequence[int],
+                     class_names: Sequence[str], train_items: Sequence[dict]) -> Path:
+    """``per_sample.csv``: one row per synthetic sample with its ``index`` (the samples manifest's),
+    label, ``copy_score`` (``scores.score``), ``is_copy``, the nearest training item and its pseudonymous
+    patient (``train_items``: manifest rows of the training split, in order) and the correlation per space."""
+    path = Path(path)
+    with open(path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["index", "label", "class_name", "copy_score", "is_copy", "nn_train_item", "nn_patient",
+                         *[f"corr_{sp}" for sp in scores.corr]])
+        for i, (index, y) in enumerate(zip(sample_index, labels)):
+            nn = train_items[int(scores.nn_index[i])]
+            writer.writerow([int(index), int(y), class_names[int(y)], f"{scores.score[i]:.6f}", int(scores.is_copy[i]),
+                             nn["item_id"], nn["patient"], *[f"{scores.corr[sp][i]:.6f}" for sp in scores.corr]])
+    return path
+
+
 def read_copy_scores(eval_dir: str | Path) -> tuple[np.ndarray, np.ndarray, float]:
     """What the copy filter needs from an ``evaluate`` folder: ``(sample index (N,) int — the ``index`` column of
     the samples manifest, copy score (N,) float, threshold)`` from ``per_sample.csv`` and ``privacy.json``.

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from .sampling import views
+from .sampling import save_grid, views
 
 SYNTH_RGB, REAL_RGB, LINE_RGB = (214, 69, 65), (52, 120, 198), (30, 30, 30)
 
@@ -131,6 +131,22 @@ def score_histograms(synth: Mapping[str, np.ndarray], heldout: Mapping[str, np.n
     out = Path(out)
     canvas.save(out)
     return out
+
+
+def write_pictures(folder: str | Path, synth: torch.Tensor, synth_y: torch.Tensor, real: torch.Tensor,
+                   real_y: torch.Tensor, train: torch.Tensor, class_names: Sequence[str], scores, top: int = 16
+                   ) -> dict[str, str]:
+    """Every evaluation picture into ``folder``: class grids (synthetic, real, side by side), the ``top``
+    nearest pairs and the score histograms of ``scores`` (``privacy.CopyScores``). Returns ``{caption: file}``."""
+    folder = Path(folder)
+    save_grid(real, real_y, class_names, folder / "real_grid.png")
+    save_grid(synth, synth_y, class_names, folder / "synthetic_grid.png")
+    side_by_side(folder / "synthetic_grid.png", folder / "real_grid.png", folder / "grids.png")
+    nearest_pairs(synth, train, scores.score, scores.nn_index, scores.threshold, folder / "nearest_pairs.png", top=top)
+    score_histograms(scores.corr, scores.heldout, scores.thresholds, folder / "nn_histograms.png")
+    return {"synthetic (left) beside held-out real (right), one row per class": "grids.png",
+            f"the {top} synthetic samples most like a training image": "nearest_pairs.png",
+            "nearest-training correlation, synthetic vs held-out": "nn_histograms.png"}
 
 
 def _fmt(v) -> str:

@@ -13,7 +13,6 @@ filter reads these), ``report.md`` and the pictures; all logged under ``evaluati
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import math
@@ -26,9 +25,9 @@ from medaug.io import atomic_folder
 from medaug.metrics import (FeatureExtractor, PlaneFeatureExtractor, fidelity_metrics, load_weights, make_classifier,
                             realism_metrics, slices_for_training, train_classifier, utility_metrics)
 from medaug.model import network_from_spec
-from medaug.privacy import PrivacyFlags, privacy_audit
-from medaug.report import nearest_pairs, score_histograms, side_by_side, write_report
-from medaug.sampling import load_samples, save_grid
+from medaug.privacy import PrivacyFlags, privacy_audit, write_per_sample
+from medaug.report import write_pictures, write_report
+from medaug.sampling import load_samples
 from medaug.tracking import flatten
 from pipelines.common import container, log, make_tracker, path, stage_main
 
@@ -72,19 +71,6 @@ def held_out(root, splits) -> tuple[torch.Tensor, torch.Tensor]:
         raise ValueError(f"{root}: held-out split(s) {splits} hold {len(x)} images; at least 2 are needed "
                          "(set evaluate.real_split=[val,test] or prepare with a larger split)")
     return x, y
-
-
-def write_per_sample(out, rows, audit, train_items, class_names, synth_y) -> None:
-    s = audit.scores
-    with open(out, "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["index", "label", "class_name", "copy_score", "is_copy", "nn_train_item", "nn_patient",
-                         *[f"corr_{sp}" for sp in s.corr]])
-        for i, y in enumerate(synth_y.tolist()):
-            nn = train_items[int(s.nn_index[i])]
-            writer.writerow([rows[i].get("index", i) if i < len(rows) else i, y, class_names[y], f"{s.score[i]:.6f}",
-                             int(s.is_copy[i]), nn["item_id"], nn["patient"],
-                             *[f"{s.corr[sp][i]:.6f}" for sp in s.corr]])
 
 
 def run(cfg: DictConfig) -> dict:
@@ -131,17 +117,10 @@ def run(cfg: DictConfig) -> dict:
         (tmp / "metrics.json").write_text(json.dumps({key: (v if math.isfinite(v) else None)
                                                       for key, v in sorted(metrics.items())}, indent=2))
         (tmp / "privacy.json").write_text(json.dumps(privacy, indent=2))
-        write_per_sample(tmp / "per_sample.csv", rows, audit, train_items, names, synth_y)
-        save_grid(test_x, test_y, names, tmp / "real_grid.png")
-        save_grid(synth_x, synth_y, names, tmp / "synthetic_grid.png")
-        side_by_side(tmp / "synthetic_grid.png", tmp / "real_grid.png", tmp / "grids.png")
-        nearest_pairs(synth_x, train_x, audit.scores.score, audit.scores.nn_index, audit.scores.threshold,
-                      tmp / "nearest_pairs.png", top=e.pairs_top)
-        score_histograms(audit.scores.corr, audit.scores.heldout, audit.scores.thresholds, tmp / "nn_histograms.png")
-        write_report(tmp / "report.md", metrics, names, extractors, privacy,
-                     {"synthetic (left) beside held-out real (right), one row per class": "grids.png",
-                      f"the {e.pairs_top} synthetic samples most like a training image": "nearest_pairs.png",
-                      "nearest-training correlation, synthetic vs held-out": "nn_histograms.png"},
+        sample_index = [int(r.get("index", i)) for i, r in enumerate(rows)]  # one manifest row per sample
+        write_per_sample(tmp / "per_sample.csv", audit.scores, sample_index, synth_y.tolist(), names, train_items)
+        pictures = write_pictures(tmp, synth_x, synth_y, test_x, test_y, train_x, names, audit.scores, e.pairs_top)
+        write_report(tmp / "report.md", metrics, names, extractors, privacy, pictures,
                      {"samples": f"{len(synth_x)} synthetic ({info.get('checkpoint_id', '?')}), "
                                  f"{len(train_x)} real train, {len(test_x)} real held-out",
                       "copy score space": f"{p.space} (threshold = {p.percentile}th percentile of held-out maxima)"})
