@@ -65,10 +65,25 @@ def nearest_by_correlation(query: torch.Tensor, reference: torch.Tensor,
     return torch.cat(corr).double().numpy(), torch.cat(index).numpy()
 
 
+MAX_PIXELS = 32 ** 3
+
+
+def pixel_view(images: torch.Tensor, max_pixels: int = MAX_PIXELS) -> torch.Tensor:
+    """``images`` (N, C, *spatial) average-pooled to at most ``max_pixels`` per image (same aspect), so
+    pixel-space neighbours of large 3D sets fit in memory (1000 volumes: 128 MB); copies stay copies."""
+    spatial = images.shape[2:]
+    if int(np.prod(spatial)) <= max_pixels:
+        return images
+    factor = (np.prod(spatial) / max_pixels) ** (1 / len(spatial))
+    size = [max(1, int(s / factor)) for s in spatial]
+    pool = torch.nn.functional.adaptive_avg_pool3d if len(spatial) == 3 else torch.nn.functional.adaptive_avg_pool2d
+    return torch.cat([pool(images[i : i + 64].float(), size) for i in range(0, len(images), 64)])
+
+
 def represent(images: torch.Tensor, encoder: Encoder | None) -> dict[str, torch.Tensor]:
-    """Standardised representations of ``images`` (N, 1, *spatial): ``pixel`` always, ``embedding``
-    when an encoder (``images -> (N, D) features``) is given."""
-    reps = {"pixel": standardise(images)}
+    """Standardised representations of ``images`` (N, 1, *spatial): ``pixel`` always (``pixel_view``),
+    ``embedding`` when an encoder (``images -> (N, D) features``) is given."""
+    reps = {"pixel": standardise(pixel_view(images))}
     if encoder is not None:
         reps["embedding"] = standardise(encoder(images))
     return reps

@@ -110,3 +110,14 @@ def test_a_non_significant_closer_share_is_reported_without_a_flag(data):
     audit = privacy_audit(few, data["train"], data["held"], data["patients"], flags=PrivacyFlags(max_closer_share=0.0))
     assert audit.metrics["privacy/closer_to_train_p"] >= 0.05 and audit.reasons == []
     assert "not significant" in audit.checks[1] and audit.verdict == "pass"
+
+
+def test_pixel_view_bounds_memory_and_keeps_copies_copies():
+    from medaug.privacy import pixel_view
+
+    vols = torch.rand(3, 1, 64, 64, 40)
+    small = pixel_view(vols, max_pixels=16 ** 3)
+    assert small.shape[2:].numel() <= 16 ** 3 and small.shape[:2] == (3, 1) and small.shape[2] == small.shape[3]
+    assert pixel_view(vols[:, :, :8, :8, :8]).shape == (3, 1, 8, 8, 8)        # small images untouched
+    scores = copy_scores(vols[:1], vols, vols[1:])
+    assert scores.score[0] == pytest.approx(1.0, abs=1e-5) and scores.nn_index[0] == 0
