@@ -306,8 +306,8 @@ def export_dataset(
         card = {**card_fields, "num_samples": len(manifest),
                 "files": ", ".join(f"{FORMAT_NOTES[fmt]} in `{FOLDERS[fmt]}/`" for fmt in formats)
                 + ("; 3D images as one Enhanced CT file each" if dicom_multiframe and "dicom" in formats else ""),
-                "filtered": (f"{dropped} of {len(rows)} samples dropped by the copy filter" if dropped
-                             else "no sample dropped")}
+                "filtered": card_fields.get("filtered") or (
+                    f"{dropped} of {len(rows)} samples dropped by the copy filter" if dropped else "no sample dropped")}
         if profile == "share":
             card["mlflow_run_id"] = "withheld (share profile)"
         (tmp / "DATA_CARD.md").write_text(render_card(template, card))

@@ -309,3 +309,48 @@ def privacy_audit(synth: torch.Tensor, train: torch.Tensor, heldout: torch.Tenso
     verdict = "fail" if fails else "warn" if warns else "pass"
     m["privacy/verdict_code"] = float(VERDICT_CODES[verdict])
     return PrivacyAudit(scores, m, verdict, fails + warns, flags, checks)
+
+
+def pixel_copy_scores(images: torch.Tensor, train: torch.Tensor) -> np.ndarray:
+    """Each image's highest pixel-space correlation to a training image ``(N,)``: the copy score of
+    ``copy_scores(..., space="pixel")`` without the held-out calibration (compare it with the
+    threshold an earlier audit stored)."""
+    return nearest_by_correlation(represent(images, None)["pixel"], represent(train, None)["pixel"])[0]
+
+
+def replace_copies(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    keep: np.ndarray,
+    threshold: float,
+    generate: Callable[[torch.Tensor, int], torch.Tensor],
+    score: Callable[[torch.Tensor], np.ndarray],
+    max_rounds: int = 5,
+) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, np.ndarray]:
+    """Replace the samples the copy filter dropped by new ones of the same class that pass it.
+
+    ``images`` (N, 1, *spatial) with ``labels`` (N,) and ``keep`` (N,) bool. Each round draws one
+    candidate per missing sample with ``generate(labels, first_index)`` (new sample indices start at
+    ``first_index`` = N, N + k, ...: new seeds, never reused) and keeps those with ``score(images)
+    <= threshold``. Returns the kept originals followed by the accepted candidates:
+    ``(images, labels, source index (original index, or N + k for candidate k), candidates' scores
+    (NaN for originals))``. Stops after ``max_rounds``; the caller compares class counts.
+    """
+    keep = np.asarray(keep, dtype=bool)
+    kept = np.flatnonzero(keep)
+    out_x, out_y, out_i, out_s = [images[kept]], [labels[kept]], [kept], [np.full(len(kept), np.nan)]
+    missing = labels[~torch.from_numpy(keep)]
+    next_index = len(images)
+    for _ in range(max_rounds):
+        if len(missing) == 0:
+            break
+        candidates = generate(missing, next_index)
+        s = np.asarray(score(candidates), dtype=np.float64)
+        ok = s <= threshold
+        out_x.append(candidates[torch.from_numpy(ok)])
+        out_y.append(missing[torch.from_numpy(ok)])
+        out_i.append(next_index + np.flatnonzero(ok))
+        out_s.append(s[ok])
+        next_index += len(missing)
+        missing = missing[torch.from_numpy(~ok)]
+    return torch.cat(out_x), torch.cat(out_y), np.concatenate(out_i), np.concatenate(out_s)

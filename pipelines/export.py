@@ -6,44 +6,87 @@
 
 from __future__ import annotations
 
-import csv
 import datetime as dt
 import json
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 import medaug
-from medaug.export import export_dataset, metrics_table
+from medaug.dataset import load_split
+from medaug.export import ExportError, export_dataset, metrics_table
 from medaug.io import is_complete
+from medaug.model import ema_network, load_checkpoint
 from medaug.preprocessing import IntensityWindow
-from medaug.sampling import load_samples
-from pipelines.common import REPO_ROOT, log, make_tracker, path, stage_main, tracking_uri
+from medaug.privacy import copy_filter, pixel_copy_scores, read_copy_scores, replace_copies
+from medaug.sampling import inference_scheduler, load_samples, sample_images
+from pipelines.common import REPO_ROOT, default_ckpt, log, make_tracker, path, stage_main, tracking_uri
 
 
 PRIVACY_REPORTS = ("metrics.json", "privacy*.json", "privacy*.md", "report*.md", "report*.html")
 
 
-def privacy_inputs(eval_dir: Path, n: int, metrics: dict) -> tuple[list | None, list[Path], str]:
-    """What the evaluation left about privacy: per-sample scores (``privacy_scores.csv`` with
-    columns ``index,score``), report files (``metrics.json`` and text reports; none that embeds
-    an image, which could carry training data into an export) and a one-line verdict for the data card."""
-    scores = None
-    table = eval_dir / "privacy_scores.csv"
-    if table.is_file():
-        scores = [None] * n
-        with open(table, newline="") as fh:
-            for row in csv.DictReader(fh):
-                if int(row["index"]) < n and row.get("score", "") != "":
-                    scores[int(row["index"])] = float(row["score"])
+def privacy_inputs(eval_dir: Path, metrics: dict) -> tuple[list[Path], str]:
+    """The privacy report files an evaluation left (``metrics.json`` and text reports; none that
+    embeds an image, which could carry training data into an export) and a one-line verdict."""
     files = sorted({p for pattern in PRIVACY_REPORTS for p in eval_dir.glob(pattern)})
     files = [p for p in files if "data:image" not in p.read_text(errors="ignore")]
-    audit = {k: v for k, v in metrics.items() if k.startswith("privacy/") and v is not None}
-    shown = [f"`{k}` {v:.4g}" if isinstance(v, (int, float)) else f"`{k}` {v}" for k, v in sorted(audit.items())]
-    verdict = ", ".join(shown) if audit else "not audited: run `medaug evaluate` with the privacy audit before sharing"
-    return scores, files, verdict
+    audit = {k: v for k, v in metrics.items() if k.count("/") == 1 and k.startswith("privacy/") and v is not None}
+    verdict = json.loads((eval_dir / "privacy.json").read_text()).get("verdict") if (eval_dir / "privacy.json").is_file() else None
+    shown = [f"`{k}` {v:.4g}" for k, v in sorted(audit.items()) if isinstance(v, (int, float))]
+    text = (f"verdict **{verdict}**: " if verdict else "") + ", ".join(shown)
+    return files, text if audit else "not audited: run `medaug evaluate` with the privacy audit before sharing"
+
+
+def filter_copies(cfg: DictConfig, images, labels, rows: list[dict], info: dict, eval_dir: Path):
+    """Apply the copy filter: drop samples above the audit's copy threshold and, with
+    ``export.regenerate``, replace them by new samples of the same class that pass it.
+    Returns ``(images, rows, scores, note)``."""
+    x = cfg.export
+    index, score, threshold = read_copy_scores(eval_dir)
+    by_index = dict(zip(index.tolist(), score.tolist()))
+    missing = [r["index"] for r in rows if int(r["index"]) not in by_index]
+    if missing:
+        raise ExportError(f"{eval_dir}: the audit has no score for samples {missing[:5]}...; rerun `medaug evaluate`")
+    scores = np.array([by_index[int(r["index"])] for r in rows])
+    keep = copy_filter(scores, threshold)
+    dropped = int((~keep).sum())
+    if not dropped or not x.regenerate:
+        note = f"copy filter on (threshold {threshold:.4f}): {dropped} of {len(rows)} samples dropped"
+        return images[torch.from_numpy(keep)], [r for r, k in zip(rows, keep) if k], scores[keep], note
+    space = json.loads((eval_dir / "privacy.json").read_text()).get("space")
+    if space != "pixel":
+        raise ExportError(f"export.regenerate needs the audit in pixel space (it used {space!r}); "
+                          "set evaluate.privacy.space=pixel or export.regenerate=false")
+    ckpt = load_checkpoint(default_ckpt(cfg))
+    if ckpt.id != info["checkpoint_id"]:
+        raise ExportError(f"{ckpt.path} is not the checkpoint these samples came from; pass ckpt_path=")
+    s = info["sample"]
+    net, names = ema_network(ckpt), ckpt.meta["class_names"]
+    train_x, _ = load_split(path(cfg.paths.prepared_dir), "train")
+
+    def generate(want: torch.Tensor, first: int) -> torch.Tensor:
+        sch = inference_scheduler(ckpt.config["scheduler"], s["sampler"], s["steps"])
+        return sample_images(net, sch, want, ckpt.meta["image_shape"], guidance_scale=s["guidance_scale"],
+                             null_class=len(names), seed=s["seed"] + first, batch_size=s["batch_size"], eta=s["eta"])
+
+    new_x, new_y, source, new_scores = replace_copies(images, labels, keep, threshold, generate,
+                                                      lambda imgs: pixel_copy_scores(imgs, train_x), x.max_rounds)
+    new_rows = []
+    for src, y, sc in zip(source.tolist(), new_y.tolist(), new_scores.tolist()):
+        row = rows[src] if src < len(rows) else {**rows[0], "index": src, "label": y, "class_name": names[y],
+                                                    "seed": s["seed"] + src, "replaces_copy": True}
+        new_rows.append(row)
+    final_scores = np.where(np.isnan(new_scores), scores[source.clip(max=len(rows) - 1)], new_scores)
+    short = len(rows) - len(new_rows)
+    note = (f"copy filter on (threshold {threshold:.4f}): {dropped} of {len(rows)} samples dropped and "
+            f"{dropped - short} regenerated" + (f"; {short} could not be replaced in {x.max_rounds} rounds" if short else ""))
+    if short:
+        log.warning(note)
+    return new_x, new_rows, final_scores, note
 
 
 def run(cfg: DictConfig) -> dict:
@@ -55,7 +98,10 @@ def run(cfg: DictConfig) -> dict:
     metrics = json.loads((eval_dir / "metrics.json").read_text()) if complete else {}
     if not metrics:
         log.warning("no evaluation found in %s: the data card will have no metrics; run `medaug evaluate`", eval_dir)
-    headline = {k: v for k, v in metrics.items() if v is not None and k.count("/") == 1}
+    headline = {k: v for k, v in metrics.items() if v is not None and k.count("/") == 1
+                and not k.endswith(("_std", "_code")) and "threshold" not in k}
+    prepared_meta = path(cfg.paths.prepared_dir) / "dataset.json"
+    deid = json.loads(prepared_meta.read_text()).get("deid", {}) if prepared_meta.is_file() else {}
     counts = Counter(r["class_name"] for r in rows)
     window = IntensityWindow(**info["window"])
     affine = np.asarray(info["affine"])
@@ -71,14 +117,29 @@ def run(cfg: DictConfig) -> dict:
         intensity=f"{window.unit}, window [{window.lo:g}, {window.hi:g}]",
         class_counts=", ".join(f"{name}: {n}" for name, n in sorted(counts.items())),
         metrics=metrics_table(headline) if headline else "_not evaluated_",
+        deid=(f"gate policy `{deid.get('policy')}`" + (", PHI findings trusted by the user (see prepare's log)"
+                                                       if deid.get("policy") == "trust" else "")
+              if deid else "not recorded"),
     )
-    scores, reports, card["privacy"] = (privacy_inputs(eval_dir, len(rows), metrics) if complete
-                                        else (None, [], "not audited"))
+    reports, card["privacy"] = privacy_inputs(eval_dir, metrics) if complete else ([], "not audited")
+    use_filter = x.profile == "share" if x.copy_filter == "auto" else bool(x.copy_filter)
+    audited = complete and (eval_dir / "per_sample.csv").is_file()
+    scores, card["filtered"] = None, "copy filter off"
+    if use_filter:
+        if not audited:
+            raise ExportError(f"{eval_dir}: the copy filter needs a privacy audit; run `medaug evaluate` first "
+                              "(or export.copy_filter=false to export unfiltered)")
+        images, rows, scores, card["filtered"] = filter_copies(cfg, images, labels, rows, info, eval_dir)
+        card["class_counts"] = ", ".join(f"{n}: {c}" for n, c in sorted(Counter(r["class_name"] for r in rows).items()))
+    elif audited:
+        index, score, _ = read_copy_scores(eval_dir)
+        by_index = dict(zip(index.tolist(), score.tolist()))
+        scores = [by_index.get(int(r["index"])) for r in rows]
     template = path(x.template) if x.template else REPO_ROOT / "data_cards" / "TEMPLATE.md"
     out = export_dataset(images, rows, path(cfg.paths.export_dir), window=window, affine=affine,
                          card_fields=card, template=template, formats=formats, profile=x.profile,
                          png_bits=x.png_bits, dicom_multiframe=x.dicom_multiframe, dataset_json=x.dataset_json,
-                         privacy_scores=scores, privacy_files=reports, archive=x.archive, overwrite=x.overwrite)
+                         privacy_scores=None if scores is None else list(scores), privacy_files=reports, archive=x.archive, overwrite=x.overwrite)
 
     tracker = make_tracker(cfg)
     tracker.start(run_name=cfg.name, run_id=info.get("mlflow_run_id"), tags={"medaug.job": cfg.name})

@@ -24,7 +24,7 @@ TEMPLATE = CONF_DIR.parent / "data_cards" / "TEMPLATE.md"
 CARD = dict(name="t", created="2026-01-01", medaug_version="0", checkpoint_id="abc", training_steps=5,
             model="M", dataset_fingerprint="f", mlflow_run_id="run-7f3a", sampler="ddim", guidance_scale=2, seed=1,
             spatial_dims=2, image_shape="8 × 8", spacing="2 × 2", intensity="HU", class_counts="a: 2",
-            metrics="| m | 1 |", privacy="not audited")
+            metrics="| m | 1 |", privacy="not audited", deid="gate policy `refuse`")
 WINDOW = IntensityWindow(-160, 240)
 # An oblique, right-handed geometry (rotation about x) with anisotropic voxels, RAS mm.
 _C, _S = np.cos(0.3), np.sin(0.3)
@@ -295,7 +295,8 @@ def test_export_stage_writes_every_format_and_the_share_bundle(tmp_path):
     save_samples(tmp_path / "samples", images, rows, info, ["a", "b"])
     with atomic_folder(tmp_path / "eval") as ev:
         (ev / "metrics.json").write_text(json.dumps({"fidelity/label_acc": 0.5, "privacy/copy_rate": 0.0}))
-        (ev / "privacy_scores.csv").write_text("index,score\n0,0.25\n2,0.5\n")
+        (ev / "per_sample.csv").write_text("index,copy_score\n0,0.25\n1,0.3\n2,0.5\n")
+        (ev / "privacy.json").write_text(json.dumps({"threshold": 0.9, "space": "pixel", "verdict": "pass"}))
         (ev / "report.md").write_text("![neighbour](data:image/png;base64,AAAA)\n")  # embeds pixels: never copied
     cfg = compose_cfg("export", tmp_path, ["tracking=none", "export.format=[nifti,dicom,png]",
                                            "export.profile=share", "export.dataset_json=true"])
@@ -304,8 +305,9 @@ def test_export_stage_writes_every_format_and_the_share_bundle(tmp_path):
     assert result["formats"] == ["nifti", "dicom", "png"] and result["archive"] == str(tmp_path / "export.tar.gz")
     assert (tmp_path / "export.tar.gz.sha256").is_file() and (out / "dataset.json").is_file()
     manifest = _manifest(out)
-    assert [m["privacy_score"] for m in manifest] == ["0.25", "", "0.5"] and "seed" not in manifest[0]
-    assert sorted(p.name for p in (out / "privacy").iterdir()) == ["metrics.json"]
+    assert [m["privacy_score"] for m in manifest] == ["0.25", "0.3", "0.5"] and "seed" not in manifest[0]
+    assert sorted(p.name for p in (out / "privacy").iterdir()) == ["metrics.json", "privacy.json"]
     card = (out / "DATA_CARD.md").read_text()
-    assert "`privacy/copy_rate` 0" in card and "run-7f3a" not in card and "${" not in card
+    assert "verdict **pass**: `privacy/copy_rate` 0" in card and "run-7f3a" not in card and "${" not in card
+    assert "0 of 3 samples dropped" in card  # the copy filter is on for share exports
     assert all((out / m["dicom"]).is_file() and (out / m["png"]).is_file() for m in manifest)

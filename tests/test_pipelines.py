@@ -1,5 +1,6 @@
 """Every stage and experiment, end to end on tiny data; the CLI; multirun; error exits."""
 
+import csv
 import json
 import os
 import subprocess
@@ -9,11 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from medaug.io import read_volume
 from medaug.model import load_checkpoint
 from medaug.sampling import load_samples
 from pipelines import evaluate, export, prepare, sample, train
 
-from .conftest import CONF_DIR, TINY, compose_cfg, for_stage
+from .conftest import CONF_DIR, TINY, WINDOW, compose_cfg, for_stage
 
 STAGES = {"prepare": prepare, "train": train, "sample": sample, "evaluate": evaluate, "export": export}
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
@@ -145,3 +147,28 @@ def test_slurm_launcher_config_composes(tmp_path):
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher")
     assert launcher.gpus_per_node == 1 and launcher.timeout_min == 240 and launcher.tasks_per_node == 1
+
+
+def test_share_export_filters_planted_copies_and_regenerates(tmp_path):
+    from medaug.dataset import load_split
+    from medaug.sampling import save_samples
+
+    overrides = ["experiment=demo_2d", *TINY, "evaluate.utility.seeds=[]"]
+    for name in ("prepare", "train", "sample"):
+        STAGES[name].run(compose_cfg(name, tmp_path, overrides))
+    images, labels, rows, info = load_samples(tmp_path / "samples")
+    train_x, train_y = load_split(tmp_path / "prepared", "train")
+    planted = [int((train_y == int(y)).nonzero()[0]) for y in labels[:2]]  # two training images as "samples"
+    images[:2] = train_x[planted]
+    save_samples(tmp_path / "samples", images, rows, info, info["class_names"])
+    evaluate.run(compose_cfg("evaluate", tmp_path, overrides))
+    export.run(compose_cfg("export", tmp_path, [*overrides, "export.profile=share"]))
+    manifest = list(csv.DictReader(open(tmp_path / "export" / "manifest.csv")))
+    assert len(manifest) == len(rows)  # the two copies were replaced by new samples of their class
+    assert sorted(m["class_name"] for m in manifest) == sorted(r["class_name"] for r in rows)
+    card = (tmp_path / "export" / "DATA_CARD.md").read_text()
+    assert "2 of 6 samples dropped and 2 regenerated" in card
+    exported = torch.stack([torch.from_numpy(read_volume(tmp_path / "export" / m["path"]).array) for m in manifest])
+    hu_train = torch.from_numpy(WINDOW.to_source(train_x[planted].numpy()))
+    for copy in hu_train:
+        assert min(float((copy[0] - e[:, :, 0]).abs().max()) for e in exported) > 1.0

@@ -121,3 +121,33 @@ def test_pixel_view_bounds_memory_and_keeps_copies_copies():
     assert pixel_view(vols[:, :, :8, :8, :8]).shape == (3, 1, 8, 8, 8)        # small images untouched
     scores = copy_scores(vols[:1], vols, vols[1:])
     assert scores.score[0] == pytest.approx(1.0, abs=1e-5) and scores.nn_index[0] == 0
+
+
+def test_replace_copies_keeps_class_counts_with_fresh_indices():
+    from medaug.privacy import replace_copies
+
+    images = torch.arange(6, dtype=torch.float32).reshape(6, 1, 1, 1)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    keep = np.array([True, False, True, True, False, True])
+    calls = []
+
+    def generate(want, first):
+        calls.append((want.tolist(), first))
+        return torch.full((len(want), 1, 1, 1), 100.0 + first)
+
+    scores = iter([np.array([0.99, 0.1]), np.array([0.2])])  # round 1: the class-0 candidate is a copy
+    x, y, source, s = replace_copies(images, labels, keep, 0.5, generate, lambda imgs: next(scores))
+    assert calls == [([0, 2], 6), ([0], 8)]
+    assert sorted(y.tolist()) == sorted(labels.tolist())
+    assert source.tolist() == [0, 2, 3, 5, 7, 8]
+    assert x[:4, 0, 0, 0].tolist() == [0, 2, 3, 5] and x[4:, 0, 0, 0].tolist() == [106.0, 108.0]
+    assert np.isnan(s[:4]).all() and s[4:].tolist() == [0.1, 0.2]
+
+
+def test_pixel_copy_scores_find_copies():
+    from medaug.privacy import pixel_copy_scores
+
+    g = torch.Generator().manual_seed(0)
+    train = torch.rand(5, 1, 8, 8, generator=g)
+    scores = pixel_copy_scores(torch.cat([train[:2], torch.rand(2, 1, 8, 8, generator=g)]), train)
+    assert scores[:2] == pytest.approx([1.0, 1.0]) and (scores[2:] < 0.7).all()
