@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-STAGES = ("prepare", "train", "sample", "evaluate", "export")
+STAGES = ("prepare", "train_autoencoder", "train", "sample", "evaluate", "export")
 
 
 def main() -> None:

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 
 from omegaconf import DictConfig, OmegaConf
 
+from medaug.latent import latent_space_of
 from medaug.model import ema_network, load_checkpoint, network_from_spec
 from medaug.sampling import inference_scheduler, labels_for_counts, sample_images, save_samples
 from pipelines.common import amp_dtype_of, container, default_ckpt, device_of, log, make_tracker, path, stage_main
@@ -44,9 +45,14 @@ def run(cfg: DictConfig) -> dict:
     counts = class_counts(OmegaConf.to_container(num) if OmegaConf.is_config(num) else num, class_names)
     labels = labels_for_counts(counts)
     scheduler = inference_scheduler(ckpt.config["scheduler"], s.sampler, s.steps)
-    images = sample_images(net, scheduler, labels, ckpt.meta["image_shape"], guidance_scale=s.guidance_scale,
-                           null_class=len(class_names), seed=s.seed, batch_size=s.batch_size, eta=s.eta,
-                           amp_dtype=amp_dtype_of(cfg, device))
+    kwargs = dict(guidance_scale=s.guidance_scale, null_class=len(class_names), seed=s.seed, batch_size=s.batch_size,
+                  eta=s.eta, amp_dtype=amp_dtype_of(cfg, device))
+    space = latent_space_of(ckpt.meta, device)  # None: pixel space
+    if space is None:
+        images = sample_images(net, scheduler, labels, ckpt.meta["image_shape"], **kwargs)
+    else:  # latent diffusion: denoise latents, decode to image space (in tiles with sample.decode_tile)
+        images = space.sample(net, scheduler, labels, tile=s.get("decode_tile"), overlap=s.get("decode_overlap", 0.25),
+                              **kwargs)
     rows = [dict(index=i, label=int(y), class_name=class_names[int(y)], seed=s.seed + i,
                  guidance_scale=s.guidance_scale, sampler=s.sampler, steps=s.steps, checkpoint_id=ckpt.id)
             for i, y in enumerate(labels)]

@@ -14,6 +14,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from medaug.dataset import load_info, load_split
+from medaug.latent import cached_latents, latent_space_for_training
 from medaug.model import EMA, load_checkpoint, network_from_spec, set_rng_state
 from medaug.tracking import flatten
 from medaug.training import TrainSettings, fit
@@ -29,6 +30,10 @@ def run(cfg: DictConfig) -> dict:
     device = device_of(cfg)
 
     config = container(cfg)
+    space = latent_space_for_training(config, info.root, device, lambda: make_tracker(cfg))  # None: pixel space
+    if space is not None:  # latent diffusion: the UNet learns scaled autoencoder latents
+        latents, labels = cached_latents(space, info.root, config["latent"]["cache_dir"])
+        images = latents * space.scale_factor
     config["model"].update(num_class_embeds=info.num_classes + 1, spatial_dims=info.spatial_dims)
     net = network_from_spec(config["model"]).to(device)
     ema = EMA(net, cfg.training.ema_decay)
@@ -59,6 +64,8 @@ def run(cfg: DictConfig) -> dict:
     meta = dict(class_names=info.class_names, spatial_dims=info.spatial_dims, image_shape=info.image_shape,
                 window=info.window.as_dict(), affine=info.affine.tolist(), dataset=info.fingerprint,
                 mlflow_run_id=tracker.run_id)
+    if space is not None:
+        meta["latent"] = space.meta()
     t = cfg.training
     settings = TrainSettings(max_steps=t.max_steps, batch_size=t.batch_size, p_uncond=t.p_uncond,
                              grad_clip=t.grad_clip, seed=t.seed, ckpt_every=t.ckpt_every, log_every=t.log_every,
