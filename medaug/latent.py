@@ -191,6 +191,7 @@ class AutoencoderSettings:
     log_every: int = 25
     val_every: int = 500
     seed: int = 0
+    amp_dtype: torch.dtype | None = None  # autocast dtype of the networks (bf16 on a GPU); None: fp32
 
     @classmethod
     def from_section(cls, section: Mapping) -> "AutoencoderSettings":
@@ -250,6 +251,8 @@ def fit_autoencoder(ae: nn.Module, ema: EMA, optimizers: Optimizers, images: tor
             payload = checkpoint_payload() if checkpoint_payload else {"config": {}, "meta": {}}
             save_checkpoint(ckpt_path, model=ae, ema=ema, optimizer=optimizers, step=step, **payload)
 
+    autocast = torch.autocast(device.type, dtype=settings.amp_dtype or torch.float32,
+                              enabled=settings.amp_dtype is not None)
     ae.train()
     window: dict[str, float] = {}
     window_steps = 0
@@ -262,8 +265,9 @@ def fit_autoencoder(ae: nn.Module, ema: EMA, optimizers: Optimizers, images: tor
             x = images[idx].to(device, non_blocking=True)
             torch.manual_seed(settings.seed * 1_000_003 + step)  # the posterior sample inside ae(x)
             adv_on = disc is not None and step >= settings.adv_start
-            terms = autoencoder_loss(ae, x, kl_weight=settings.kl_weight, adv_weight=settings.adv_weight,
-                                     discriminator=disc if adv_on else None)
+            with autocast:
+                terms = autoencoder_loss(ae, x, kl_weight=settings.kl_weight, adv_weight=settings.adv_weight,
+                                         discriminator=disc if adv_on else None)
             optimizers.autoencoder.zero_grad(set_to_none=True)
             terms.total.backward()
             optimizers.autoencoder.step()
@@ -272,7 +276,8 @@ def fit_autoencoder(ae: nn.Module, ema: EMA, optimizers: Optimizers, images: tor
                       "autoencoder/kl": terms.kl.detach()}
             if adv_on:
                 optimizers.disc_optimizer.zero_grad(set_to_none=True)
-                d_loss = discriminator_loss(disc, x, terms.reconstruction)
+                with autocast:
+                    d_loss = discriminator_loss(disc, x, terms.reconstruction)
                 d_loss.backward()
                 optimizers.disc_optimizer.step()
                 logged.update({"autoencoder/adv": terms.adv.detach(), "autoencoder/disc": d_loss.detach()})
@@ -425,8 +430,8 @@ class AutoencoderResult(NamedTuple):
 
 
 def train_autoencoder(config: Mapping, prepared_dir: str | Path, ckpt_path: str | Path, cache_dir: str | Path, *,
-                      device: torch.device | str = "cpu", tracker: Tracker | None = None,
-                      run_name: str = "autoencoder") -> AutoencoderResult:
+                      device: torch.device | str = "cpu", amp_dtype: torch.dtype | None = None,
+                      tracker: Tracker | None = None, run_name: str = "autoencoder") -> AutoencoderResult:
     """The autoencoder recipe of ``train_autoencoder`` (and of ``train`` with ``latent.train_if_missing``).
 
     ``config`` is the resolved run config; its ``autoencoder`` section holds ``network`` (an
@@ -448,6 +453,7 @@ def train_autoencoder(config: Mapping, prepared_dir: str | Path, ckpt_path: str 
                          f"{info.spatial_dims}D; set it to ${{data.spatial_dims}}")
     latent_shape = check_shape(info.image_shape, spec)
     settings = AutoencoderSettings.from_section(section)
+    settings.amp_dtype = amp_dtype
 
     ae = network_from_spec(spec).to(device)
     ema = EMA(ae, settings.ema_decay)
@@ -509,7 +515,8 @@ def train_autoencoder(config: Mapping, prepared_dir: str | Path, ckpt_path: str 
 
 
 def latent_space_for_training(config: dict, prepared_dir: str | Path, device: torch.device,
-                              make_tracker: Callable[[], Tracker]) -> LatentSpace | None:
+                              make_tracker: Callable[[], Tracker], amp_dtype: torch.dtype | None = None
+                              ) -> LatentSpace | None:
     """``train``'s latent step: None in pixel space (``latent.autoencoder_ckpt`` null); otherwise the
     autoencoder's latent space (trained first when missing and ``latent.train_if_missing``), with
     the UNet's channels in ``config["model"]`` set to the latent channels."""
@@ -522,8 +529,8 @@ def latent_space_for_training(config: dict, prepared_dir: str | Path, device: to
                          "for latent diffusion")
     if not ae_path.exists() and latent.get("train_if_missing"):
         log.info("no autoencoder at %s: training it first (latent.train_if_missing=true)", ae_path)
-        train_autoencoder(config, prepared_dir, ae_path, latent["cache_dir"], device=device, tracker=make_tracker(),
-                          run_name=f"{config.get('name', 'job')}-autoencoder")
+        train_autoencoder(config, prepared_dir, ae_path, latent["cache_dir"], device=device, amp_dtype=amp_dtype,
+                          tracker=make_tracker(), run_name=f"{config.get('name', 'job')}-autoencoder")
     space = load_latent_space(ae_path, device)
     config["model"].update(in_channels=space.latent_channels, out_channels=space.latent_channels)
     return space

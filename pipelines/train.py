@@ -30,7 +30,8 @@ def run(cfg: DictConfig) -> dict:
     device = device_of(cfg)
 
     config = container(cfg)
-    space = latent_space_for_training(config, info.root, device, lambda: make_tracker(cfg))  # None: pixel space
+    space = latent_space_for_training(config, info.root, device, lambda: make_tracker(cfg),  # None: pixel space
+                                      amp_dtype_of(cfg, device))
     if space is not None:  # latent diffusion: the UNet learns scaled autoencoder latents
         latents, labels = cached_latents(space, info.root, config["latent"]["cache_dir"])
         images = latents * space.scale_factor

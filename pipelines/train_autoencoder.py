@@ -17,16 +17,17 @@ import torch
 from omegaconf import DictConfig
 
 from medaug.latent import train_autoencoder
-from pipelines.common import container, device_of, make_tracker, path, stage_main
+from pipelines.common import amp_dtype_of, container, device_of, make_tracker, path, stage_main
 
 
 def run(cfg: DictConfig) -> dict:
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     random.seed(cfg.seed)
+    device = device_of(cfg)
     result = train_autoencoder(container(cfg), path(cfg.paths.prepared_dir), path(cfg.latent.autoencoder_ckpt),
-                               path(cfg.latent.cache_dir), device=device_of(cfg), tracker=make_tracker(cfg),
-                               run_name=f"{cfg.name}-autoencoder")
+                               path(cfg.latent.cache_dir), device=device, amp_dtype=amp_dtype_of(cfg, device),
+                               tracker=make_tracker(cfg), run_name=f"{cfg.name}-autoencoder")
     return {"autoencoder/step": result.step, "autoencoder/scale_factor": result.scale_factor,
             "checkpoint": str(result.path), **result.metrics}
 

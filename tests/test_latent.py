@@ -242,3 +242,16 @@ def test_ct128_experiment_composes_for_one_gpu(tmp_path):
     assert cfg.model.channels[-1] % cfg.model.num_head_channels == 0
     assert cfg.scheduler.clip_sample is False and len(cfg.sample.decode_tile) == 3
     assert cfg.latent.autoencoder_ckpt.endswith("autoencoder/checkpoints/last.pt")
+
+
+def test_bf16_autocast_training_with_discriminator_stays_finite_in_3d():
+    x = blobs(3, n=4)
+    ae = autoencoder(3).train()
+    disc = network_from_spec({"_target_": "monai.networks.nets.PatchDiscriminator", "spatial_dims": 3,
+                              "in_channels": 1, "channels": 8, "num_layers_d": 1, "norm": "INSTANCE"})
+    opts = Optimizers(torch.optim.Adam(ae.parameters(), 1e-3), disc, torch.optim.Adam(disc.parameters(), 1e-3))
+    settings = AutoencoderSettings(max_steps=4, batch_size=4, log_every=2, adv_start=2, amp_dtype=torch.bfloat16)
+    result = fit_autoencoder(ae, EMA(ae), opts, x, settings)
+    assert result.step == 4 and "autoencoder/disc" in result.losses[-1][1]
+    assert all(np.isfinite(v) for _, m in result.losses for v in m.values())
+    assert all(p.dtype == torch.float32 for p in ae.parameters())  # autocast, weights stay fp32
