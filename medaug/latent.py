@@ -140,7 +140,8 @@ def decode_latents(ae: nn.Module, latents: torch.Tensor, *, tile: Sequence[int] 
     if tile is not None:
         tile = [int(t) for t in tile]
         if len(tile) != latents.ndim - 2 or min(tile) < 1:
-            raise ValueError(f"sample.decode_tile={tile}: give one positive latent size per axis of {list(latents.shape[2:])}")
+            raise ValueError(f"sample.decode_tile={tile}: give one positive latent size per axis of "
+                             f"{list(latents.shape[2:])}")
         inferer = SlidingWindowInferer(roi_size=tile, sw_batch_size=batch_size, overlap=overlap, mode="gaussian")
     out = []
     for i in tqdm(range(0, len(latents), batch_size), desc="decode", unit="batch", disable=len(latents) <= batch_size):
@@ -169,7 +170,8 @@ def reconstruction_metrics(ae: nn.Module, images: torch.Tensor, batch_size: int 
     metrics = {
         "autoencoder/val_l1": float((recon - images).abs().mean()),
         "autoencoder/val_psnr": float(PSNRMetric(max_val=1.0)(a, b).mean()),
-        "autoencoder/val_ssim": float(SSIMMetric(spatial_dims=images.ndim - 2, data_range=1.0, win_size=win)(a, b).mean()),
+        "autoencoder/val_ssim": float(SSIMMetric(spatial_dims=images.ndim - 2, data_range=1.0, win_size=win)(a, b)
+                                      .mean()),
     }
     return metrics, recon
 
@@ -381,7 +383,8 @@ class LatentSpace:
                     latent_channels=self.latent_channels, latent_shape=list(self.latent_shape))
 
 
-def load_latent_space(path: str | Path, device: torch.device | str = "cpu", expect_id: str | None = None) -> LatentSpace:
+def load_latent_space(path: str | Path, device: torch.device | str = "cpu",
+                      expect_id: str | None = None) -> LatentSpace:
     """The latent space of a finished autoencoder checkpoint; ``expect_id`` guards against a changed file."""
     path = Path(path)
     if not path.is_file():
@@ -466,7 +469,8 @@ def train_autoencoder(config: Mapping, prepared_dir: str | Path, ckpt_path: str 
         if ckpt.meta.get("kind") != "autoencoder":
             raise ValueError(f"{ckpt_path}: not an autoencoder checkpoint; point latent.autoencoder_ckpt elsewhere")
         if ckpt.step >= settings.max_steps and "scale_factor" in ckpt.meta:
-            log.info("autoencoder %s is trained (step %d); raise autoencoder.max_steps to continue", ckpt_path, ckpt.step)
+            log.info("autoencoder %s is trained (step %d); raise autoencoder.max_steps to continue",
+                     ckpt_path, ckpt.step)
             return AutoencoderResult(ckpt_path, ckpt.id, ckpt.step, ckpt.meta["scale_factor"], ckpt.meta.get("val", {}))
         ae.load_state_dict(ckpt.model)
         ema.load_state_dict(ckpt.ema)

@@ -59,7 +59,10 @@ def run(cfg: DictConfig) -> dict:
     info = dict(checkpoint_id=ckpt.id, checkpoint_step=ckpt.step, mlflow_run_id=ckpt.meta.get("mlflow_run_id"),
                 class_names=class_names, spatial_dims=ckpt.meta["spatial_dims"],
                 image_shape=ckpt.meta["image_shape"], window=ckpt.meta["window"], affine=ckpt.meta["affine"],
-                dataset=ckpt.meta.get("dataset"), model=ckpt.config["model"]["_target_"], sample=container(s))
+                dataset=ckpt.meta.get("dataset"), model=ckpt.config["model"]["_target_"], sample=container(s),
+                latent=None if space is None else {k: v for k, v in space.meta().items() if k != "autoencoder_path"})
+    if space is not None:  # the data card names the model: say it is a latent diffusion model
+        info["model"] += f" on the latents of AutoencoderKL {space.id} (scale factor {space.scale_factor:.4g})"
     out = save_samples(path(cfg.paths.samples_dir), images, rows, info, class_names)
 
     tracker = make_tracker(cfg)

@@ -214,10 +214,11 @@ def test_ldm_job_end_to_end_keeps_image_geometry(tmp_path, monkeypatch):
     sample.run(compose_cfg("sample", tmp_path, [*LDM, "sample.decode_tile=[4,4,4]"]))
     images, labels, _, info = load_samples(tmp_path / "samples")
     assert images.shape == (6, 1, 12, 12, 12) and info["image_shape"] == [12, 12, 12]
+    assert info["latent"]["autoencoder_id"] == ae.id and ae.id in info["model"]
     export.run(compose_cfg("export", tmp_path, LDM))
     dataset = json.loads((tmp_path / "prepared" / "dataset.json").read_text())
     files = sorted((tmp_path / "export" / "images").glob("*.nii.gz"))
-    assert len(files) == 6
+    assert len(files) == 6 and ae.id in (tmp_path / "export" / "DATA_CARD.md").read_text()
     img = nib.load(files[0])
     assert img.shape == (12, 12, 12)
     np.testing.assert_allclose(img.affine, np.asarray(dataset["affine"]), atol=1e-5)
