@@ -90,8 +90,10 @@ def sample_images(
     eta: float = 0.0,
     amp_dtype: torch.dtype | None = None,
     progress: bool = True,
+    clip: bool = True,
 ) -> torch.Tensor:
-    """Generate ``len(labels)`` images ``(N, C, *image_shape)`` in [-1, 1], on the CPU.
+    """Generate ``len(labels)`` images ``(N, C, *image_shape)`` in [-1, 1], on the CPU
+    (``clip=False`` for latents, which are not bounded).
 
     The same ``seed``, labels and batch size give identical samples.
     """
@@ -117,7 +119,7 @@ def sample_images(
                 eps = guided_eps(model, x, t, y, guidance_scale, null_class)
             x, _ = scheduler.step(eps.float(), int(t), x, **step_kwargs)
             bar.update(len(y))
-        out.append(x.clamp(-1, 1).float().cpu())
+        out.append((x.clamp(-1, 1) if clip else x).float().cpu())
     bar.close()
     return torch.cat(out) if out else torch.empty(0, channels, *image_shape)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-STAGES = ("prepare", "train", "sample", "evaluate", "export", "augment")
+STAGES = ("prepare", "train_autoencoder", "train", "sample", "evaluate", "export", "augment")
 
 
 def main() -> None:

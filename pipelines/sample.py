@@ -12,6 +12,7 @@ from collections.abc import Mapping
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from medaug.latent import latent_space_of
 from medaug.model import ema_network, load_checkpoint, network_from_spec
 from medaug.sampling import inference_scheduler, labels_for_counts, sample_images, save_samples
 from pipelines.common import (amp_dtype_of, container, default_ckpt, device_of, distributed, log, make_tracker, path,
@@ -47,17 +48,25 @@ def run(cfg: DictConfig) -> dict:
     counts = class_counts(OmegaConf.to_container(num) if OmegaConf.is_config(num) else num, class_names)
     labels = labels_for_counts(counts)
     scheduler = inference_scheduler(ckpt.config["scheduler"], s.sampler, s.steps)
+    kwargs = dict(guidance_scale=s.guidance_scale, null_class=len(class_names), batch_size=s.batch_size, eta=s.eta,
+                  amp_dtype=amp_dtype_of(cfg, device))
+    space = latent_space_of(ckpt.meta, device)  # None: pixel space
     rank, _, world = distributed()
+
+    def generate(chunk: torch.Tensor, seed: int) -> torch.Tensor:
+        if space is None:
+            return sample_images(net, scheduler, chunk, ckpt.meta["image_shape"], seed=seed, progress=rank == 0,
+                                 **kwargs)
+        # latent diffusion: denoise latents, decode to image space (in tiles with sample.decode_tile)
+        return space.sample(net, scheduler, chunk, tile=s.get("decode_tile"), overlap=s.get("decode_overlap", 0.25),
+                            seed=seed, **kwargs)
+
     if world > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     # batch b (samples b*batch_size ...) is made by rank b % world with the seeds a single
     # process would use, so any number of ranks writes the same images
     starts = list(range(0, len(labels), s.batch_size))[rank::world]
-    mine = {start: sample_images(net, scheduler, labels[start : start + s.batch_size], ckpt.meta["image_shape"],
-                                 guidance_scale=s.guidance_scale, null_class=len(class_names), seed=s.seed + start,
-                                 batch_size=s.batch_size, eta=s.eta, amp_dtype=amp_dtype_of(cfg, device),
-                                 progress=rank == 0)
-            for start in starts}
+    mine = {start: generate(labels[start : start + s.batch_size], s.seed + start) for start in starts}
     if world > 1:
         gathered = [None] * world
         torch.distributed.all_gather_object(gathered, mine)
@@ -72,7 +81,10 @@ def run(cfg: DictConfig) -> dict:
     info = dict(checkpoint_id=ckpt.id, checkpoint_step=ckpt.step, mlflow_run_id=ckpt.meta.get("mlflow_run_id"),
                 class_names=class_names, spatial_dims=ckpt.meta["spatial_dims"],
                 image_shape=ckpt.meta["image_shape"], window=ckpt.meta["window"], affine=ckpt.meta["affine"],
-                dataset=ckpt.meta.get("dataset"), model=ckpt.config["model"]["_target_"], sample=container(s))
+                dataset=ckpt.meta.get("dataset"), model=ckpt.config["model"]["_target_"], sample=container(s),
+                latent=None if space is None else {k: v for k, v in space.meta().items() if k != "autoencoder_path"})
+    if space is not None:  # the data card names the model: say it is a latent diffusion model
+        info["model"] += f" on the latents of AutoencoderKL {space.id} (scale factor {space.scale_factor:.4g})"
     out = save_samples(path(cfg.paths.samples_dir), images, rows, info, class_names)
 
     tracker = make_tracker(cfg)

@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 from torch.nn.parallel import DistributedDataParallel
 
 from medaug.dataset import load_info, load_split
+from medaug.latent import cached_latents, latent_space_for_training
 from medaug.model import EMA, load_checkpoint, network_from_spec, set_rng_state
 from medaug.tracking import NullTracker, flatten
 from medaug.training import TrainSettings, fit, prepare_for_speed
@@ -42,14 +43,18 @@ def _train(cfg: DictConfig, rank: int, world: int) -> dict:
     device = device_of(cfg)
     t = cfg.training
     cuda = device.type == "cuda"
+    config = container(cfg)
+    space = latent_space_for_training(config, info.root, device, lambda: make_tracker(cfg),  # None: pixel space
+                                      amp_dtype_of(cfg, device))
+    if space is not None:  # latent diffusion: the UNet learns scaled autoencoder latents
+        latents, labels = cached_latents(space, info.root, config["latent"]["cache_dir"])
+        images = latents * space.scale_factor
     if cuda:
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
         if switch(t.data_on_device, True) and images.nbytes < 2 * 2**30:
             images, labels = images.to(device), labels.to(device)
-
-    config = container(cfg)
     config["model"].update(num_class_embeds=info.num_classes + 1, spatial_dims=info.spatial_dims)
     net = network_from_spec(config["model"]).to(device)
     ema = EMA(net, t.ema_decay)
@@ -87,6 +92,8 @@ def _train(cfg: DictConfig, rank: int, world: int) -> dict:
     meta = dict(class_names=info.class_names, spatial_dims=info.spatial_dims, image_shape=info.image_shape,
                 window=info.window.as_dict(), affine=info.affine.tolist(), dataset=info.fingerprint,
                 mlflow_run_id=tracker.run_id)
+    if space is not None:
+        meta["latent"] = space.meta()
     settings = TrainSettings(max_steps=t.max_steps, batch_size=t.batch_size, p_uncond=t.p_uncond,
                              grad_clip=t.grad_clip, seed=t.seed, ckpt_every=t.ckpt_every, log_every=t.log_every,
                              ema_every=t.ema_every, amp_dtype=amp_dtype_of(cfg, device), channels_last=channels_last,

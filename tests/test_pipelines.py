@@ -19,6 +19,7 @@ from .conftest import CONF_DIR, TINY, WINDOW, compose_cfg, for_stage
 
 STAGES = {"prepare": prepare, "train": train, "sample": sample, "evaluate": evaluate, "export": export}
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
+COMPOSE_ONLY = {"ldm_3d_ct128"}  # sized for one 80 GB GPU; composed in tests/test_latent.py, not smoke-run
 REPO = CONF_DIR.parent
 
 
@@ -26,7 +27,7 @@ def run_all(out: Path, overrides):
     return {name: mod.run(compose_cfg(name, out, overrides)) for name, mod in STAGES.items()}
 
 
-@pytest.mark.parametrize("experiment", EXPERIMENTS)
+@pytest.mark.parametrize("experiment", [e for e in EXPERIMENTS if e not in COMPOSE_ONLY])
 def test_every_experiment_composes_and_smoke_runs(tmp_path, experiment):
     cfg = compose_cfg("train", tmp_path, [f"experiment={experiment}"])
     assert cfg.name == experiment and cfg.model.spatial_dims == cfg.data.spatial_dims

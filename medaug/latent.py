@@ -1,0 +1,531 @@
+"""Latent diffusion: an AutoencoderKL, its latent scale factor, cached latents, tiled decoding.
+
+Pixel-space 3D diffusion stops near 64³ on one card; a latent diffusion model (LDM) trains the
+same class-conditional ``DiffusionModelUNet`` on the latents of an autoencoder instead:
+
+1. ``train_autoencoder``: a MONAI ``AutoencoderKL`` learns ``x ≈ D(E(x))`` with an L1
+   reconstruction loss, a weighted KL term and (after ``adv_start`` steps) an optional patch
+   adversarial loss (MONAI ``PatchDiscriminator``, least squares). Its EMA weights are the ones
+   used. At the end the **scale factor** ``1 / std`` of the posterior means over the training
+   split is stored in the checkpoint, and those means are **cached** to disk, keyed by the
+   autoencoder id and the dataset fingerprint (the mean, not a sample: no noise is baked in).
+2. ``train`` with ``latent.autoencoder_ckpt`` set trains the UNet on ``scale_factor * mean``
+   (unit variance, like the noise) read from the cache; the checkpoint's meta records the
+   autoencoder (path, id, scale factor, latent shape) so ``sample`` needs nothing else.
+3. ``sample`` runs the usual seeded, guided loop in latent space and decodes
+   ``D(z / scale_factor)``, whole or in overlapping latent tiles (MONAI sliding window).
+
+Images are ``(N, 1, *spatial)`` in [-1, 1]; latents ``(N, C_lat, *spatial / f)`` where
+``f = 2 ** (len(channels) - 1)`` is the compression per axis.
+
+Example::
+
+    result = train_autoencoder(config, "prepared", "ae/last.pt", "latents", device="cpu")
+    space = load_latent_space("ae/last.pt")
+    z = space.encode(images)                      # (N, C_lat, *spatial / f), std ≈ 1
+    x = space.decode(z, tile=[8, 8, 8])           # (N, 1, *spatial) in [-1, 1]
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping, NamedTuple, Sequence
+
+import torch
+import torch.nn.functional as F
+from monai.inferers import SlidingWindowInferer
+from monai.losses import PatchAdversarialLoss
+from monai.metrics import PSNRMetric, SSIMMetric
+from torch import nn
+from tqdm.auto import tqdm
+
+from .dataset import load_info, load_split
+from .model import EMA, ema_network, file_id, load_checkpoint, network_from_spec, save_checkpoint, set_rng_state
+from .sampling import sample_images, save_grid
+from .tracking import NullTracker, Tracker, flatten
+from .training import step_generator
+
+log = logging.getLogger("medaug")
+
+# --------------------------------------------------------------------------- losses
+
+
+def kl_loss(z_mu: torch.Tensor, z_sigma: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu, sigma²) ‖ N(0, 1)) summed over the latent ``(N, C, *spatial)``: per sample ``[N]``."""
+    var = z_sigma.float().pow(2)
+    kl = 0.5 * (z_mu.float().pow(2) + var - torch.log(var.clamp_min(1e-12)) - 1)
+    return kl.flatten(1).sum(1)
+
+
+class AutoencoderLosses(NamedTuple):
+    """One training step's terms (scalars); ``adv`` and ``disc`` are 0 before the warm-up ends."""
+
+    total: torch.Tensor
+    recon: torch.Tensor
+    kl: torch.Tensor
+    adv: torch.Tensor
+    reconstruction: torch.Tensor  # (N, 1, *spatial), the decoded posterior sample
+
+
+def autoencoder_loss(ae: nn.Module, x: torch.Tensor, *, kl_weight: float, adv_weight: float = 0.0,
+                     discriminator: nn.Module | None = None) -> AutoencoderLosses:
+    """``L1(D(z), x) + kl_weight · KL + adv_weight · LSGAN(disc(D(z)) → real)`` for images ``x`` in [-1, 1];
+    ``z`` is a posterior sample. The adversarial term is left out when ``discriminator`` is None."""
+    reconstruction, z_mu, z_sigma = ae(x)
+    recon = F.l1_loss(reconstruction.float(), x.float())
+    kl = kl_loss(z_mu, z_sigma).mean()
+    adv = torch.zeros((), device=x.device)
+    if discriminator is not None:
+        logits = discriminator(reconstruction.contiguous().float())[-1]
+        adv = PatchAdversarialLoss(criterion="least_squares")(logits, target_is_real=True, for_discriminator=False)
+    return AutoencoderLosses(recon + kl_weight * kl + adv_weight * adv, recon, kl, adv, reconstruction)
+
+
+def discriminator_loss(discriminator: nn.Module, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+    """Least-squares patch GAN loss of the discriminator: real patches → 1, reconstructions → 0."""
+    criterion = PatchAdversarialLoss(criterion="least_squares")
+    fake_term = criterion(discriminator(fake.detach().contiguous().float())[-1], target_is_real=False,
+                          for_discriminator=True)
+    real_term = criterion(discriminator(real.contiguous().float())[-1], target_is_real=True, for_discriminator=True)
+    return 0.5 * (fake_term + real_term)
+
+
+# --------------------------------------------------------------------------- encode / decode
+
+
+def compression(spec: Mapping) -> int:
+    """Downsampling factor per axis of an AutoencoderKL spec: ``2 ** (len(channels) - 1)``."""
+    return 2 ** (len(spec["channels"]) - 1)
+
+
+def check_shape(image_shape: Sequence[int], spec: Mapping) -> list[int]:
+    """The latent shape of ``image_shape``; every axis must divide by the compression."""
+    f = compression(spec)
+    if any(s % f for s in image_shape):
+        raise ValueError(f"image shape {list(image_shape)} does not divide by the autoencoder's compression {f} "
+                         f"(channels {list(spec['channels'])}); set data.image_size to multiples of {f}")
+    return [s // f for s in image_shape]
+
+
+@torch.no_grad()
+def encode_mean(ae: nn.Module, images: torch.Tensor, batch_size: int = 8, progress: bool = False) -> torch.Tensor:
+    """Posterior means ``(N, C_lat, *spatial / f)`` (float32, CPU) of images ``(N, 1, *spatial)`` in [-1, 1]."""
+    device = next(ae.parameters()).device
+    out = [ae.encode(images[i : i + batch_size].to(device))[0].float().cpu()
+           for i in tqdm(range(0, len(images), batch_size), desc="encode", unit="batch", disable=not progress)]
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def decode_latents(ae: nn.Module, latents: torch.Tensor, *, tile: Sequence[int] | None = None,
+                   overlap: float = 0.25, batch_size: int = 8) -> torch.Tensor:
+    """Images ``(N, 1, *latent * f)`` (CPU, clamped to [-1, 1]) of unscaled latents ``(N, C_lat, *latent)``.
+
+    ``tile`` (latent voxels per axis) decodes overlapping latent tiles one at a time and blends them
+    with Gaussian weights (MONAI ``SlidingWindowInferer``), so a volume larger than memory allows
+    still decodes; ``None`` decodes whole volumes.
+    """
+    device = next(ae.parameters()).device
+    inferer = None
+    if tile is not None:
+        tile = [int(t) for t in tile]
+        if len(tile) != latents.ndim - 2 or min(tile) < 1:
+            raise ValueError(f"sample.decode_tile={tile}: give one positive latent size per axis of "
+                             f"{list(latents.shape[2:])}")
+        inferer = SlidingWindowInferer(roi_size=tile, sw_batch_size=batch_size, overlap=overlap, mode="gaussian")
+    out = []
+    for i in tqdm(range(0, len(latents), batch_size), desc="decode", unit="batch", disable=len(latents) <= batch_size):
+        z = latents[i : i + batch_size].to(device)
+        x = inferer(z, ae.decode) if inferer is not None else ae.decode(z)
+        out.append(x.float().clamp(-1, 1).cpu())
+    return torch.cat(out)
+
+
+def scale_factor_of(latents: torch.Tensor) -> float:
+    """``1 / std`` of all latent values: scaled latents have unit variance, like the diffusion noise."""
+    std = float(latents.float().std())
+    if not math.isfinite(std) or std < 1e-8:
+        raise ValueError(f"latents have std {std}: the autoencoder collapsed; train it longer or lower the KL weight")
+    return 1.0 / std
+
+
+@torch.no_grad()
+def reconstruction_metrics(ae: nn.Module, images: torch.Tensor, batch_size: int = 8) -> tuple[dict, torch.Tensor]:
+    """``({"autoencoder/val_l1", "autoencoder/val_psnr" (dB), "autoencoder/val_ssim"}, reconstructions)``
+    of images ``(N, 1, *spatial)`` in [-1, 1], decoded from posterior means; PSNR/SSIM on [0, 1]."""
+    recon = decode_latents(ae, encode_mean(ae, images, batch_size), batch_size=batch_size)
+    a, b = (recon + 1) / 2, (images + 1) / 2
+    win = min(11, min(images.shape[2:]))
+    win -= 1 - win % 2  # odd
+    metrics = {
+        "autoencoder/val_l1": float((recon - images).abs().mean()),
+        "autoencoder/val_psnr": float(PSNRMetric(max_val=1.0)(a, b).mean()),
+        "autoencoder/val_ssim": float(SSIMMetric(spatial_dims=images.ndim - 2, data_range=1.0, win_size=win)(a, b)
+                                      .mean()),
+    }
+    return metrics, recon
+
+
+# --------------------------------------------------------------------------- training
+
+
+@dataclass
+class AutoencoderSettings:
+    """The ``autoencoder`` config section's training numbers (see conf/autoencoder/kl_tiny.yaml)."""
+
+    max_steps: int = 1000
+    batch_size: int = 8
+    kl_weight: float = 1e-6
+    adv_weight: float = 0.01
+    adv_start: int = 0
+    ema_decay: float = 0.999
+    ckpt_every: int = 500
+    log_every: int = 25
+    val_every: int = 500
+    seed: int = 0
+    amp_dtype: torch.dtype | None = None  # autocast dtype of the networks (bf16 on a GPU); None: fp32
+
+    @classmethod
+    def from_section(cls, section: Mapping) -> "AutoencoderSettings":
+        return cls(**{k: section[k] for k in cls.__dataclass_fields__ if k in section})
+
+
+class Optimizers:
+    """The autoencoder's optimizer, and the discriminator with its optimizer when adversarial
+    training is on, saved together as a checkpoint's ``optimizer`` entry."""
+
+    def __init__(self, autoencoder: torch.optim.Optimizer, discriminator: nn.Module | None = None,
+                 disc_optimizer: torch.optim.Optimizer | None = None):
+        self.autoencoder, self.discriminator, self.disc_optimizer = autoencoder, discriminator, disc_optimizer
+
+    def state_dict(self) -> dict:
+        disc = self.discriminator is not None
+        return {"autoencoder": self.autoencoder.state_dict(),
+                "discriminator": self.discriminator.state_dict() if disc else None,
+                "disc_optimizer": self.disc_optimizer.state_dict() if disc else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.autoencoder.load_state_dict(state["autoencoder"])
+        if self.discriminator is not None and state.get("discriminator") is not None:
+            self.discriminator.load_state_dict(state["discriminator"])
+            self.disc_optimizer.load_state_dict(state["disc_optimizer"])
+
+
+@dataclass
+class AutoencoderFitResult:
+    step: int
+    losses: list[tuple[int, dict]] = field(default_factory=list)  # (step, mean of each term over the log window)
+    val: list[tuple[int, dict]] = field(default_factory=list)     # (step, reconstruction metrics)
+
+
+def fit_autoencoder(ae: nn.Module, ema: EMA, optimizers: Optimizers, images: torch.Tensor,
+                    settings: AutoencoderSettings, *, val_images: torch.Tensor | None = None, start_step: int = 0,
+                    ckpt_path: Path | None = None, checkpoint_payload: Callable[[], dict] | None = None,
+                    tracker: Tracker | None = None) -> AutoencoderFitResult:
+    """Train from ``start_step`` to ``settings.max_steps`` on ``images`` (N, 1, *spatial) in [-1, 1].
+
+    The batch and the posterior noise of step ``s`` depend only on ``(seed, s)``, so a resumed run
+    continues an uninterrupted one. The adversarial loss (``optimizers.discriminator``) switches on
+    at ``adv_start``. Checkpoints every ``ckpt_every`` steps, at the end and on Ctrl-C; the EMA
+    network is validated every ``val_every`` steps on ``val_images``.
+    """
+    tracker = tracker or NullTracker()
+    device = next(ae.parameters()).device
+    n = images.shape[0]
+    if n == 0:
+        raise ValueError("no training images: the train split is empty")
+    batch_size = min(settings.batch_size, n)
+    disc = optimizers.discriminator
+    result = AutoencoderFitResult(step=start_step)
+
+    def checkpoint(step: int) -> None:
+        if ckpt_path is not None:
+            payload = checkpoint_payload() if checkpoint_payload else {"config": {}, "meta": {}}
+            save_checkpoint(ckpt_path, model=ae, ema=ema, optimizer=optimizers, step=step, **payload)
+
+    autocast = torch.autocast(device.type, dtype=settings.amp_dtype or torch.float32,
+                              enabled=settings.amp_dtype is not None)
+    ae.train()
+    window: dict[str, float] = {}
+    window_steps = 0
+    bar = tqdm(range(start_step, settings.max_steps), desc="autoencoder", unit="step", initial=start_step,
+               total=settings.max_steps)
+    try:
+        for step in bar:
+            gen = step_generator(settings.seed, step)
+            idx = torch.randperm(n, generator=gen)[:batch_size]
+            x = images[idx].to(device, non_blocking=True)
+            torch.manual_seed(settings.seed * 1_000_003 + step)  # the posterior sample inside ae(x)
+            adv_on = disc is not None and step >= settings.adv_start
+            with autocast:
+                terms = autoencoder_loss(ae, x, kl_weight=settings.kl_weight, adv_weight=settings.adv_weight,
+                                         discriminator=disc if adv_on else None)
+            optimizers.autoencoder.zero_grad(set_to_none=True)
+            terms.total.backward()
+            optimizers.autoencoder.step()
+            ema.update(ae)
+            logged = {"autoencoder/loss": terms.total.detach(), "autoencoder/recon_l1": terms.recon.detach(),
+                      "autoencoder/kl": terms.kl.detach()}
+            if adv_on:
+                optimizers.disc_optimizer.zero_grad(set_to_none=True)
+                with autocast:
+                    d_loss = discriminator_loss(disc, x, terms.reconstruction)
+                d_loss.backward()
+                optimizers.disc_optimizer.step()
+                logged.update({"autoencoder/adv": terms.adv.detach(), "autoencoder/disc": d_loss.detach()})
+            for key, value in logged.items():
+                window[key] = window.get(key, 0.0) + float(value)
+            window_steps += 1
+            done = step + 1
+            if done % settings.log_every == 0 or done == settings.max_steps:
+                means = {k: v / window_steps for k, v in window.items()}
+                if not math.isfinite(means["autoencoder/loss"]):
+                    raise FloatingPointError(f"autoencoder loss became {means['autoencoder/loss']} at step {done}; "
+                                             "lower autoencoder.optimizer.lr")
+                result.losses.append((done, means))
+                tracker.log_metrics(means, step=done)
+                bar.set_postfix(l1=f"{means['autoencoder/recon_l1']:.4f}")
+                window, window_steps = {}, 0
+            if val_images is not None and len(val_images) and settings.val_every and done % settings.val_every == 0 \
+                    and done < settings.max_steps:
+                metrics, _ = reconstruction_metrics(ema.model, val_images, batch_size)
+                result.val.append((done, metrics))
+                tracker.log_metrics(metrics, step=done)
+            if settings.ckpt_every and done % settings.ckpt_every == 0 and done < settings.max_steps:
+                checkpoint(done)
+            result.step = done
+    except KeyboardInterrupt:
+        checkpoint(result.step)
+        bar.close()
+        raise
+    bar.close()
+    checkpoint(result.step)
+    return result
+
+
+# --------------------------------------------------------------------------- latent cache
+
+
+def cache_file(cache_dir: str | Path, autoencoder_id: str, dataset: str, split: str) -> Path:
+    """Where the latents of ``split`` live: one folder per (autoencoder id, dataset fingerprint)."""
+    return Path(cache_dir) / f"{autoencoder_id}-{dataset}" / f"{split}.pt"
+
+
+def write_latent_cache(path: str | Path, latents: torch.Tensor, labels: torch.Tensor) -> Path:
+    """Save unscaled posterior means ``(N, C_lat, *latent)`` and labels ``(N,)`` atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save({"latents": latents.float(), "labels": labels.long()}, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+# --------------------------------------------------------------------------- the latent space of a checkpoint
+
+
+@dataclass
+class LatentSpace:
+    """A trained autoencoder (EMA weights, eval mode) with its scale factor: image ⇄ model-space latents."""
+
+    autoencoder: nn.Module
+    scale_factor: float
+    latent_channels: int
+    latent_shape: list[int]
+    path: Path
+    id: str
+    dataset: str = ""
+
+    def encode(self, images: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
+        """Scaled posterior means ``(N, C_lat, *latent)`` (unit variance) of images in [-1, 1]."""
+        return encode_mean(self.autoencoder, images, batch_size) * self.scale_factor
+
+    def decode(self, latents: torch.Tensor, *, tile: Sequence[int] | None = None, overlap: float = 0.25,
+               batch_size: int = 8) -> torch.Tensor:
+        """Images ``(N, 1, *spatial)`` in [-1, 1] of scaled latents (see :func:`decode_latents` for ``tile``)."""
+        return decode_latents(self.autoencoder, latents / self.scale_factor, tile=tile, overlap=overlap,
+                              batch_size=batch_size)
+
+    def sample(self, model: nn.Module, scheduler, labels: torch.Tensor, *, tile: Sequence[int] | None = None,
+               overlap: float = 0.25, **kwargs) -> torch.Tensor:
+        """``sampling.sample_images`` in latent space (same seeding and guidance; ``kwargs`` as there,
+        without shape and channels), then decoded: images ``(N, 1, *spatial)`` in [-1, 1] on the CPU."""
+        z = sample_images(model, scheduler, labels, self.latent_shape, channels=self.latent_channels, clip=False,
+                          **kwargs)
+        return self.decode(z, tile=tile, overlap=overlap, batch_size=kwargs.get("batch_size", 8))
+
+    def meta(self) -> dict:
+        """What a diffusion checkpoint records about its latent space (``meta["latent"]``)."""
+        return dict(autoencoder_path=str(self.path), autoencoder_id=self.id, scale_factor=self.scale_factor,
+                    latent_channels=self.latent_channels, latent_shape=list(self.latent_shape))
+
+
+def load_latent_space(path: str | Path, device: torch.device | str = "cpu",
+                      expect_id: str | None = None) -> LatentSpace:
+    """The latent space of a finished autoencoder checkpoint; ``expect_id`` guards against a changed file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: autoencoder checkpoint not found; run `medaug train_autoencoder` "
+                                "or set latent.train_if_missing=true")
+    ckpt = load_checkpoint(path)
+    if ckpt.meta.get("kind") != "autoencoder":
+        raise ValueError(f"{path}: not an autoencoder checkpoint (written by `medaug train_autoencoder`)")
+    if "scale_factor" not in ckpt.meta:
+        raise ValueError(f"{path}: unfinished autoencoder (step {ckpt.step}, no scale factor yet); "
+                         "run `medaug train_autoencoder` again to finish it")
+    if expect_id and ckpt.id != expect_id:
+        raise ValueError(f"{path}: autoencoder {ckpt.id} is not the one the diffusion model was trained with "
+                         f"({expect_id}); restore that file or retrain the diffusion model")
+    net = ema_network(ckpt).to(device)
+    return LatentSpace(net, float(ckpt.meta["scale_factor"]), int(ckpt.meta["latent_channels"]),
+                       list(ckpt.meta["latent_shape"]), path.resolve(), ckpt.id, ckpt.meta.get("dataset", ""))
+
+
+def cached_latents(space: LatentSpace, prepared_dir: str | Path, cache_dir: str | Path,
+                   split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
+    """Unscaled posterior means ``(N, C_lat, *latent)`` and labels ``(N,)`` of a prepared split,
+    encoded once and then read from ``cache_dir`` (keyed by autoencoder id + dataset fingerprint)."""
+    info = load_info(prepared_dir)
+    path = cache_file(cache_dir, space.id, info.fingerprint, split)
+    if path.is_file():
+        data = torch.load(path, map_location="cpu")
+        log.info("latents of %s read from cache %s", split, path)
+        return data["latents"], data["labels"]
+    images, labels = load_split(info.root, split)
+    latents = encode_mean(space.autoencoder, images, progress=True)
+    write_latent_cache(path, latents, labels)
+    log.info("encoded %d %s images to latents %s, cached in %s", len(images), split, list(latents.shape[1:]), path)
+    return latents, labels
+
+
+# --------------------------------------------------------------------------- recipes the stages call
+
+
+class AutoencoderResult(NamedTuple):
+    path: Path
+    id: str
+    step: int
+    scale_factor: float | None
+    metrics: dict
+
+
+def train_autoencoder(config: Mapping, prepared_dir: str | Path, ckpt_path: str | Path, cache_dir: str | Path, *,
+                      device: torch.device | str = "cpu", amp_dtype: torch.dtype | None = None,
+                      tracker: Tracker | None = None, run_name: str = "autoencoder") -> AutoencoderResult:
+    """The autoencoder recipe of ``train_autoencoder`` (and of ``train`` with ``latent.train_if_missing``).
+
+    ``config`` is the resolved run config; its ``autoencoder`` section holds ``network`` (an
+    AutoencoderKL spec), ``discriminator`` (a PatchDiscriminator spec or None), the optimizers and
+    the numbers of :class:`AutoencoderSettings`. Resumes ``ckpt_path`` when it exists; a finished
+    run is left as it is. At the end: validation metrics, a reconstruction grid, the scale factor
+    (stored in the checkpoint) and the cached training latents.
+    """
+    section = config.get("autoencoder")
+    if not section:
+        raise ValueError("no autoencoder chosen; pass autoencoder=kl_small (conf/autoencoder/) or an experiment "
+                         "that sets one, e.g. experiment=ldm_3d_demo")
+    tracker = tracker or NullTracker()
+    ckpt_path, device = Path(ckpt_path), torch.device(device)
+    info = load_info(prepared_dir)
+    spec = dict(section["network"])
+    if spec.get("spatial_dims") != info.spatial_dims:
+        raise ValueError(f"autoencoder.network.spatial_dims={spec.get('spatial_dims')} but {info.root} is "
+                         f"{info.spatial_dims}D; set it to ${{data.spatial_dims}}")
+    latent_shape = check_shape(info.image_shape, spec)
+    settings = AutoencoderSettings.from_section(section)
+    settings.amp_dtype = amp_dtype
+
+    ae = network_from_spec(spec).to(device)
+    ema = EMA(ae, settings.ema_decay)
+    disc = network_from_spec(section["discriminator"]).to(device) if section.get("discriminator") else None
+    optimizers = Optimizers(network_from_spec(section["optimizer"], params=ae.parameters()), disc,
+                            network_from_spec(section["disc_optimizer"], params=disc.parameters()) if disc else None)
+    start_step, run_id, meta = 0, None, {}
+    if ckpt_path.exists():
+        ckpt = load_checkpoint(ckpt_path)
+        if ckpt.meta.get("kind") != "autoencoder":
+            raise ValueError(f"{ckpt_path}: not an autoencoder checkpoint; point latent.autoencoder_ckpt elsewhere")
+        if ckpt.step >= settings.max_steps and "scale_factor" in ckpt.meta:
+            log.info("autoencoder %s is trained (step %d); raise autoencoder.max_steps to continue",
+                     ckpt_path, ckpt.step)
+            return AutoencoderResult(ckpt_path, ckpt.id, ckpt.step, ckpt.meta["scale_factor"], ckpt.meta.get("val", {}))
+        ae.load_state_dict(ckpt.model)
+        ema.load_state_dict(ckpt.ema)
+        if ckpt.optimizer:
+            optimizers.load_state_dict(ckpt.optimizer)
+        if ckpt.rng:
+            set_rng_state(ckpt.rng)
+        start_step, run_id = ckpt.step, ckpt.meta.get("mlflow_run_id")
+        log.info("resuming the autoencoder from %s at step %d", ckpt_path, start_step)
+
+    train_x, train_y = load_split(info.root, "train")
+    val_x, _ = load_split(info.root, "val")
+    tracker.start(run_name=run_name, run_id=run_id, tags={"medaug.job": run_name})
+    if start_step == 0:
+        tracker.log_params(flatten({"autoencoder": section}))
+    meta.update(kind="autoencoder", spatial_dims=info.spatial_dims, image_shape=list(info.image_shape),
+                latent_channels=int(spec["latent_channels"]), latent_shape=latent_shape, dataset=info.fingerprint,
+                mlflow_run_id=tracker.run_id)
+    payload = lambda: {"config": {"model": spec, "autoencoder": dict(section)}, "meta": meta}  # noqa: E731
+    try:
+        result = fit_autoencoder(ae, ema, optimizers, train_x, settings, val_images=val_x, start_step=start_step,
+                                 ckpt_path=ckpt_path, checkpoint_payload=payload, tracker=tracker)
+    except BaseException:
+        tracker.end("KILLED")
+        raise
+
+    net = ema.model.eval()
+    metrics = {}
+    if len(val_x):
+        metrics, recon = reconstruction_metrics(net, val_x, settings.batch_size)
+        k = min(4, len(val_x))
+        grid = save_grid(torch.cat([val_x[:k], recon[:k]]), torch.tensor([0] * k + [1] * k),
+                         ["real", "reconstruction"], ckpt_path.parent / "reconstructions.png", per_class=k)
+        tracker.log_metrics(metrics, step=result.step)
+        tracker.log_artifact(grid, "autoencoder")
+    latents = encode_mean(net, train_x, settings.batch_size, progress=True)
+    meta.update(scale_factor=scale_factor_of(latents), val=metrics)
+    save_checkpoint(ckpt_path, model=ae, ema=ema, optimizer=optimizers, step=result.step, **payload())
+    ae_id = file_id(ckpt_path)
+    write_latent_cache(cache_file(cache_dir, ae_id, info.fingerprint, "train"), latents, train_y)
+    tracker.log_metrics({"autoencoder/scale_factor": meta["scale_factor"]}, step=result.step)
+    tracker.end()
+    log.info("autoencoder trained to step %d (%s), scale factor %.4f; checkpoint %s", result.step,
+             ", ".join(f"{k.split('/')[-1]} {v:.4f}" for k, v in metrics.items()), meta["scale_factor"], ckpt_path)
+    return AutoencoderResult(ckpt_path, ae_id, result.step, meta["scale_factor"], metrics)
+
+
+def latent_space_for_training(config: dict, prepared_dir: str | Path, device: torch.device,
+                              make_tracker: Callable[[], Tracker], amp_dtype: torch.dtype | None = None
+                              ) -> LatentSpace | None:
+    """``train``'s latent step: None in pixel space (``latent.autoencoder_ckpt`` null); otherwise the
+    autoencoder's latent space (trained first when missing and ``latent.train_if_missing``), with
+    the UNet's channels in ``config["model"]`` set to the latent channels."""
+    latent = config.get("latent") or {}
+    if not latent.get("autoencoder_ckpt"):
+        return None
+    ae_path = Path(latent["autoencoder_ckpt"])
+    if config["scheduler"].get("clip_sample", True):
+        raise ValueError("scheduler.clip_sample=true clips latents to [-1, 1]; set scheduler.clip_sample=false "
+                         "for latent diffusion")
+    if not ae_path.exists() and latent.get("train_if_missing"):
+        log.info("no autoencoder at %s: training it first (latent.train_if_missing=true)", ae_path)
+        train_autoencoder(config, prepared_dir, ae_path, latent["cache_dir"], device=device, amp_dtype=amp_dtype,
+                          tracker=make_tracker(), run_name=f"{config.get('name', 'job')}-autoencoder")
+    space = load_latent_space(ae_path, device)
+    config["model"].update(in_channels=space.latent_channels, out_channels=space.latent_channels)
+    return space
+
+
+def latent_space_of(meta: Mapping, device: torch.device | str = "cpu") -> LatentSpace | None:
+    """``sample``'s latent step: the latent space a diffusion checkpoint's meta records, None in pixel space."""
+    latent = meta.get("latent")
+    if not latent:
+        return None
+    space = load_latent_space(latent["autoencoder_path"], device, expect_id=latent["autoencoder_id"])
+    space.scale_factor = float(latent["scale_factor"])
+    return space

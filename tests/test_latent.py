@@ -1,0 +1,258 @@
+"""Latent diffusion: autoencoder round trips, training, scale factor, latent cache, LDM sampling and export."""
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+import medaug.latent as latent
+from medaug.dataset import load_info, load_split
+from medaug.latent import (AutoencoderSettings, Optimizers, cache_file, cached_latents, check_shape, decode_latents,
+                           encode_mean, fit_autoencoder, kl_loss, latent_space_for_training, load_latent_space,
+                           reconstruction_metrics, train_autoencoder)
+from medaug.model import EMA, load_checkpoint, network_from_spec
+from medaug.sampling import inference_scheduler, labels_for_counts, load_samples
+from medaug.tracking import NullTracker
+from pipelines import export, prepare, sample, train, train_autoencoder as train_autoencoder_stage
+
+from .conftest import TINY, compose_cfg
+
+AE = {"_target_": "monai.networks.nets.AutoencoderKL", "in_channels": 1, "out_channels": 1, "channels": [8, 8],
+      "latent_channels": 2, "num_res_blocks": 1, "attention_levels": [False, False], "norm_num_groups": 4,
+      "with_encoder_nonlocal_attn": False, "with_decoder_nonlocal_attn": False}
+UNET = {"_target_": "monai.networks.nets.DiffusionModelUNet", "in_channels": 2, "out_channels": 2,
+        "channels": [8, 8], "attention_levels": [False, False], "num_res_blocks": 1, "num_head_channels": 8,
+        "norm_num_groups": 8, "num_class_embeds": 4}
+SCHED = {"_target_": "monai.networks.schedulers.DDPMScheduler", "num_train_timesteps": 100,
+         "schedule": "linear_beta", "clip_sample": False}
+SECTION = {"network": {**AE, "spatial_dims": 3}, "discriminator": None,
+           "optimizer": {"_target_": "torch.optim.Adam", "lr": 1e-3},
+           "disc_optimizer": {"_target_": "torch.optim.Adam", "lr": 1e-3},
+           "kl_weight": 1e-6, "adv_weight": 0.01, "adv_start": 0, "max_steps": 3, "batch_size": 4, "ema_decay": 0.9,
+           "ckpt_every": 0, "log_every": 1, "val_every": 0, "seed": 0}
+LDM = ["experiment=ldm_3d_demo", *TINY, "autoencoder=kl_tiny", "data.demo.size=12", "data.image_size=[12,12,12]"]
+
+
+def autoencoder(spatial_dims):
+    torch.manual_seed(0)
+    return network_from_spec({**AE, "spatial_dims": spatial_dims}).eval()
+
+
+def blobs(spatial_dims, n=8, size=8):
+    """Smooth random images in [-1, 1]: easy to reconstruct."""
+    g = torch.Generator().manual_seed(0)
+    coarse = torch.rand(n, 1, *([2] * spatial_dims), generator=g)
+    mode = "bilinear" if spatial_dims == 2 else "trilinear"
+    return torch.nn.functional.interpolate(coarse, size=[size] * spatial_dims, mode=mode) * 2 - 1
+
+
+@pytest.fixture(scope="module")
+def trained(prepared_3d, tmp_path_factory):
+    """A tiny autoencoder trained 3 steps on the 12³ phantoms: (result, cache_dir)."""
+    out = tmp_path_factory.mktemp("ae")
+    result = train_autoencoder({"autoencoder": SECTION}, prepared_3d, out / "ae.pt", out / "latents")
+    return result, out / "latents"
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_round_trip_shapes(spatial_dims):
+    ae, x = autoencoder(spatial_dims), blobs(spatial_dims, n=3)
+    z = encode_mean(ae, x, batch_size=2)
+    assert z.shape == (3, 2, *([4] * spatial_dims)) and z.dtype == torch.float32
+    back = decode_latents(ae, z, batch_size=2)
+    assert back.shape == x.shape and back.min() >= -1 and back.max() <= 1
+    metrics, recon = reconstruction_metrics(ae, x, batch_size=2)
+    assert torch.equal(recon, back)
+    assert set(metrics) == {"autoencoder/val_l1", "autoencoder/val_psnr", "autoencoder/val_ssim"}
+    assert metrics["autoencoder/val_l1"] == pytest.approx(float((back - x).abs().mean()))
+    assert metrics["autoencoder/val_ssim"] <= 1 and np.isfinite(metrics["autoencoder/val_psnr"])
+
+
+def test_latent_shape_must_divide_by_compression():
+    assert check_shape([12, 16, 8], {"channels": [8, 8, 8]}) == [3, 4, 2]
+    with pytest.raises(ValueError, match="multiples of 4"):
+        check_shape([12, 10, 8], {"channels": [8, 8, 8]})
+
+
+def test_kl_is_zero_for_the_prior_and_per_sample():
+    mu, sigma = torch.zeros(2, 3, 4, 4), torch.ones(2, 3, 4, 4)
+    assert torch.equal(kl_loss(mu, sigma), torch.zeros(2))
+    kl = kl_loss(mu + torch.tensor([0.0, 1.0]).view(2, 1, 1, 1), sigma)
+    assert kl.shape == (2,) and kl[0] == 0 and kl[1] == pytest.approx(0.5 * 3 * 16)
+
+
+def test_fit_learns_and_switches_adversarial_on_after_warm_up():
+    x = blobs(2, n=8)
+    runs = []
+    for _ in range(2):
+        ae = autoencoder(2).train()
+        torch.manual_seed(1)
+        disc = network_from_spec({"_target_": "monai.networks.nets.PatchDiscriminator", "spatial_dims": 2,
+                                  "in_channels": 1, "channels": 8, "num_layers_d": 1, "norm": "INSTANCE"})
+        opts = Optimizers(torch.optim.Adam(ae.parameters(), 3e-3), disc, torch.optim.Adam(disc.parameters(), 1e-3))
+        settings = AutoencoderSettings(max_steps=24, batch_size=8, adv_start=18, log_every=6, val_every=12)
+        runs.append(fit_autoencoder(ae, EMA(ae, 0.9), opts, x, settings, val_images=x[:2]))
+    losses = runs[0].losses
+    assert [s for s, _ in losses] == [6, 12, 18, 24]
+    assert all("autoencoder/disc" not in m for _, m in losses[:3]) and "autoencoder/disc" in losses[3][1]
+    assert losses[-1][1]["autoencoder/recon_l1"] < 0.7 * losses[0][1]["autoencoder/recon_l1"]
+    assert [s for s, _ in runs[0].val] == [12]
+    assert losses == runs[1].losses  # seeded by (seed, step): same run, same curve
+
+
+def test_scale_factor_stored_and_used(trained, prepared_3d):
+    result, cache_dir = trained
+    ckpt = load_checkpoint(result.path)
+    assert ckpt.meta["kind"] == "autoencoder" and ckpt.meta["latent_shape"] == [6, 6, 6]
+    assert ckpt.meta["scale_factor"] == result.scale_factor
+    assert set(ckpt.meta["val"]) == {"autoencoder/val_l1", "autoencoder/val_psnr", "autoencoder/val_ssim"}
+    space = load_latent_space(result.path)
+    images, _ = load_split(prepared_3d, "train")
+    means = encode_mean(space.autoencoder, images)
+    assert result.scale_factor == pytest.approx(1 / float(means.std()), rel=1e-4)
+    scaled = space.encode(images)
+    assert float(scaled.std()) == pytest.approx(1.0, rel=1e-4)
+    torch.testing.assert_close(space.decode(scaled), decode_latents(space.autoencoder, means))
+    assert (result.path.parent / "reconstructions.png").is_file()
+
+
+def test_latent_cache_written_once_and_reused(trained, prepared_3d, monkeypatch, tmp_path):
+    result, cache_dir = trained
+    space = load_latent_space(result.path)
+    info = load_info(prepared_3d)
+    path = cache_file(cache_dir, result.id, info.fingerprint, "train")
+    assert path.is_file()  # written by train_autoencoder from the means it computed the scale factor on
+    calls = []
+    real_encode = latent.encode_mean
+    monkeypatch.setattr(latent, "encode_mean", lambda *a, **k: calls.append(1) or real_encode(*a, **k))
+    z, y = cached_latents(space, prepared_3d, cache_dir)
+    assert calls == [] and z.shape[1:] == (2, 6, 6, 6) and torch.equal(y, load_split(prepared_3d, "train")[1])
+    fresh = tmp_path / "other_cache"
+    first = cached_latents(space, prepared_3d, fresh)
+    second = cached_latents(space, prepared_3d, fresh)
+    assert calls == [1] and torch.equal(first[0], second[0])
+    torch.testing.assert_close(first[0], z)
+
+
+def test_finished_autoencoder_is_not_retrained(trained, prepared_3d):
+    result, cache_dir = trained
+    again = train_autoencoder({"autoencoder": SECTION}, prepared_3d, result.path, cache_dir)
+    assert again.id == result.id and again.step == 3
+
+
+def test_ldm_sampling_shape_determinism_and_unclamped_latents(trained, monkeypatch):
+    result, _ = trained
+    space = load_latent_space(result.path)
+    torch.manual_seed(0)
+    net = network_from_spec({**UNET, "spatial_dims": 3}).eval()
+    labels = labels_for_counts({0: 2, 2: 1})
+    kw = dict(guidance_scale=2.0, null_class=3, batch_size=2, progress=False)
+    a = space.sample(net, inference_scheduler(SCHED, "ddim", 3), labels, seed=0, **kw)
+    b = space.sample(net, inference_scheduler(SCHED, "ddim", 3), labels, seed=0, **kw)
+    c = space.sample(net, inference_scheduler(SCHED, "ddpm", 3), labels, seed=1, **kw)
+    assert a.shape == (3, 1, 12, 12, 12) and a.min() >= -1 and a.max() <= 1
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    seen = []
+    monkeypatch.setattr(space, "decode", lambda z, **k: seen.append(z) or z)
+    space.sample(net, inference_scheduler(SCHED, "ddim", 3), labels, seed=0, **kw)
+    assert seen[0].shape == (3, 2, 6, 6, 6) and seen[0].abs().max() > 1  # unit-variance latents are not clipped
+
+
+class NearestDecoder(torch.nn.Module):
+    """A purely local 'decoder' (2x nearest upsampling of channel 0): tiling must not change its output."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(()))
+
+    def decode(self, z):
+        return torch.nn.functional.interpolate(z[:, :1] * self.w, scale_factor=2, mode="nearest")
+
+
+def test_tiled_decode_places_and_blends_tiles_exactly():
+    z = torch.rand(2, 2, 8, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    whole = decode_latents(NearestDecoder(), z)
+    tiled = decode_latents(NearestDecoder(), z, tile=[6, 6, 6], overlap=0.5, batch_size=1)
+    assert tiled.shape == (2, 1, 16, 16, 16)
+    torch.testing.assert_close(tiled, whole, atol=1e-5, rtol=0)
+    ae = autoencoder(3)  # a real decoder: same shape, whole-volume result when one tile covers it all
+    torch.testing.assert_close(decode_latents(ae, z, tile=[8, 8, 8]), decode_latents(ae, z))
+    assert decode_latents(ae, z, tile=[4, 4, 4]).shape == (2, 1, 16, 16, 16)
+    with pytest.raises(ValueError, match="decode_tile"):
+        decode_latents(ae, z, tile=[6, 6])
+
+
+def test_latent_training_needs_unclipped_scheduler_and_a_finished_autoencoder(trained, tmp_path):
+    result, _ = trained
+    config = {"latent": {"autoencoder_ckpt": str(result.path)}, "scheduler": {"clip_sample": True}, "model": {}}
+    with pytest.raises(ValueError, match="clip_sample=false"):
+        latent_space_for_training(config, None, torch.device("cpu"), NullTracker)
+    config["scheduler"]["clip_sample"] = False
+    space = latent_space_for_training(config, None, torch.device("cpu"), NullTracker)
+    assert config["model"] == {"in_channels": 2, "out_channels": 2} and space.id == result.id
+    config["latent"]["autoencoder_ckpt"] = str(tmp_path / "missing.pt")
+    with pytest.raises(FileNotFoundError, match="train_autoencoder"):
+        latent_space_for_training(config, None, torch.device("cpu"), NullTracker)
+    with pytest.raises(ValueError, match="not the one"):
+        load_latent_space(result.path, expect_id="0123456789ab")
+
+
+def test_ldm_job_end_to_end_keeps_image_geometry(tmp_path, monkeypatch):
+    for stage in (prepare, train):
+        stage.run(compose_cfg(stage.__name__.split(".")[-1], tmp_path, LDM))
+    ckpt = load_checkpoint(tmp_path / "train" / "checkpoints" / "last.pt")
+    ae = load_checkpoint(tmp_path / "autoencoder" / "checkpoints" / "last.pt")
+    assert ckpt.meta["latent"]["autoencoder_id"] == ae.id
+    assert ckpt.meta["latent"]["scale_factor"] == ae.meta["scale_factor"]
+    assert ckpt.meta["latent"]["latent_shape"] == [6, 6, 6] and ckpt.meta["image_shape"] == [12, 12, 12]
+    assert ckpt.config["model"]["in_channels"] == ckpt.config["model"]["out_channels"] == 2
+
+    monkeypatch.setattr(latent, "encode_mean", lambda *a, **k: pytest.fail("re-encoded cached latents"))
+    assert train.run(compose_cfg("train", tmp_path, [*LDM, "training.max_steps=6"]))["train/step"] == 6
+    sample.run(compose_cfg("sample", tmp_path, [*LDM, "sample.decode_tile=[4,4,4]"]))
+    images, labels, _, info = load_samples(tmp_path / "samples")
+    assert images.shape == (6, 1, 12, 12, 12) and info["image_shape"] == [12, 12, 12]
+    assert info["latent"]["autoencoder_id"] == ae.id and ae.id in info["model"]
+    export.run(compose_cfg("export", tmp_path, LDM))
+    dataset = json.loads((tmp_path / "prepared" / "dataset.json").read_text())
+    files = sorted((tmp_path / "export" / "images").glob("*.nii.gz"))
+    assert len(files) == 6 and ae.id in (tmp_path / "export" / "DATA_CARD.md").read_text()
+    img = nib.load(files[0])
+    assert img.shape == (12, 12, 12)
+    np.testing.assert_allclose(img.affine, np.asarray(dataset["affine"]), atol=1e-5)
+
+
+def test_train_autoencoder_stage_needs_an_autoencoder(tmp_path):
+    overrides = ["experiment=demo_3d", *TINY]
+    prepare.run(compose_cfg("prepare", tmp_path, overrides))
+    with pytest.raises(ValueError, match="autoencoder=kl_small"):
+        train_autoencoder_stage.run(compose_cfg("train_autoencoder", tmp_path, overrides))
+    out = train_autoencoder_stage.run(compose_cfg("train_autoencoder", tmp_path,
+                                                  [*overrides, "autoencoder=kl_tiny", "autoencoder.max_steps=2"]))
+    assert out["autoencoder/step"] == 2 and out["autoencoder/scale_factor"] > 0
+
+
+def test_ct128_experiment_composes_for_one_gpu(tmp_path):
+    for stage in ("train_autoencoder", "train", "sample"):
+        cfg = compose_cfg(stage, tmp_path, ["experiment=ldm_3d_ct128"])
+        assert list(cfg.data.image_size) == [128, 128, 128] and cfg.autoencoder.network.spatial_dims == 3
+    spec = cfg.autoencoder.network
+    assert check_shape(cfg.data.image_size, spec) == [32, 32, 32] and spec.latent_channels == 4
+    assert cfg.model.channels[-1] % cfg.model.num_head_channels == 0
+    assert cfg.scheduler.clip_sample is False and len(cfg.sample.decode_tile) == 3
+    assert cfg.latent.autoencoder_ckpt.endswith("autoencoder/checkpoints/last.pt")
+
+
+def test_bf16_autocast_training_with_discriminator_stays_finite_in_3d():
+    x = blobs(3, n=4)
+    ae = autoencoder(3).train()
+    disc = network_from_spec({"_target_": "monai.networks.nets.PatchDiscriminator", "spatial_dims": 3,
+                              "in_channels": 1, "channels": 8, "num_layers_d": 1, "norm": "INSTANCE"})
+    opts = Optimizers(torch.optim.Adam(ae.parameters(), 1e-3), disc, torch.optim.Adam(disc.parameters(), 1e-3))
+    settings = AutoencoderSettings(max_steps=4, batch_size=4, log_every=2, adv_start=2, amp_dtype=torch.bfloat16)
+    result = fit_autoencoder(ae, EMA(ae), opts, x, settings)
+    assert result.step == 4 and "autoencoder/disc" in result.losses[-1][1]
+    assert all(np.isfinite(v) for _, m in result.losses for v in m.values())
+    assert all(p.dtype == torch.float32 for p in ae.parameters())  # autocast, weights stay fp32
