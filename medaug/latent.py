@@ -44,7 +44,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .dataset import load_info, load_split
-from .model import EMA, ema_network, file_id, load_checkpoint, network_from_spec, save_checkpoint, set_rng_state
+from .model import (EMA, ema_network, file_id, load_checkpoint, network_from_spec, restore_training_state,
+                    save_checkpoint)
 from .sampling import sample_images, save_grid
 from .tracking import NullTracker, Tracker, flatten
 from .training import step_generator
@@ -453,12 +454,7 @@ def train_autoencoder(config: Mapping, prepared_dir: str | Path, ckpt_path: str 
             log.info("autoencoder %s is trained (step %d); raise autoencoder.max_steps to continue",
                      ckpt_path, ckpt.step)
             return AutoencoderResult(ckpt_path, ckpt.id, ckpt.step, ckpt.meta["scale_factor"], ckpt.meta.get("val", {}))
-        ae.load_state_dict(ckpt.model)
-        ema.load_state_dict(ckpt.ema)
-        if ckpt.optimizer:
-            optimizers.load_state_dict(ckpt.optimizer)
-        if ckpt.rng:
-            set_rng_state(ckpt.rng)
+        restore_training_state(ckpt, ae, ema, optimizers)
         start_step, run_id = ckpt.step, ckpt.meta.get("mlflow_run_id")
         log.info("resuming the autoencoder from %s at step %d", ckpt_path, start_step)
 

@@ -163,6 +163,16 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
                       payload.get("optimizer"), payload.get("rng"), payload["config"], payload["meta"])
 
 
+def restore_training_state(ckpt: Checkpoint, model: nn.Module, ema: EMA, optimizer=None) -> None:
+    """Load the weights, EMA weights, optimizer state and RNG states of ``ckpt`` into a resumed run."""
+    model.load_state_dict(ckpt.model)
+    ema.load_state_dict(ckpt.ema)
+    if ckpt.optimizer and optimizer is not None:
+        optimizer.load_state_dict(ckpt.optimizer)
+    if ckpt.rng:
+        set_rng_state(ckpt.rng)
+
+
 def ema_network(ckpt: Checkpoint) -> nn.Module:
     """The EMA network of a checkpoint, rebuilt from its config, in eval mode."""
     net = network_from_spec(ckpt.config["model"])

@@ -16,7 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from medaug.dataset import load_info, load_split
 from medaug.latent import cached_latents, latent_space_for_training
-from medaug.model import EMA, load_checkpoint, network_from_spec, set_rng_state
+from medaug.model import EMA, load_checkpoint, network_from_spec, restore_training_state
 from medaug.tracking import NullTracker, flatten
 from medaug.training import TrainSettings, fit, prepare_for_speed
 from pipelines.common import (amp_dtype_of, container, default_ckpt, device_of, distributed, log, make_tracker, path,
@@ -66,12 +66,7 @@ def _train(cfg: DictConfig, rank: int, world: int) -> dict:
     start_step, run_id = 0, None
     if resume_from.exists():
         ckpt = load_checkpoint(resume_from)
-        net.load_state_dict(ckpt.model)
-        ema.load_state_dict(ckpt.ema)
-        if ckpt.optimizer:
-            optimizer.load_state_dict(ckpt.optimizer)
-        if ckpt.rng:
-            set_rng_state(ckpt.rng)
+        restore_training_state(ckpt, net, ema, optimizer)
         start_step, run_id = ckpt.step, ckpt.meta.get("mlflow_run_id")
         if ckpt.meta.get("dataset") != info.fingerprint:
             log.warning("resuming on a prepared dataset that differs from the checkpoint's")
