@@ -6,8 +6,8 @@ Run by hand after `make demo` (or any finished train stage):
 
 For each sampler:steps pair it samples the same labels with the same seed from the job's
 checkpoint and scores them with the evaluate stage's metrics against the held-out real
-split (label fidelity, intensity histogram distance, and the feature-space metrics where
-available). Writes benchmarks/results/sampler-steps-<job>.json and prints a table.
+splits (val + test): Fréchet distance, precision and recall on the features of a classifier
+trained on the real train split, label fidelity and intensity histogram distance. Writes benchmarks/results/sampler-steps-<job>.json and prints a table.
 """
 
 from __future__ import annotations
@@ -20,12 +20,12 @@ from pathlib import Path
 import torch
 
 from medaug.dataset import load_info, load_split
-from medaug.metrics import realism_metrics, train_classifier
+from medaug.metrics import FeatureExtractor, fidelity_with_floor, realism_metrics, train_classifier
 from medaug.model import ema_network, load_checkpoint
 from medaug.sampling import inference_scheduler, labels_for_counts, sample_images
 
 ROOT = Path(__file__).resolve().parents[1]
-KEYS = ("fidelity/label_acc", "fidelity/hist_w1")
+KEYS = ("fidelity/fd", "fidelity/precision", "fidelity/recall", "fidelity/label_acc", "fidelity/hist_w1")
 
 
 def main() -> None:
@@ -40,8 +40,11 @@ def main() -> None:
     info = load_info(job / "prepared")
     net = ema_network(ckpt)
     train_x, train_y = load_split(info.root, "train")
-    test_x, test_y = load_split(info.root, "test")
+    held = [load_split(info.root, split) for split in ("val", "test")]  # the evaluate stage's default
+    test_x, test_y = torch.cat([h[0] for h in held]), torch.cat([h[1] for h in held])
     clf = train_classifier(train_x, train_y, info.num_classes, steps=400, seed=0)
+    features = FeatureExtractor(clf, "DenseNet trained on the real train split")
+    real_feats = features(test_x)
     labels = labels_for_counts({c: args.per_class for c in range(info.num_classes)})
     rows = {}
     for item in args.plan.split(","):
@@ -51,10 +54,12 @@ def main() -> None:
                           ckpt.meta["image_shape"], guidance_scale=args.guidance, null_class=info.num_classes,
                           seed=1234, batch_size=64)
         m = realism_metrics(clf, train_x, train_y, test_x, test_y, x, labels, info.class_names, seed=0)
+        m.update({f"fidelity/{k}": v for k, v in fidelity_with_floor(real_feats, features(x), seed=0).items()})
         rows[item] = {**{k: m[k] for k in KEYS}, "seconds": time.perf_counter() - t0}
         print(item, rows[item], flush=True)
     rows["real_reference"] = {"fidelity/label_acc": m["fidelity/label_acc_real"],
-                              "fidelity/hist_w1": m["fidelity/hist_w1_real"]}
+                              "fidelity/hist_w1": m["fidelity/hist_w1_real"],
+                              **{k: m[f"{k}_floor"] for k in KEYS[:3]}}
     out = ROOT / "benchmarks" / "results" / f"sampler-steps-{job.name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"checkpoint": ckpt.id, "training_steps": ckpt.step, "per_class": args.per_class,
@@ -66,5 +71,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    torch.set_grad_enabled(False)
     main()
