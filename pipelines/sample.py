@@ -75,6 +75,7 @@ def run(cfg: DictConfig) -> dict:
         gathered = [None] * world
         torch.distributed.all_gather_object(gathered, mine)
         mine = {k: v for part in gathered for k, v in part.items()}
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
         if rank != 0:
             return {"samples": 0, "rank": rank}

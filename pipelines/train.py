@@ -30,7 +30,8 @@ def run(cfg: DictConfig) -> dict:
     try:
         return _train(cfg, rank, world)
     finally:
-        if world > 1:
+        if world > 1:  # every rank reaches here before any tears down (gloo aborts otherwise)
+            torch.distributed.barrier()
             torch.distributed.destroy_process_group()
 
 

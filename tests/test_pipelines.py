@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from medaug.io import read_volume
-from medaug.model import load_checkpoint
+from medaug.model import load_checkpoint, network_from_spec
 from medaug.sampling import load_samples
 from pipelines import evaluate, export, prepare, sample, train
 
@@ -117,9 +117,14 @@ def test_ddp_two_cpu_ranks_match_one_process_with_double_batch(tmp_path):
     ddp = load_checkpoint(tmp_path / "ddp" / "checkpoints" / "last.pt")
     one = load_checkpoint(tmp_path / "one" / "checkpoints" / "last.pt")
     assert ddp.step == one.step == 3
+    # float sums in a different order (all-reduce of two half-batch means) differ by ~1e-5 after three Adam
+    # steps; a different batch or different noise would move weights by ~lr = 5e-4 per step
     for name, w in one.model.items():
-        torch.testing.assert_close(ddp.model[name], w, atol=2e-5, rtol=1e-4)
-    assert any(not torch.equal(one.model[k], one.ema["model"][k]) for k in one.model)  # training changed weights
+        torch.testing.assert_close(ddp.model[name], w, atol=1e-4, rtol=1e-3)
+    torch.manual_seed(one.config["seed"])  # the initial weights, as train builds them
+    init = network_from_spec(one.config["model"]).state_dict()
+    moved = max(float((one.model[k].float() - init[k].float()).abs().max()) for k in one.model)
+    assert moved > 1e-3  # training moved the weights far more than the tolerance
 
 
 @pytest.mark.slow
