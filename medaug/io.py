@@ -403,6 +403,24 @@ def write_nifti(path: str | os.PathLike, array: np.ndarray, affine: np.ndarray, 
     return path
 
 
+def _int16_pixels(array: np.ndarray) -> tuple[np.ndarray, float]:
+    """HU values as int16 with the RescaleSlope that maps them back (intercept 0)."""
+    max_abs = float(np.abs(array).max()) if array.size else 0.0
+    slope = 1.0 if max_abs <= 32767 else max_abs / 32767
+    return np.round(np.asarray(array, dtype=np.float64) / slope).astype(np.int16), slope
+
+
+def _new_dataset(sop_class: str, sop_uid: str) -> Dataset:
+    """An empty dataset with its file meta (explicit VR little endian) for one SOP instance."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    return ds
+
+
 def write_dicom_series(
     folder: str | os.PathLike,
     array: np.ndarray,
@@ -432,9 +450,7 @@ def write_dicom_series(
     dx, dy, dz = (float(np.linalg.norm(v)) for v in (col_x, col_y, col_z))
     iop = np.concatenate([col_x / dx, col_y / dy])
 
-    max_abs = float(np.abs(array).max()) if array.size else 0.0
-    slope = 1.0 if max_abs <= 32767 else max_abs / 32767
-    stored = np.round(np.asarray(array, dtype=np.float64) / slope).astype(np.int16)
+    stored, slope = _int16_pixels(array)
 
     study_uid, series_uid, frame_uid = generate_uid(), generate_uid(), generate_uid()
     type2 = dict(PatientName="", PatientID="", PatientBirthDate="", PatientSex="", StudyDate="", StudyTime="",
@@ -443,12 +459,7 @@ def write_dicom_series(
     paths = []
     for k in range(array.shape[2]):
         sop_uid = generate_uid()
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = CTImageStorage
-        meta.MediaStorageSOPInstanceUID = sop_uid
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = Dataset()
-        ds.file_meta = meta
+        ds = _new_dataset(CTImageStorage, sop_uid)
         ds.SOPClassUID = CTImageStorage
         ds.SOPInstanceUID = sop_uid
         ds.StudyInstanceUID = study_uid
@@ -517,18 +528,11 @@ def write_dicom_multiframe(
     lps = np.linalg.inv(LPS_TO_RAS) @ np.asarray(affine, dtype=np.float64)
     col_x, col_y, col_z = lps[:3, 0], lps[:3, 1], lps[:3, 2]
     dx, dy, dz = (float(np.linalg.norm(v)) for v in (col_x, col_y, col_z))
-    max_abs = float(np.abs(array).max()) if array.size else 0.0
-    slope = 1.0 if max_abs <= 32767 else max_abs / 32767
-    stored = np.round(np.asarray(array, dtype=np.float64) / slope).astype(np.int16)
+    stored, slope = _int16_pixels(array)
     now = datetime.datetime.now()
 
     sop_uid, dim_uid = generate_uid(), generate_uid()
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = EnhancedCTImageStorage
-    meta.MediaStorageSOPInstanceUID = sop_uid
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
+    ds = _new_dataset(EnhancedCTImageStorage, sop_uid)
     ds.SOPClassUID, ds.SOPInstanceUID = EnhancedCTImageStorage, sop_uid
     ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = generate_uid(), generate_uid(), generate_uid()
     ds.Modality, ds.SeriesNumber, ds.InstanceNumber = "CT", 1, 1
