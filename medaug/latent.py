@@ -48,7 +48,7 @@ from .model import (EMA, ema_network, file_id, load_checkpoint, network_from_spe
                     save_checkpoint)
 from .sampling import sample_images, save_grid
 from .tracking import NullTracker, Tracker, flatten
-from .training import step_generator
+from .training import checkpoint_at_exit, step_generator
 
 log = logging.getLogger("medaug")
 
@@ -251,11 +251,11 @@ def fit_autoencoder(ae: nn.Module, ema: EMA, optimizers: Optimizers, images: tor
     autocast = torch.autocast(device.type, dtype=settings.amp_dtype or torch.float32,
                               enabled=settings.amp_dtype is not None)
     ae.train()
-    window: dict[str, float] = {}
+    window: dict[str, torch.Tensor] = {}
     window_steps = 0
     bar = tqdm(range(start_step, settings.max_steps), desc="autoencoder", unit="step", initial=start_step,
                total=settings.max_steps)
-    try:
+    with checkpoint_at_exit(checkpoint, result), bar:
         for step in bar:
             gen = step_generator(settings.seed, step)
             idx = torch.randperm(n, generator=gen)[:batch_size]
@@ -278,12 +278,12 @@ def fit_autoencoder(ae: nn.Module, ema: EMA, optimizers: Optimizers, images: tor
                 d_loss.backward()
                 optimizers.disc_optimizer.step()
                 logged.update({"autoencoder/adv": terms.adv.detach(), "autoencoder/disc": d_loss.detach()})
-            for key, value in logged.items():
-                window[key] = window.get(key, 0.0) + float(value)
+            for key, value in logged.items():  # summed on the device; read on the host at log steps only
+                window[key] = window.get(key, 0.0) + value.double()
             window_steps += 1
             done = step + 1
             if done % settings.log_every == 0 or done == settings.max_steps:
-                means = {k: v / window_steps for k, v in window.items()}
+                means = {k: float(v) / window_steps for k, v in window.items()}
                 if not math.isfinite(means["autoencoder/loss"]):
                     raise FloatingPointError(f"autoencoder loss became {means['autoencoder/loss']} at step {done}; "
                                              "lower autoencoder.optimizer.lr")
@@ -299,12 +299,6 @@ def fit_autoencoder(ae: nn.Module, ema: EMA, optimizers: Optimizers, images: tor
             if settings.ckpt_every and done % settings.ckpt_every == 0 and done < settings.max_steps:
                 checkpoint(done)
             result.step = done
-    except KeyboardInterrupt:
-        checkpoint(result.step)
-        bar.close()
-        raise
-    bar.close()
-    checkpoint(result.step)
     return result
 
 

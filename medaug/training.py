@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import functools
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, NamedTuple, Sequence
+from typing import Callable, Iterator, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -117,8 +118,8 @@ def enable_activation_checkpointing(model: nn.Module) -> nn.Module:
     """Recompute the activations of every down, middle and up block of a MONAI
     ``DiffusionModelUNet`` in the backward pass instead of storing them (less memory,
     about a third more compute). The weights and their names are unchanged."""
-    blocks = [*getattr(model, "down_blocks", []), getattr(model, "middle_block", None), *getattr(model, "up_blocks", [])]
-    blocks = [b for b in blocks if b is not None]
+    middle = [model.middle_block] if getattr(model, "middle_block", None) is not None else []
+    blocks = [*getattr(model, "down_blocks", []), *middle, *getattr(model, "up_blocks", [])]
     if not blocks:
         raise ValueError(f"{type(model).__name__} has no down/middle/up blocks to checkpoint")
     for block in blocks:
@@ -141,6 +142,18 @@ def prepare_for_speed(model: nn.Module, *, channels_last: bool = False, compile_
     if compile_mode:  # shapes are fixed in training: static shapes avoid symbolic-shape recompiles
         model = torch.compile(model, mode=None if compile_mode == "default" else compile_mode, dynamic=False)
     return model
+
+
+@contextmanager
+def checkpoint_at_exit(save: Callable[[int], None], result) -> Iterator[None]:
+    """Around a training loop: ``save(result.step)`` when it ends, and on Ctrl-C before re-raising,
+    so nothing trained is lost; other errors (e.g. a NaN loss) save nothing."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        save(result.step)
+        raise
+    save(result.step)
 
 
 def fit(
@@ -191,7 +204,7 @@ def fit(
     step = start_step
     bar = tqdm(range(start_step, settings.max_steps), desc="train", unit="step", initial=start_step,
                total=settings.max_steps, disable=rank != 0)
-    try:
+    with checkpoint_at_exit(checkpoint, result), bar:
         for step in bar:
             # indices are drawn where the images are: no host-device copy, no sync in the step
             gen.manual_seed(settings.seed * 1_000_003 + step)
@@ -229,10 +242,4 @@ def fit(
             if settings.ckpt_every and done % settings.ckpt_every == 0 and done < settings.max_steps:
                 checkpoint(done)
             result.step = done
-    except KeyboardInterrupt:
-        checkpoint(result.step)
-        bar.close()
-        raise
-    bar.close()
-    checkpoint(result.step)
     return result
