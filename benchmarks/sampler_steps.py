@@ -2,7 +2,7 @@
 
 Run by hand after `make demo` (or any finished train stage):
 
-    python benchmarks/sampler_steps.py --job outputs/demo_2d [--plan pndm:10,pndm:20,ddim:20,ddim:50,ddpm:1000]
+    python benchmarks/sampler_steps.py --job outputs/demo_2d [--plan dpmpp_2m:10,dpmpp_2m:20,ddim:50,ddpm:1000]
 
 For each sampler:steps pair it samples the same labels with the same seed from the job's
 checkpoint and scores them with the evaluate stage's metrics against the held-out real
@@ -31,7 +31,8 @@ KEYS = ("fidelity/fd", "fidelity/precision", "fidelity/recall", "fidelity/label_
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--job", default="outputs/demo_2d")
-    ap.add_argument("--plan", default="pndm:10,pndm:20,ddim:20,ddim:50,ddpm:1000")
+    ap.add_argument("--plan", default="dpmpp_2m:10,dpmpp_2m:15,dpmpp_2m:20,dpmpp_2m:30,dpmpp_2m:50,dpmpp_2m_sde:20,"
+                    "dpmpp_2m_sde:30,dpmpp_2m_sde:50,pndm:20,ddim:20,ddim:50,ddpm:1000")
     ap.add_argument("--per-class", type=int, default=16)
     ap.add_argument("--guidance", type=float, default=2.0)
     args = ap.parse_args()

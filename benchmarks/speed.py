@@ -39,35 +39,75 @@ def sync(device: torch.device) -> None:
 
 def time_train(spec: dict, shape, batch: int, steps: int, warmup: int, device: torch.device,
                amp_dtype=None, channels_last=False, compile_mode=None, activation_checkpointing=False,
-               ema_every: int = 1) -> dict:
-    """Images/s of medaug's fit loop (loss, backward, clip, AdamW, EMA) on random data held on ``device``."""
+               ema_every: int = 1, grad_clip: float | None = 1.0, data_on_device: bool = True,
+               profile: Path | None = None) -> dict:
+    """Images/s of medaug's fit loop (loss, backward, clip, AdamW, EMA) on random data, held on
+    ``device`` or (``data_on_device=False``) in host memory, each batch copied over as training does.
+
+    ``enqueue_ms`` is the host's time per step until the last step is queued: close to ``step_ms``
+    means the host (launches, Python, syncs) sets the pace, not the device. ``profile`` (a file)
+    profiles a few more steps there and adds the device's busy time per step and the host syncs seen.
+    """
     torch.manual_seed(0)
     net = network_from_spec(spec).to(device)
     ema = EMA(net)
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4, **({"fused": True} if device.type == "cuda" else {}))
-    model = prepare_for_speed(net, channels_last=channels_last and len(shape) == 3, compile_mode=compile_mode,
+    model = prepare_for_speed(net, channels_last=channels_last, compile_mode=compile_mode,
                               activation_checkpointing=activation_checkpointing)
-    images = torch.rand(max(batch, 64), *shape, device=device) * 2 - 1
-    labels = torch.randint(0, spec["num_class_embeds"] - 1, (images.shape[0],), device=device)
+    images = torch.rand(max(batch, 64), *shape, device=device if data_on_device else "cpu") * 2 - 1
+    labels = torch.randint(0, spec["num_class_embeds"] - 1, (images.shape[0],), device=images.device)
     settings = dict(batch_size=batch, log_every=10**9, ckpt_every=0, amp_dtype=amp_dtype, ema_every=ema_every,
-                    channels_last=channels_last)
+                    channels_last=channels_last, grad_clip=grad_clip)
     sch = DDPMScheduler(num_train_timesteps=1000)
     kw = dict(null_class=spec["num_class_embeds"] - 1)
+
+    def run(start: int, n: int) -> None:
+        fit(model, ema, opt, sch, images, labels, TrainSettings(max_steps=start + n, **settings), start_step=start,
+            **kw)
+
     t0 = time.perf_counter()
-    fit(model, ema, opt, sch, images, labels, TrainSettings(max_steps=warmup, **settings), **kw)
+    run(0, warmup)
     sync(device)
     warm_s = time.perf_counter() - t0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
-    fit(model, ema, opt, sch, images, labels, TrainSettings(max_steps=warmup + steps, **settings), start_step=warmup,
-        **kw)
+    run(warmup, steps)
+    queued = time.perf_counter() - t0
     sync(device)
     dt = time.perf_counter() - t0
-    out = dict(img_per_s=batch * steps / dt, step_ms=1000 * dt / steps, warmup_s=warm_s)
+    out = dict(img_per_s=batch * steps / dt, step_ms=1000 * dt / steps, enqueue_ms=1000 * queued / steps,
+               warmup_s=warm_s)
     if device.type == "cuda":
         out["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    if profile is not None:
+        out.update(profile_steps(lambda: run(warmup + steps, 5), 5, device, profile))
     return out
+
+
+def profile_steps(work, steps: int, device: torch.device, path: Path) -> dict:
+    """Run ``work`` (``steps`` steps) under the torch profiler: the device's busy time per step and
+    the host-blocking calls seen (synchronisations, blocking copies); the op tables go to ``path``."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        work()
+        sync(device)
+    events = prof.key_averages()
+
+    def device_us(e) -> float:
+        return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0)
+
+    busy = sum(device_us(e) for e in events if e.device_type == DeviceType.CUDA)
+    blocking = {e.key: e.count for e in events
+                if "Synchronize" in e.key or e.key in ("cudaMemcpy", "aten::item", "aten::_local_scalar_dense")}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(events.table(sort_by="self_cpu_time_total", row_limit=30) + "\n\n"
+                    + (events.table(sort_by="self_device_time_total", row_limit=30) if device.type == "cuda" else ""))
+    return dict(device_busy_ms=busy / 1000 / steps, host_blocking_calls=blocking)
 
 
 def time_sample(spec: dict, shape, batch: int, steps: int, device: torch.device, amp_dtype=None,
@@ -75,7 +115,7 @@ def time_sample(spec: dict, shape, batch: int, steps: int, device: torch.device,
     """Images/s of medaug's sampling loop (``steps`` denoising steps), after one warm-up batch."""
     torch.manual_seed(0)
     net = network_from_spec(spec).to(device).eval()
-    model = prepare_for_speed(net, channels_last=channels_last and len(shape) == 3, compile_mode=compile_mode)
+    model = prepare_for_speed(net, channels_last=channels_last, compile_mode=compile_mode)
     sch = inference_scheduler({"num_train_timesteps": 1000}, sampler, steps)
     labels = torch.arange(batch) % (spec["num_class_embeds"] - 1)
     kw = dict(guidance_scale=guidance_scale, null_class=spec["num_class_embeds"] - 1, seed=0, batch_size=batch,
@@ -115,7 +155,7 @@ def main() -> None:
         spec, shape, batch, sample_batch = demo_setup(exp)
         plain = {**spec, "use_flash_attention": False}
         fast = {**spec, "use_flash_attention": True}
-        after = dict(amp_dtype=torch.bfloat16 if cuda else None, channels_last=cuda,
+        after = dict(amp_dtype=torch.bfloat16 if cuda else None, channels_last=cuda and len(shape) == 3,
                      compile_mode="default" if cuda else None)
         res = {
             "train_before": time_train(plain, shape, batch, args.steps, 3, device),

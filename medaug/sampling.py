@@ -31,9 +31,11 @@ from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
+from .dpm_solver import DPMSolverPP2M, DPMSolverPP2MSDE
 from .io import atomic_folder, is_complete
 
-SAMPLERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler, "pndm": PNDMScheduler}
+SAMPLERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler, "pndm": PNDMScheduler,
+            "dpmpp_2m": DPMSolverPP2M, "dpmpp_2m_sde": DPMSolverPP2MSDE}
 SCHEDULE_ARGS = {"beta_start", "beta_end", "sig_range"}  # passed through to MONAI's noise schedule functions
 
 
@@ -41,8 +43,9 @@ def inference_scheduler(spec: Mapping, sampler: str = "ddim", steps: int = 50):
     """A scheduler for sampling with the noise schedule of the training ``spec``.
 
     ``sampler`` is ``ddpm`` (ancestral, needs many steps), ``ddim`` (deterministic with
-    ``eta=0``) or ``pndm`` (pseudo linear multistep, PLMS: the few-step sampler, good at
-    20 steps, no retraining); ``steps`` ≤ the training timesteps.
+    ``eta=0``), ``pndm`` (pseudo linear multistep, PLMS), or the few-step DPM-Solver++ 2M
+    samplers ``dpmpp_2m`` (ODE) and ``dpmpp_2m_sde`` (stochastic; see
+    :mod:`medaug.dpm_solver`), none needing retraining; ``steps`` ≤ the training timesteps.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler {sampler!r} unknown; choose one of {sorted(SAMPLERS)}")

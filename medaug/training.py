@@ -48,7 +48,7 @@ class TrainSettings:
     log_every: int = 25
     ema_every: int = 1
     amp_dtype: torch.dtype | None = None
-    channels_last: bool = False
+    channels_last: bool = False  # channels-last memory layout (2D and 3D): the model's too, see prepare_for_speed
     rank: int = 0
     world_size: int = 1
 
@@ -73,6 +73,14 @@ class StepNoise(NamedTuple):
     drop: torch.Tensor       # (N,) bool: label replaced by the null class
 
 
+def memory_format_of(ndim: int, channels_last: bool = True) -> torch.memory_format:
+    """The channels-last layout of ``ndim``-dimensional tensors (N, C, *spatial): ``channels_last``
+    in 2D, ``channels_last_3d`` in 3D; ``preserve_format`` otherwise or when switched off."""
+    if not channels_last:
+        return torch.preserve_format
+    return {4: torch.channels_last, 5: torch.channels_last_3d}.get(ndim, torch.preserve_format)
+
+
 def draw_step_noise(shape: Sequence[int], num_train_timesteps: int, p_uncond: float,
                     generator: torch.Generator) -> StepNoise:
     """Noise, timesteps and label drops for a batch of ``shape`` (N, C, *spatial)."""
@@ -81,6 +89,21 @@ def draw_step_noise(shape: Sequence[int], num_train_timesteps: int, p_uncond: fl
     t = torch.randint(0, num_train_timesteps, (shape[0],), generator=generator, device=device)
     drop = torch.rand(shape[0], generator=generator, device=device) < p_uncond
     return StepNoise(noise, t, drop)
+
+
+def draw_batch(images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator, rows: slice,
+               device: torch.device, memory_format: torch.memory_format = torch.preserve_format):
+    """Rows ``rows`` of a random permutation of the training set, as ``(x0, y)`` on ``device``.
+
+    The permutation is drawn where the images are (``generator`` lives there): on the GPU no
+    index crosses to the host and nothing waits. From host memory the batch is pinned first,
+    so its copy to the GPU does not block the host either.
+    """
+    idx = torch.randperm(images.shape[0], generator=generator, device=images.device)[rows]
+    x0, y = images[idx], labels[idx]
+    if x0.device != device and device.type == "cuda":
+        x0, y = x0.pin_memory(), y.pin_memory()
+    return x0.to(device, non_blocking=True, memory_format=memory_format), y.to(device, non_blocking=True)
 
 
 def diffusion_loss(
@@ -107,8 +130,9 @@ def diffusion_loss(
         draws = draw_step_noise(x0.shape, scheduler.num_train_timesteps, p_uncond, generator)
     labels = torch.where(draws.drop, torch.full_like(labels, null_class), labels)
     x_t = scheduler.add_noise(original_samples=x0.float(), noise=draws.noise, timesteps=draws.timesteps)
-    if x_t.ndim == 4 and x0.is_contiguous(memory_format=torch.channels_last):
-        x_t = x_t.contiguous(memory_format=torch.channels_last)
+    layout = memory_format_of(x0.ndim)
+    if layout != torch.preserve_format and x0.is_contiguous(memory_format=layout):  # the network's layout
+        x_t = x_t.contiguous(memory_format=layout)
     with torch.autocast(x0.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
         pred = model(x_t, timesteps=draws.timesteps, class_labels=labels)
     return F.mse_loss(pred.float(), draws.noise, reduction="none").flatten(1).mean(1)
@@ -131,14 +155,15 @@ def prepare_for_speed(model: nn.Module, *, channels_last: bool = False, compile_
                       activation_checkpointing: bool = False) -> nn.Module:
     """Apply the speed and memory switches to a network already on its device.
 
-    ``compile_mode`` is a ``torch.compile`` mode (``default``, ``max-autotune-no-cudagraphs``,
-    ...) or None for eager. The returned module may be a compiled wrapper; it shares its
-    parameters with ``model`` (use :func:`medaug.model.unwrap` to reach the network).
+    ``channels_last`` stores the weights channels-last (``channels_last_3d`` for a 3D network).
+    ``compile_mode`` is a ``torch.compile`` mode (``default``, ``reduce-overhead`` (CUDA graphs),
+    ``max-autotune-no-cudagraphs``, ...) or None for eager. The returned module may be a compiled
+    wrapper; it shares its parameters with ``model`` (use :func:`medaug.model.unwrap` to reach the network).
     """
     if activation_checkpointing:
         enable_activation_checkpointing(model)
     if channels_last:
-        model = model.to(memory_format=torch.channels_last)
+        model = model.to(memory_format=memory_format_of(max(p.ndim for p in model.parameters())))
     if compile_mode:  # shapes are fixed in training: static shapes avoid symbolic-shape recompiles
         model = torch.compile(model, mode=None if compile_mode == "default" else compile_mode, dynamic=False)
     return model
@@ -188,7 +213,8 @@ def fit(
         raise ValueError(f"{n} training images cannot feed {world} ranks")
     global_shape = (batch_size * world, *images.shape[1:])
     mine = slice(rank * batch_size, (rank + 1) * batch_size)
-    memory_format = torch.channels_last if settings.channels_last and images.ndim == 4 else torch.preserve_format
+    memory_format = memory_format_of(images.ndim, settings.channels_last)
+    cuda = device.type == "cuda"
     result = FitResult(step=start_step, checkpoint=ckpt_path)
 
     def checkpoint(step: int) -> None:
@@ -206,13 +232,12 @@ def fit(
                total=settings.max_steps, disable=rank != 0)
     with checkpoint_at_exit(checkpoint, result), bar:
         for step in bar:
-            # indices are drawn where the images are: no host-device copy, no sync in the step
+            if cuda:  # a new iteration for CUDA graphs (compile mode reduce-overhead): last step's outputs are dead
+                torch.compiler.cudagraph_mark_step_begin()
             gen.manual_seed(settings.seed * 1_000_003 + step)
             if data_gen is not gen:
                 data_gen.manual_seed(settings.seed * 1_000_003 + step)
-            idx = torch.randperm(n, generator=data_gen, device=images.device)[: batch_size * world][mine]
-            x0 = images[idx].to(device, non_blocking=True, memory_format=memory_format)
-            y = labels[idx].to(device, non_blocking=True)
+            x0, y = draw_batch(images, labels, data_gen, mine, device, memory_format)
             draws = StepNoise(*(d[mine] for d in draw_step_noise(global_shape, scheduler.num_train_timesteps,
                                                                  settings.p_uncond, gen)))
             loss = diffusion_loss(model, scheduler, x0, y, null_class=null_class, draws=draws,

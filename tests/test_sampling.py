@@ -19,7 +19,7 @@ def net(spatial_dims=2):
 
 
 @pytest.mark.parametrize("spatial_dims", [2, 3])
-@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "pndm"])
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "pndm", "dpmpp_2m", "dpmpp_2m_sde"])
 def test_same_seed_same_samples(spatial_dims, sampler):
     labels = labels_for_counts({0: 2, 2: 1})
     kw = dict(guidance_scale=2.0, null_class=3, batch_size=2, progress=False)

@@ -3,7 +3,7 @@ import torch
 from monai.networks.schedulers import DDPMScheduler
 
 from medaug.model import EMA, load_checkpoint, network_from_spec
-from medaug.training import TrainSettings, diffusion_loss, fit, step_generator
+from medaug.training import TrainSettings, diffusion_loss, draw_batch, fit, step_generator
 
 from .test_model import SPEC
 
@@ -110,17 +110,33 @@ def test_nan_loss_stops_with_advice():
         fit(net, ema, opt, sch, x, y, TrainSettings(max_steps=2, batch_size=4, log_every=1), null_class=3)
 
 
-def test_activation_checkpointing_and_channels_last_keep_the_maths():
-    from medaug.training import prepare_for_speed
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_activation_checkpointing_and_channels_last_keep_the_maths(spatial_dims):
+    from medaug.training import memory_format_of, prepare_for_speed
 
-    x, y = data(2, 4)
+    x, y = data(spatial_dims, 4)
     grads = []
     for switches in ({}, {"activation_checkpointing": True, "channels_last": True}):
-        net, _, _, sch = tiny()
+        net, _, _, sch = tiny(spatial_dims)
         model = prepare_for_speed(net, **switches)
+        conv = next(p for p in net.parameters() if p.ndim == spatial_dims + 2 and p.shape[1] > 1)
+        assert conv.is_contiguous(memory_format=memory_format_of(conv.ndim)) == bool(switches)
         loss = diffusion_loss(model, sch, x, y, null_class=3, p_uncond=0.0, generator=step_generator(0, 0)).mean()
         loss.backward()
         grads.append([p.grad.clone() for p in net.parameters()])
         assert list(net.state_dict()) == list(tiny()[0].state_dict())  # checkpoint names unchanged
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_draw_batch_takes_a_rank_share_of_one_permutation(spatial_dims):
+    x, y = data(spatial_dims, 8)
+    layout = torch.channels_last if spatial_dims == 2 else torch.channels_last_3d
+    parts = [draw_batch(x, y, torch.Generator().manual_seed(3), slice(r * 3, r * 3 + 3), torch.device("cpu"), layout)
+             for r in range(2)]
+    rows = torch.cat([p[1] for p in parts])
+    xs = torch.cat([p[0] for p in parts])
+    assert parts[0][0].shape == (3, 1, *[8] * spatial_dims) and parts[0][0].is_contiguous(memory_format=layout)
+    perm = torch.randperm(8, generator=torch.Generator().manual_seed(3))[:6]
+    assert torch.equal(rows, y[perm]) and torch.equal(xs, x[perm])  # the ranks' shares are disjoint rows
