@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Every section of benchmarks/gpu.py, each in its own process under its own time limit (a section
 # that runs long loses only itself, and what it measured so far is kept), then the summary.
-#   bash benchmarks/gpu_all.sh BASELINE OUT [--tiny]
-# BASELINE: ../shared/bench/monai_baseline.py; OUT: the results folder. The limits fit one
-# ~9-minute device call on an H200; SECTIONS="train2d ldm128" runs a subset.
+#   bash benchmarks/gpu_all.sh BASELINE OUT [ARCHIVE.tgz] [--tiny]
+# BASELINE: ../shared/bench/monai_baseline.py; OUT: the results folder; ARCHIVE, if given, is
+# rewritten with all of OUT after every section. The limits fit one ~9-minute device call on an
+# H200; SECTIONS="train2d ldm128" runs a subset.
 set -u
-BASELINE=$1 OUT=$2
+BASELINE=$1 OUT=$2 ARCHIVE=
 shift 2
+case "${1:-}" in *.tgz) ARCHIVE=$1; shift ;; esac
 PY=${PYTHON:-python3}
 mkdir -p "$OUT"
 declare -A LIMIT=([train2d]=160 [sample2d]=70 [train3d]=100 [sample3d]=60 [memory3d]=45 [ldm128]=110)
@@ -17,5 +19,7 @@ for section in ${SECTIONS:-train2d sample2d train3d sample3d memory3d ldm128}; d
   code=$?
   echo "=== $section exit $code"
   [ $code -eq 0 ] || tail -n 5 "$OUT/stderr-$section.txt"
+  [ -z "$ARCHIVE" ] || tar czf "$ARCHIVE" -C "$OUT" .
 done
 "$PY" benchmarks/gpu.py --section summary --out "$OUT"
+[ -z "$ARCHIVE" ] || tar czf "$ARCHIVE" -C "$OUT" .
