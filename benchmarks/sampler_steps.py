@@ -7,7 +7,10 @@ Run by hand after `make demo` (or any finished train stage):
 For each sampler:steps pair it samples the same labels with the same seed from the job's
 checkpoint and scores them with the evaluate stage's metrics against the held-out real
 splits (val + test): Fréchet distance, precision and recall on the features of a classifier
-trained on the real train split, label fidelity and intensity histogram distance. Writes benchmarks/results/sampler-steps-<job>.json and prints a table.
+trained on the real train split, label fidelity and intensity histogram distance; one run per
+seed (``--seeds``), reported as mean and standard deviation, since with the demo's small
+held-out set the Fréchet distance of one run is noisy. Writes
+benchmarks/results/sampler-steps-<job>.json and prints a table.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from medaug.dataset import load_info, load_split
@@ -31,10 +35,11 @@ KEYS = ("fidelity/fd", "fidelity/precision", "fidelity/recall", "fidelity/label_
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--job", default="outputs/demo_2d")
-    ap.add_argument("--plan", default="dpmpp_2m:10,dpmpp_2m:15,dpmpp_2m:20,dpmpp_2m:30,dpmpp_2m:50,dpmpp_2m_sde:20,"
-                    "dpmpp_2m_sde:30,dpmpp_2m_sde:50,pndm:20,ddim:20,ddim:50,ddpm:1000")
+    ap.add_argument("--plan", default="dpmpp_2m_sde:10,dpmpp_2m_sde:15,dpmpp_2m_sde:20,dpmpp_2m_sde:30,"
+                    "dpmpp_2m_sde:50,dpmpp_2m:10,dpmpp_2m:20,dpmpp_2m:50,pndm:20,ddim:20,ddim:50,ddpm:1000")
     ap.add_argument("--per-class", type=int, default=16)
     ap.add_argument("--guidance", type=float, default=2.0)
+    ap.add_argument("--seeds", default="1234,11234,21234", help="one run per seed; mean and sd reported")
     args = ap.parse_args()
     job = Path(args.job)
     ckpt = load_checkpoint(job / "train" / "checkpoints" / "last.pt")
@@ -47,16 +52,22 @@ def main() -> None:
     features = FeatureExtractor(clf, "DenseNet trained on the real train split")
     real_feats = features(test_x)
     labels = labels_for_counts({c: args.per_class for c in range(info.num_classes)})
+    seeds = [int(v) for v in args.seeds.split(",")]
     rows = {}
     for item in args.plan.split(","):
         sampler, steps = item.split(":")
-        t0 = time.perf_counter()
-        x = sample_images(net, inference_scheduler(ckpt.config["scheduler"], sampler, int(steps)), labels,
-                          ckpt.meta["image_shape"], guidance_scale=args.guidance, null_class=info.num_classes,
-                          seed=1234, batch_size=64)
-        m = realism_metrics(clf, train_x, train_y, test_x, test_y, x, labels, info.class_names, seed=0)
-        m.update({f"fidelity/{k}": v for k, v in fidelity_with_floor(real_feats, features(x), seed=0).items()})
-        rows[item] = {**{k: m[k] for k in KEYS}, "seconds": time.perf_counter() - t0}
+        runs = []
+        for seed in seeds:  # sample i starts from seed + i: keep seeds further apart than the sample count
+            t0 = time.perf_counter()
+            x = sample_images(net, inference_scheduler(ckpt.config["scheduler"], sampler, int(steps)), labels,
+                              ckpt.meta["image_shape"], guidance_scale=args.guidance, null_class=info.num_classes,
+                              seed=seed, batch_size=64, progress=False)
+            m = realism_metrics(clf, train_x, train_y, test_x, test_y, x, labels, info.class_names, seed=0)
+            m.update({f"fidelity/{k}": v for k, v in fidelity_with_floor(real_feats, features(x), seed=0).items()})
+            runs.append({**{k: m[k] for k in KEYS}, "seconds": time.perf_counter() - t0})
+        rows[item] = {k: float(np.mean([r[k] for r in runs])) for k in (*KEYS, "seconds")}
+        rows[item].update({f"{k}_sd": float(np.std([r[k] for r in runs], ddof=1)) if len(runs) > 1 else 0.0
+                           for k in KEYS})
         print(item, rows[item], flush=True)
     rows["real_reference"] = {"fidelity/label_acc": m["fidelity/label_acc_real"],
                               "fidelity/hist_w1": m["fidelity/hist_w1_real"],
@@ -64,10 +75,12 @@ def main() -> None:
     out = ROOT / "benchmarks" / "results" / f"sampler-steps-{job.name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"checkpoint": ckpt.id, "training_steps": ckpt.step, "per_class": args.per_class,
+                               "seeds": seeds,
                                "guidance_scale": args.guidance, "results": rows}, indent=1))
     print(f"\n{'sampler:steps':16} " + " ".join(f"{k:>22}" for k in KEYS) + "  seconds")
     for item, r in rows.items():
-        print(f"{item:16} " + " ".join(f"{r[k]:22.4f}" for k in KEYS) + f"  {r.get('seconds', 0):7.1f}")
+        cells = [f"{r[k]:.4f}" + (f" ±{r[k + '_sd']:.4f}" if k + "_sd" in r else "") for k in KEYS]
+        print(f"{item:16} " + " ".join(f"{c:>22}" for c in cells) + f"  {r.get('seconds', 0):7.1f}")
     print("written to", out)
 
 

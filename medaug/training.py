@@ -14,7 +14,10 @@ Example::
 from __future__ import annotations
 
 import functools
+import logging
 import math
+import os
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +31,8 @@ from tqdm.auto import tqdm
 
 from .model import EMA, save_checkpoint
 from .tracking import NullTracker, Tracker
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -58,6 +63,7 @@ class FitResult:
     step: int
     losses: list[tuple[int, float]] = field(default_factory=list)  # (step, mean loss over the log window)
     checkpoint: Path | None = None
+    first_step_s: float | None = None  # wall time of the first step (torch.compile's warm-up when compiling)
 
 
 def step_generator(seed: int, step: int, device: torch.device | str = "cpu") -> torch.Generator:
@@ -152,19 +158,25 @@ def enable_activation_checkpointing(model: nn.Module) -> nn.Module:
 
 
 def prepare_for_speed(model: nn.Module, *, channels_last: bool = False, compile_mode: str | None = None,
-                      activation_checkpointing: bool = False) -> nn.Module:
+                      activation_checkpointing: bool = False, compile_cache: str | Path | None = None) -> nn.Module:
     """Apply the speed and memory switches to a network already on its device.
 
     ``channels_last`` stores the weights channels-last (``channels_last_3d`` for a 3D network).
     ``compile_mode`` is a ``torch.compile`` mode (``default``, ``reduce-overhead`` (CUDA graphs),
     ``max-autotune-no-cudagraphs``, ...) or None for eager. The returned module may be a compiled
     wrapper; it shares its parameters with ``model`` (use :func:`medaug.model.unwrap` to reach the network).
+    ``compile_cache`` is the folder of compiled kernels kept between runs (unless
+    ``TORCHINDUCTOR_CACHE_DIR`` is already set): the first run on a machine compiles, later ones load.
     """
     if activation_checkpointing:
         enable_activation_checkpointing(model)
     if channels_last:
         model = model.to(memory_format=memory_format_of(max(p.ndim for p in model.parameters())))
     if compile_mode:  # shapes are fixed in training: static shapes avoid symbolic-shape recompiles
+        if compile_cache is not None:
+            os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(compile_cache).expanduser()))
+        log.info("torch.compile mode %s; kernel cache %s", compile_mode, os.environ.get("TORCHINDUCTOR_CACHE_DIR",
+                                                                                        "torch's default"))
         model = torch.compile(model, mode=None if compile_mode == "default" else compile_mode, dynamic=False)
     return model
 
@@ -230,6 +242,7 @@ def fit(
     step = start_step
     bar = tqdm(range(start_step, settings.max_steps), desc="train", unit="step", initial=start_step,
                total=settings.max_steps, disable=rank != 0)
+    started = time.perf_counter()
     with checkpoint_at_exit(checkpoint, result), bar:
         for step in bar:
             if cuda:  # a new iteration for CUDA graphs (compile mode reduce-overhead): last step's outputs are dead
@@ -249,6 +262,13 @@ def fit(
             optimizer.step()
             if (step + 1) % settings.ema_every == 0:
                 ema.update(model)
+            if step == start_step:  # one sync per run: the first step's time, torch.compile's warm-up included
+                if cuda:
+                    torch.cuda.synchronize(device)
+                result.first_step_s = time.perf_counter() - started
+                log.info("first training step took %.1f s (includes the torch.compile warm-up when compiling)",
+                         result.first_step_s)
+                tracker.log_metrics({"train/first_step_s": result.first_step_s}, step=step + 1)
             window += loss.detach()
             window_steps += 1
             done = step + 1

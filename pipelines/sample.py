@@ -46,7 +46,8 @@ def run(cfg: DictConfig) -> dict:
     net = net.to(device).eval()
     if device.type == "cuda":  # CUDA graphs for the fixed-shape denoising loop: 2.8x the fp32 eager loop on an H200
         mode = {"auto": "reduce-overhead", False: None, True: "default"}.get(s.compile, s.compile)
-        net = prepare_for_speed(net, channels_last=ckpt.meta["spatial_dims"] == 2, compile_mode=mode)
+        net = prepare_for_speed(net, channels_last=ckpt.meta["spatial_dims"] == 2, compile_mode=mode,
+                                compile_cache=cfg.paths.compile_cache)
     class_names = ckpt.meta["class_names"]
     num = s.num_per_class
     counts = class_counts(OmegaConf.to_container(num) if OmegaConf.is_config(num) else num, class_names)

@@ -76,6 +76,7 @@ def _train(cfg: DictConfig, rank: int, world: int) -> dict:
     compile_mode = {"auto": "default" if cuda else None, False: None, True: "default"}.get(t.compile, t.compile)
     channels_last = switch(t.channels_last, cuda) and info.spatial_dims == 2
     model = prepare_for_speed(net, channels_last=channels_last, compile_mode=compile_mode,
+                              compile_cache=cfg.paths.compile_cache,
                               activation_checkpointing=t.activation_checkpointing)
     if world > 1:
         model = DistributedDataParallel(model, device_ids=[device.index] if cuda else None)

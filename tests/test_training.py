@@ -1,9 +1,11 @@
+import os
+
 import pytest
 import torch
 from monai.networks.schedulers import DDPMScheduler
 
 from medaug.model import EMA, load_checkpoint, network_from_spec
-from medaug.training import TrainSettings, diffusion_loss, draw_batch, fit, step_generator
+from medaug.training import TrainSettings, diffusion_loss, draw_batch, fit, prepare_for_speed, step_generator
 
 from .test_model import SPEC
 
@@ -54,8 +56,9 @@ def test_fit_lowers_loss_and_is_deterministic():
     runs = []
     for _ in range(2):
         net, ema, opt, sch = tiny()
-        runs.append(fit(net, ema, opt, sch, x, y, TrainSettings(max_steps=30, batch_size=8, log_every=10),
-                        null_class=3).losses)
+        result = fit(net, ema, opt, sch, x, y, TrainSettings(max_steps=30, batch_size=8, log_every=10), null_class=3)
+        runs.append(result.losses)
+        assert result.first_step_s > 0  # logged: the compile warm-up on a GPU
     assert runs[0] == runs[1]
     assert runs[0][-1][1] < runs[0][0][1]
 
@@ -140,3 +143,15 @@ def test_draw_batch_takes_a_rank_share_of_one_permutation(spatial_dims):
     assert parts[0][0].shape == (3, 1, *[8] * spatial_dims) and parts[0][0].is_contiguous(memory_format=layout)
     perm = torch.randperm(8, generator=torch.Generator().manual_seed(3))[:6]
     assert torch.equal(rows, y[perm]) and torch.equal(xs, x[perm])  # the ranks' shares are disjoint rows
+
+
+def test_compile_kernel_cache_is_set_unless_the_user_set_one(tmp_path, monkeypatch):
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    net = tiny()[0]
+    prepare_for_speed(net, compile_cache=tmp_path / "a")  # eager: nothing to cache
+    assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ
+    compiled = prepare_for_speed(net, compile_mode="default", compile_cache=tmp_path / "a")
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "a")
+    prepare_for_speed(net, compile_mode="default", compile_cache=tmp_path / "b")
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "a")
+    assert list(compiled.parameters())[0] is list(net.parameters())[0]
