@@ -5,9 +5,10 @@ Run by hand (not a test):
     python benchmarks/speed.py                      # CPU: demo_2d and demo_3d, before/after the speed switches
     python benchmarks/speed.py --device cuda        # the same on a GPU
 
-"before" is the plain eager fp32 path with MONAI's default attention; "after" is what
-`medaug train` / `medaug sample` use on that device (fused SDPA attention, and on CUDA
-bf16 autocast, channels_last in 2D and torch.compile). Both run in this one process, so
+"before" is the plain eager fp32 path with MONAI's default attention (sampling: DDIM, 50
+steps); "after" is what `medaug train` / `medaug sample` use on that device (fused SDPA
+attention, the experiment's sampler and steps, and on CUDA bf16 autocast, channels_last in 2D
+and torch.compile). Both run in this one process, so
 their ratio is meaningful; absolute numbers depend on the machine and its load.
 Results are printed and written to benchmarks/results/speed-<device>.json.
 """
@@ -131,13 +132,15 @@ def time_sample(spec: dict, shape, batch: int, steps: int, device: torch.device,
     return dict(img_per_s=batch / dt, s_per_batch=dt, warmup_s=warm_s, steps=steps)
 
 
-def demo_setup(experiment: str) -> tuple[dict, tuple, int, int]:
-    """Model spec, image shape (C, *spatial), training batch and sampling batch of an experiment config."""
+def demo_setup(experiment: str) -> tuple[dict, tuple, int, int, str, int]:
+    """Model spec, image shape (C, *spatial), training batch, sampling batch, sampler and its steps
+    of an experiment config."""
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("sample", overrides=[f"experiment={experiment}", "paths.output_dir=/tmp/medaug-bench"])
     spec = OmegaConf.to_container(cfg.model, resolve=True)
     spec["num_class_embeds"] = 4
-    return spec, (1, *cfg.data.image_size), cfg.training.batch_size, cfg.sample.batch_size
+    s = cfg.sample
+    return spec, (1, *cfg.data.image_size), cfg.training.batch_size, s.batch_size, s.sampler, s.steps
 
 
 def main() -> None:
@@ -145,14 +148,14 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--experiments", default="demo_2d,demo_3d")
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--sample-steps", type=int, default=10)
+    ap.add_argument("--sample-steps", type=int, default=50, help="DDIM steps of the 'before' sampling loop")
     args = ap.parse_args()
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     results = {"device": torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu",
                "threads": torch.get_num_threads(), "torch": torch.__version__}
     for exp in args.experiments.split(","):
-        spec, shape, batch, sample_batch = demo_setup(exp)
+        spec, shape, batch, sample_batch, sampler, steps = demo_setup(exp)
         plain = {**spec, "use_flash_attention": False}
         fast = {**spec, "use_flash_attention": True}
         after = dict(amp_dtype=torch.bfloat16 if cuda else None, channels_last=cuda and len(shape) == 3,
@@ -161,7 +164,8 @@ def main() -> None:
             "train_before": time_train(plain, shape, batch, args.steps, 3, device),
             "train_after": time_train(fast, shape, batch, args.steps, 3, device, **after),
             "sample_before": time_sample(plain, shape, sample_batch, args.sample_steps, device),
-            "sample_after": time_sample(fast, shape, sample_batch, args.sample_steps, device, **after),
+            "sample_after": {**time_sample(fast, shape, sample_batch, steps, device, sampler=sampler, **after),
+                             "sampler": sampler},
         }
         res["train_ratio"] = res["train_after"]["img_per_s"] / res["train_before"]["img_per_s"]
         res["sample_ratio"] = res["sample_after"]["img_per_s"] / res["sample_before"]["img_per_s"]
