@@ -67,6 +67,13 @@ def _train(cfg: DictConfig, rank: int, world: int) -> dict:
     start_step, run_id = 0, None
     if resume_from.exists():
         ckpt = load_checkpoint(resume_from)
+        trained_on = ckpt.meta.get("latent", {}).get("autoencoder_id")  # None: pixel space
+        now = space.id if space is not None else None
+        if trained_on != now:
+            def what(ae_id):
+                return f"the latents of autoencoder {ae_id}" if ae_id else "pixels"
+            raise ValueError(f"{resume_from}: trained on {what(trained_on)}, but this run trains on {what(now)}; "
+                             "restore the autoencoder it was trained with, or train afresh in another paths.train_dir")
         restore_training_state(ckpt, net, ema, optimizer)
         start_step, run_id = ckpt.step, ckpt.meta.get("mlflow_run_id")
         if ckpt.meta.get("dataset") != info.fingerprint:

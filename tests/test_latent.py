@@ -223,6 +223,14 @@ def test_ldm_job_end_to_end_keeps_image_geometry(tmp_path, monkeypatch):
     assert img.shape == (12, 12, 12)
     np.testing.assert_allclose(img.affine, np.asarray(dataset["affine"]), atol=1e-5)
 
+    # resuming on another autoencoder's latents is refused before any weight is touched
+    last = tmp_path / "train" / "checkpoints" / "last.pt"
+    payload = torch.load(last, weights_only=False)
+    payload["meta"]["latent"]["autoencoder_id"] = "0123456789ab"
+    torch.save(payload, last)
+    with pytest.raises(ValueError, match="autoencoder 0123456789ab, but this run trains on the latents of autoencoder"):
+        train.run(compose_cfg("train", tmp_path, [*LDM, "training.max_steps=8"]))
+
 
 def test_train_autoencoder_stage_needs_an_autoencoder(tmp_path):
     overrides = ["experiment=demo_3d", *TINY]
