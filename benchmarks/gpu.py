@@ -18,13 +18,15 @@ process on the same card as medaug's path on the same networks, so ratios are me
   torch.compile, EMA, gradient clipping; profiled), then one lever at a time for attribution,
   and the data path alone (an upper bound of the time a step can wait for data).
 - ``sample2d`` DDIM 50 steps at batch 64 (and 256, reported apart): baseline fp32 eager loop
-  against ``medaug.sampling.sample_images`` with CUDA graphs; DPM-Solver++ 2M at 20 steps.
+  against ``medaug.sampling.sample_images`` with CUDA graphs; the default DPM-Solver++ 2M SDE
+  at 20 steps.
 - ``train3d`` / ``sample3d``  the same on the 3D 64³ network (batch 4), channels_last_3d or not.
 - ``memory3d`` 3D 128³ (channels 64/128/256/256) at batch 2: peak memory with and without
   activation checkpointing (bf16).
 - ``ldm128``   the latent diffusion model of ``experiment=ldm_3d_ct128``: autoencoder and latent
-  UNet training steps, time and peak memory per 128³ sample (50 DDIM steps, guidance, tiled
-  decode), beside the pixel-space baseline network at 128³ where it fits.
+  UNet training steps, time and peak memory per 128³ sample (the sample stage's sampler and
+  steps, guidance, tiled decode), beside the pixel-space baseline network at 128³ (DDIM) where
+  it fits.
 
 Every section writes ``gpu-<card>-<section>.json`` in ``--out`` after each measurement (a run
 cut short keeps what it measured); ``summary`` merges them into ``gpu-<card>.json`` and prints
@@ -208,11 +210,12 @@ def sample_section(b: Bench, name: str, channels_last: bool, batches: tuple[int,
                   amp_dtype=BF16 if b.cuda else None, compile_mode=mode, channels_last=channels_last)
         b.ratios(**{f"ddim_b{batch}_vs_fp32": (f"medaug_ddim_b{batch}", f"baseline_ddim_fp32_b{batch}")})
     batch = batches[0]
-    few = 4 if b.tiny else 20
-    b.measure(f"medaug_dpmpp_2m_{few}_b{batch}", time_sample, spec, shape, batch, few, b.device,
-              amp_dtype=BF16 if b.cuda else None, compile_mode=mode, channels_last=channels_last, sampler="dpmpp_2m")
-    b.ratios(**{f"dpmpp_2m_{few}_vs_fp32_ddim_{b.ddim}": (f"medaug_dpmpp_2m_{few}_b{batch}",
-                                                          f"baseline_ddim_fp32_b{batch}")})
+    few = 4 if b.tiny else 20  # the default sampler: as good at 20 steps as DDPM at 1000 on the demo
+    b.measure(f"medaug_dpmpp_2m_sde_{few}_b{batch}", time_sample, spec, shape, batch, few, b.device,
+              amp_dtype=BF16 if b.cuda else None, compile_mode=mode, channels_last=channels_last,
+              sampler="dpmpp_2m_sde")
+    b.ratios(**{f"dpmpp_2m_sde_{few}_vs_fp32_ddim_{b.ddim}": (f"medaug_dpmpp_2m_sde_{few}_b{batch}",
+                                                              f"baseline_ddim_fp32_b{batch}")})
 
 
 def memory_section(b: Bench) -> None:
@@ -287,7 +290,8 @@ def time_ldm_sample(config: dict, n: int, steps: int, device: torch.device, amp_
     t1 = time.perf_counter()
     decode_latents(ae, z, tile=s.get("decode_tile"), batch_size=n)
     sync(device)
-    return dict(s_per_image=total / n, decode_s_per_image=(time.perf_counter() - t1) / n, batch=n, steps=steps,
+    return dict(s_per_image=total / n, decode_s_per_image=(time.perf_counter() - t1) / n, batch=n,
+                sampler=s["sampler"], steps=steps,
                 guidance_scale=kw["guidance_scale"], image_shape=list(images.shape[1:]), peak_gib=peak_gib(device))
 
 
@@ -302,8 +306,8 @@ def ldm_section(b: Bench) -> None:
     unet = {**config["model"], "spatial_dims": 3, "in_channels": lat_c, "out_channels": lat_c, "num_class_embeds": 5}
     b.measure("latent_unet_train", time_train, unet, (lat_c, *latent_shape), config["training"]["batch_size"],
               steps, 2, b.device, amp_dtype=amp)
-    b.measure("ldm_sample", time_ldm_sample, config, config["sample"]["batch_size"], 3 if b.tiny else 50, b.device,
-              amp)
+    b.measure("ldm_sample", time_ldm_sample, config, config["sample"]["batch_size"],
+              3 if b.tiny else config["sample"]["steps"], b.device, amp)
     pixel = dict(b.config("3d_64"), shape=(1, *config["data"]["image_size"]), batch=1)
     b.res["pixel_baseline_network"] = {k: list(v) if isinstance(v, tuple) else v for k, v in pixel.items()}
     b.baseline("pixel_baseline_train_fp16_amp", "train_rate", pixel, "fp16_amp", 3, 1)
