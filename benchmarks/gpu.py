@@ -46,11 +46,10 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from speed import sync, time_sample, time_train  # noqa: E402
+from speed import peak_gib, reset_peak, sample_config, sync, time_sample, time_train  # noqa: E402
 
 from medaug.latent import (AutoencoderSettings, LatentSpace, Optimizers, check_shape,  # noqa: E402
                            decode_latents, fit_autoencoder)
@@ -230,21 +229,18 @@ def memory_section(b: Bench) -> None:
                   activation_checkpointing=ckpt)
 
 
-def peak_gib(device: torch.device) -> float | None:
-    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-
-
-def reset_peak(device: torch.device) -> None:
-    if device.type == "cuda":
-        sync(device)
-        torch.cuda.reset_peak_memory_stats(device)
-
-
 def ldm_config(b: Bench) -> dict:
     experiment, extra = ("ldm_3d_demo", ["data.image_size=[16,16,16]"]) if b.tiny else ("ldm_3d_ct128", [])
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("sample", overrides=[f"experiment={experiment}", "paths.output_dir=/tmp/medaug-bench", *extra])
-    return OmegaConf.to_container(cfg, resolve=True)
+    return OmegaConf.to_container(sample_config(experiment, *extra), resolve=True)
+
+
+def latent_unet(config: dict) -> tuple[dict, tuple[int, ...]]:
+    """The diffusion UNet spec of an LDM config on its latents, and the latent shape (C, *spatial)."""
+    ae_spec = config["autoencoder"]["network"]
+    channels = int(ae_spec["latent_channels"])
+    spec = {**config["model"], "spatial_dims": 3, "in_channels": channels, "out_channels": channels,
+            "num_class_embeds": 5}
+    return spec, (channels, *check_shape(config["data"]["image_size"], ae_spec))
 
 
 def time_autoencoder_train(config: dict, batch: int, steps: int, warmup: int, device: torch.device,
@@ -270,15 +266,15 @@ def time_autoencoder_train(config: dict, batch: int, steps: int, warmup: int, de
 
 
 def time_ldm_sample(config: dict, n: int, steps: int, device: torch.device, amp_dtype) -> dict:
-    """Seconds and peak memory per image of ``LatentSpace.sample`` as the sample stage runs it: DDIM
-    with guidance on latents, then the tiled decode (random weights: the cost does not depend on them)."""
-    spec, ae_spec, s = config["model"], config["autoencoder"]["network"], config["sample"]
-    latent_shape = check_shape(config["data"]["image_size"], ae_spec)
+    """Seconds and peak memory per image of ``LatentSpace.sample`` as the sample stage runs it: its
+    sampler with guidance on latents, then the tiled decode (random weights: the cost does not depend
+    on them)."""
+    s = config["sample"]
+    spec, (channels, *latent_shape) = latent_unet(config)
     torch.manual_seed(0)
-    ae = network_from_spec(ae_spec).to(device).eval()
-    unet = network_from_spec({**spec, "spatial_dims": 3, "in_channels": ae_spec["latent_channels"],
-                              "out_channels": ae_spec["latent_channels"], "num_class_embeds": 5}).to(device).eval()
-    space = LatentSpace(ae, 1.0, int(ae_spec["latent_channels"]), latent_shape, Path("bench"), "bench")
+    ae = network_from_spec(config["autoencoder"]["network"]).to(device).eval()
+    unet = network_from_spec(spec).to(device).eval()
+    space = LatentSpace(ae, 1.0, channels, latent_shape, Path("bench"), "bench")
     sch = inference_scheduler(config["scheduler"], s["sampler"], steps)
     labels = labels_for_counts({0: n})
     kw = dict(tile=s.get("decode_tile"), guidance_scale=float(s["guidance_scale"]), null_class=4, seed=0,
@@ -289,7 +285,7 @@ def time_ldm_sample(config: dict, n: int, steps: int, device: torch.device, amp_
     images = space.sample(unet, sch, labels, **kw)
     sync(device)
     total = time.perf_counter() - t0
-    z = torch.randn(n, int(ae_spec["latent_channels"]), *latent_shape)
+    z = torch.randn(n, channels, *latent_shape)
     t1 = time.perf_counter()
     decode_latents(ae, z, tile=s.get("decode_tile"), batch_size=n)
     sync(device)
@@ -301,25 +297,24 @@ def time_ldm_sample(config: dict, n: int, steps: int, device: torch.device, amp_
 def ldm_section(b: Bench) -> None:
     config = ldm_config(b)
     amp = BF16 if b.cuda else None
-    lat_c = config["autoencoder"]["network"]["latent_channels"]
-    latent_shape = check_shape(config["data"]["image_size"], config["autoencoder"]["network"])
     steps = 2 if b.tiny else 5
     b.measure("autoencoder_train", time_autoencoder_train, config, config["autoencoder"]["batch_size"], steps, 1,
               b.device, amp)
-    unet = {**config["model"], "spatial_dims": 3, "in_channels": lat_c, "out_channels": lat_c, "num_class_embeds": 5}
-    b.measure("latent_unet_train", time_train, unet, (lat_c, *latent_shape), config["training"]["batch_size"],
-              steps, 2, b.device, amp_dtype=amp)
-    b.measure("ldm_sample", time_ldm_sample, config, config["sample"]["batch_size"],
-              3 if b.tiny else config["sample"]["steps"], b.device, amp)
+    unet, latent_shape = latent_unet(config)
+    b.measure("latent_unet_train", time_train, unet, latent_shape, config["training"]["batch_size"], steps, 2,
+              b.device, amp_dtype=amp)
+    sample_steps = 3 if b.tiny else config["sample"]["steps"]
+    b.measure("ldm_sample", time_ldm_sample, config, config["sample"]["batch_size"], sample_steps, b.device, amp)
     pixel = dict(b.config("3d_64"), shape=(1, *config["data"]["image_size"]), batch=1)
     b.res["pixel_baseline_network"] = {k: list(v) if isinstance(v, tuple) else v for k, v in pixel.items()}
     b.baseline("pixel_baseline_train_fp16_amp", "train_rate", pixel, "fp16_amp", 3, 1)
     ref = b.baseline("pixel_baseline_ddim10_fp32", "sample_rate", pixel, "fp32", 10)
-    if "s_per_batch" in ref:  # 50 steps cost 5x 10 steps (the loop is the same network call each step)
-        b.res["pixel_baseline_ddim50_fp32_s_per_image"] = ref["s_per_batch"] * 5
+    pixel_key = f"pixel_baseline_ddim{sample_steps}_fp32_s_per_image"
+    if "s_per_batch" in ref:  # the LDM's step count: each step is the same network call, so time scales with it
+        b.res[pixel_key] = ref["s_per_batch"] * sample_steps / 10
     ldm = b.res["ldm_sample"].get("s_per_image")
-    if ldm and "pixel_baseline_ddim50_fp32_s_per_image" in b.res:
-        b.res.setdefault("ratios", {})["pixel_s_per_image_vs_ldm"] = b.res["pixel_baseline_ddim50_fp32_s_per_image"] / ldm
+    if ldm and pixel_key in b.res:
+        b.res.setdefault("ratios", {})["pixel_s_per_image_vs_ldm"] = b.res[pixel_key] / ldm
     b.save()
 
 

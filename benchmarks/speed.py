@@ -38,6 +38,18 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def reset_peak(device: torch.device) -> None:
+    """Start a new peak-memory window (CUDA; a no-op elsewhere)."""
+    if device.type == "cuda":
+        sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_gib(device: torch.device) -> float | None:
+    """Peak device memory since :func:`reset_peak`, GiB (None off CUDA)."""
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
 def time_train(spec: dict, shape, batch: int, steps: int, warmup: int, device: torch.device,
                amp_dtype=None, channels_last=False, compile_mode=None, activation_checkpointing=False,
                ema_every: int = 1, grad_clip: float | None = 1.0, data_on_device: bool = True,
@@ -70,8 +82,7 @@ def time_train(spec: dict, shape, batch: int, steps: int, warmup: int, device: t
     run(0, warmup)
     sync(device)
     warm_s = time.perf_counter() - t0
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    reset_peak(device)
     t0 = time.perf_counter()
     run(warmup, steps)
     queued = time.perf_counter() - t0
@@ -80,7 +91,7 @@ def time_train(spec: dict, shape, batch: int, steps: int, warmup: int, device: t
     out = dict(img_per_s=batch * steps / dt, step_ms=1000 * dt / steps, enqueue_ms=1000 * queued / steps,
                warmup_s=warm_s)
     if device.type == "cuda":
-        out["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        out["peak_gib"] = peak_gib(device)
     if profile is not None:
         out.update(profile_steps(lambda: run(warmup + steps, 5), 5, device, profile))
     return out
@@ -132,11 +143,17 @@ def time_sample(spec: dict, shape, batch: int, steps: int, device: torch.device,
     return dict(img_per_s=batch / dt, s_per_batch=dt, warmup_s=warm_s, steps=steps)
 
 
+def sample_config(experiment: str, *overrides: str):
+    """The sample stage's config of ``experiment`` (it holds every section: model, data, training, sample...)."""
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("sample", overrides=[f"experiment={experiment}", "paths.output_dir=/tmp/medaug-bench",
+                                            *overrides])
+
+
 def demo_setup(experiment: str) -> tuple[dict, tuple, int, int, str, int]:
     """Model spec, image shape (C, *spatial), training batch, sampling batch, sampler and its steps
     of an experiment config."""
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("sample", overrides=[f"experiment={experiment}", "paths.output_dir=/tmp/medaug-bench"])
+    cfg = sample_config(experiment)
     spec = OmegaConf.to_container(cfg.model, resolve=True)
     spec["num_class_embeds"] = 4
     s = cfg.sample
