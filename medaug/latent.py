@@ -41,6 +41,7 @@ from monai.inferers import SlidingWindowInferer
 from monai.losses import PatchAdversarialLoss
 from monai.metrics import PSNRMetric, SSIMMetric
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from .dataset import load_info, load_split
@@ -48,7 +49,7 @@ from .model import (EMA, ema_network, file_id, load_checkpoint, network_from_spe
                     save_checkpoint)
 from .sampling import sample_images, save_grid
 from .tracking import NullTracker, Tracker, flatten
-from .training import checkpoint_at_exit, step_generator
+from .training import barrier, checkpoint_at_exit, rank_and_world, step_generator
 
 log = logging.getLogger("medaug")
 
@@ -63,7 +64,7 @@ def kl_loss(z_mu: torch.Tensor, z_sigma: torch.Tensor) -> torch.Tensor:
 
 
 class AutoencoderLosses(NamedTuple):
-    """One training step's terms (scalars); ``adv`` and ``disc`` are 0 before the warm-up ends."""
+    """One training step's terms (scalars); ``adv`` is 0 before the warm-up ends."""
 
     total: torch.Tensor
     recon: torch.Tensor
@@ -72,11 +73,29 @@ class AutoencoderLosses(NamedTuple):
     reconstruction: torch.Tensor  # (N, 1, *spatial), the decoded posterior sample
 
 
-def autoencoder_loss(ae: nn.Module, x: torch.Tensor, *, kl_weight: float, adv_weight: float = 0.0,
-                     discriminator: nn.Module | None = None) -> AutoencoderLosses:
-    """``L1(D(z), x) + kl_weight · KL + adv_weight · LSGAN(disc(D(z)) → real)`` for images ``x`` in [-1, 1];
-    ``z`` is a posterior sample. The adversarial term is left out when ``discriminator`` is None."""
-    reconstruction, z_mu, z_sigma = ae(x)
+class PosteriorSample(nn.Module):
+    """``AutoencoderKL.forward`` with the posterior noise passed in: ``(D(mu + noise * sigma), mu, sigma)``.
+
+    Training draws the noise itself (from the step's generator, for the whole global batch), so
+    a run does not depend on the global RNG and N data-parallel ranks reproduce one process. The
+    module is what DDP wraps; its parameters are the autoencoder's.
+    """
+
+    def __init__(self, autoencoder: nn.Module):
+        super().__init__()
+        self.autoencoder = autoencoder
+
+    def forward(self, x: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        z_mu, z_sigma = self.autoencoder.encode(x)
+        return self.autoencoder.decode(z_mu + noise * z_sigma), z_mu, z_sigma
+
+
+def autoencoder_loss(model: nn.Module, x: torch.Tensor, noise: torch.Tensor, *, kl_weight: float,
+                     adv_weight: float = 0.0, discriminator: nn.Module | None = None) -> AutoencoderLosses:
+    """``L1(D(z), x) + kl_weight · KL + adv_weight · LSGAN(disc(D(z)) → real)`` for images ``x`` in [-1, 1],
+    with ``z = mu + noise · sigma`` (``model`` a :class:`PosteriorSample`, ``noise`` the latent's shape).
+    The adversarial term is left out when ``discriminator`` is None."""
+    reconstruction, z_mu, z_sigma = model(x, noise)
     recon = F.l1_loss(reconstruction.float(), x.float())
     kl = kl_loss(z_mu, z_sigma).mean()
     adv = torch.zeros((), device=x.device)
@@ -119,6 +138,20 @@ def encode_mean(ae: nn.Module, images: torch.Tensor, batch_size: int = 8, progre
     out = [ae.encode(images[i : i + batch_size].to(device))[0].float().cpu()
            for i in tqdm(range(0, len(images), batch_size), desc="encode", unit="batch", disable=not progress)]
     return torch.cat(out)
+
+
+def encode_shared(ae: nn.Module, images: torch.Tensor, batch_size: int = 8, progress: bool = False) -> torch.Tensor:
+    """:func:`encode_mean` shared out over the ranks of a running process group: each rank encodes a
+    contiguous share and every rank gets all the means, in order. Without a process group, encode_mean."""
+    rank, world = rank_and_world()
+    if world == 1:
+        return encode_mean(ae, images, batch_size, progress)
+    share = -(-len(images) // world)
+    mine = images[rank * share : (rank + 1) * share]
+    part = encode_mean(ae, mine, batch_size, progress and rank == 0) if len(mine) else None
+    parts: list = [None] * world
+    torch.distributed.all_gather_object(parts, part)
+    return torch.cat([p for p in parts if p is not None])
 
 
 @torch.no_grad()
@@ -189,6 +222,8 @@ class AutoencoderSettings:
     val_every: int = 500
     seed: int = 0
     amp_dtype: torch.dtype | None = None  # autocast dtype of the networks (bf16 on a GPU); None: fp32
+    rank: int = 0        # data-parallel training: each of world_size ranks trains on its slice of the
+    world_size: int = 1  # global batch of batch_size * world_size (see medaug.training.TrainSettings)
 
     @classmethod
     def from_section(cls, section: Mapping) -> "AutoencoderSettings":
@@ -233,18 +268,37 @@ def fit_autoencoder(ae: nn.Module, ema: EMA, optimizers: Optimizers, images: tor
     continues an uninterrupted one. The adversarial loss (``optimizers.discriminator``) switches on
     at ``adv_start``. Checkpoints every ``ckpt_every`` steps, at the end and on Ctrl-C; the EMA
     network is validated every ``val_every`` steps on ``val_images``.
+
+    With ``settings.world_size > 1`` (a process group running, e.g. under torchrun) the
+    autoencoder and the discriminator train under DDP: every rank draws the same global batch and
+    noise and trains on its slice, so N ranks reproduce one process with an N-times larger batch;
+    only rank 0 checkpoints and validates (log the tracker of rank 0 only).
     """
     tracker = tracker or NullTracker()
     device = next(ae.parameters()).device
     n = images.shape[0]
     if n == 0:
         raise ValueError("no training images: the train split is empty")
-    batch_size = min(settings.batch_size, n)
+    world, rank = settings.world_size, settings.rank
+    batch_size = min(settings.batch_size, n // world)
+    if batch_size == 0:
+        raise ValueError(f"{n} training images cannot feed {world} ranks")
+    mine = slice(rank * batch_size, (rank + 1) * batch_size)
+    with torch.no_grad():  # the posterior's shape, for drawing the global batch's noise
+        latent_shape = ae.encode(images[:1].to(device))[0].shape[1:]
     disc = optimizers.discriminator
+    model, critic = PosteriorSample(ae), disc
+    if world > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        model = DistributedDataParallel(model, device_ids=ids)
+        if disc is not None:  # batch-norm statistics over the global batch (SyncBatchNorm is CUDA-only)
+            if device.type == "cuda":
+                disc = nn.SyncBatchNorm.convert_sync_batchnorm(disc)
+            critic = DistributedDataParallel(disc, device_ids=ids)
     result = AutoencoderFitResult(step=start_step)
 
     def checkpoint(step: int) -> None:
-        if ckpt_path is not None:
+        if ckpt_path is not None and rank == 0:
             payload = checkpoint_payload() if checkpoint_payload else {"config": {}, "meta": {}}
             save_checkpoint(ckpt_path, model=ae, ema=ema, optimizer=optimizers, step=step, **payload)
 
@@ -254,17 +308,19 @@ def fit_autoencoder(ae: nn.Module, ema: EMA, optimizers: Optimizers, images: tor
     window: dict[str, torch.Tensor] = {}
     window_steps = 0
     bar = tqdm(range(start_step, settings.max_steps), desc="autoencoder", unit="step", initial=start_step,
-               total=settings.max_steps)
+               total=settings.max_steps, disable=rank != 0)
     with checkpoint_at_exit(checkpoint, result), bar:
         for step in bar:
             gen = step_generator(settings.seed, step)
-            idx = torch.randperm(n, generator=gen)[:batch_size]
+            idx = torch.randperm(n, generator=gen)[: batch_size * world][mine]
+            noise = torch.randn((batch_size * world, *latent_shape), generator=gen)[mine]
             x = images[idx].to(device, non_blocking=True)
-            torch.manual_seed(settings.seed * 1_000_003 + step)  # the posterior sample inside ae(x)
             adv_on = disc is not None and step >= settings.adv_start
+            if adv_on:  # the generator's adversarial term: gradients reach the reconstruction, not the critic
+                disc.requires_grad_(False)
             with autocast:
-                terms = autoencoder_loss(ae, x, kl_weight=settings.kl_weight, adv_weight=settings.adv_weight,
-                                         discriminator=disc if adv_on else None)
+                terms = autoencoder_loss(model, x, noise.to(device), kl_weight=settings.kl_weight,
+                                         adv_weight=settings.adv_weight, discriminator=disc if adv_on else None)
             optimizers.autoencoder.zero_grad(set_to_none=True)
             terms.total.backward()
             optimizers.autoencoder.step()
@@ -272,9 +328,10 @@ def fit_autoencoder(ae: nn.Module, ema: EMA, optimizers: Optimizers, images: tor
             logged = {"autoencoder/loss": terms.total.detach(), "autoencoder/recon_l1": terms.recon.detach(),
                       "autoencoder/kl": terms.kl.detach()}
             if adv_on:
+                disc.requires_grad_(True)
                 optimizers.disc_optimizer.zero_grad(set_to_none=True)
                 with autocast:
-                    d_loss = discriminator_loss(disc, x, terms.reconstruction)
+                    d_loss = discriminator_loss(critic, x, terms.reconstruction)
                 d_loss.backward()
                 optimizers.disc_optimizer.step()
                 logged.update({"autoencoder/adv": terms.adv.detach(), "autoencoder/disc": d_loss.detach()})
@@ -283,7 +340,11 @@ def fit_autoencoder(ae: nn.Module, ema: EMA, optimizers: Optimizers, images: tor
             window_steps += 1
             done = step + 1
             if done % settings.log_every == 0 or done == settings.max_steps:
-                means = {k: float(v) / window_steps for k, v in window.items()}
+                sums = torch.stack(list(window.values()))
+                if world > 1:  # the mean over all ranks, as one process with the global batch would see
+                    torch.distributed.all_reduce(sums)
+                    sums /= world
+                means = {k: float(v) / window_steps for k, v in zip(window, sums)}
                 if not math.isfinite(means["autoencoder/loss"]):
                     raise FloatingPointError(f"autoencoder loss became {means['autoencoder/loss']} at step {done}; "
                                              "lower autoencoder.optimizer.lr")
@@ -291,8 +352,8 @@ def fit_autoencoder(ae: nn.Module, ema: EMA, optimizers: Optimizers, images: tor
                 tracker.log_metrics(means, step=done)
                 bar.set_postfix(l1=f"{means['autoencoder/recon_l1']:.4f}")
                 window, window_steps = {}, 0
-            if val_images is not None and len(val_images) and settings.val_every and done % settings.val_every == 0 \
-                    and done < settings.max_steps:
+            if rank == 0 and val_images is not None and len(val_images) and settings.val_every \
+                    and done % settings.val_every == 0 and done < settings.max_steps:
                 metrics, _ = reconstruction_metrics(ema.model, val_images, batch_size)
                 result.val.append((done, metrics))
                 tracker.log_metrics(metrics, step=done)
@@ -383,7 +444,8 @@ def load_latent_space(path: str | Path, device: torch.device | str = "cpu",
 def cached_latents(space: LatentSpace, prepared_dir: str | Path, cache_dir: str | Path,
                    split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
     """Unscaled posterior means ``(N, C_lat, *latent)`` and labels ``(N,)`` of a prepared split,
-    encoded once and then read from ``cache_dir`` (keyed by autoencoder id + dataset fingerprint)."""
+    encoded once and then read from ``cache_dir`` (keyed by autoencoder id + dataset fingerprint).
+    Under a process group every rank calls this: the ranks share the encoding, rank 0 writes."""
     info = load_info(prepared_dir)
     path = cache_file(cache_dir, space.id, info.fingerprint, split)
     if path.is_file():
@@ -391,8 +453,9 @@ def cached_latents(space: LatentSpace, prepared_dir: str | Path, cache_dir: str 
         log.info("latents of %s read from cache %s", split, path)
         return data["latents"], data["labels"]
     images, labels = load_split(info.root, split)
-    latents = encode_mean(space.autoencoder, images, progress=True)
-    write_latent_cache(path, latents, labels)
+    latents = encode_shared(space.autoencoder, images, progress=True)
+    if rank_and_world()[0] == 0:
+        write_latent_cache(path, latents, labels)
     log.info("encoded %d %s images to latents %s, cached in %s", len(images), split, list(latents.shape[1:]), path)
     return latents, labels
 
@@ -418,12 +481,17 @@ def train_autoencoder(config: Mapping, prepared_dir: str | Path, ckpt_path: str 
     the numbers of :class:`AutoencoderSettings`. Resumes ``ckpt_path`` when it exists; a finished
     run is left as it is. At the end: validation metrics, a reconstruction grid, the scale factor
     (stored in the checkpoint) and the cached training latents.
+
+    Under a running process group (torchrun) every rank calls this: training is data-parallel
+    (see :func:`fit_autoencoder`), the ranks share the final encoding, and only rank 0 logs and
+    writes; every rank returns once the checkpoint is complete.
     """
     section = config.get("autoencoder")
     if not section:
         raise ValueError("no autoencoder chosen; pass autoencoder=kl_small (conf/autoencoder/) or an experiment "
                          "that sets one, e.g. experiment=ldm_3d_demo")
-    tracker = tracker or NullTracker()
+    rank, world = rank_and_world()
+    tracker = tracker if tracker is not None and rank == 0 else NullTracker()
     ckpt_path, device = Path(ckpt_path), torch.device(device)
     info = load_info(prepared_dir)
     spec = dict(section["network"])
@@ -432,7 +500,7 @@ def train_autoencoder(config: Mapping, prepared_dir: str | Path, ckpt_path: str 
                          f"{info.spatial_dims}D; set it to ${{data.spatial_dims}}")
     latent_shape = check_shape(info.image_shape, spec)
     settings = AutoencoderSettings.from_section(section)
-    settings.amp_dtype = amp_dtype
+    settings.amp_dtype, settings.rank, settings.world_size = amp_dtype, rank, world
 
     ae = network_from_spec(spec).to(device)
     ema = EMA(ae, settings.ema_decay)
@@ -470,18 +538,20 @@ def train_autoencoder(config: Mapping, prepared_dir: str | Path, ckpt_path: str 
 
     net = ema.model.eval()
     metrics = {}
-    if len(val_x):
+    if len(val_x) and rank == 0:
         metrics, recon = reconstruction_metrics(net, val_x, settings.batch_size)
         k = min(4, len(val_x))
         grid = save_grid(torch.cat([val_x[:k], recon[:k]]), torch.tensor([0] * k + [1] * k),
                          ["real", "reconstruction"], ckpt_path.parent / "reconstructions.png", per_class=k)
         tracker.log_metrics(metrics, step=result.step)
         tracker.log_artifact(grid, "autoencoder")
-    latents = encode_mean(net, train_x, settings.batch_size, progress=True)
+    latents = encode_shared(net, train_x, settings.batch_size, progress=True)
     meta.update(scale_factor=scale_factor_of(latents), val=metrics)
-    save_checkpoint(ckpt_path, model=ae, ema=ema, optimizer=optimizers, step=result.step, **payload())
+    if rank == 0:
+        save_checkpoint(ckpt_path, model=ae, ema=ema, optimizer=optimizers, step=result.step, **payload())
+        write_latent_cache(cache_file(cache_dir, file_id(ckpt_path), info.fingerprint, "train"), latents, train_y)
+    barrier()  # the finished checkpoint is on disk for every rank
     ae_id = file_id(ckpt_path)
-    write_latent_cache(cache_file(cache_dir, ae_id, info.fingerprint, "train"), latents, train_y)
     tracker.log_metrics({"autoencoder/scale_factor": meta["scale_factor"]}, step=result.step)
     tracker.end()
     log.info("autoencoder trained to step %d (%s), scale factor %.4f; checkpoint %s", result.step,

@@ -79,6 +79,19 @@ class StepNoise(NamedTuple):
     drop: torch.Tensor       # (N,) bool: label replaced by the null class
 
 
+def rank_and_world() -> tuple[int, int]:
+    """``(rank, world size)`` of the running ``torch.distributed`` process group; ``(0, 1)`` without one."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def barrier() -> None:
+    """Wait for every rank of the running process group (nothing without one)."""
+    if rank_and_world()[1] > 1:
+        torch.distributed.barrier()
+
+
 def memory_format_of(ndim: int, channels_last: bool = True) -> torch.memory_format:
     """The channels-last layout of ``ndim``-dimensional tensors (N, C, *spatial): ``channels_last``
     in 2D, ``channels_last_3d`` in 3D; ``preserve_format`` otherwise or when switched off."""

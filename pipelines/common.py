@@ -11,8 +11,9 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import hydra
 import torch
@@ -58,6 +59,23 @@ def distributed() -> tuple[int, int, int]:
     """``(rank, local_rank, world_size)`` from torchrun's environment; (0, 0, 1) without it."""
     return (int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)),
             int(os.environ.get("WORLD_SIZE", 1)))
+
+
+@contextmanager
+def process_group(device: torch.device) -> Iterator[tuple[int, int]]:
+    """Around a stage's work under torchrun: ``(rank, world_size)``, with the process group started
+    (NCCL on CUDA, gloo on the CPU) and, at the end, torn down once every rank is done."""
+    rank, _, world = distributed()
+    if world > 1 and not torch.distributed.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        yield rank, world
+    finally:
+        if world > 1:  # every rank reaches here before any tears down (gloo aborts otherwise)
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
 
 
 def device_of(cfg: DictConfig) -> torch.device:

@@ -16,7 +16,7 @@ from medaug.latent import latent_space_of
 from medaug.model import ema_network, load_checkpoint, network_from_spec
 from medaug.sampling import inference_scheduler, labels_for_counts, sample_images, save_samples
 from medaug.training import prepare_for_speed
-from pipelines.common import (amp_dtype_of, container, default_ckpt, device_of, distributed, log, make_tracker, path,
+from pipelines.common import (amp_dtype_of, container, default_ckpt, device_of, log, make_tracker, path, process_group,
                               stage_main)
 
 
@@ -56,7 +56,6 @@ def run(cfg: DictConfig) -> dict:
     kwargs = dict(guidance_scale=s.guidance_scale, null_class=len(class_names), batch_size=s.batch_size, eta=s.eta,
                   amp_dtype=amp_dtype_of(cfg, device))
     space = latent_space_of(ckpt.meta, device)  # None: pixel space
-    rank, _, world = distributed()
 
     def generate(chunk: torch.Tensor, seed: int) -> torch.Tensor:
         if space is None:
@@ -66,20 +65,17 @@ def run(cfg: DictConfig) -> dict:
         return space.sample(net, scheduler, chunk, tile=s.get("decode_tile"), overlap=s.get("decode_overlap", 0.25),
                             seed=seed, **kwargs)
 
-    if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    # batch b (samples b*batch_size ...) is made by rank b % world with the seeds a single
-    # process would use, so any number of ranks writes the same images
-    starts = list(range(0, len(labels), s.batch_size))[rank::world]
-    mine = {start: generate(labels[start : start + s.batch_size], s.seed + start) for start in starts}
-    if world > 1:
-        gathered = [None] * world
-        torch.distributed.all_gather_object(gathered, mine)
-        mine = {k: v for part in gathered for k, v in part.items()}
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
-        if rank != 0:
-            return {"samples": 0, "rank": rank}
+    with process_group(device) as (rank, world):
+        # batch b (samples b*batch_size ...) is made by rank b % world with the seeds a single
+        # process would use, so any number of ranks writes the same images
+        starts = list(range(0, len(labels), s.batch_size))[rank::world]
+        mine = {start: generate(labels[start : start + s.batch_size], s.seed + start) for start in starts}
+        if world > 1:
+            gathered = [None] * world
+            torch.distributed.all_gather_object(gathered, mine)
+            mine = {k: v for part in gathered for k, v in part.items()}
+    if rank != 0:
+        return {"samples": 0, "rank": rank}
     images = torch.cat([mine[k] for k in sorted(mine)])
     rows = [dict(index=i, label=int(y), class_name=class_names[int(y)], seed=s.seed + i,
                  guidance_scale=s.guidance_scale, sampler=s.sampler, steps=s.steps, checkpoint_id=ckpt.id)

@@ -19,23 +19,19 @@ from medaug.latent import cached_latents, latent_space_for_training
 from medaug.model import EMA, load_checkpoint, network_from_spec, restore_training_state
 from medaug.tracking import NullTracker, flatten
 from medaug.training import TrainSettings, fit, prepare_for_speed
-from pipelines.common import (amp_dtype_of, container, default_ckpt, device_of, distributed, log, make_tracker, path,
+from pipelines.common import (amp_dtype_of, container, default_ckpt, device_of, log, make_tracker, path, process_group,
                               stage_main, switch)
 
 
 def run(cfg: DictConfig) -> dict:
-    rank, _, world = distributed()
-    if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    try:
+    with process_group(device_of(cfg)) as (rank, world):
         return _train(cfg, rank, world)
-    finally:
-        if world > 1:  # every rank reaches here before any tears down (gloo aborts otherwise)
-            torch.distributed.barrier()
-            torch.distributed.destroy_process_group()
 
 
 def _train(cfg: DictConfig, rank: int, world: int) -> dict:
+    def new_tracker():  # only rank 0 logs
+        return make_tracker(cfg) if rank == 0 else NullTracker()
+
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     random.seed(cfg.seed)
@@ -45,7 +41,7 @@ def _train(cfg: DictConfig, rank: int, world: int) -> dict:
     t = cfg.training
     cuda = device.type == "cuda"
     config = container(cfg)
-    space = latent_space_for_training(config, info.root, device, lambda: make_tracker(cfg),  # None: pixel space
+    space = latent_space_for_training(config, info.root, device, new_tracker,  # None: pixel space
                                       amp_dtype_of(cfg, device))
     if space is not None:  # latent diffusion: the UNet learns scaled autoencoder latents
         latents, labels = cached_latents(space, info.root, config["latent"]["cache_dir"])
@@ -88,7 +84,7 @@ def _train(cfg: DictConfig, rank: int, world: int) -> dict:
     if world > 1:
         model = DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
 
-    tracker = make_tracker(cfg) if rank == 0 else NullTracker()
+    tracker = new_tracker()
     tracker.start(run_name=cfg.name, run_id=run_id, tags={"medaug.job": cfg.name})
     if start_step == 0:
         tracker.log_params(flatten({k: v for k, v in config.items() if k not in ("sample", "evaluate", "export")}))

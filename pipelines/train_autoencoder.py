@@ -6,6 +6,7 @@ runs this same recipe when the checkpoint is missing.
 
     python -m pipelines.train_autoencoder experiment=ldm_3d_demo
     medaug train_autoencoder experiment=demo_2d autoencoder=kl_small
+    torchrun --nproc_per_node=4 -m pipelines.train_autoencoder experiment=ldm_3d_ct128   # data-parallel
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 from omegaconf import DictConfig
 
 from medaug.latent import train_autoencoder
-from pipelines.common import amp_dtype_of, container, device_of, make_tracker, path, stage_main
+from pipelines.common import amp_dtype_of, container, device_of, make_tracker, path, process_group, stage_main
 
 
 def run(cfg: DictConfig) -> dict:
@@ -25,9 +26,11 @@ def run(cfg: DictConfig) -> dict:
     np.random.seed(cfg.seed)
     random.seed(cfg.seed)
     device = device_of(cfg)
-    result = train_autoencoder(container(cfg), path(cfg.paths.prepared_dir), path(cfg.latent.autoencoder_ckpt),
-                               path(cfg.latent.cache_dir), device=device, amp_dtype=amp_dtype_of(cfg, device),
-                               tracker=make_tracker(cfg), run_name=f"{cfg.name}-autoencoder")
+    with process_group(device) as (rank, _):
+        result = train_autoencoder(container(cfg), path(cfg.paths.prepared_dir), path(cfg.latent.autoencoder_ckpt),
+                                   path(cfg.latent.cache_dir), device=device, amp_dtype=amp_dtype_of(cfg, device),
+                                   tracker=make_tracker(cfg) if rank == 0 else None,
+                                   run_name=f"{cfg.name}-autoencoder")
     return {"autoencoder/step": result.step, "autoencoder/scale_factor": result.scale_factor,
             "checkpoint": str(result.path), **result.metrics}
 

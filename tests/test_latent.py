@@ -1,6 +1,9 @@
 """Latent diffusion: autoencoder round trips, training, scale factor, latent cache, LDM sampling and export."""
 
 import json
+import os
+import subprocess
+import sys
 
 import nibabel as nib
 import numpy as np
@@ -17,7 +20,7 @@ from medaug.sampling import inference_scheduler, labels_for_counts, load_samples
 from medaug.tracking import NullTracker
 from pipelines import export, prepare, sample, train, train_autoencoder as train_autoencoder_stage
 
-from .conftest import TINY, compose_cfg
+from .conftest import CONF_DIR, TINY, compose_cfg, for_stage
 
 AE = {"_target_": "monai.networks.nets.AutoencoderKL", "in_channels": 1, "out_channels": 1, "channels": [8, 8],
       "latent_channels": 2, "num_res_blocks": 1, "attention_levels": [False, False], "norm_num_groups": 4,
@@ -32,6 +35,7 @@ SECTION = {"network": {**AE, "spatial_dims": 3}, "discriminator": None,
            "disc_optimizer": {"_target_": "torch.optim.Adam", "lr": 1e-3},
            "kl_weight": 1e-6, "adv_weight": 0.01, "adv_start": 0, "max_steps": 3, "batch_size": 4, "ema_decay": 0.9,
            "ckpt_every": 0, "log_every": 1, "val_every": 0, "seed": 0}
+REPO = CONF_DIR.parent
 LDM = ["experiment=ldm_3d_demo", *TINY, "autoencoder=kl_tiny", "data.demo.size=12", "data.image_size=[12,12,12]"]
 
 
@@ -264,3 +268,45 @@ def test_bf16_autocast_training_with_discriminator_stays_finite_in_3d():
     assert result.step == 4 and "autoencoder/disc" in result.losses[-1][1]
     assert all(np.isfinite(v) for _, m in result.losses for v in m.values())
     assert all(p.dtype == torch.float32 for p in ae.parameters())  # autocast, weights stay fp32
+
+
+@pytest.mark.slow
+def test_ldm_training_on_two_cpu_ranks_matches_one_process_with_double_batch(tmp_path):
+    """torchrun, 2 gloo ranks: the autoencoder (adversarial loss on from step 1, DDP discriminator), the
+    latents the ranks encode together, and the UNet on them equal one process with the doubled batch."""
+    disc = "{_target_:monai.networks.nets.PatchDiscriminator,spatial_dims:3,in_channels:1,channels:8,num_layers_d:1," \
+           "norm:INSTANCE}"
+    common = [*LDM, f"paths.output_dir={tmp_path}", "training.max_steps=3", "training.grad_clip=null",
+              f"autoencoder.discriminator={disc}", "autoencoder.adv_start=1", "autoencoder.log_every=1"]
+    prepare.run(compose_cfg("prepare", tmp_path, common))
+
+    def job(name):
+        return [f"paths.train_dir={tmp_path}/{name}", f"latent.cache_dir={tmp_path}/{name}/latents",
+                f"latent.autoencoder_ckpt={tmp_path}/{name}/ae.pt"]
+
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "-m", "pipelines.train", *for_stage("train", common), "training.batch_size=2", *job("ddp")],
+                       cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    train.run(compose_cfg("train", tmp_path, [*common, "training.batch_size=4", *job("one")]))
+
+    ae_ddp, ae_one = (load_checkpoint(tmp_path / name / "ae.pt") for name in ("ddp", "one"))
+    assert ae_ddp.step == ae_one.step == 3
+    init = network_from_spec(ae_one.config["model"]).state_dict()
+    for weights in ("model", "ema"):
+        for name, w in getattr(ae_one, weights).items():
+            torch.testing.assert_close(getattr(ae_ddp, weights)[name], w, atol=1e-4, rtol=1e-3)
+    assert max(float((ae_one.model[k] - init[k]).abs().max()) for k in init) > 1e-3  # training moved them
+    assert all(float(ae.optimizer["disc_optimizer"]["state"][0]["step"]) == 2 for ae in (ae_ddp, ae_one))
+    for name, w in ae_one.optimizer["discriminator"].items():  # trained in steps 1 and 2
+        torch.testing.assert_close(ae_ddp.optimizer["discriminator"][name], w, atol=1e-4, rtol=1e-3)
+    assert ae_ddp.meta["scale_factor"] == pytest.approx(ae_one.meta["scale_factor"], rel=1e-4)
+    cached = [torch.load(next((tmp_path / name / "latents").rglob("train.pt"))) for name in ("ddp", "one")]
+    assert cached[0]["latents"].shape[0] == sum(load_info(tmp_path / "prepared").counts["train"].values()) and \
+        torch.equal(cached[0]["labels"], cached[1]["labels"])
+    torch.testing.assert_close(cached[0]["latents"], cached[1]["latents"], atol=1e-4, rtol=1e-3)
+
+    unet_ddp, unet_one = (load_checkpoint(tmp_path / name / "checkpoints" / "last.pt") for name in ("ddp", "one"))
+    assert unet_ddp.meta["latent"]["scale_factor"] == pytest.approx(unet_one.meta["latent"]["scale_factor"], rel=1e-4)
+    for name, w in unet_one.model.items():
+        torch.testing.assert_close(unet_ddp.model[name], w, atol=1e-4, rtol=1e-3)
