@@ -1,4 +1,4 @@
-"""Latent diffusion: an AutoencoderKL, its latent scale factor, cached latents, tiled decoding.
+"""Latent diffusion: an AutoencoderKL, its latent scale factor, cached latents, tiled encoding and decoding.
 
 Pixel-space 3D diffusion stops near 64³ on one card; a latent diffusion model (LDM) trains the
 same class-conditional ``DiffusionModelUNet`` on the latents of an autoencoder instead:
@@ -9,6 +9,9 @@ same class-conditional ``DiffusionModelUNet`` on the latents of an autoencoder i
    used. At the end the **scale factor** ``1 / std`` of the posterior means over the training
    split is stored in the checkpoint, and those means are **cached** to disk, keyed by the
    autoencoder id and the dataset fingerprint (the mean, not a sample: no noise is baked in).
+   For volumes too large to train on whole, ``patch_size`` trains on random crops and
+   ``encode_tile`` encodes in overlapping tiles; the tile is stored in the checkpoint, so every
+   later encoding (a rebuilt cache, ``LatentSpace.encode``) tiles alike.
 2. ``train`` with ``latent.autoencoder_ckpt`` set trains the UNet on ``scale_factor * mean``
    (unit variance, like the noise) read from the cache; the checkpoint's meta records the
    autoencoder (path, id, scale factor, latent shape) so ``sample`` needs nothing else.
@@ -131,24 +134,60 @@ def check_shape(image_shape: Sequence[int], spec: Mapping) -> list[int]:
     return [s // f for s in image_shape]
 
 
+def check_tile(tile: Sequence[int] | None, image_shape: Sequence[int], factor: int, key: str) -> list[int] | None:
+    """``tile`` (image voxels per axis: a training patch or an encoding tile) as ints, checked
+    against the image shape and the compression ``factor``; None stays None."""
+    if tile is None:
+        return None
+    tile = [int(t) for t in tile]
+    if len(tile) != len(image_shape) or any(t < factor or t % factor or t > s for t, s in zip(tile, image_shape)):
+        raise ValueError(f"{key}={tile}: give one size per axis of the images {list(image_shape)}, each a multiple of "
+                         f"the compression {factor} and no larger than the image")
+    return tile
+
+
+def _tiler(tile: Sequence[int] | None, ndim: int, key: str, overlap: float, batch_size: int
+           ) -> SlidingWindowInferer | None:
+    """Overlapping tiles blended with Gaussian weights (MONAI sliding window); None without ``tile``."""
+    if tile is None:
+        return None
+    tile = [int(t) for t in tile]
+    if len(tile) != ndim or min(tile) < 1:
+        raise ValueError(f"{key}={tile}: give one positive size per axis ({ndim} axes)")
+    return SlidingWindowInferer(roi_size=tile, sw_batch_size=batch_size, overlap=overlap, mode="gaussian")
+
+
 @torch.no_grad()
-def encode_mean(ae: nn.Module, images: torch.Tensor, batch_size: int = 8, progress: bool = False) -> torch.Tensor:
-    """Posterior means ``(N, C_lat, *spatial / f)`` (float32, CPU) of images ``(N, 1, *spatial)`` in [-1, 1]."""
+def encode_mean(ae: nn.Module, images: torch.Tensor, batch_size: int = 8, progress: bool = False, *,
+                tile: Sequence[int] | None = None, overlap: float = 0.25) -> torch.Tensor:
+    """Posterior means ``(N, C_lat, *spatial / f)`` (float32, CPU) of images ``(N, 1, *spatial)`` in [-1, 1].
+
+    ``tile`` (image voxels per axis, multiples of f) encodes overlapping tiles one at a time and
+    blends their means, for volumes too large to encode whole (and for an autoencoder trained on
+    patches of that size, see ``autoencoder.patch_size``); None encodes whole volumes.
+    """
     device = next(ae.parameters()).device
-    out = [ae.encode(images[i : i + batch_size].to(device))[0].float().cpu()
-           for i in tqdm(range(0, len(images), batch_size), desc="encode", unit="batch", disable=not progress)]
+    inferer = _tiler(tile, images.ndim - 2, "autoencoder.encode_tile", overlap, batch_size)
+
+    def mean(x: torch.Tensor) -> torch.Tensor:
+        return ae.encode(x)[0]
+
+    out = [(inferer(x, mean) if inferer is not None else mean(x)).float().cpu()
+           for x in (images[i : i + batch_size].to(device) for i in
+                     tqdm(range(0, len(images), batch_size), desc="encode", unit="batch", disable=not progress))]
     return torch.cat(out)
 
 
-def encode_shared(ae: nn.Module, images: torch.Tensor, batch_size: int = 8, progress: bool = False) -> torch.Tensor:
+def encode_shared(ae: nn.Module, images: torch.Tensor, batch_size: int = 8, progress: bool = False, *,
+                  tile: Sequence[int] | None = None) -> torch.Tensor:
     """:func:`encode_mean` shared out over the ranks of a running process group: each rank encodes a
     contiguous share and every rank gets all the means, in order. Without a process group, encode_mean."""
     rank, world = rank_and_world()
     if world == 1:
-        return encode_mean(ae, images, batch_size, progress)
+        return encode_mean(ae, images, batch_size, progress, tile=tile)
     share = -(-len(images) // world)
     mine = images[rank * share : (rank + 1) * share]
-    part = encode_mean(ae, mine, batch_size, progress and rank == 0) if len(mine) else None
+    part = encode_mean(ae, mine, batch_size, progress and rank == 0, tile=tile) if len(mine) else None
     parts: list = [None] * world
     torch.distributed.all_gather_object(parts, part)
     return torch.cat([p for p in parts if p is not None])
@@ -164,13 +203,7 @@ def decode_latents(ae: nn.Module, latents: torch.Tensor, *, tile: Sequence[int] 
     still decodes; ``None`` decodes whole volumes.
     """
     device = next(ae.parameters()).device
-    inferer = None
-    if tile is not None:
-        tile = [int(t) for t in tile]
-        if len(tile) != latents.ndim - 2 or min(tile) < 1:
-            raise ValueError(f"sample.decode_tile={tile}: give one positive latent size per axis of "
-                             f"{list(latents.shape[2:])}")
-        inferer = SlidingWindowInferer(roi_size=tile, sw_batch_size=batch_size, overlap=overlap, mode="gaussian")
+    inferer = _tiler(tile, latents.ndim - 2, "sample.decode_tile", overlap, batch_size)
     out = []
     for i in tqdm(range(0, len(latents), batch_size), desc="decode", unit="batch", disable=len(latents) <= batch_size):
         z = latents[i : i + batch_size].to(device)
@@ -188,10 +221,14 @@ def scale_factor_of(latents: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def reconstruction_metrics(ae: nn.Module, images: torch.Tensor, batch_size: int = 8) -> tuple[dict, torch.Tensor]:
+def reconstruction_metrics(ae: nn.Module, images: torch.Tensor, batch_size: int = 8,
+                           tile: Sequence[int] | None = None) -> tuple[dict, torch.Tensor]:
     """``({"autoencoder/val_l1", "autoencoder/val_psnr" (dB), "autoencoder/val_ssim"}, reconstructions)``
-    of images ``(N, 1, *spatial)`` in [-1, 1], decoded from posterior means; PSNR/SSIM on [0, 1]."""
-    recon = decode_latents(ae, encode_mean(ae, images, batch_size), batch_size=batch_size)
+    of images ``(N, 1, *spatial)`` in [-1, 1], decoded from posterior means; PSNR/SSIM on [0, 1].
+    ``tile`` (image voxels per axis) encodes in tiles of that size and decodes in the matching latent tiles."""
+    z = encode_mean(ae, images, batch_size, tile=tile)
+    latent_tile = None if tile is None else [t * zs // s for t, zs, s in zip(tile, z.shape[2:], images.shape[2:])]
+    recon = decode_latents(ae, z, tile=latent_tile, batch_size=batch_size)
     a, b = (recon + 1) / 2, (images + 1) / 2
     win = min(11, min(images.shape[2:]))
     win -= 1 - win % 2  # odd
@@ -221,6 +258,8 @@ class AutoencoderSettings:
     log_every: int = 25
     val_every: int = 500
     seed: int = 0
+    patch_size: list[int] | None = None   # train on random crops of this size (image voxels); None: whole images
+    encode_tile: list[int] | None = None  # validate (and encode) in overlapping tiles of this size; None: whole
     amp_dtype: torch.dtype | None = None  # autocast dtype of the networks (bf16 on a GPU); None: fp32
     rank: int = 0        # data-parallel training: each of world_size ranks trains on its slice of the
     world_size: int = 1  # global batch of batch_size * world_size (see medaug.training.TrainSettings)
@@ -258,6 +297,12 @@ class AutoencoderFitResult:
     val: list[tuple[int, dict]] = field(default_factory=list)     # (step, reconstruction metrics)
 
 
+def crop(images: torch.Tensor, corners: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Crops ``(N, C, *size)`` of images ``(N, C, *spatial)``, image i from its corner ``corners[i]``."""
+    return torch.stack([x[(slice(None), *(slice(a, a + p) for a, p in zip(corner.tolist(), size)))]
+                        for x, corner in zip(images, corners)])
+
+
 def fit_autoencoder(ae: nn.Module, ema: EMA, optimizers: Optimizers, images: torch.Tensor,
                     settings: AutoencoderSettings, *, val_images: torch.Tensor | None = None, start_step: int = 0,
                     ckpt_path: Path | None = None, checkpoint_payload: Callable[[], dict] | None = None,
@@ -265,8 +310,9 @@ def fit_autoencoder(ae: nn.Module, ema: EMA, optimizers: Optimizers, images: tor
     """Train from ``start_step`` to ``settings.max_steps`` on ``images`` (N, 1, *spatial) in [-1, 1].
 
     The batch and the posterior noise of step ``s`` depend only on ``(seed, s)``, so a resumed run
-    continues an uninterrupted one. The adversarial loss (``optimizers.discriminator``) switches on
-    at ``adv_start``. Checkpoints every ``ckpt_every`` steps, at the end and on Ctrl-C; the EMA
+    continues an uninterrupted one. With ``settings.patch_size`` every image of the batch is a
+    random crop of that size (its corner drawn from the same generator). The adversarial loss
+    (``optimizers.discriminator``) switches on at ``adv_start``. Checkpoints every ``ckpt_every`` steps, at the end and on Ctrl-C; the EMA
     network is validated every ``val_every`` steps on ``val_images``.
 
     With ``settings.world_size > 1`` (a process group running, e.g. under torchrun) the
@@ -284,8 +330,10 @@ def fit_autoencoder(ae: nn.Module, ema: EMA, optimizers: Optimizers, images: tor
     if batch_size == 0:
         raise ValueError(f"{n} training images cannot feed {world} ranks")
     mine = slice(rank * batch_size, (rank + 1) * batch_size)
+    patch = check_tile(settings.patch_size, images.shape[2:], 1, "autoencoder.patch_size")
     with torch.no_grad():  # the posterior's shape, for drawing the global batch's noise
-        latent_shape = ae.encode(images[:1].to(device))[0].shape[1:]
+        probe = images[:1] if patch is None else crop(images[:1], torch.zeros(1, len(patch), dtype=torch.long), patch)
+        latent_shape = ae.encode(probe.to(device))[0].shape[1:]
     disc = optimizers.discriminator
     model, critic = PosteriorSample(ae), disc
     if world > 1:
@@ -313,8 +361,13 @@ def fit_autoencoder(ae: nn.Module, ema: EMA, optimizers: Optimizers, images: tor
         for step in bar:
             gen = step_generator(settings.seed, step)
             idx = torch.randperm(n, generator=gen)[: batch_size * world][mine]
+            x = images[idx]
+            if patch is not None:
+                corners = torch.stack([torch.randint(0, s - p + 1, (batch_size * world,), generator=gen)
+                                       for p, s in zip(patch, images.shape[2:])], 1)
+                x = crop(x, corners[mine], patch)
             noise = torch.randn((batch_size * world, *latent_shape), generator=gen)[mine]
-            x = images[idx].to(device, non_blocking=True)
+            x = x.to(device, non_blocking=True)
             adv_on = disc is not None and step >= settings.adv_start
             if adv_on:  # the generator's adversarial term: gradients reach the reconstruction, not the critic
                 disc.requires_grad_(False)
@@ -354,7 +407,7 @@ def fit_autoencoder(ae: nn.Module, ema: EMA, optimizers: Optimizers, images: tor
                 window, window_steps = {}, 0
             if rank == 0 and val_images is not None and len(val_images) and settings.val_every \
                     and done % settings.val_every == 0 and done < settings.max_steps:
-                metrics, _ = reconstruction_metrics(ema.model, val_images, batch_size)
+                metrics, _ = reconstruction_metrics(ema.model, val_images, batch_size, settings.encode_tile)
                 result.val.append((done, metrics))
                 tracker.log_metrics(metrics, step=done)
             if settings.ckpt_every and done % settings.ckpt_every == 0 and done < settings.max_steps:
@@ -395,10 +448,11 @@ class LatentSpace:
     path: Path
     id: str
     dataset: str = ""
+    encode_tile: list[int] | None = None  # images are encoded in tiles of this size (autoencoder.encode_tile)
 
     def encode(self, images: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
         """Scaled posterior means ``(N, C_lat, *latent)`` (unit variance) of images in [-1, 1]."""
-        return encode_mean(self.autoencoder, images, batch_size) * self.scale_factor
+        return encode_mean(self.autoencoder, images, batch_size, tile=self.encode_tile) * self.scale_factor
 
     def decode(self, latents: torch.Tensor, *, tile: Sequence[int] | None = None, overlap: float = 0.25,
                batch_size: int = 8) -> torch.Tensor:
@@ -438,7 +492,8 @@ def load_latent_space(path: str | Path, device: torch.device | str = "cpu",
                          f"({expect_id}); restore that file or retrain the diffusion model")
     net = ema_network(ckpt).to(device)
     return LatentSpace(net, float(ckpt.meta["scale_factor"]), int(ckpt.meta["latent_channels"]),
-                       list(ckpt.meta["latent_shape"]), path.resolve(), ckpt.id, ckpt.meta.get("dataset", ""))
+                       list(ckpt.meta["latent_shape"]), path.resolve(), ckpt.id, ckpt.meta.get("dataset", ""),
+                       ckpt.meta.get("encode_tile"))
 
 
 def cached_latents(space: LatentSpace, prepared_dir: str | Path, cache_dir: str | Path,
@@ -453,7 +508,7 @@ def cached_latents(space: LatentSpace, prepared_dir: str | Path, cache_dir: str 
         log.info("latents of %s read from cache %s", split, path)
         return data["latents"], data["labels"]
     images, labels = load_split(info.root, split)
-    latents = encode_shared(space.autoencoder, images, progress=True)
+    latents = encode_shared(space.autoencoder, images, progress=True, tile=space.encode_tile)
     if rank_and_world()[0] == 0:
         write_latent_cache(path, latents, labels)
     log.info("encoded %d %s images to latents %s, cached in %s", len(images), split, list(latents.shape[1:]), path)
@@ -501,6 +556,9 @@ def train_autoencoder(config: Mapping, prepared_dir: str | Path, ckpt_path: str 
     latent_shape = check_shape(info.image_shape, spec)
     settings = AutoencoderSettings.from_section(section)
     settings.amp_dtype, settings.rank, settings.world_size = amp_dtype, rank, world
+    for key in ("patch_size", "encode_tile"):
+        setattr(settings, key, check_tile(getattr(settings, key), info.image_shape, compression(spec),
+                                          f"autoencoder.{key}"))
 
     ae = network_from_spec(spec).to(device)
     ema = EMA(ae, settings.ema_decay)
@@ -527,7 +585,7 @@ def train_autoencoder(config: Mapping, prepared_dir: str | Path, ckpt_path: str 
         tracker.log_params(flatten({"autoencoder": section}))
     meta.update(kind="autoencoder", spatial_dims=info.spatial_dims, image_shape=list(info.image_shape),
                 latent_channels=int(spec["latent_channels"]), latent_shape=latent_shape, dataset=info.fingerprint,
-                mlflow_run_id=tracker.run_id)
+                encode_tile=settings.encode_tile, mlflow_run_id=tracker.run_id)
     payload = lambda: {"config": {"model": spec, "autoencoder": dict(section)}, "meta": meta}  # noqa: E731
     try:
         result = fit_autoencoder(ae, ema, optimizers, train_x, settings, val_images=val_x, start_step=start_step,
@@ -539,13 +597,13 @@ def train_autoencoder(config: Mapping, prepared_dir: str | Path, ckpt_path: str 
     net = ema.model.eval()
     metrics = {}
     if len(val_x) and rank == 0:
-        metrics, recon = reconstruction_metrics(net, val_x, settings.batch_size)
+        metrics, recon = reconstruction_metrics(net, val_x, settings.batch_size, settings.encode_tile)
         k = min(4, len(val_x))
         grid = save_grid(torch.cat([val_x[:k], recon[:k]]), torch.tensor([0] * k + [1] * k),
                          ["real", "reconstruction"], ckpt_path.parent / "reconstructions.png", per_class=k)
         tracker.log_metrics(metrics, step=result.step)
         tracker.log_artifact(grid, "autoencoder")
-    latents = encode_shared(net, train_x, settings.batch_size, progress=True)
+    latents = encode_shared(net, train_x, settings.batch_size, progress=True, tile=settings.encode_tile)
     meta.update(scale_factor=scale_factor_of(latents), val=metrics)
     if rank == 0:
         save_checkpoint(ckpt_path, model=ae, ema=ema, optimizer=optimizers, step=result.step, **payload())

@@ -165,7 +165,8 @@ def test_ldm_sampling_shape_determinism_and_unclamped_latents(trained, monkeypat
 
 
 class NearestDecoder(torch.nn.Module):
-    """A purely local 'decoder' (2x nearest upsampling of channel 0): tiling must not change its output."""
+    """A purely local 'autoencoder' (2x nearest upsampling of channel 0; its encoder: 2x2x2 means into two
+    channels): tiling must not change its output."""
 
     def __init__(self):
         super().__init__()
@@ -173,6 +174,10 @@ class NearestDecoder(torch.nn.Module):
 
     def decode(self, z):
         return torch.nn.functional.interpolate(z[:, :1] * self.w, scale_factor=2, mode="nearest")
+
+    def encode(self, x):
+        mean = torch.nn.functional.avg_pool3d(x, 2) * self.w
+        return torch.cat([mean, -mean], 1), torch.ones_like(mean).repeat(1, 2, 1, 1, 1)
 
 
 def test_tiled_decode_places_and_blends_tiles_exactly():
@@ -186,6 +191,54 @@ def test_tiled_decode_places_and_blends_tiles_exactly():
     assert decode_latents(ae, z, tile=[4, 4, 4]).shape == (2, 1, 16, 16, 16)
     with pytest.raises(ValueError, match="decode_tile"):
         decode_latents(ae, z, tile=[6, 6])
+
+
+def test_tiled_encode_places_and_blends_tiles_exactly():
+    x = torch.rand(2, 1, 16, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    whole = encode_mean(NearestDecoder(), x)
+    tiled = encode_mean(NearestDecoder(), x, batch_size=1, tile=[8, 8, 8], overlap=0.5)
+    assert tiled.shape == whole.shape == (2, 2, 8, 8, 8)
+    torch.testing.assert_close(tiled, whole, atol=1e-5, rtol=0)
+    ae = autoencoder(3)  # a real encoder: whole-volume means when one tile covers it all, and the right shape
+    torch.testing.assert_close(encode_mean(ae, x, tile=[16, 16, 16]), encode_mean(ae, x))
+    assert encode_mean(ae, x, tile=[8, 8, 8]).shape == (2, 2, 8, 8, 8)
+    metrics, recon = reconstruction_metrics(ae, x, tile=[8, 8, 8])  # latent tiles of 4³ to decode
+    assert recon.shape == x.shape and metrics["autoencoder/val_l1"] > 0
+    with pytest.raises(ValueError, match="encode_tile"):
+        encode_mean(ae, x, tile=[8, 8])
+
+
+def test_crops_come_from_their_corners_and_patch_training_is_seeded():
+    x = torch.arange(2 * 6 * 6, dtype=torch.float32).reshape(2, 1, 6, 6)
+    out = latent.crop(x, torch.tensor([[0, 2], [4, 1]]), [2, 4])
+    assert torch.equal(out[0, 0], x[0, 0, 0:2, 2:6]) and torch.equal(out[1, 0], x[1, 0, 4:6, 1:5])
+    images = blobs(2, n=4, size=16)
+    runs = []
+    for _ in range(2):
+        ae = autoencoder(2).train()
+        settings = AutoencoderSettings(max_steps=4, batch_size=2, log_every=2, patch_size=[8, 8], encode_tile=[8, 8],
+                                       val_every=2)
+        runs.append(fit_autoencoder(ae, EMA(ae, 0.9), Optimizers(torch.optim.Adam(ae.parameters(), 1e-3)), images,
+                                    settings, val_images=images[:2]))
+    assert runs[0].losses == runs[1].losses and [s for s, _ in runs[0].val] == [2]
+    with pytest.raises(ValueError, match="patch_size"):
+        fit_autoencoder(ae, EMA(ae), Optimizers(torch.optim.Adam(ae.parameters())), images,
+                        AutoencoderSettings(max_steps=1, patch_size=[32, 8]))
+
+
+def test_autoencoder_on_patches_records_its_encode_tile(prepared_3d, tmp_path):
+    section = {**SECTION, "patch_size": [8, 8, 8], "encode_tile": [8, 8, 8]}
+    result = train_autoencoder({"autoencoder": section}, prepared_3d, tmp_path / "ae.pt", tmp_path / "latents")
+    space = load_latent_space(result.path)
+    assert space.encode_tile == [8, 8, 8] and space.latent_shape == [6, 6, 6]
+    images, _ = load_split(prepared_3d, "train")
+    cached, _ = cached_latents(space, prepared_3d, tmp_path / "latents")
+    torch.testing.assert_close(cached * space.scale_factor, space.encode(images))  # the cache was encoded in tiles
+    assert not torch.allclose(cached, encode_mean(space.autoencoder, images), atol=1e-3)  # whole volumes differ
+    for key, bad in (("patch_size", [7, 7, 7]), ("encode_tile", [16, 16, 16]), ("patch_size", [8, 8])):
+        with pytest.raises(ValueError, match=f"autoencoder.{key}"):
+            train_autoencoder({"autoencoder": {**SECTION, key: bad}}, prepared_3d, tmp_path / f"{key}.pt",
+                              tmp_path / "latents")
 
 
 def test_latent_training_needs_unclipped_scheduler_and_a_finished_autoencoder(trained, tmp_path):
