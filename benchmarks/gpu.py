@@ -52,7 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from speed import peak_gib, reset_peak, sample_config, sync, time_sample, time_train  # noqa: E402
 
 from medaug.latent import (AutoencoderSettings, LatentSpace, Optimizers, check_shape,  # noqa: E402
-                           decode_latents, fit_autoencoder)
+                           decode_latents, encode_mean, fit_autoencoder)
 from medaug.model import EMA, network_from_spec  # noqa: E402
 from medaug.sampling import inference_scheduler, labels_for_counts  # noqa: E402
 from medaug.training import draw_batch, memory_format_of  # noqa: E402
@@ -244,8 +244,9 @@ def latent_unet(config: dict) -> tuple[dict, tuple[int, ...]]:
 
 
 def time_autoencoder_train(config: dict, batch: int, steps: int, warmup: int, device: torch.device,
-                           amp_dtype) -> dict:
-    """s/step and peak memory of ``fit_autoencoder`` (adversarial loss on: the costliest phase)."""
+                           amp_dtype, patch_size: list[int] | None = None) -> dict:
+    """s/step and peak memory of ``fit_autoencoder`` (adversarial loss on: the costliest phase), on whole
+    images or on random crops of ``patch_size``."""
     section, shape = config["autoencoder"], config["data"]["image_size"]
     torch.manual_seed(0)
     ae = network_from_spec(section["network"]).to(device)
@@ -253,7 +254,7 @@ def time_autoencoder_train(config: dict, batch: int, steps: int, warmup: int, de
     opts = Optimizers(network_from_spec(section["optimizer"], params=ae.parameters()), disc,
                       network_from_spec(section["disc_optimizer"], params=disc.parameters()) if disc else None)
     settings = replace(AutoencoderSettings.from_section(section), batch_size=batch, adv_start=0, ckpt_every=0,
-                       log_every=10**9, val_every=0, amp_dtype=amp_dtype)
+                       log_every=10**9, val_every=0, amp_dtype=amp_dtype, patch_size=patch_size)
     images = torch.rand(batch * 2, 1, *shape) * 2 - 1
     ema = EMA(ae)
     fit_autoencoder(ae, ema, opts, images, replace(settings, max_steps=warmup))
@@ -262,7 +263,21 @@ def time_autoencoder_train(config: dict, batch: int, steps: int, warmup: int, de
     fit_autoencoder(ae, ema, opts, images, replace(settings, max_steps=warmup + steps), start_step=warmup)
     sync(device)
     return dict(s_per_step=(time.perf_counter() - t0) / steps, batch=batch, shape=list(shape),
-                peak_gib=peak_gib(device), adversarial=disc is not None)
+                patch_size=patch_size, peak_gib=peak_gib(device), adversarial=disc is not None)
+
+
+def time_encode(config: dict, n: int, tile: list[int] | None, device: torch.device) -> dict:
+    """Seconds and peak memory per image of encoding the latent cache (fp32, as ``train`` does it),
+    whole volumes or in overlapping tiles of ``tile`` image voxels."""
+    torch.manual_seed(0)
+    ae = network_from_spec(config["autoencoder"]["network"]).to(device).eval()
+    images = torch.rand(n, 1, *config["data"]["image_size"]) * 2 - 1
+    encode_mean(ae, images[:1], tile=tile)  # warm-up (cuDNN autotuning)
+    reset_peak(device)
+    t0 = time.perf_counter()
+    encode_mean(ae, images, batch_size=n, tile=tile)
+    sync(device)
+    return dict(s_per_image=(time.perf_counter() - t0) / n, batch=n, tile=tile, peak_gib=peak_gib(device))
 
 
 def time_ldm_sample(config: dict, n: int, steps: int, device: torch.device, amp_dtype) -> dict:
@@ -316,6 +331,11 @@ def ldm_section(b: Bench) -> None:
     if ldm and pixel_key in b.res:
         b.res.setdefault("ratios", {})["pixel_s_per_image_vs_ldm"] = b.res[pixel_key] / ldm
     b.save()
+    patch = [12, 12, 12] if b.tiny else [64, 64, 64]  # volumes larger than the card: patch training, tiled encoding
+    b.measure("autoencoder_train_patch", time_autoencoder_train, config, config["autoencoder"]["batch_size"], steps,
+              1, b.device, amp, patch)
+    for name, tile in (("encode_whole", None), ("encode_tiled", patch)):
+        b.measure(name, time_encode, config, 2, tile, b.device)
 
 
 SECTIONS = {

@@ -11,7 +11,7 @@ shift 2
 case "${1:-}" in *.tgz) ARCHIVE=$1; shift ;; esac
 PY=${PYTHON:-python3}
 mkdir -p "$OUT"
-declare -A LIMIT=([train2d]=170 [sample2d]=70 [train3d]=100 [sample3d]=55 [memory3d]=40 [ldm128]=110)
+declare -A LIMIT=([train2d]=170 [sample2d]=70 [train3d]=100 [sample3d]=55 [memory3d]=40 [ldm128]=125)
 for section in ${SECTIONS:-train2d sample2d train3d sample3d memory3d ldm128}; do
   echo "=== $section (limit ${LIMIT[$section]} s)"
   timeout --kill-after=10 "${LIMIT[$section]}" "$PY" benchmarks/gpu.py --section "$section" \
