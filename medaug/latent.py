@@ -312,8 +312,9 @@ def fit_autoencoder(ae: nn.Module, ema: EMA, optimizers: Optimizers, images: tor
     The batch and the posterior noise of step ``s`` depend only on ``(seed, s)``, so a resumed run
     continues an uninterrupted one. With ``settings.patch_size`` every image of the batch is a
     random crop of that size (its corner drawn from the same generator). The adversarial loss
-    (``optimizers.discriminator``) switches on at ``adv_start``. Checkpoints every ``ckpt_every`` steps, at the end and on Ctrl-C; the EMA
-    network is validated every ``val_every`` steps on ``val_images``.
+    (``optimizers.discriminator``) switches on at ``adv_start``. Checkpoints every ``ckpt_every``
+    steps, at the end and on Ctrl-C; the EMA network is validated every ``val_every`` steps on
+    ``val_images`` (in tiles of ``settings.encode_tile`` when set).
 
     With ``settings.world_size > 1`` (a process group running, e.g. under torchrun) the
     autoencoder and the discriminator train under DDP: every rank draws the same global batch and
@@ -605,11 +606,13 @@ def train_autoencoder(config: Mapping, prepared_dir: str | Path, ckpt_path: str 
         tracker.log_artifact(grid, "autoencoder")
     latents = encode_shared(net, train_x, settings.batch_size, progress=True, tile=settings.encode_tile)
     meta.update(scale_factor=scale_factor_of(latents), val=metrics)
+    ae_id = None
     if rank == 0:
-        save_checkpoint(ckpt_path, model=ae, ema=ema, optimizer=optimizers, step=result.step, **payload())
-        write_latent_cache(cache_file(cache_dir, file_id(ckpt_path), info.fingerprint, "train"), latents, train_y)
-    barrier()  # the finished checkpoint is on disk for every rank
-    ae_id = file_id(ckpt_path)
+        ae_id = file_id(save_checkpoint(ckpt_path, model=ae, ema=ema, optimizer=optimizers, step=result.step,
+                                        **payload()))
+        write_latent_cache(cache_file(cache_dir, ae_id, info.fingerprint, "train"), latents, train_y)
+    barrier()  # the finished checkpoint and its cache are on disk for every rank
+    ae_id = ae_id or file_id(ckpt_path)
     tracker.log_metrics({"autoencoder/scale_factor": meta["scale_factor"]}, step=result.step)
     tracker.end()
     log.info("autoencoder trained to step %d (%s), scale factor %.4f; checkpoint %s", result.step,

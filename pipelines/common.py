@@ -64,7 +64,8 @@ def distributed() -> tuple[int, int, int]:
 @contextmanager
 def process_group(device: torch.device) -> Iterator[tuple[int, int]]:
     """Around a stage's work under torchrun: ``(rank, world_size)``, with the process group started
-    (NCCL on CUDA, gloo on the CPU) and, at the end, torn down once every rank is done."""
+    (NCCL on CUDA, gloo on the CPU) and, at the end, torn down once every rank is done. A rank that
+    fails does not wait for the others: it exits, and torchrun stops the rest."""
     rank, _, world = distributed()
     if world > 1 and not torch.distributed.is_initialized():
         if device.type == "cuda":
@@ -72,9 +73,10 @@ def process_group(device: torch.device) -> Iterator[tuple[int, int]]:
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
         yield rank, world
-    finally:
         if world > 1:  # every rank reaches here before any tears down (gloo aborts otherwise)
             torch.distributed.barrier()
+    finally:
+        if world > 1:
             torch.distributed.destroy_process_group()
 
 
