@@ -146,6 +146,12 @@ def check_tile(tile: Sequence[int] | None, image_shape: Sequence[int], factor: i
     return tile
 
 
+def latent_tile(tile: Sequence[int] | None, image_shape: Sequence[int], latent_shape: Sequence[int]
+                ) -> list[int] | None:
+    """The latent tile of an image tile (image voxels / compression); None stays None."""
+    return None if tile is None else [t * z // s for t, z, s in zip(tile, latent_shape, image_shape)]
+
+
 def _tiler(tile: Sequence[int] | None, ndim: int, key: str, overlap: float, batch_size: int
            ) -> SlidingWindowInferer | None:
     """Overlapping tiles blended with Gaussian weights (MONAI sliding window); None without ``tile``."""
@@ -227,8 +233,7 @@ def reconstruction_metrics(ae: nn.Module, images: torch.Tensor, batch_size: int 
     of images ``(N, 1, *spatial)`` in [-1, 1], decoded from posterior means; PSNR/SSIM on [0, 1].
     ``tile`` (image voxels per axis) encodes in tiles of that size and decodes in the matching latent tiles."""
     z = encode_mean(ae, images, batch_size, tile=tile)
-    latent_tile = None if tile is None else [t * zs // s for t, zs, s in zip(tile, z.shape[2:], images.shape[2:])]
-    recon = decode_latents(ae, z, tile=latent_tile, batch_size=batch_size)
+    recon = decode_latents(ae, z, tile=latent_tile(tile, images.shape[2:], z.shape[2:]), batch_size=batch_size)
     a, b = (recon + 1) / 2, (images + 1) / 2
     win = min(11, min(images.shape[2:]))
     win -= 1 - win % 2  # odd
@@ -450,6 +455,12 @@ class LatentSpace:
     id: str
     dataset: str = ""
     encode_tile: list[int] | None = None  # images are encoded in tiles of this size (autoencoder.encode_tile)
+    image_shape: list[int] | None = None
+
+    @property
+    def decode_tile(self) -> list[int] | None:
+        """The latent tile matching ``encode_tile``: the size the decoder saw in training; None without one."""
+        return latent_tile(self.encode_tile, self.image_shape, self.latent_shape)
 
     def encode(self, images: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
         """Scaled posterior means ``(N, C_lat, *latent)`` (unit variance) of images in [-1, 1]."""
@@ -457,9 +468,10 @@ class LatentSpace:
 
     def decode(self, latents: torch.Tensor, *, tile: Sequence[int] | None = None, overlap: float = 0.25,
                batch_size: int = 8) -> torch.Tensor:
-        """Images ``(N, 1, *spatial)`` in [-1, 1] of scaled latents (see :func:`decode_latents` for ``tile``)."""
-        return decode_latents(self.autoencoder, latents / self.scale_factor, tile=tile, overlap=overlap,
-                              batch_size=batch_size)
+        """Images ``(N, 1, *spatial)`` in [-1, 1] of scaled latents (see :func:`decode_latents` for ``tile``;
+        None: :attr:`decode_tile`, whole volumes for an autoencoder trained on them)."""
+        return decode_latents(self.autoencoder, latents / self.scale_factor, tile=tile or self.decode_tile,
+                              overlap=overlap, batch_size=batch_size)
 
     def sample(self, model: nn.Module, scheduler, labels: torch.Tensor, *, tile: Sequence[int] | None = None,
                overlap: float = 0.25, **kwargs) -> torch.Tensor:
@@ -494,7 +506,7 @@ def load_latent_space(path: str | Path, device: torch.device | str = "cpu",
     net = ema_network(ckpt).to(device)
     return LatentSpace(net, float(ckpt.meta["scale_factor"]), int(ckpt.meta["latent_channels"]),
                        list(ckpt.meta["latent_shape"]), path.resolve(), ckpt.id, ckpt.meta.get("dataset", ""),
-                       ckpt.meta.get("encode_tile"))
+                       ckpt.meta.get("encode_tile"), ckpt.meta.get("image_shape"))
 
 
 def cached_latents(space: LatentSpace, prepared_dir: str | Path, cache_dir: str | Path,

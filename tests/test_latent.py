@@ -230,7 +230,10 @@ def test_autoencoder_on_patches_records_its_encode_tile(prepared_3d, tmp_path):
     section = {**SECTION, "patch_size": [8, 8, 8], "encode_tile": [8, 8, 8]}
     result = train_autoencoder({"autoencoder": section}, prepared_3d, tmp_path / "ae.pt", tmp_path / "latents")
     space = load_latent_space(result.path)
-    assert space.encode_tile == [8, 8, 8] and space.latent_shape == [6, 6, 6]
+    assert space.encode_tile == [8, 8, 8] and space.latent_shape == [6, 6, 6] and space.decode_tile == [4, 4, 4]
+    z = torch.randn(1, 2, 6, 6, 6)  # decoded in the latent tiles the decoder was trained on, unless told otherwise
+    torch.testing.assert_close(space.decode(z), decode_latents(space.autoencoder, z / space.scale_factor, tile=[4] * 3))
+    assert not torch.allclose(space.decode(z), space.decode(z, tile=[6, 6, 6]), atol=1e-3)
     images, _ = load_split(prepared_3d, "train")
     cached, _ = cached_latents(space, prepared_3d, tmp_path / "latents")
     torch.testing.assert_close(cached * space.scale_factor, space.encode(images))  # the cache was encoded in tiles
