@@ -36,7 +36,8 @@ SECTION = {"network": {**AE, "spatial_dims": 3}, "discriminator": None,
            "kl_weight": 1e-6, "adv_weight": 0.01, "adv_start": 0, "max_steps": 3, "batch_size": 4, "ema_decay": 0.9,
            "ckpt_every": 0, "log_every": 1, "val_every": 0, "seed": 0}
 REPO = CONF_DIR.parent
-LDM = ["experiment=ldm_3d_demo", *TINY, "autoencoder=kl_tiny", "data.demo.size=12", "data.image_size=[12,12,12]"]
+LDM = ["experiment=ldm_3d_demo", *TINY, "autoencoder=kl_tiny", "autoencoder.max_steps=4", "data.demo.size=12",
+       "data.image_size=[12,12,12]"]
 
 
 def autoencoder(spatial_dims):
@@ -332,7 +333,8 @@ def test_ldm_training_on_two_cpu_ranks_matches_one_process_with_double_batch(tmp
     latents the ranks encode together, and the UNet on them equal one process with the doubled batch."""
     disc = "{_target_:monai.networks.nets.PatchDiscriminator,spatial_dims:3,in_channels:1,channels:8,num_layers_d:1," \
            "norm:INSTANCE}"
-    common = [*LDM, f"paths.output_dir={tmp_path}", "training.max_steps=3", "training.grad_clip=null",
+    common = [*LDM, f"paths.output_dir={tmp_path}", "training.max_steps=3", "autoencoder.max_steps=3",
+              "training.grad_clip=null",
               f"autoencoder.discriminator={disc}", "autoencoder.adv_start=1", "autoencoder.log_every=1"]
     prepare.run(compose_cfg("prepare", tmp_path, common))
 

@@ -31,7 +31,8 @@ def run_all(out: Path, overrides):
 def test_every_experiment_composes_and_smoke_runs(tmp_path, experiment):
     cfg = compose_cfg("train", tmp_path, [f"experiment={experiment}"])
     assert cfg.name == experiment and cfg.model.spatial_dims == cfg.data.spatial_dims
-    results = run_all(tmp_path, [f"experiment={experiment}", *TINY, "data.demo.size=12",
+    autoencoder = ["autoencoder.max_steps=4"] if cfg.get("autoencoder") else []  # latent experiments
+    results = run_all(tmp_path, [f"experiment={experiment}", *TINY, *autoencoder, "data.demo.size=12",
                                  "data.image_size=" + ("[12,12]" if cfg.data.spatial_dims == 2 else "[12,12,12]")])
     assert results["train"]["train/step"] == 4
     ckpt = load_checkpoint(tmp_path / "train" / "checkpoints" / "last.pt")
