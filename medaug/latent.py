@@ -576,6 +576,15 @@ def train_autoencoder(config: Mapping, prepared_dir: str | Path, ckpt_path: str 
     ae = network_from_spec(spec).to(device)
     ema = EMA(ae, settings.ema_decay)
     disc = network_from_spec(section["discriminator"]).to(device) if section.get("discriminator") else None
+    if disc is not None:  # a discriminator too deep for the training images fails here, not after the warm-up
+        shape = settings.patch_size or list(info.image_shape)
+        try:
+            with torch.no_grad():
+                disc(torch.zeros(2, 1, *shape, device=device))
+        except (RuntimeError, ValueError) as err:
+            raise ValueError(f"autoencoder.discriminator (num_layers_d={section['discriminator'].get('num_layers_d')}) "
+                             f"cannot judge {shape} training images ({err}); lower num_layers_d or raise "
+                             "autoencoder.patch_size") from None
     optimizers = Optimizers(network_from_spec(section["optimizer"], params=ae.parameters()), disc,
                             network_from_spec(section["disc_optimizer"], params=disc.parameters()) if disc else None)
     start_step, run_id, meta = 0, None, {}

@@ -239,6 +239,12 @@ def test_autoencoder_on_patches_records_its_encode_tile(prepared_3d, tmp_path):
     cached, _ = cached_latents(space, prepared_3d, tmp_path / "latents")
     torch.testing.assert_close(cached * space.scale_factor, space.encode(images))  # the cache was encoded in tiles
     assert not torch.allclose(cached, encode_mean(space.autoencoder, images), atol=1e-3)  # whole volumes differ
+    deep = {"_target_": "monai.networks.nets.PatchDiscriminator", "spatial_dims": 3, "in_channels": 1,
+            "channels": 8, "num_layers_d": 2, "norm": "INSTANCE"}  # 8³ shrinks to 1³: instance norm has nothing
+    with pytest.raises(ValueError, match="num_layers_d=2.*raise autoencoder.patch_size"):
+        train_autoencoder({"autoencoder": {**section, "discriminator": deep}}, prepared_3d, tmp_path / "deep.pt",
+                          tmp_path / "latents")
+    assert not (tmp_path / "deep.pt").exists()
     for key, bad in (("patch_size", [7, 7, 7]), ("encode_tile", [16, 16, 16]), ("patch_size", [8, 8])):
         with pytest.raises(ValueError, match=f"autoencoder.{key}"):
             train_autoencoder({"autoencoder": {**SECTION, key: bad}}, prepared_3d, tmp_path / f"{key}.pt",
@@ -344,7 +350,8 @@ def test_ldm_training_on_two_cpu_ranks_matches_one_process_with_double_batch(tmp
 
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         "-m", "pipelines.train", *for_stage("train", common), "training.batch_size=2", *job("ddp")],
-                       cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                       cwd=REPO, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     train.run(compose_cfg("train", tmp_path, [*common, "training.batch_size=4", *job("one")]))
 
