@@ -52,7 +52,7 @@ from .model import (EMA, ema_network, file_id, load_checkpoint, network_from_spe
                     save_checkpoint)
 from .sampling import sample_images, save_grid
 from .tracking import NullTracker, Tracker, flatten
-from .training import barrier, checkpoint_at_exit, rank_and_world, step_generator
+from .training import barrier, checkpoint_at_exit, rank_and_world, step_generator, to_device
 
 log = logging.getLogger("medaug")
 
@@ -373,12 +373,12 @@ def fit_autoencoder(ae: nn.Module, ema: EMA, optimizers: Optimizers, images: tor
                                        for p, s in zip(patch, images.shape[2:])], 1)
                 x = crop(x, corners[mine], patch)
             noise = torch.randn((batch_size * world, *latent_shape), generator=gen)[mine]
-            x = x.to(device, non_blocking=True)
+            x, noise = to_device([x, noise], device)
             adv_on = disc is not None and step >= settings.adv_start
             if adv_on:  # the generator's adversarial term: gradients reach the reconstruction, not the critic
                 disc.requires_grad_(False)
             with autocast:
-                terms = autoencoder_loss(model, x, noise.to(device), kl_weight=settings.kl_weight,
+                terms = autoencoder_loss(model, x, noise, kl_weight=settings.kl_weight,
                                          adv_weight=settings.adv_weight, discriminator=disc if adv_on else None)
             optimizers.autoencoder.zero_grad(set_to_none=True)
             terms.total.backward()

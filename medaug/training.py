@@ -119,10 +119,16 @@ def draw_batch(images: torch.Tensor, labels: torch.Tensor, generator: torch.Gene
     so its copy to the GPU does not block the host either.
     """
     idx = torch.randperm(images.shape[0], generator=generator, device=images.device)[rows]
-    x0, y = images[idx], labels[idx]
-    if x0.device != device and device.type == "cuda":
-        x0, y = x0.pin_memory(), y.pin_memory()
-    return x0.to(device, non_blocking=True, memory_format=memory_format), y.to(device, non_blocking=True)
+    x0, y = to_device([images[idx], labels[idx]], device)
+    return x0.to(memory_format=memory_format), y
+
+
+def to_device(tensors: Sequence[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """``tensors`` on ``device``; from host memory to a GPU they are pinned first, so the copies do
+    not block the host (a step's batch is queued while the previous step still runs)."""
+    if device.type == "cuda":
+        tensors = [t.pin_memory() if t.device.type == "cpu" else t for t in tensors]
+    return [t.to(device, non_blocking=True) for t in tensors]
 
 
 def diffusion_loss(
