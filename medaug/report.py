@@ -149,6 +149,9 @@ def write_pictures(folder: str | Path, synth: torch.Tensor, synth_y: torch.Tenso
             "nearest-training correlation, synthetic vs held-out": "nn_histograms.png"}
 
 
+WEAK_KAPPA = 0.2  # Cohen's kappa below this is "slight" agreement (Landis and Koch, 1977)
+
+
 def _fmt(v) -> str:
     if v is None or (isinstance(v, float) and not math.isfinite(v)):
         return "n/a"
@@ -167,8 +170,15 @@ def write_report(path: str | Path, metrics: Mapping[str, float], class_names: Se
     lines += [f"- {c}" for c in privacy["checks"]]
     if privacy["reasons"]:
         lines += ["", "Flags raised:"] + [f"- {r}" for r in privacy["reasons"]]
-    lines += ["", "## Fidelity (synthetic vs held-out real; floor = real half vs real half, same size)", "",
-              "| metric | synthetic | real-vs-real floor | better |", "| --- | --- | --- | --- |"]
+    lines += ["", "## Fidelity (synthetic vs held-out real; floor = real half vs real half, same size)", ""]
+    kappa = m.get("fidelity/label_kappa_real")
+    if kappa is not None and math.isfinite(kappa) and kappa < WEAK_KAPPA:
+        lines += [f"> **Weak classifier.** The classifier trained on the real train split barely tells the classes "
+                  f"apart on held-out real data (Cohen's kappa {_fmt(kappa)} < {WEAK_KAPPA}). Label fidelity says "
+                  "little then, and neither do the feature metrics below when that classifier is their encoder "
+                  "(the default). Raise `evaluate.classifier_steps` or set `evaluate.encoder.weights`, and look "
+                  "at the pictures.", ""]
+    lines += ["| metric | synthetic | real-vs-real floor | better |", "| --- | --- | --- | --- |"]
     better = dict(fd="lower", kid="lower", precision="higher", recall="higher", density="≈ 1", coverage="higher")
     for suffix in ("", "_25d"):
         for name, how in better.items():

@@ -143,7 +143,9 @@ def diffusion_loss(
     draws: StepNoise | None = None,
     amp_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """Per-sample epsilon-prediction loss ``[N]`` for images ``x0`` (N, C, *spatial) in [-1, 1].
+    """Per-sample diffusion loss ``[N]`` for images ``x0`` (N, C, *spatial) in [-1, 1]: the MSE
+    against what the scheduler's ``prediction_type`` names, the noise (``epsilon``), the velocity
+    ``alpha_t noise - sigma_t x0`` (``v_prediction``) or the clean image (``sample``).
 
     Labels are replaced by ``null_class`` with probability ``p_uncond`` (classifier-free
     guidance training). The random draws come from ``draws`` or else from ``generator``.
@@ -160,7 +162,19 @@ def diffusion_loss(
         x_t = x_t.contiguous(memory_format=layout)
     with torch.autocast(x0.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
         pred = model(x_t, timesteps=draws.timesteps, class_labels=labels)
-    return F.mse_loss(pred.float(), draws.noise, reduction="none").flatten(1).mean(1)
+    return F.mse_loss(pred.float(), loss_target(scheduler, x0.float(), draws), reduction="none").flatten(1).mean(1)
+
+
+def loss_target(scheduler, x0: torch.Tensor, draws: StepNoise) -> torch.Tensor:
+    """What the network learns to predict under ``scheduler.prediction_type`` (see :func:`diffusion_loss`)."""
+    kind = getattr(scheduler, "prediction_type", "epsilon")
+    if kind == "epsilon":
+        return draws.noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(x0, draws.noise, draws.timesteps)
+    if kind == "sample":
+        return x0
+    raise ValueError(f"scheduler.prediction_type={kind!r} unknown; choose epsilon, v_prediction or sample")
 
 
 def enable_activation_checkpointing(model: nn.Module) -> nn.Module:

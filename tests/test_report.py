@@ -43,3 +43,14 @@ def test_report_lists_verdict_floors_and_utility(tmp_path):
     assert "**WARN**" in text and "- DCR ratio 0.5" in text and "feature extractor: my encoder" in text
     assert "| `fidelity/fd` | 12 | 1 | lower |" in text and "| `fidelity/kid` | 0.5 ± 0 | n/a" in text
     assert "| a | 3 (n/a)" in text and "| synthetic only (TSTR) | 0.8 ± 0.8" in text and "![pairs](p.png)" in text
+
+
+def test_report_warns_when_the_real_trained_classifier_learned_little(tmp_path):
+    privacy = {"verdict": "pass", "checks": [], "reasons": []}
+    weak = write_report(tmp_path / "w.md", {"fidelity/fd": 1.0, "fidelity/label_kappa_real": 0.06}, ["a"], ["e"],
+                        privacy, {}, {}).read_text()
+    assert "**Weak classifier.**" in weak and "kappa 0.06 < 0.2" in weak and "evaluate.classifier_steps" in weak
+    for kappa in (0.9, float("nan")):
+        ok = write_report(tmp_path / "o.md", {"fidelity/fd": 1.0, "fidelity/label_kappa_real": kappa}, ["a"], ["e"],
+                          privacy, {}, {}).read_text()
+        assert "Weak classifier" not in ok

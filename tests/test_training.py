@@ -5,7 +5,8 @@ import torch
 from monai.networks.schedulers import DDPMScheduler
 
 from medaug.model import EMA, load_checkpoint, network_from_spec
-from medaug.training import TrainSettings, diffusion_loss, draw_batch, fit, prepare_for_speed, step_generator
+from medaug.training import (TrainSettings, diffusion_loss, draw_batch, draw_step_noise, fit, prepare_for_speed,
+                             step_generator)
 
 from .test_model import SPEC
 
@@ -155,3 +156,29 @@ def test_compile_kernel_cache_is_set_unless_the_user_set_one(tmp_path, monkeypat
     prepare_for_speed(net, compile_mode="default", compile_cache=tmp_path / "b")
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "a")
     assert list(compiled.parameters())[0] is list(net.parameters())[0]
+
+
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction", "sample"])
+def test_loss_target_follows_the_prediction_type(kind):
+    x0 = torch.rand(6, 1, 4, 4) * 2 - 1
+    draws = draw_step_noise(x0.shape, 100, 0.0, torch.Generator().manual_seed(3))
+    abar = DDPMScheduler(num_train_timesteps=100).alphas_cumprod[draws.timesteps].view(-1, 1, 1, 1)
+    truth = {"epsilon": draws.noise, "sample": x0,
+             "v_prediction": abar.sqrt() * draws.noise - (1 - abar).sqrt() * x0}
+
+    class Oracle(torch.nn.Module):  # predicts exactly the quantity named `answer`
+        def __init__(self, answer):
+            super().__init__()
+            self.answer = answer
+
+        def forward(self, x, timesteps, class_labels):
+            assert torch.equal(timesteps, draws.timesteps)
+            return truth[self.answer]
+
+    sch = DDPMScheduler(num_train_timesteps=100, prediction_type=kind)
+    for answer in truth:
+        loss = diffusion_loss(Oracle(answer), sch, x0, torch.zeros(6, dtype=torch.long), null_class=3, draws=draws)
+        assert (loss.max() < 1e-10) == (answer == kind)
+    sch.prediction_type = "score"
+    with pytest.raises(ValueError, match="prediction_type"):
+        diffusion_loss(Oracle("epsilon"), sch, x0, torch.zeros(6, dtype=torch.long), null_class=3, draws=draws)
