@@ -111,8 +111,9 @@ def tracking_uri(cfg: DictConfig) -> str:
 
 
 def make_tracker(cfg: DictConfig):
-    """The tracker the config asks for; a local MLflow store keeps artifacts beside it."""
-    if cfg.tracking.backend == "none":
+    """The tracker the config asks for; a local MLflow store keeps artifacts beside it. Under torchrun
+    only rank 0 logs: every other rank gets a tracker that does nothing."""
+    if cfg.tracking.backend == "none" or distributed()[0] != 0:
         return NullTracker()
     if cfg.tracking.backend != "mlflow":
         raise ValueError(f"tracking.backend={cfg.tracking.backend!r}; choose mlflow or none")

@@ -17,7 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 from medaug.dataset import load_info, load_split
 from medaug.latent import cached_latents, latent_space_for_training
 from medaug.model import EMA, load_checkpoint, network_from_spec, restore_training_state
-from medaug.tracking import NullTracker, flatten
+from medaug.tracking import flatten
 from medaug.training import TrainSettings, fit, prepare_for_speed
 from pipelines.common import (amp_dtype_of, container, default_ckpt, device_of, log, make_tracker, path, process_group,
                               stage_main, switch)
@@ -29,9 +29,6 @@ def run(cfg: DictConfig) -> dict:
 
 
 def _train(cfg: DictConfig, rank: int, world: int) -> dict:
-    def new_tracker():  # only rank 0 logs
-        return make_tracker(cfg) if rank == 0 else NullTracker()
-
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     random.seed(cfg.seed)
@@ -41,7 +38,7 @@ def _train(cfg: DictConfig, rank: int, world: int) -> dict:
     t = cfg.training
     cuda = device.type == "cuda"
     config = container(cfg)
-    space = latent_space_for_training(config, info.root, device, new_tracker,  # None: pixel space
+    space = latent_space_for_training(config, info.root, device, lambda: make_tracker(cfg),  # None: pixel space
                                       amp_dtype_of(cfg, device))
     if space is not None:  # latent diffusion: the UNet learns scaled autoencoder latents
         latents, labels = cached_latents(space, info.root, config["latent"]["cache_dir"])
@@ -84,7 +81,7 @@ def _train(cfg: DictConfig, rank: int, world: int) -> dict:
     if world > 1:
         model = DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
 
-    tracker = new_tracker()
+    tracker = make_tracker(cfg)
     tracker.start(run_name=cfg.name, run_id=run_id, tags={"medaug.job": cfg.name})
     if start_step == 0:
         tracker.log_params(flatten({k: v for k, v in config.items() if k not in ("sample", "evaluate", "export")}))

@@ -102,3 +102,15 @@ def test_smoke_pipeline_against_mlflow_server(tmp_path, mlflow_server):
     query = urllib.parse.urlencode({"run_uuid": run["info"]["run_id"], "path": "samples/grid.png"})
     png = _get(f"{mlflow_server}/get-artifact?{query}")
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_only_rank_zero_gets_a_real_tracker(tmp_path, monkeypatch):
+    from medaug.tracking import NullTracker
+    from pipelines.common import make_tracker
+
+    cfg = compose_cfg("train", tmp_path, ["experiment=demo_2d", "tracking=mlflow"])
+    monkeypatch.setenv("RANK", "1")
+    assert isinstance(make_tracker(cfg), NullTracker)
+    assert not (tmp_path / "mlflow.db").exists()  # the store is not even opened
+    monkeypatch.setenv("RANK", "0")
+    assert isinstance(make_tracker(cfg), MLflowTracker)
