@@ -40,6 +40,8 @@ from scipy.linalg import LinAlgWarning
 from scipy.stats import rankdata, wasserstein_distance
 from tqdm.auto import tqdm
 
+from medaug.training import to_device
+
 MSSSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
 
 
@@ -88,20 +90,22 @@ def make_classifier(image_shape: Sequence[int], num_classes: int) -> torch.nn.Mo
 
 
 def train_classifier(images: torch.Tensor, labels: torch.Tensor, num_classes: int, steps: int = 400,
-                     batch_size: int = 32, lr: float = 1e-3, seed: int = 0, progress: bool = True) -> torch.nn.Module:
-    """A small MONAI classifier trained on real images with random flips; returned in eval mode."""
+                     batch_size: int = 32, lr: float = 1e-3, seed: int = 0, progress: bool = True,
+                     device: torch.device | str = "cpu") -> torch.nn.Module:
+    """A small MONAI classifier trained on real images with random flips; returned in eval mode, on
+    ``device`` (the images stay where they are; each batch is copied there)."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    model = make_classifier(images.shape[2:], num_classes)
+    model = make_classifier(images.shape[2:], num_classes).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     model.train()
     for _ in tqdm(range(steps), desc="classifier", unit="step", disable=not progress):
         idx = torch.randint(0, images.shape[0], (min(batch_size, images.shape[0]),), generator=gen)
-        x = images[idx]
+        x, y = to_device([images[idx], labels[idx]], torch.device(device))
         for axis in range(2, x.ndim):
             if torch.rand((), generator=gen) < 0.5:
                 x = x.flip(axis)
-        loss = F.cross_entropy(model(x), labels[idx])
+        loss = F.cross_entropy(model(x), y)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -109,8 +113,22 @@ def train_classifier(images: torch.Tensor, labels: torch.Tensor, num_classes: in
 
 
 @torch.no_grad()
+def in_batches(fn: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, device: torch.device,
+               batch_size: int = 64) -> torch.Tensor:
+    """``fn`` on ``images`` (float) in batches of ``batch_size`` copied to ``device``; the outputs
+    concatenated on the CPU."""
+    return torch.cat([fn(to_device([images[i : i + batch_size].float()], device)[0]).cpu()
+                      for i in range(0, len(images), batch_size)])
+
+
+def device_of_model(model: torch.nn.Module) -> torch.device:
+    """Where the model's weights are (the CPU for a model without any)."""
+    return next(model.parameters(), torch.empty(0)).device
+
+
 def predict(model: torch.nn.Module, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
-    return torch.cat([model(images[i : i + batch_size]).argmax(1) for i in range(0, len(images), batch_size)])
+    """Predicted class indices ``(N,)``, on the CPU; the images go in batches to the model's device."""
+    return in_batches(lambda x: model(x).argmax(1), images, device_of_model(model), batch_size)
 
 
 def cohen_kappa(pred: torch.Tensor, labels: torch.Tensor, num_classes: int) -> float:
@@ -199,24 +217,22 @@ class FeatureExtractor:
         if self._active:
             self._captured.append(inputs[0].detach())
 
-    @torch.no_grad()
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels > 1:
+            x = x.repeat(1, self.channels, *([1] * (x.ndim - 2)))
+        self._captured.clear()
+        self._active = True
+        try:
+            out = self.network(x)
+        finally:
+            self._active = False
+        f = self._captured[-1] if self._layer is not None else out
+        return f.flatten(2).mean(2) if f.ndim > 2 else f
+
     def __call__(self, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
-        feats = []
-        for i in range(0, len(images), batch_size):
-            x = images[i : i + batch_size].float()
-            if self.channels > 1:
-                x = x.repeat(1, self.channels, *([1] * (x.ndim - 2)))
-            self._captured.clear()
-            self._active = True
-            try:
-                out = self.network(x)
-            finally:
-                self._active = False
-            f = self._captured[-1] if self._layer is not None else out
-            feats.append(f.flatten(2).mean(2) if f.ndim > 2 else f)
-        if not feats:
+        if len(images) == 0:
             return torch.empty(0, 0, dtype=torch.float64)
-        return torch.cat(feats).double()
+        return in_batches(self._features, images, device_of_model(self.network), batch_size).double()
 
 
 PLANES = ("sagittal", "coronal", "axial")  # slicing across array axis 0, 1, 2 of (X, Y, Z)
@@ -389,10 +405,9 @@ def fidelity_metrics(real_feats: torch.Tensor, real_y: torch.Tensor, fake_feats:
 # ----------------------------------------------------------------------------- utility
 
 
-@torch.no_grad()
 def predict_proba(model: torch.nn.Module, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
-    """Class probabilities ``(N, K)``."""
-    return torch.cat([model(images[i : i + batch_size]).softmax(1) for i in range(0, len(images), batch_size)])
+    """Class probabilities ``(N, K)``, on the CPU; the images go in batches to the model's device."""
+    return in_batches(lambda x: model(x).softmax(1), images, device_of_model(model), batch_size)
 
 
 def macro_auc(probs: np.ndarray, labels: np.ndarray) -> float:

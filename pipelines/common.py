@@ -67,9 +67,7 @@ def process_group(device: torch.device) -> Iterator[tuple[int, int]]:
     (NCCL on CUDA, gloo on the CPU) and, at the end, torn down once every rank is done. A rank that
     fails does not wait for the others: it exits, and torchrun stops the rest."""
     rank, _, world = distributed()
-    if world > 1 and not torch.distributed.is_initialized():
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
+    if world > 1 and not torch.distributed.is_initialized():  # device_of made a GPU this rank's current one
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
         yield rank, world
@@ -81,12 +79,19 @@ def process_group(device: torch.device) -> Iterator[tuple[int, int]]:
 
 
 def device_of(cfg: DictConfig) -> torch.device:
+    """The stage's device from ``training.device`` (``auto``: this rank's GPU when there is one). A GPU
+    becomes the current device, with TF32 matmuls/convolutions and cuDNN's autotuner on, for every stage."""
     name = cfg.training.device
     if name == "auto":
         name = f"cuda:{distributed()[1]}" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"training.device={name} but no CUDA device is visible; use training.device=cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    return device
 
 
 def switch(value, on_cuda: bool) -> bool:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from functools import partial
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -29,24 +30,26 @@ from medaug.privacy import PrivacyFlags, privacy_audit, write_per_sample
 from medaug.report import write_pictures, write_report
 from medaug.sampling import load_samples
 from medaug.tracking import flatten
-from pipelines.common import container, log, make_tracker, path, stage_main
+from pipelines.common import container, device_of, log, make_tracker, path, stage_main
 
 
-def cached_classifier(prepared_dir, images, labels, num_classes: int, steps: int, seed: int, kind: str = "label"):
-    """A real-trained classifier, trained once per dataset and setting, cached in ``prepared/classifiers/``
-    (``label``: on the training images; ``slice``: on their 2D plane slices, for 2.5D features)."""
+def cached_classifier(prepared_dir, images, labels, num_classes: int, steps: int, seed: int, device: torch.device,
+                      kind: str = "label"):
+    """A real-trained classifier on ``device``, trained once per dataset and setting, cached in
+    ``prepared/classifiers/`` (``label``: on the training images; ``slice``: on their 2D plane slices,
+    for 2.5D features)."""
     cache = prepared_dir / "classifiers" / f"{kind}_clf_s{steps}_seed{seed}.pt"
     if cache.exists():
         model = make_classifier(images.shape[2:], num_classes)
         model.load_state_dict(torch.load(cache, map_location="cpu"))
-        return model.eval()
-    model = train_classifier(images, labels, num_classes, steps=steps, seed=seed)
+        return model.to(device).eval()
+    model = train_classifier(images, labels, num_classes, steps=steps, seed=seed, device=device)
     cache.parent.mkdir(exist_ok=True)
     torch.save(model.state_dict(), cache)
     return model
 
 
-def encoder_of(e: DictConfig, clf, steps: int) -> FeatureExtractor:
+def encoder_of(e: DictConfig, clf, steps: int, device: torch.device) -> FeatureExtractor:
     """The user's network and weights when ``evaluate.encoder.weights`` is set, else the cached classifier."""
     if not e.encoder.weights:
         return FeatureExtractor(clf, f"medaug DenseNet classifier trained on the real train split ({steps} steps, "
@@ -56,7 +59,7 @@ def encoder_of(e: DictConfig, clf, steps: int) -> FeatureExtractor:
                          "_target_ and arguments, e.g. {_target_: monai.networks.nets.DenseNet121, ...}")
     spec = OmegaConf.to_container(e.encoder.network, resolve=True)
     weights = path(e.encoder.weights)
-    net = load_weights(network_from_spec(spec), weights)
+    net = load_weights(network_from_spec(spec), weights).to(device)
     digest = hashlib.sha256(weights.read_bytes()).hexdigest()[:12] if weights.is_file() else "?"
     return FeatureExtractor(net, f"user encoder {spec['_target_']} (weights sha256 {digest}), penultimate features",
                             channels=int(e.encoder.channels))
@@ -84,9 +87,10 @@ def run(cfg: DictConfig) -> dict:
     test_x, test_y = held_out(prepared.root, e.real_split)
     train_items = [r for r in read_manifest(prepared.root) if r["split"] == "train"]
     k = prepared.num_classes
+    device = device_of(cfg)  # the classifiers and encoders run there; images stay in host memory
 
-    clf = cached_classifier(prepared.root, train_x, train_y, k, e.classifier_steps, e.seed)
-    encoder = encoder_of(e, clf, e.classifier_steps)
+    clf = cached_classifier(prepared.root, train_x, train_y, k, e.classifier_steps, e.seed, device)
+    encoder = encoder_of(e, clf, e.classifier_steps, device)
     extractors = [encoder.description]
     metrics = realism_metrics(clf, train_x, train_y, test_x, test_y, synth_x, synth_y, names,
                               n_pairs=e.n_pairs, seed=e.seed)
@@ -94,7 +98,7 @@ def run(cfg: DictConfig) -> dict:
     metrics.update(fidelity_metrics(encoder(test_x), test_y, encoder(synth_x), synth_y, names, **fkw))
     if prepared.spatial_dims == 3 and e.encoder.planes_25d:
         sx, sy = slices_for_training(train_x, train_y)
-        clf2d = cached_classifier(prepared.root, sx, sy, k, e.classifier_steps, e.seed, kind="slice")
+        clf2d = cached_classifier(prepared.root, sx, sy, k, e.classifier_steps, e.seed, device, kind="slice")
         planes = PlaneFeatureExtractor(FeatureExtractor(clf2d, f"medaug 2D DenseNet trained on plane slices of the "
                                                                f"real train volumes ({e.classifier_steps} steps)"))
         extractors.append(planes.description)
@@ -108,7 +112,8 @@ def run(cfg: DictConfig) -> dict:
     if e.utility.seeds:
         metrics.update(utility_metrics(train_x, train_y, synth_x, synth_y, test_x, test_y, k,
                                        seeds=list(e.utility.seeds), steps=e.utility.steps,
-                                       batch_size=e.utility.batch_size).metrics())
+                                       batch_size=e.utility.batch_size,
+                                       train_fn=partial(train_classifier, device=device)).metrics())
     finite = {key: v for key, v in metrics.items() if math.isfinite(v)}
     privacy = audit.summary() | {"extractors": extractors}
 

@@ -43,12 +43,8 @@ def _train(cfg: DictConfig, rank: int, world: int) -> dict:
     if space is not None:  # latent diffusion: the UNet learns scaled autoencoder latents
         latents, labels = cached_latents(space, info.root, config["latent"]["cache_dir"])
         images = latents * space.scale_factor
-    if cuda:
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
-        if switch(t.data_on_device, True) and images.nbytes < 2 * 2**30:
-            images, labels = images.to(device), labels.to(device)
+    if cuda and switch(t.data_on_device, True) and images.nbytes < 2 * 2**30:
+        images, labels = images.to(device), labels.to(device)
     config["model"].update(num_class_embeds=info.num_classes + 1, spatial_dims=info.spatial_dims)
     net = network_from_spec(config["model"]).to(device)
     ema = EMA(net, t.ema_decay)

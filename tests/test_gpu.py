@@ -4,6 +4,7 @@ import pytest
 import torch
 from monai.networks.schedulers import DDPMScheduler
 
+from medaug.metrics import FeatureExtractor, predict_proba, train_classifier
 from medaug.model import EMA, network_from_spec
 from medaug.sampling import inference_scheduler, sample_images
 from medaug.training import TrainSettings, fit, prepare_for_speed
@@ -41,3 +42,18 @@ def test_cuda_sampling_is_seeded():
     b = sample_images(net, inference_scheduler({"num_train_timesteps": 100}, "ddpm", 10), labels, [16, 16], seed=3, **kw)
     torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
     assert a.device.type == "cpu" and a.shape == (4, 1, 16, 16)
+
+
+@needs_cuda
+def test_evaluation_classifier_trains_on_the_gpu_and_answers_on_the_cpu():
+    x = torch.rand(24, 1, 16, 16) * 2 - 1
+    y = torch.arange(24) % 2
+    x[y == 1, :, 4:12, 4:12] = 1.0                  # class 1: a bright square
+    clf = train_classifier(x, y, 2, steps=60, seed=0, progress=False, device="cuda")
+    assert next(clf.parameters()).device.type == "cuda"
+    probs = predict_proba(clf, x)
+    assert probs.device.type == "cpu" and float((probs.argmax(1) == y).float().mean()) > 0.9
+    feats = FeatureExtractor(clf, "t")(x)
+    on_cpu = FeatureExtractor(clf.cpu(), "t")(x)
+    assert feats.device.type == "cpu" and feats.dtype == torch.float64
+    torch.testing.assert_close(feats, on_cpu, atol=1e-3, rtol=1e-3)

@@ -7,8 +7,8 @@ import torch
 from medaug.dataset import load_split
 from medaug.metrics import (FeatureExtractor, PlaneFeatureExtractor, accuracy_per_class, cohen_kappa,
                             density_coverage, fidelity_metrics, fidelity_with_floor, frechet_distance, histogram_w1,
-                            kernel_inception_distance, load_weights, macro_auc, make_classifier, msssim_metric,
-                            pairwise_msssim, plane_slice, precision_recall, realism_metrics, slices_for_training,
+                            in_batches, kernel_inception_distance, load_weights, macro_auc, make_classifier,
+                            msssim_metric, pairwise_msssim, plane_slice, precision_recall, realism_metrics, slices_for_training,
                             train_classifier, utility_metrics)
 
 from .test_privacy import phantoms
@@ -109,6 +109,13 @@ def test_feature_extractor_takes_penultimate_pooled_features():
     assert feats.shape == (5, net.class_layers.out.in_features) and feats.dtype == torch.float64
     conv = torch.nn.Conv3d(1, 4, 3)   # no Linear layer: output averaged over space
     assert FeatureExtractor(conv, "c", channels=1)(torch.rand(2, 1, 6, 6, 6)).shape == (2, 4)
+
+
+def test_in_batches_keeps_order_and_returns_cpu_float_results():
+    images = torch.arange(7 * 4, dtype=torch.int16).reshape(7, 1, 2, 2)
+    out = in_batches(lambda x: x.flatten(1).sum(1), images, torch.device("cpu"), batch_size=3)
+    assert out.dtype == torch.float32 and out.device.type == "cpu"
+    assert out.tolist() == images.flatten(1).sum(1).float().tolist()
 
 
 def test_plane_slices_and_25d_features():

@@ -96,6 +96,29 @@ def test_cli_and_multirun(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_gpu_stage_turns_on_tf32_and_cudnn_autotuning(monkeypatch):
+    from omegaconf import OmegaConf
+
+    from pipelines.common import device_of
+
+    current = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    flags = [(torch.backends.cudnn, "benchmark"), (torch.backends.cudnn, "allow_tf32"),
+             (torch.backends.cuda.matmul, "allow_tf32")]
+    saved = [getattr(module, name) for module, name in flags]
+    try:
+        for module, name in flags:
+            setattr(module, name, False)
+        assert device_of(OmegaConf.create({"training": {"device": "cpu"}})) == torch.device("cpu")
+        assert current == [] and not any(getattr(module, name) for module, name in flags)
+        assert device_of(OmegaConf.create({"training": {"device": "cuda:1"}})) == torch.device("cuda:1")
+        assert current == [torch.device("cuda:1")] and all(getattr(module, name) for module, name in flags)
+    finally:
+        for (module, name), value in zip(flags, saved):
+            setattr(module, name, value)
+
+
 def test_bad_input_exits_nonzero_with_one_line(tmp_path):
     r = _cli(["pipelines.train", "experiment=demo_2d", "tracking=none", f"paths.output_dir={tmp_path}"], REPO)
     assert r.returncode == 2
