@@ -55,6 +55,7 @@ from .tracking import NullTracker, Tracker, flatten
 from .training import barrier, checkpoint_at_exit, rank_and_world, step_generator, to_device
 
 log = logging.getLogger("medaug")
+ENCODE_OVERLAP = 0.25  # share of a tile that overlaps its neighbour when images are encoded in tiles
 
 # --------------------------------------------------------------------------- losses
 
@@ -134,15 +135,24 @@ def check_shape(image_shape: Sequence[int], spec: Mapping) -> list[int]:
     return [s // f for s in image_shape]
 
 
-def check_tile(tile: Sequence[int] | None, image_shape: Sequence[int], factor: int, key: str) -> list[int] | None:
+def check_tile(tile: Sequence[int] | None, image_shape: Sequence[int], factor: int, key: str,
+               overlap: float | None = None) -> list[int] | None:
     """``tile`` (image voxels per axis: a training patch or an encoding tile) as ints, checked
-    against the image shape and the compression ``factor``; None stays None."""
+    against the image shape and the compression ``factor``; None stays None.
+
+    With ``overlap`` (tiles encoded by a sliding window) the window's step, ``int(tile × (1 - overlap))``
+    image voxels, must be a multiple of ``factor`` too: a tile starting off the latent grid would
+    put its latents a fraction of a voxel off."""
     if tile is None:
         return None
     tile = [int(t) for t in tile]
     if len(tile) != len(image_shape) or any(t < factor or t % factor or t > s for t, s in zip(tile, image_shape)):
         raise ValueError(f"{key}={tile}: give one size per axis of the images {list(image_shape)}, each a multiple of "
                          f"the compression {factor} and no larger than the image")
+    steps = [int(t * (1 - overlap)) for t in tile] if overlap is not None else []
+    if any(t < s and step % factor for t, s, step in zip(tile, image_shape, steps)):
+        raise ValueError(f"{key}={tile}: overlapping by {overlap:.0%}, the tiles step by {steps} voxels, off the "
+                         f"latent grid of the compression {factor}; give sizes that are multiples of {4 * factor}")
     return tile
 
 
@@ -165,7 +175,7 @@ def _tiler(tile: Sequence[int] | None, ndim: int, key: str, overlap: float, batc
 
 @torch.no_grad()
 def encode_mean(ae: nn.Module, images: torch.Tensor, batch_size: int = 8, progress: bool = False, *,
-                tile: Sequence[int] | None = None, overlap: float = 0.25) -> torch.Tensor:
+                tile: Sequence[int] | None = None, overlap: float = ENCODE_OVERLAP) -> torch.Tensor:
     """Posterior means ``(N, C_lat, *spatial / f)`` (float32, CPU) of images ``(N, 1, *spatial)`` in [-1, 1].
 
     ``tile`` (image voxels per axis, multiples of f) encodes overlapping tiles one at a time and
@@ -569,9 +579,10 @@ def train_autoencoder(config: Mapping, prepared_dir: str | Path, ckpt_path: str 
     latent_shape = check_shape(info.image_shape, spec)
     settings = AutoencoderSettings.from_section(section)
     settings.amp_dtype, settings.rank, settings.world_size = amp_dtype, rank, world
-    for key in ("patch_size", "encode_tile"):
-        setattr(settings, key, check_tile(getattr(settings, key), info.image_shape, compression(spec),
-                                          f"autoencoder.{key}"))
+    factor = compression(spec)
+    settings.patch_size = check_tile(settings.patch_size, info.image_shape, factor, "autoencoder.patch_size")
+    settings.encode_tile = check_tile(settings.encode_tile, info.image_shape, factor, "autoencoder.encode_tile",
+                                      ENCODE_OVERLAP)
 
     ae = network_from_spec(spec).to(device)
     ema = EMA(ae, settings.ema_decay)

@@ -7,8 +7,9 @@ generator, so the loop is written out here, step by step:
    depend on which batch it lands in);
 2. for each timestep ``t``: predict ``eps`` for the label and (if guided) for the null
    class, combine ``eps_u + w (eps_c - eps_u)``;
-3. let the scheduler take the step ``x_t → x_{t-1}``; its stochastic noise (DDPM, or DDIM
-   with ``eta > 0``) comes from a generator seeded by the batch's first sample index.
+3. let the scheduler take the step ``x_t → x_{t-1}``; its stochastic noise (DDPM, DPM-Solver++
+   2M SDE, or DDIM with ``eta > 0``) comes from a generator seeded from ``(seed, first index of
+   the batch)``, a stream apart from every starting noise.
 
 Example::
 
@@ -34,7 +35,23 @@ from tqdm.auto import tqdm
 from .dpm_solver import DPMSolverPP2M, DPMSolverPP2MSDE
 from .io import atomic_folder, is_complete
 
-SAMPLERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler, "pndm": PNDMScheduler,
+
+class DDIM(DDIMScheduler):
+    """MONAI's DDIM with its timesteps on the grid its ``step`` follows.
+
+    MONAI's ``step`` goes from t to ``t - T // steps``, while its ``set_timesteps`` spaces the
+    timesteps by ``(T - 1) / (steps - 1)``: at 10 of 1000 steps the network would be told t = 888 for
+    a sample at 899. Here the timesteps are ``T - 1, T - 1 - T // steps, ...`` (trailing: the first
+    step starts from pure noise), so every step lands on the next timestep.
+    """
+
+    def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
+        super().set_timesteps(num_inference_steps, device)
+        stride = self.num_train_timesteps // num_inference_steps
+        self.timesteps = torch.arange(self.num_train_timesteps - 1, -1, -stride, device=device)[:num_inference_steps]
+
+
+SAMPLERS = {"ddpm": DDPMScheduler, "ddim": DDIM, "pndm": PNDMScheduler,
             "dpmpp_2m": DPMSolverPP2M, "dpmpp_2m_sde": DPMSolverPP2MSDE}
 SCHEDULE_ARGS = {"beta_start", "beta_end", "sig_range"}  # passed through to MONAI's noise schedule functions
 
@@ -42,10 +59,11 @@ SCHEDULE_ARGS = {"beta_start", "beta_end", "sig_range"}  # passed through to MON
 def inference_scheduler(spec: Mapping, sampler: str = "ddim", steps: int = 50):
     """A scheduler for sampling with the noise schedule of the training ``spec``.
 
-    ``sampler`` is ``ddpm`` (ancestral, needs many steps), ``ddim`` (deterministic with
+    ``sampler`` is ``ddpm`` (ancestral, every training timestep), ``ddim`` (deterministic with
     ``eta=0``), ``pndm`` (pseudo linear multistep, PLMS), or the few-step DPM-Solver++ 2M
     samplers ``dpmpp_2m`` (ODE) and ``dpmpp_2m_sde`` (stochastic; see
-    :mod:`medaug.dpm_solver`), none needing retraining; ``steps`` ≤ the training timesteps.
+    :mod:`medaug.dpm_solver`), none needing retraining; ``steps`` ≤ the training timesteps
+    (``pndm`` is for epsilon-predicting networks only).
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler {sampler!r} unknown; choose one of {sorted(SAMPLERS)}")
@@ -55,8 +73,16 @@ def inference_scheduler(spec: Mapping, sampler: str = "ddim", steps: int = 50):
     if sampler == "pndm":
         kwargs["skip_prk_steps"] = True
     scheduler = cls(**kwargs)
-    if not 1 <= steps <= scheduler.num_train_timesteps:
-        raise ValueError(f"steps={steps} must be between 1 and {scheduler.num_train_timesteps}")
+    total = scheduler.num_train_timesteps
+    if not 1 <= steps <= total:
+        raise ValueError(f"steps={steps} must be between 1 and {total}")
+    if sampler == "ddpm" and steps != total:  # MONAI's DDPM step always goes from t to t - 1
+        raise ValueError(f"sampler=ddpm takes every one of the {total} training timesteps, not steps={steps}; set "
+                         f"steps={total}, or for fewer steps use ddim with eta=1 (ancestral) or dpmpp_2m_sde")
+    if sampler == "pndm" and scheduler.prediction_type == "v_prediction":
+        raise ValueError("sampler=pndm extrapolates the network's outputs over timesteps, which is only right for "
+                         "noise (epsilon) predictions, not for this v_prediction model; use dpmpp_2m_sde, dpmpp_2m "
+                         "or ddim")
     scheduler.set_timesteps(steps)
     return scheduler
 
@@ -76,6 +102,12 @@ def guided_eps(model: nn.Module, x: torch.Tensor, t: int, labels: torch.Tensor, 
         torch.cat([x, x]), timesteps=torch.cat([timesteps, timesteps]), class_labels=torch.cat([labels, null])
     ).chunk(2)
     return eps_u + scale * (eps_c - eps_u)
+
+
+def step_noise_seed(seed: int, start: int) -> int:
+    """Seed of the step noise of the batch that starts at sample ``start``: derived from both, so
+    that it is not the seed of any sample's starting noise (``seed + i``)."""
+    return int(np.random.SeedSequence([seed, start, 1]).generate_state(1, np.uint64)[0] >> 1)
 
 
 @torch.no_grad()
@@ -116,7 +148,7 @@ def sample_images(
         scheduler.set_timesteps(steps)
         step_kwargs = {"eta": eta} if isinstance(scheduler, DDIMScheduler) else {}
         if not isinstance(scheduler, PNDMScheduler):  # PNDM is deterministic and takes no generator
-            step_kwargs["generator"] = torch.Generator(device=device).manual_seed(seed + start)
+            step_kwargs["generator"] = torch.Generator(device=device).manual_seed(step_noise_seed(seed, start))
         for t in scheduler.timesteps:
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                 eps = guided_eps(model, x, t, y, guidance_scale, null_class)

@@ -12,8 +12,8 @@ import torch
 
 import medaug.latent as latent
 from medaug.dataset import load_info, load_split
-from medaug.latent import (AutoencoderSettings, Optimizers, cache_file, cached_latents, check_shape, decode_latents,
-                           encode_mean, fit_autoencoder, kl_loss, latent_space_for_training, load_latent_space,
+from medaug.latent import (ENCODE_OVERLAP, AutoencoderSettings, Optimizers, cache_file, cached_latents, check_shape,
+                           check_tile, decode_latents, encode_mean, fit_autoencoder, kl_loss, latent_space_for_training, load_latent_space,
                            reconstruction_metrics, train_autoencoder)
 from medaug.model import EMA, load_checkpoint, network_from_spec
 from medaug.sampling import inference_scheduler, labels_for_counts, load_samples
@@ -156,7 +156,7 @@ def test_ldm_sampling_shape_determinism_and_unclamped_latents(trained, monkeypat
     kw = dict(guidance_scale=2.0, null_class=3, batch_size=2, progress=False)
     a = space.sample(net, inference_scheduler(SCHED, "ddim", 3), labels, seed=0, **kw)
     b = space.sample(net, inference_scheduler(SCHED, "ddim", 3), labels, seed=0, **kw)
-    c = space.sample(net, inference_scheduler(SCHED, "ddpm", 3), labels, seed=1, **kw)
+    c = space.sample(net, inference_scheduler(SCHED, "dpmpp_2m_sde", 3), labels, seed=1, **kw)
     assert a.shape == (3, 1, 12, 12, 12) and a.min() >= -1 and a.max() <= 1
     assert torch.equal(a, b) and not torch.equal(a, c)
     seen = []
@@ -207,6 +207,17 @@ def test_tiled_encode_places_and_blends_tiles_exactly():
     assert recon.shape == x.shape and metrics["autoencoder/val_l1"] > 0
     with pytest.raises(ValueError, match="encode_tile"):
         encode_mean(ae, x, tile=[8, 8])
+
+
+def test_encode_tiles_must_step_on_the_latent_grid():
+    x = torch.rand(1, 1, 24, 24, 24, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    whole = encode_mean(NearestDecoder(), x)  # compression 2
+    assert check_tile([8] * 3, [24] * 3, 2, "autoencoder.encode_tile", ENCODE_OVERLAP) == [8] * 3  # steps by 6
+    torch.testing.assert_close(encode_mean(NearestDecoder(), x, tile=[8] * 3), whole, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match=r"encode_tile=\[10, 10, 10\].*step by \[7, 7, 7\].*multiples of 8"):
+        check_tile([10] * 3, [24] * 3, 2, "autoencoder.encode_tile", ENCODE_OVERLAP)
+    assert not torch.allclose(encode_mean(NearestDecoder(), x, tile=[10] * 3), whole, atol=1e-2)  # starts at 7: what it prevents
+    assert check_tile([10, 16, 16], [16] * 3, 2, "k") == [10, 16, 16]  # patches (no overlap) need only multiples
 
 
 def test_crops_come_from_their_corners_and_patch_training_is_seeded():

@@ -156,7 +156,7 @@ def test_sampling_sharded_over_two_ranks_equals_one_process(tmp_path):
     common = ["experiment=demo_2d", *for_stage("train", TINY), f"paths.output_dir={tmp_path}"]
     prepare.run(compose_cfg("prepare", tmp_path, common))
     train.run(compose_cfg("train", tmp_path, common))
-    opts = ["sample.num_per_class=3", "sample.batch_size=2", "sample.steps=3", "sample.sampler=ddpm"]
+    opts = ["sample.num_per_class=3", "sample.batch_size=2", "sample.steps=3", "sample.sampler=dpmpp_2m_sde"]
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         "-m", "pipelines.sample", *common, *opts, f"paths.samples_dir={tmp_path}/two"],
                        cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})

@@ -7,7 +7,7 @@ import torch
 from medaug.metrics import FeatureExtractor, train_classifier
 from medaug.phantoms import make_phantom
 from medaug.preprocessing import IntensityWindow
-from medaug.privacy import PrivacyFlags, copy_filter, copy_scores, privacy_audit, standardise
+from medaug.privacy import PrivacyFlags, closer_to_train, copy_filter, copy_scores, privacy_audit, standardise
 
 WINDOW = IntensityWindow(-160.0, 240.0)
 
@@ -103,6 +103,21 @@ def test_blurred_memorisation_below_the_copy_threshold_fails_on_closer_to_train(
     assert audit.metrics["privacy/copy_rate"] == 0.0          # no single image is a copy...
     assert audit.metrics["privacy/closer_to_train"] > 0.95 and audit.metrics["privacy/closer_to_train_p"] < 1e-6
     assert audit.verdict == "fail" and audit.reasons[0].startswith("closer-to-train share 1.00")  # ...but it memorised
+
+
+def test_closer_to_train_p_value_holds_its_level_and_finds_noisy_copies():
+    gen = torch.Generator().manual_seed(1)
+
+    def p_value(trial: int, noisy_copies: int) -> float:
+        train, held, synth = (torch.randn(n, 16, generator=gen) for n in (80, 40, 60))
+        pick = torch.randint(0, 80, (noisy_copies,), generator=gen)
+        synth[:noisy_copies] = train[pick] + 0.7 * torch.randn(noisy_copies, 16, generator=gen)
+        return closer_to_train(*(standardise(x) for x in (synth, train, held)), seed=trial)[1]
+
+    null = np.array([p_value(i, 0) for i in range(300)])
+    planted = np.array([p_value(i, 30) for i in range(80)])  # half the set: noisy copies
+    assert 0.02 <= (null < 0.05).mean() <= 0.08             # about the nominal 5 % of null sets flagged (0.04)
+    assert (planted < 0.05).mean() >= 0.7                   # 0.78; a binomial test of the averaged share: 0.48
 
 
 def test_a_non_significant_closer_share_is_reported_without_a_flag(data):

@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 import torch
+from monai.networks.schedulers import DDPMScheduler
 from PIL import Image
 
 from medaug.model import network_from_spec
@@ -24,12 +25,45 @@ def test_same_seed_same_samples(spatial_dims, sampler):
     labels = labels_for_counts({0: 2, 2: 1})
     kw = dict(guidance_scale=2.0, null_class=3, batch_size=2, progress=False)
     shape = [8] * spatial_dims
-    a = sample_images(net(spatial_dims), inference_scheduler(SCHED, sampler, 4), labels, shape, seed=5, **kw)
-    b = sample_images(net(spatial_dims), inference_scheduler(SCHED, sampler, 4), labels, shape, seed=5, **kw)
-    c = sample_images(net(spatial_dims), inference_scheduler(SCHED, sampler, 4), labels, shape, seed=6, **kw)
+    steps = SCHED["num_train_timesteps"] if sampler == "ddpm" else 4
+    a = sample_images(net(spatial_dims), inference_scheduler(SCHED, sampler, steps), labels, shape, seed=5, **kw)
+    b = sample_images(net(spatial_dims), inference_scheduler(SCHED, sampler, steps), labels, shape, seed=5, **kw)
+    c = sample_images(net(spatial_dims), inference_scheduler(SCHED, sampler, steps), labels, shape, seed=6, **kw)
     assert a.shape == (3, 1, *shape) and a.min() >= -1 and a.max() <= 1
     assert torch.equal(a, b)
     assert not torch.equal(a, c)
+
+
+def test_samplers_that_would_sample_wrongly_are_refused():
+    with pytest.raises(ValueError, match="ddpm takes every one of the 100 training timesteps, not steps=20"):
+        inference_scheduler(SCHED, "ddpm", 20)
+    with pytest.raises(ValueError, match="pndm .* v_prediction"):
+        inference_scheduler({**SCHED, "prediction_type": "v_prediction"}, "pndm", 20)
+    assert inference_scheduler({**SCHED, "prediction_type": "v_prediction"}, "ddim", 20).prediction_type == "v_prediction"
+
+
+@pytest.mark.parametrize("steps", [1, 3, 10, 50, 100])
+def test_ddim_steps_land_on_its_next_timestep(steps):
+    sch = inference_scheduler(SCHED, "ddim", steps)
+    t = sch.timesteps.tolist()
+    assert len(t) == steps and t[0] == 99 and t == sorted(t, reverse=True)
+    assert all(a - 100 // steps == b for a, b in zip(t, t[1:]))  # MONAI's step goes to t - T // steps
+
+
+def test_step_noise_is_not_a_starting_noise():
+    drawn = []
+
+    class Recording(DDPMScheduler):
+        def step(self, model_output, timestep, sample, generator=None):
+            drawn.append(torch.randn(sample.shape, generator=generator))
+            return super().step(model_output, timestep, sample, generator)
+
+    sch = Recording(num_train_timesteps=10)
+    sch.set_timesteps(10)
+    sample_images(net(), sch, torch.tensor([0, 1]), [8, 8], guidance_scale=1.0, null_class=3, seed=5, progress=False)
+    starts = [torch.randn(1, 8, 8, generator=torch.Generator().manual_seed(5 + i)) for i in range(2)]
+    assert len(drawn) == 10 and not any(torch.allclose(d[i], starts[j]) for d in drawn for i in range(2)
+                                        for j in range(2))
 
 
 def test_ddim_sample_does_not_depend_on_batching():
