@@ -189,19 +189,18 @@ def _write_manifest(root: Path, manifest: list[dict]) -> None:
     (root / "manifest.json").write_text(json.dumps(manifest, indent=2))
 
 
-def _dataset_json(manifest: list[dict], fields: Mapping[str, object], formats: Sequence[str]) -> dict:
+def _dataset_json(manifest: list[dict], fields: Mapping[str, object]) -> dict:
     """MSD / nnU-Net style description; ``training`` lists image files and class labels."""
     labels = {str(r["label"]): r["class_name"] for r in sorted(manifest, key=lambda r: int(r["label"]))}
-    key = "nifti" if "nifti" in formats else formats[0]
     return {
         "name": str(fields.get("name", "medaug-synthetic")),
         "description": "SYNTHETIC images from a medaug diffusion model (classification labels)",
         "reference": "medaug", "licence": "see DATA_CARD.md", "release": str(fields.get("created", "")),
         "tensorImageSize": f"{fields.get('spatial_dims', 3)}D",
         "modality": {"0": "CT"}, "channel_names": {"0": "CT"}, "labels": labels,
-        "file_ending": ".nii.gz" if key == "nifti" else "",
+        "file_ending": ".nii.gz",
         "numTraining": len(manifest), "numTest": 0,
-        "training": [{"image": f"./{r[key]}", "label": int(r["label"])} for r in manifest], "test": [],
+        "training": [{"image": f"./{r['nifti']}", "label": int(r["label"])} for r in manifest], "test": [],
     }
 
 
@@ -249,6 +248,9 @@ def export_dataset(
     for name, seq in (("keep", keep), ("privacy_scores", privacy_scores)):
         if seq is not None and len(seq) != len(rows):
             raise ExportError(f"{name} has {len(seq)} entries for {len(rows)} samples; give one per sample")
+    if dataset_json and "nifti" not in formats:
+        raise ExportError(f"export.dataset_json=true lists NIfTI files for nnU-Net/MSD, but export.format={formats}; "
+                          "add nifti to export.format")
     if out_dir.exists() and not overwrite:
         raise ExportError(f"{out_dir}: already exists; pass export.overwrite=true or choose another paths.export_dir")
     keep = [True] * len(rows) if keep is None else [bool(k) for k in keep]
@@ -297,7 +299,7 @@ def export_dataset(
             manifest.append(entry)
         _write_manifest(tmp, manifest)
         if dataset_json:
-            (tmp / "dataset.json").write_text(json.dumps(_dataset_json(manifest, card_fields, formats), indent=2))
+            (tmp / "dataset.json").write_text(json.dumps(_dataset_json(manifest, card_fields), indent=2))
         if privacy_files:
             (tmp / "privacy").mkdir()
             for f in privacy_files:

@@ -26,7 +26,7 @@ import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -47,6 +47,17 @@ def network_from_spec(spec: Mapping, **overrides):
     kwargs = {k: v for k, v in spec.items() if not k.startswith("_")}
     kwargs.update(overrides)
     return locate(spec["_target_"])(**kwargs)
+
+
+def check_unet_input(spec: Mapping, shape: Sequence[int], what: str = "image") -> None:
+    """Refuse a spatial ``shape`` that a ``DiffusionModelUNet`` of ``spec`` cannot take: it halves the
+    size once per level after the first, and its skip connections need every axis to halve evenly."""
+    levels = len(spec.get("channels", ()))
+    factor = 2 ** max(levels - 1, 0)
+    if any(int(s) % factor for s in shape):
+        raise ValueError(f"model.channels={list(spec['channels'])} halves the {what} {levels - 1}x, so each axis of "
+                         f"the {what} shape {list(shape)} must divide by {factor}; set data.image_size to "
+                         f"multiples of {factor}" + (" times the autoencoder's compression" if what == "latent" else ""))
 
 
 class EMA:
@@ -138,18 +149,23 @@ def save_checkpoint(path, *, model, ema, optimizer, step, config, meta) -> Path:
     return path
 
 
-def file_id(path: str | Path) -> str:
-    """First 12 hex digits of the file's SHA-256: a stable checkpoint id."""
+def file_id(*paths: str | Path) -> str:
+    """First 12 hex digits of the SHA-256 of the files' contents, in order: a stable checkpoint (or
+    samples) id."""
     h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
+    for path in paths:
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
     return h.hexdigest()[:12]
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
     """Load a checkpoint written by :func:`save_checkpoint` onto the CPU."""
     path = Path(path)
+    if path.is_dir():
+        raise FileNotFoundError(f"{path}: is a folder; pass the checkpoint file in it as ckpt_path=<file.pt> "
+                                "(training writes train/checkpoints/last.pt)")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: checkpoint not found; train first or pass ckpt_path=<file.pt>")
     try:

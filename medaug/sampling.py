@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from .dpm_solver import DPMSolverPP2M, DPMSolverPP2MSDE
 from .io import atomic_folder, is_complete
+from .model import file_id
 
 
 class DDIM(DDIMScheduler):
@@ -210,6 +211,13 @@ def save_samples(out_dir: str | Path, images: torch.Tensor, rows: Sequence[Mappi
         (tmp / "info.json").write_text(json.dumps(dict(info), indent=2))
         save_grid(images, labels, class_names, tmp / "grid.png")
     return Path(out_dir)
+
+
+def samples_id(samples_dir: str | Path) -> str:
+    """The id of a complete samples folder (its images, manifest and provenance): what an evaluation
+    records, so that an export can tell whether that evaluation is of these samples."""
+    samples_dir = Path(samples_dir)
+    return file_id(*(samples_dir / name for name in ("samples.pt", "manifest.csv", "info.json")))
 
 
 def load_samples(samples_dir: str | Path) -> tuple[torch.Tensor, torch.Tensor, list[dict], dict]:

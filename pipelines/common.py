@@ -18,6 +18,7 @@ from typing import Callable, Iterator
 import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
 
 from medaug.dataset import DatasetError
 from medaug.export import ExportError
@@ -37,9 +38,11 @@ def stage_main(stage: str, run: Callable[[DictConfig], dict]) -> Callable[[], No
     def main(cfg: DictConfig) -> None:
         try:
             run(cfg)
-        except INPUT_ERRORS as err:
+        except (*INPUT_ERRORS, MissingMandatoryValue) as err:
             if os.environ.get("MEDAUG_DEBUG"):
                 raise
+            if isinstance(err, MissingMandatoryValue):
+                err = f"{err.full_key} has no value; give one on the command line ({err.full_key}=...)"
             print(f"medaug {stage}: error: {err}", file=sys.stderr)
             raise SystemExit(2) from None
 

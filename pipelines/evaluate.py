@@ -28,7 +28,7 @@ from medaug.metrics import (FeatureExtractor, PlaneFeatureExtractor, fidelity_me
 from medaug.model import network_from_spec
 from medaug.privacy import PrivacyFlags, privacy_audit, write_per_sample
 from medaug.report import write_pictures, write_report
-from medaug.sampling import load_samples
+from medaug.sampling import load_samples, samples_id
 from medaug.tracking import flatten
 from pipelines.common import container, device_of, log, make_tracker, path, stage_main
 
@@ -115,7 +115,7 @@ def run(cfg: DictConfig) -> dict:
                                        batch_size=e.utility.batch_size,
                                        train_fn=partial(train_classifier, device=device)).metrics())
     finite = {key: v for key, v in metrics.items() if math.isfinite(v)}
-    privacy = audit.summary() | {"extractors": extractors}
+    privacy = audit.summary() | {"extractors": extractors, "samples_id": samples_id(path(cfg.paths.samples_dir))}
 
     out_dir = path(cfg.paths.eval_dir)
     with atomic_folder(out_dir) as tmp:

@@ -22,7 +22,7 @@ from medaug.io import is_complete
 from medaug.model import ema_network, load_checkpoint
 from medaug.preprocessing import IntensityWindow
 from medaug.privacy import copy_filter, pixel_copy_scores, read_copy_scores, replace_copies
-from medaug.sampling import inference_scheduler, load_samples, sample_images
+from medaug.sampling import inference_scheduler, load_samples, sample_images, samples_id
 from pipelines.common import REPO_ROOT, default_ckpt, log, make_tracker, path, stage_main, tracking_uri
 
 
@@ -95,6 +95,10 @@ def run(cfg: DictConfig) -> dict:
     images, labels, rows, info = load_samples(path(cfg.paths.samples_dir))
     eval_dir = path(cfg.paths.eval_dir)
     complete = is_complete(eval_dir)
+    if complete and json.loads((eval_dir / "privacy.json").read_text()).get("samples_id") != \
+            samples_id(path(cfg.paths.samples_dir)):
+        raise ExportError(f"{eval_dir} evaluated other samples than {path(cfg.paths.samples_dir)} (sampled or trained "
+                          "again since?); run `medaug evaluate` again, or set paths.eval_dir to these samples' evaluation")
     metrics = json.loads((eval_dir / "metrics.json").read_text()) if complete else {}
     if not metrics:
         log.warning("no evaluation found in %s: the data card will have no metrics; run `medaug evaluate`", eval_dir)

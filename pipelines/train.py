@@ -16,7 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from medaug.dataset import load_info, load_split
 from medaug.latent import cached_latents, latent_space_for_training
-from medaug.model import EMA, load_checkpoint, network_from_spec, restore_training_state
+from medaug.model import EMA, check_unet_input, load_checkpoint, network_from_spec, restore_training_state
 from medaug.tracking import flatten
 from medaug.training import TrainSettings, fit, prepare_for_speed
 from pipelines.common import (amp_dtype_of, container, default_ckpt, device_of, log, make_tracker, path, process_group,
@@ -46,6 +46,7 @@ def _train(cfg: DictConfig, rank: int, world: int) -> dict:
     if cuda and switch(t.data_on_device, True) and images.nbytes < 2 * 2**30:
         images, labels = images.to(device), labels.to(device)
     config["model"].update(num_class_embeds=info.num_classes + 1, spatial_dims=info.spatial_dims)
+    check_unet_input(config["model"], images.shape[2:], "latent" if space is not None else "image")
     net = network_from_spec(config["model"]).to(device)
     ema = EMA(net, t.ema_decay)
     optimizer = instantiate(t.optimizer, **({"fused": True} if cuda else {}))(net.parameters())
@@ -56,6 +57,11 @@ def _train(cfg: DictConfig, rank: int, world: int) -> dict:
     start_step, run_id = 0, None
     if resume_from.exists():
         ckpt = load_checkpoint(resume_from)
+        for key, now in (("image_shape", list(info.image_shape)), ("class_names", list(info.class_names))):
+            if list(ckpt.meta.get(key, [])) != now:
+                raise ValueError(f"{resume_from} was trained with {key} {list(ckpt.meta.get(key, []))}, but "
+                                 f"{info.root} has {now}; train afresh in another paths.train_dir (or name=), "
+                                 "or prepare the data as before")
         trained_on = ckpt.meta.get("latent", {}).get("autoencoder_id")  # None: pixel space
         now = space.id if space is not None else None
         if trained_on != now:

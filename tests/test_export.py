@@ -224,6 +224,9 @@ def test_keep_drops_samples_and_privacy_scores_fill_the_column(tmp_path):
         _export(tmp_path, _images(2, 2), name="g", keep=[False, False])
     with pytest.raises(ExportError, match="choose one or more of"):
         _export(tmp_path, _images(2, 2), name="h", formats=["jpeg"])
+    with pytest.raises(ExportError, match=r"dataset_json=true lists NIfTI files.*add nifti to export.format"):
+        _export(tmp_path, _images(2, 2), name="i", formats=["dicom"], dataset_json=True)
+    assert not (tmp_path / "i").exists()
 
 
 @pytest.mark.parametrize("archive", ["tar.gz", "zip"])
@@ -281,7 +284,7 @@ def test_render_card_fills_every_placeholder():
 
 def test_export_stage_writes_every_format_and_the_share_bundle(tmp_path):
     from medaug.io import atomic_folder
-    from medaug.sampling import save_samples
+    from medaug.sampling import samples_id, save_samples
     from pipelines import export as export_stage
 
     from .conftest import compose_cfg
@@ -296,7 +299,8 @@ def test_export_stage_writes_every_format_and_the_share_bundle(tmp_path):
     with atomic_folder(tmp_path / "eval") as ev:
         (ev / "metrics.json").write_text(json.dumps({"fidelity/label_acc": 0.5, "privacy/copy_rate": 0.0}))
         (ev / "per_sample.csv").write_text("index,copy_score\n0,0.25\n1,0.3\n2,0.5\n")
-        (ev / "privacy.json").write_text(json.dumps({"threshold": 0.9, "space": "pixel", "verdict": "pass"}))
+        (ev / "privacy.json").write_text(json.dumps({"threshold": 0.9, "space": "pixel", "verdict": "pass",
+                                                     "samples_id": samples_id(tmp_path / "samples")}))
         (ev / "report.md").write_text("![neighbour](data:image/png;base64,AAAA)\n")  # embeds pixels: never copied
     cfg = compose_cfg("export", tmp_path, ["tracking=none", "export.format=[nifti,dicom,png]",
                                            "export.profile=share", "export.dataset_json=true"])

@@ -52,6 +52,8 @@ def test_checkpoint_roundtrip(tmp_path):
 def test_load_checkpoint_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="train first"):
         load_checkpoint(tmp_path / "none.pt")
+    with pytest.raises(FileNotFoundError, match="is a folder; pass the checkpoint file in it"):
+        load_checkpoint(tmp_path)
     torch.save({"weights": 1}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="not a medaug checkpoint"):
         load_checkpoint(tmp_path / "other.pt")

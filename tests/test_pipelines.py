@@ -79,6 +79,24 @@ def test_sample_counts_by_class_name(tmp_path):
         sample.run(compose_cfg("sample", tmp_path, [*overrides, "sample.num_per_class={tumour:2}"]))
 
 
+def test_export_and_train_refuse_what_no_longer_matches(tmp_path):
+    from medaug.export import ExportError
+
+    overrides = ["experiment=demo_2d", *TINY]
+    run_all(tmp_path, overrides)
+    sample.run(compose_cfg("sample", tmp_path, [*overrides, "sample.seed=99"]))  # new samples, old evaluation
+    with pytest.raises(ExportError, match="evaluated other samples"):
+        export.run(compose_cfg("export", tmp_path, overrides))
+    evaluate.run(compose_cfg("evaluate", tmp_path, overrides))
+    assert export.run(compose_cfg("export", tmp_path, overrides))["samples"] == 6
+    prepare.run(compose_cfg("prepare", tmp_path, [*overrides, "data.image_size=[16,16]"]))  # re-prepared smaller
+    with pytest.raises(ValueError, match=r"trained with image_shape \[32, 32\], but .* has \[16, 16\]"):
+        train.run(compose_cfg("train", tmp_path, [*overrides, "data.image_size=[16,16]"]))
+    prepare.run(compose_cfg("prepare", tmp_path, [*overrides, "data.image_size=[15,16]"]))
+    with pytest.raises(ValueError, match=r"halves the image 1x.*\[15, 16\] must divide by 2"):
+        train.run(compose_cfg("train", tmp_path, [*overrides, "data.image_size=[15,16]"]))
+
+
 def _cli(args, cwd):
     return subprocess.run([sys.executable, "-m", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
 
@@ -95,7 +113,6 @@ def test_cli_and_multirun(tmp_path):
     assert load_checkpoint(tmp_path / "sweep" / "3" / "checkpoints" / "last.pt").step == 3
 
 
-@pytest.mark.slow
 def test_a_gpu_stage_turns_on_tf32_and_cudnn_autotuning(monkeypatch):
     from omegaconf import OmegaConf
 
@@ -119,6 +136,7 @@ def test_a_gpu_stage_turns_on_tf32_and_cudnn_autotuning(monkeypatch):
             setattr(module, name, value)
 
 
+@pytest.mark.slow
 def test_bad_input_exits_nonzero_with_one_line(tmp_path):
     r = _cli(["pipelines.train", "experiment=demo_2d", "tracking=none", f"paths.output_dir={tmp_path}"], REPO)
     assert r.returncode == 2
@@ -126,6 +144,9 @@ def test_bad_input_exits_nonzero_with_one_line(tmp_path):
     assert "Traceback" not in r.stderr
     r = _cli(["pipelines.cli", "nonsense"], REPO)
     assert r.returncode == 2 and "usage: medaug" in r.stderr
+    r = _cli(["pipelines.prepare", "data=labels", "tracking=none", f"paths.output_dir={tmp_path}"], REPO)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "medaug prepare: error: data.labels has no value; give one on the command line" in r.stderr
 
 
 @pytest.mark.slow
