@@ -46,6 +46,7 @@ from .io import (DicomIndex, DicomSeries, atomic_folder, index_dicom, is_complet
 from .preprocessing import IntensityWindow, Normalization, preprocess_case, slice_volume
 
 SPLITS = ("train", "val", "test")
+LABEL_COLUMNS = {"path", "series_uid", "patient_id", "label", "split", "mask"}
 MANIFEST_FIELDS = ["item_id", "path", "patient", "label", "class_name", "split", "source_lo", "source_hi"]
 log = logging.getLogger("medaug")
 
@@ -101,26 +102,32 @@ def read_labels(labels_csv: str | Path) -> list[dict]:
     labels_csv = Path(labels_csv)
     if not labels_csv.is_file():
         raise DatasetError(f"{labels_csv}: labels file not found; pass data.labels=<csv with path,patient_id,label>")
-    with open(labels_csv, newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    columns = set(rows[0].keys() if rows else [])
-    if "series_uid" in columns and "path" not in columns:
-        for row in rows:
+    with open(labels_csv, newline="", encoding="utf-8-sig") as fh:   # utf-8-sig: Excel's byte order mark
+        reader = csv.DictReader(fh)
+        columns = [name.strip() for name in reader.fieldnames or []]
+        reader.fieldnames = columns
+        rows = list(reader)
+    for row in rows:
+        for name in LABEL_COLUMNS & row.keys():
+            row[name] = (row[name] or "").strip()      # "a.nii.gz, p1, tumour": spaces after commas
+        if "path" not in columns and "series_uid" in columns:
             row["path"] = row["series_uid"]
-    missing = {"path", "patient_id", "label"} - set(rows[0].keys() if rows else [])
-    if not rows or missing:
+    missing = {"path", "patient_id", "label"} - set(columns) - ({"path"} if "series_uid" in columns else set())
+    if missing:
         raise DatasetError(f"{labels_csv}: needs columns path (or series_uid), patient_id, label "
-                           f"(missing: {sorted(missing) or 'all rows'})")
+                           f"(missing: {sorted(missing)}; found: {columns})")
+    if not rows:
+        raise DatasetError(f"{labels_csv}: no rows under the header; add one row per image")
     for i, row in enumerate(rows, start=2):
-        if not (row["path"] or "").strip():
+        if not row["path"]:
             raise DatasetError(f"{labels_csv}:{i}: empty path")
         if not _looks_like_uid(row["path"]) and not (labels_csv.parent / row["path"]).exists():
             raise DatasetError(f"{labels_csv}:{i}: image {row['path']!r} not found (paths are relative to the CSV)")
         if row.get("mask") and not (labels_csv.parent / row["mask"]).exists():
             raise DatasetError(f"{labels_csv}:{i}: mask {row['mask']!r} not found (paths are relative to the CSV)")
-        if not (row["label"] or "").strip():
+        if not row["label"]:
             raise DatasetError(f"{labels_csv}:{i}: empty label")
-        if not (row["patient_id"] or "").strip():
+        if not row["patient_id"]:
             raise DatasetError(f"{labels_csv}:{i}: empty patient_id (needed to split by patient)")
         if row.get("split") and row["split"] not in SPLITS:
             raise DatasetError(f"{labels_csv}:{i}: split {row['split']!r} unknown; use one of {', '.join(SPLITS)}")
@@ -199,8 +206,7 @@ def read_cases(labels: str | Path) -> list[Case]:
         if not labels.is_file():
             raise DatasetError(f"{labels}: dataset.json not found")
         return _cases_from_dataset_json(labels)
-    return [Case(r["path"].strip(), r["patient_id"].strip(), r["label"].strip(), (r.get("split") or "").strip(),
-                 (r.get("mask") or "").strip(), f"{labels}:{i}")
+    return [Case(r["path"], r["patient_id"], r["label"], r.get("split", ""), r.get("mask", ""), f"{labels}:{i}")
             for i, r in enumerate(read_labels(labels), start=2)]
 
 

@@ -231,6 +231,8 @@ def _bad_input(tmp_path, problem):
         rows[0]["split"], rows[1]["split"] = "train", "test"
         for row in rows[2:]:
             row["split"] = ""
+    elif problem == "missing_column":
+        rows = [{"file": r.pop("path"), **r} for r in rows]
     elif problem == "phi":
         write_dicom_series(raw / "s", np.zeros((4, 4, 2)), np.eye(4), {"PatientName": "DOE^J"})
         rows[0]["path"] = "s"
@@ -249,6 +251,7 @@ BAD_INPUTS = {
     "non_dicom_strict": r"s/README: not a readable DICOM file.*prepare.strict",
     "two_series": r"labels.csv:2: .*holds 2 DICOM series; name one per row by its SeriesInstanceUID",
     "split_conflict": r"labels.csv:3: patient is given splits 'train' and 'test'",
+    "missing_column": r"labels.csv: needs columns .*missing: \['path'\]; found: \['file', 'patient_id', 'label'\]",
     "phi": r"(?s)gate \(refuse\).*s/slice_0000.dcm: \(0010,0010\) PatientName",
 }
 
@@ -275,6 +278,18 @@ def test_bad_input_exits_2_from_the_cli(tmp_path, problem):
     assert r.stderr.strip().splitlines()[-1].startswith("medaug prepare: error: ")
     assert re.search(BAD_INPUTS[problem], r.stderr) and "Traceback" not in r.stderr
     assert not (tmp_path / "job" / "prepared").exists()
+
+
+def test_labels_csv_saved_by_excel_with_bom_and_spaces_after_commas(tmp_path):
+    raw = tmp_path / "raw"
+    lines = ["path, patient_id, label"]
+    for i in range(6):
+        _nifti(raw / f"img{i}.nii.gz", np.random.default_rng(i).normal(size=(4, 4, 3)))
+        lines.append(f"img{i}.nii.gz, p{i}, {'ab'[i % 2]}")
+    (raw / "labels.csv").write_text("\r\n".join(lines) + "\r\n", encoding="utf-8-sig")
+    info = prepare_dataset(raw / "labels.csv", tmp_path / "p", WINDOW, spatial_size=[4, 4, -1], spatial_dims=2,
+                           split_fractions=(0.34, 0.33, 0.33))
+    assert info.class_names == ["a", "b"] and info.summary["patients"] == 6
 
 
 def test_uneven_series_can_be_resampled_by_config(tmp_path):
