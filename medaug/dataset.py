@@ -118,9 +118,14 @@ def read_labels(labels_csv: str | Path) -> list[dict]:
                            f"(missing: {sorted(missing)}; found: {columns})")
     if not rows:
         raise DatasetError(f"{labels_csv}: no rows under the header; add one row per image")
+    first_row: dict[Path, int] = {}
     for i, row in enumerate(rows, start=2):
         if not row["path"]:
             raise DatasetError(f"{labels_csv}:{i}: empty path")
+        first = first_row.setdefault(Path(row["path"]), i)    # Path: "./a.nii" and "a.nii" are one image
+        if first != i:
+            raise DatasetError(f"{labels_csv}:{i}: image {row['path']!r} is listed twice (rows {first} and {i}); "
+                               "an image belongs on one row: remove the duplicate")
         if not _looks_like_uid(row["path"]) and not (labels_csv.parent / row["path"]).exists():
             raise DatasetError(f"{labels_csv}:{i}: image {row['path']!r} not found (paths are relative to the CSV)")
         if row.get("mask") and not (labels_csv.parent / row["mask"]).exists():

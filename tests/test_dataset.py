@@ -231,6 +231,8 @@ def _bad_input(tmp_path, problem):
         rows[0]["split"], rows[1]["split"] = "train", "test"
         for row in rows[2:]:
             row["split"] = ""
+    elif problem == "duplicate_row":
+        rows.append(dict(rows[2], path="./img2.nii.gz"))
     elif problem == "missing_column":
         rows = [{"file": r.pop("path"), **r} for r in rows]
     elif problem == "phi":
@@ -251,6 +253,7 @@ BAD_INPUTS = {
     "non_dicom_strict": r"s/README: not a readable DICOM file.*prepare.strict",
     "two_series": r"labels.csv:2: .*holds 2 DICOM series; name one per row by its SeriesInstanceUID",
     "split_conflict": r"labels.csv:3: patient is given splits 'train' and 'test'",
+    "duplicate_row": r"labels.csv:8: image './img2.nii.gz' is listed twice \(rows 4 and 8\)",
     "missing_column": r"labels.csv: needs columns .*missing: \['path'\]; found: \['file', 'patient_id', 'label'\]",
     "phi": r"(?s)gate \(refuse\).*s/slice_0000.dcm: \(0010,0010\) PatientName",
 }
