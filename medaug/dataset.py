@@ -145,8 +145,13 @@ def _cases_from_folders(root: Path) -> list[Case]:
     The case's name is its patient id (one folder per patient); a case folder may hold several
     DICOM series (each becomes an item of that patient).
     """
+    visible = sorted(p for p in root.iterdir() if not p.name.startswith("."))
+    if visible and not any(p.is_dir() for p in visible):
+        raise DatasetError(f"{root}: the folder-per-class layout needs one sub-folder per class; found image files "
+                           f"directly in it (e.g. {visible[0].name}): move them into <folder>/<class>/, or list "
+                           "them in a labels CSV (path,patient_id,label) and pass data.labels=<csv>")
     cases = []
-    for class_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+    for class_dir in (p for p in visible if p.is_dir()):
         for entry in sorted(p for p in class_dir.iterdir() if not p.name.startswith(".")):
             patient = entry.name[: -len(".nii.gz")] if entry.name.endswith(".nii.gz") else entry.stem
             cases.append(Case(str(entry.relative_to(root)), patient, class_dir.name, where=str(entry),

@@ -205,6 +205,8 @@ def _bad_input(tmp_path, problem):
     elif problem == "no_images":
         (raw / "empty" / "a").mkdir(parents=True)
         return raw / "empty", kwargs
+    elif problem == "no_class_folders":
+        return raw, kwargs
     elif problem == "one_slice_3d":
         write_dicom_series(raw / "one", np.zeros((4, 4, 1)), np.eye(4), _declared("p0"))
         rows[0]["path"] = "one"
@@ -247,6 +249,8 @@ BAD_INPUTS = {
     "empty_class": r"class 'c' has no images",
     "nan": r"img0.nii.gz: image contains NaN or Inf",
     "no_images": r"empty: folder with no images",
+    "no_class_folders": r"raw: the folder-per-class layout needs one sub-folder per class; found image files directly "
+                        r"in it \(e.g. img0.nii.gz\).*labels CSV",
     "one_slice_3d": r"labels.csv:2: a single-slice image cannot train a 3D model",
     "uneven": r"raw/s: uneven slice spacing.*prepare.uneven_spacing=resample",
     "mixed_orientation": r"raw/s: slices have different orientations",
