@@ -308,6 +308,7 @@ def _resolve(cases: list[Case], root: Path, dicom_root: Path | None, strict: boo
     """Find the files of every case; DICOM headers are read here (no pixel data)."""
     items, seen = [], DicomIndex()
     uid_index = None
+    series_file: dict[str, Path] = {}     # folder-per-class: series UID → the first file case holding it
     for case in tqdm(cases, desc="index", unit="case", leave=False):
         if _looks_like_uid(case.source) and not (root / case.source).exists():
             if uid_index is None:
@@ -333,6 +334,14 @@ def _resolve(cases: list[Case], root: Path, dicom_root: Path | None, strict: boo
             raise DatasetError(f"{case.where}: {path} holds {len(index.series)} DICOM series; name one per row "
                                "by its SeriesInstanceUID in the path column, or give each series its own folder")
         for series in index.series.values():
+            if case.many_series and path.is_file():
+                first = series_file.setdefault(series.uid, path)
+                if first != path:
+                    raise DatasetError(
+                        f"{path.parent}: {first.name} and {path.name} are slices of one DICOM series; each "
+                        "patient's series must be in its own folder inside the class folder "
+                        "(<labels>/<class>/<patient>/<files>); loose in a class folder, every slice would count "
+                        "as a patient")
             items.append(_Item(case, series=series))
             seen.series[series.uid] = series
     return items, seen

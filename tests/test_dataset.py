@@ -207,6 +207,10 @@ def _bad_input(tmp_path, problem):
         return raw / "empty", kwargs
     elif problem == "no_class_folders":
         return raw, kwargs
+    elif problem == "slices_in_class_folder":   # data.labels names a folder of series folders
+        for name in ("series_a", "series_b"):
+            write_dicom_series(raw / "study" / name, np.zeros((4, 4, 3)), np.eye(4), _declared("p0"))
+        return raw / "study", kwargs
     elif problem == "one_slice_3d":
         write_dicom_series(raw / "one", np.zeros((4, 4, 1)), np.eye(4), _declared("p0"))
         rows[0]["path"] = "one"
@@ -251,6 +255,8 @@ BAD_INPUTS = {
     "no_images": r"empty: folder with no images",
     "no_class_folders": r"raw: the folder-per-class layout needs one sub-folder per class; found image files directly "
                         r"in it \(e.g. img0.nii.gz\).*labels CSV",
+    "slices_in_class_folder": r"study/series_a: slice_0000.dcm and slice_0001.dcm are slices of one DICOM series; "
+                              r"each patient's series must be in its own folder inside the class folder",
     "one_slice_3d": r"labels.csv:2: a single-slice image cannot train a 3D model",
     "uneven": r"raw/s: uneven slice spacing.*prepare.uneven_spacing=resample",
     "mixed_orientation": r"raw/s: slices have different orientations",
