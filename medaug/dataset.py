@@ -305,7 +305,8 @@ class _Item:
 
 
 def _resolve(cases: list[Case], root: Path, dicom_root: Path | None, strict: bool) -> tuple[list[_Item], DicomIndex]:
-    """Find the files of every case; DICOM headers are read here (no pixel data)."""
+    """Find the files of every case; DICOM headers are read here (no pixel data). A file in a class folder
+    that is no image (notes.txt) is skipped and listed like a stray file in a DICOM folder."""
     items, seen = [], DicomIndex()
     uid_index = None
     series_file: dict[str, Path] = {}     # folder-per-class: series UID → the first file case holding it
@@ -327,6 +328,8 @@ def _resolve(cases: list[Case], root: Path, dicom_root: Path | None, strict: boo
             continue
         index = index_dicom(path, strict=strict)
         seen.skipped += index.skipped
+        if not index.series and case.many_series and path.is_file():
+            continue                # a stray file in a class folder (notes.txt): skipped and listed like any other
         if not index.series:
             why = "; ".join(sorted({w for _, w in index.skipped})) or "empty"
             raise DatasetError(f"{case.where}: {path} holds no readable image ({why}); fix or remove this entry")
@@ -417,6 +420,7 @@ def prepare_dataset(
     class_index = {name: i for i, name in enumerate(class_names)}
 
     items, index = _resolve(cases, root, dicom_root, strict)
+    cases = list({id(item.case): item.case for item in items}.values())     # without the files skipped
     findings = scan_headers(index.headers)                      # the gate: before any pixel data is read
     deid_log = apply_policy(findings, deid)
     if deid == "trust":

@@ -2,6 +2,7 @@ import csv
 import json
 import logging
 import re
+from pathlib import Path
 
 import numpy as np
 import pydicom
@@ -320,6 +321,21 @@ def test_non_image_files_are_skipped_and_summarised(tmp_path):
     assert info.summary["skipped_files"] == 1 and info.summary["skipped_why"] == {"not a readable DICOM file": 1}
     assert info.skipped[0][0].endswith("README")
     assert "README" not in (tmp_path / "p" / "dataset.json").read_text()
+
+
+def test_stray_file_in_a_class_folder_is_skipped_and_listed_or_stops_when_strict(tmp_path):
+    raw = tmp_path / "raw"
+    for i in range(6):
+        _nifti(raw / "ab"[i % 2] / f"p{i}.nii.gz", np.random.default_rng(i).normal(size=(4, 4, 3)))
+    (raw / "a" / "notes.txt").write_text("scanner export notes")
+    args = dict(window=WINDOW, spatial_size=[4, 4, -1], spatial_dims=2, split_fractions=(0.34, 0.33, 0.33))
+    with pytest.raises(ValueError, match=r"a/notes.txt: not a readable DICOM file.*prepare.strict"):
+        prepare_dataset(raw, tmp_path / "p", strict=True, **args)
+    with pytest.warns(UserWarning, match="skipping .*notes.txt"):
+        info = prepare_dataset(raw, tmp_path / "p", **args)
+    assert info.summary["patients"] == 6 and info.summary["images"] == 6
+    assert [Path(f).name for f, _ in info.skipped] == ["notes.txt"]
+    assert info.summary["skipped_why"] == {"not a readable DICOM file": 1}
 
 
 def test_mr_percentile_dataset_stores_each_window_and_the_median_for_export(tmp_path):
