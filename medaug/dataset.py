@@ -441,7 +441,7 @@ def prepare_dataset(
     assignment = split_patients(patient_class, split_fractions, seed)
     assignment.update(explicit)
 
-    manifest, affine, windows, source_slices = [], None, [], 0
+    manifest, affine, windows, source_slices, spacings = [], None, [], 0, []
     with atomic_folder(out_dir) as tmp:
         (tmp / "items").mkdir()
         for item in tqdm(items, desc="prepare", unit="image"):
@@ -467,6 +467,7 @@ def prepare_dataset(
             source_slices += volume.array.shape[2]
             windows.append(prepared.window)
             vol = prepared.volume
+            spacings.append((item.path or item.series.files[0].parent, vol.spacing))     # mm along RAS axes
             if spatial_dims == 3:
                 pieces = [vol]
             else:
@@ -483,6 +484,7 @@ def prepare_dataset(
                                      label=class_index[case.label], class_name=case.label,
                                      split=assignment[patient], source_lo=f"{prepared.window.lo:.6g}",
                                      source_hi=f"{prepared.window.hi:.6g}"))
+        _check_one_spacing(spacings, pixdim, spatial_dims)
         if not manifest:
             raise DatasetError(f"{labels_csv}: no images left after preparation (slice rule {slice_rule!r}); "
                                "check the masks or use data.slice_rule=central")
@@ -517,6 +519,24 @@ def prepare_dataset(
     info = load_info(out_dir)
     info.skipped = [(str(p), why) for p, why in index.skipped]
     return info
+
+
+def _check_one_spacing(spacings: list[tuple[Path, tuple]], pixdim: Sequence[float] | None, spatial_dims: int) -> None:
+    """Refuse images whose voxel spacing (mm, on the axes the model sees that ``pixdim`` leaves as they are)
+    differs by more than 1 %: the model would mix scales, and export writes one spacing on every image."""
+    if not spacings:
+        return
+    sources, values = [s for s, _ in spacings], np.array([v for _, v in spacings])[:, :spatial_dims]
+    for axis in range(spatial_dims):
+        if pixdim is not None and pixdim[axis] > 0:
+            continue
+        lo, hi = int(np.argmin(values[:, axis])), int(np.argmax(values[:, axis]))
+        if values[hi, axis] > 1.01 * values[lo, axis]:
+            mm = ["x".join(f"{v:.4g}" for v in values[k]) for k in (lo, hi)]
+            median = ",".join(f"{v:.4g}" for v in np.median(values, axis=0))
+            raise DatasetError(f"images differ in voxel spacing: {sources[lo]} {mm[0]} mm and {sources[hi]} {mm[1]} "
+                               "mm; with data.pixdim=null all must share one (export writes one spacing on every "
+                               f"image): resample to one, e.g. the median data.pixdim=[{median}]")
 
 
 def _dataset_window(norm: Normalization, windows: list[IntensityWindow]) -> IntensityWindow:

@@ -240,6 +240,10 @@ def _bad_input(tmp_path, problem):
             row["split"] = ""
     elif problem == "duplicate_row":
         rows.append(dict(rows[2], path="./img2.nii.gz"))
+    elif problem == "mixed_spacing":      # half 0.7x0.7x5 mm, half 1.5x1.5x3 mm
+        for i in range(6):
+            spacing = [0.7, 0.7, 5, 1] if i < 3 else [1.5, 1.5, 3, 1]
+            _nifti(raw / f"img{i}.nii.gz", np.random.default_rng(i).normal(size=(4, 4, 3)), np.diag(spacing))
     elif problem == "missing_column":
         rows = [{"file": r.pop("path"), **r} for r in rows]
     elif problem == "phi":
@@ -265,6 +269,7 @@ BAD_INPUTS = {
     "two_series": r"labels.csv:2: .*holds 2 DICOM series; name one per row by its SeriesInstanceUID",
     "split_conflict": r"labels.csv:3: patient is given splits 'train' and 'test'",
     "duplicate_row": r"labels.csv:8: image './img2.nii.gz' is listed twice \(rows 4 and 8\)",
+    "mixed_spacing": r"img0.nii.gz 0.7x0.7 mm and .*img3.nii.gz 1.5x1.5 mm.*data.pixdim=\[1.1,1.1\]",
     "missing_column": r"labels.csv: needs columns .*missing: \['path'\]; found: \['file', 'patient_id', 'label'\]",
     "phi": r"(?s)gate \(refuse\).*s/slice_0000.dcm: \(0010,0010\) PatientName",
 }
@@ -292,6 +297,22 @@ def test_bad_input_exits_2_from_the_cli(tmp_path, problem):
     assert r.stderr.strip().splitlines()[-1].startswith("medaug prepare: error: ")
     assert re.search(BAD_INPUTS[problem], r.stderr) and "Traceback" not in r.stderr
     assert not (tmp_path / "job" / "prepared").exists()
+
+
+def test_slice_thickness_may_differ_in_2d_but_needs_a_pixdim_in_3d(tmp_path):
+    raw, rows = tmp_path / "raw", []
+    for i in range(6):   # x spacing within 1 %, slice thickness 2 or 3 mm
+        spacing = [1.0 + 0.005 * (i % 2), 1.0, 2.0 + i % 2, 1.0]
+        _nifti(raw / f"img{i}.nii.gz", np.random.default_rng(i).normal(size=(4, 4, 4)), np.diag(spacing))
+        rows.append({"path": f"img{i}.nii.gz", "patient_id": f"p{i}", "label": "ab"[i % 2]})
+    labels = _write_csv(raw / "labels.csv", rows)
+    args = dict(window=WINDOW, split_fractions=(0.34, 0.33, 0.33))
+    info = prepare_dataset(labels, tmp_path / "p2", spatial_size=[4, 4, -1], spatial_dims=2, **args)
+    assert info.summary["images"] == 6
+    with pytest.raises(DatasetError, match=r"img0.nii.gz 1x1x2 mm and .*img1.nii.gz 1.005x1x3 mm.*data.pixdim=\["):
+        prepare_dataset(labels, tmp_path / "p3", spatial_size=[4, 4, 4], spatial_dims=3, **args)
+    info = prepare_dataset(labels, tmp_path / "p3", spatial_size=[4, 4, 4], spatial_dims=3, pixdim=[1, 1, 2.5], **args)
+    assert np.linalg.norm(info.affine[:3, :3], axis=0) == pytest.approx([1, 1, 2.5])
 
 
 def test_labels_csv_saved_by_excel_with_bom_and_spaces_after_commas(tmp_path):
