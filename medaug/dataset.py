@@ -492,6 +492,14 @@ def prepare_dataset(
         for name in class_names:
             if not counts["train"].get(name):
                 raise DatasetError(f"{labels_csv}: class {name!r} has no training images; add images or drop the class")
+        patients = Counter(patient_class.values())
+        for name in class_names:
+            if not counts["val"].get(name) and not counts["test"].get(name):
+                log.warning("class %r: all its %d patient(s) are in train, no held-out (val/test) image of it: "
+                            "evaluate cannot measure it; add patients of this class", name, patients[name])
+        if len(class_names) == 1:
+            log.warning("one class (%r): evaluate's classifier metrics need two classes (with one, label accuracy "
+                        "is trivially 1 and kappa and AUC are undefined); add a second class", class_names[0])
         shape = [int(v) for v in nib.load(tmp / manifest[0]["path"]).shape]
         image_shape = shape[:2] if spatial_dims == 2 else shape
         with open(tmp / "manifest.csv", "w", newline="") as fh:

@@ -315,6 +315,23 @@ def test_slice_thickness_may_differ_in_2d_but_needs_a_pixdim_in_3d(tmp_path):
     assert np.linalg.norm(info.affine[:3, :3], axis=0) == pytest.approx([1, 1, 2.5])
 
 
+def test_a_class_with_no_held_out_patient_and_a_single_class_are_warned_about(tmp_path, caplog):
+    raw, rows = tmp_path / "raw", []
+    for i in range(7):   # classes a and b with 3 patients each, class c with one
+        _nifti(raw / f"img{i}.nii.gz", np.random.default_rng(i).normal(size=(4, 4, 3)))
+        rows.append({"path": f"img{i}.nii.gz", "patient_id": f"p{i}", "label": "c" if i == 6 else "ab"[i % 2]})
+    args = dict(window=WINDOW, spatial_size=[4, 4, -1], spatial_dims=2, split_fractions=(0.34, 0.33, 0.33))
+    with caplog.at_level(logging.WARNING, logger="medaug"):
+        info = prepare_dataset(_write_csv(raw / "labels.csv", rows), tmp_path / "p", **args)
+    assert info.counts["train"]["c"] > 0 and "c" not in info.counts["val"] | info.counts["test"]
+    assert re.search(r"class 'c'.*1 patient.*no held-out.*evaluate cannot measure it", caplog.text)
+    assert "class 'a'" not in caplog.text and "two classes" not in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="medaug"):
+        prepare_dataset(_write_csv(raw / "one.csv", [dict(r, label="a") for r in rows]), tmp_path / "p1", **args)
+    assert re.search(r"one class \('a'\).*classifier metrics need two classes", caplog.text)
+
+
 def test_labels_csv_saved_by_excel_with_bom_and_spaces_after_commas(tmp_path):
     raw = tmp_path / "raw"
     lines = ["path, patient_id, label"]
