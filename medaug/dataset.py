@@ -46,6 +46,7 @@ from .io import (DicomIndex, DicomSeries, atomic_folder, index_dicom, is_complet
 from .preprocessing import IntensityWindow, Normalization, preprocess_case, slice_volume
 
 SPLITS = ("train", "val", "test")
+LABEL_COLUMNS = {"path", "series_uid", "patient_id", "label", "split", "mask"}
 MANIFEST_FIELDS = ["item_id", "path", "patient", "label", "class_name", "split", "source_lo", "source_hi"]
 log = logging.getLogger("medaug")
 
@@ -101,26 +102,37 @@ def read_labels(labels_csv: str | Path) -> list[dict]:
     labels_csv = Path(labels_csv)
     if not labels_csv.is_file():
         raise DatasetError(f"{labels_csv}: labels file not found; pass data.labels=<csv with path,patient_id,label>")
-    with open(labels_csv, newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    columns = set(rows[0].keys() if rows else [])
-    if "series_uid" in columns and "path" not in columns:
-        for row in rows:
+    with open(labels_csv, newline="", encoding="utf-8-sig") as fh:   # utf-8-sig: Excel's byte order mark
+        reader = csv.DictReader(fh)
+        columns = [name.strip() for name in reader.fieldnames or []]
+        reader.fieldnames = columns
+        rows = list(reader)
+    for row in rows:
+        for name in LABEL_COLUMNS & row.keys():
+            row[name] = (row[name] or "").strip()      # "a.nii.gz, p1, tumour": spaces after commas
+        if "path" not in columns and "series_uid" in columns:
             row["path"] = row["series_uid"]
-    missing = {"path", "patient_id", "label"} - set(rows[0].keys() if rows else [])
-    if not rows or missing:
+    missing = {"path", "patient_id", "label"} - set(columns) - ({"path"} if "series_uid" in columns else set())
+    if missing:
         raise DatasetError(f"{labels_csv}: needs columns path (or series_uid), patient_id, label "
-                           f"(missing: {sorted(missing) or 'all rows'})")
+                           f"(missing: {sorted(missing)}; found: {columns})")
+    if not rows:
+        raise DatasetError(f"{labels_csv}: no rows under the header; add one row per image")
+    first_row: dict[Path, int] = {}
     for i, row in enumerate(rows, start=2):
-        if not (row["path"] or "").strip():
+        if not row["path"]:
             raise DatasetError(f"{labels_csv}:{i}: empty path")
+        first = first_row.setdefault(Path(row["path"]), i)    # Path: "./a.nii" and "a.nii" are one image
+        if first != i:
+            raise DatasetError(f"{labels_csv}:{i}: image {row['path']!r} is listed twice (rows {first} and {i}); "
+                               "an image belongs on one row: remove the duplicate")
         if not _looks_like_uid(row["path"]) and not (labels_csv.parent / row["path"]).exists():
             raise DatasetError(f"{labels_csv}:{i}: image {row['path']!r} not found (paths are relative to the CSV)")
         if row.get("mask") and not (labels_csv.parent / row["mask"]).exists():
             raise DatasetError(f"{labels_csv}:{i}: mask {row['mask']!r} not found (paths are relative to the CSV)")
-        if not (row["label"] or "").strip():
+        if not row["label"]:
             raise DatasetError(f"{labels_csv}:{i}: empty label")
-        if not (row["patient_id"] or "").strip():
+        if not row["patient_id"]:
             raise DatasetError(f"{labels_csv}:{i}: empty patient_id (needed to split by patient)")
         if row.get("split") and row["split"] not in SPLITS:
             raise DatasetError(f"{labels_csv}:{i}: split {row['split']!r} unknown; use one of {', '.join(SPLITS)}")
@@ -133,8 +145,13 @@ def _cases_from_folders(root: Path) -> list[Case]:
     The case's name is its patient id (one folder per patient); a case folder may hold several
     DICOM series (each becomes an item of that patient).
     """
+    visible = sorted(p for p in root.iterdir() if not p.name.startswith("."))
+    if visible and not any(p.is_dir() for p in visible):
+        raise DatasetError(f"{root}: the folder-per-class layout needs one sub-folder per class; found image files "
+                           f"directly in it (e.g. {visible[0].name}): move them into <folder>/<class>/, or list "
+                           "them in a labels CSV (path,patient_id,label) and pass data.labels=<csv>")
     cases = []
-    for class_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+    for class_dir in (p for p in visible if p.is_dir()):
         for entry in sorted(p for p in class_dir.iterdir() if not p.name.startswith(".")):
             patient = entry.name[: -len(".nii.gz")] if entry.name.endswith(".nii.gz") else entry.stem
             cases.append(Case(str(entry.relative_to(root)), patient, class_dir.name, where=str(entry),
@@ -199,8 +216,7 @@ def read_cases(labels: str | Path) -> list[Case]:
         if not labels.is_file():
             raise DatasetError(f"{labels}: dataset.json not found")
         return _cases_from_dataset_json(labels)
-    return [Case(r["path"].strip(), r["patient_id"].strip(), r["label"].strip(), (r.get("split") or "").strip(),
-                 (r.get("mask") or "").strip(), f"{labels}:{i}")
+    return [Case(r["path"], r["patient_id"], r["label"], r.get("split", ""), r.get("mask", ""), f"{labels}:{i}")
             for i, r in enumerate(read_labels(labels), start=2)]
 
 
@@ -289,9 +305,11 @@ class _Item:
 
 
 def _resolve(cases: list[Case], root: Path, dicom_root: Path | None, strict: bool) -> tuple[list[_Item], DicomIndex]:
-    """Find the files of every case; DICOM headers are read here (no pixel data)."""
+    """Find the files of every case; DICOM headers are read here (no pixel data). A file in a class folder
+    that is no image (notes.txt) is skipped and listed like a stray file in a DICOM folder."""
     items, seen = [], DicomIndex()
     uid_index = None
+    series_file: dict[str, Path] = {}     # folder-per-class: series UID → the first file case holding it
     for case in tqdm(cases, desc="index", unit="case", leave=False):
         if _looks_like_uid(case.source) and not (root / case.source).exists():
             if uid_index is None:
@@ -310,6 +328,8 @@ def _resolve(cases: list[Case], root: Path, dicom_root: Path | None, strict: boo
             continue
         index = index_dicom(path, strict=strict)
         seen.skipped += index.skipped
+        if not index.series and case.many_series and path.is_file():
+            continue                # a stray file in a class folder (notes.txt): skipped and listed like any other
         if not index.series:
             why = "; ".join(sorted({w for _, w in index.skipped})) or "empty"
             raise DatasetError(f"{case.where}: {path} holds no readable image ({why}); fix or remove this entry")
@@ -317,6 +337,14 @@ def _resolve(cases: list[Case], root: Path, dicom_root: Path | None, strict: boo
             raise DatasetError(f"{case.where}: {path} holds {len(index.series)} DICOM series; name one per row "
                                "by its SeriesInstanceUID in the path column, or give each series its own folder")
         for series in index.series.values():
+            if case.many_series and path.is_file():
+                first = series_file.setdefault(series.uid, path)
+                if first != path:
+                    raise DatasetError(
+                        f"{path.parent}: {first.name} and {path.name} are slices of one DICOM series; each "
+                        "patient's series must be in its own folder inside the class folder "
+                        "(<labels>/<class>/<patient>/<files>); loose in a class folder, every slice would count "
+                        "as a patient")
             items.append(_Item(case, series=series))
             seen.series[series.uid] = series
     return items, seen
@@ -392,6 +420,7 @@ def prepare_dataset(
     class_index = {name: i for i, name in enumerate(class_names)}
 
     items, index = _resolve(cases, root, dicom_root, strict)
+    cases = list({id(item.case): item.case for item in items}.values())     # without the files skipped
     findings = scan_headers(index.headers)                      # the gate: before any pixel data is read
     deid_log = apply_policy(findings, deid)
     if deid == "trust":
@@ -412,7 +441,7 @@ def prepare_dataset(
     assignment = split_patients(patient_class, split_fractions, seed)
     assignment.update(explicit)
 
-    manifest, affine, windows, source_slices = [], None, [], 0
+    manifest, affine, windows, source_slices, spacings = [], None, [], 0, []
     with atomic_folder(out_dir) as tmp:
         (tmp / "items").mkdir()
         for item in tqdm(items, desc="prepare", unit="image"):
@@ -438,6 +467,7 @@ def prepare_dataset(
             source_slices += volume.array.shape[2]
             windows.append(prepared.window)
             vol = prepared.volume
+            spacings.append((item.path or item.series.files[0].parent, vol.spacing))     # mm along RAS axes
             if spatial_dims == 3:
                 pieces = [vol]
             else:
@@ -454,6 +484,7 @@ def prepare_dataset(
                                      label=class_index[case.label], class_name=case.label,
                                      split=assignment[patient], source_lo=f"{prepared.window.lo:.6g}",
                                      source_hi=f"{prepared.window.hi:.6g}"))
+        _check_one_spacing(spacings, pixdim, spatial_dims)
         if not manifest:
             raise DatasetError(f"{labels_csv}: no images left after preparation (slice rule {slice_rule!r}); "
                                "check the masks or use data.slice_rule=central")
@@ -461,6 +492,14 @@ def prepare_dataset(
         for name in class_names:
             if not counts["train"].get(name):
                 raise DatasetError(f"{labels_csv}: class {name!r} has no training images; add images or drop the class")
+        patients = Counter(patient_class.values())
+        for name in class_names:
+            if not counts["val"].get(name) and not counts["test"].get(name):
+                log.warning("class %r: all its %d patient(s) are in train, no held-out (val/test) image of it: "
+                            "evaluate cannot measure it; add patients of this class", name, patients[name])
+        if len(class_names) == 1:
+            log.warning("one class (%r): evaluate's classifier metrics need two classes (with one, label accuracy "
+                        "is trivially 1 and kappa and AUC are undefined); add a second class", class_names[0])
         shape = [int(v) for v in nib.load(tmp / manifest[0]["path"]).shape]
         image_shape = shape[:2] if spatial_dims == 2 else shape
         with open(tmp / "manifest.csv", "w", newline="") as fh:
@@ -488,6 +527,24 @@ def prepare_dataset(
     info = load_info(out_dir)
     info.skipped = [(str(p), why) for p, why in index.skipped]
     return info
+
+
+def _check_one_spacing(spacings: list[tuple[Path, tuple]], pixdim: Sequence[float] | None, spatial_dims: int) -> None:
+    """Refuse images whose voxel spacing (mm, on the axes the model sees that ``pixdim`` leaves as they are)
+    differs by more than 1 %: the model would mix scales, and export writes one spacing on every image."""
+    if not spacings:
+        return
+    sources, values = [s for s, _ in spacings], np.array([v for _, v in spacings])[:, :spatial_dims]
+    for axis in range(spatial_dims):
+        if pixdim is not None and pixdim[axis] > 0:
+            continue
+        lo, hi = int(np.argmin(values[:, axis])), int(np.argmax(values[:, axis]))
+        if values[hi, axis] > 1.01 * values[lo, axis]:
+            mm = ["x".join(f"{v:.4g}" for v in values[k]) for k in (lo, hi)]
+            median = ",".join(f"{v:.4g}" for v in np.median(values, axis=0))
+            raise DatasetError(f"images differ in voxel spacing: {sources[lo]} {mm[0]} mm and {sources[hi]} {mm[1]} "
+                               "mm; with data.pixdim=null all must share one (export writes one spacing on every "
+                               f"image): resample to one, e.g. the median data.pixdim=[{median}]")
 
 
 def _dataset_window(norm: Normalization, windows: list[IntensityWindow]) -> IntensityWindow:

@@ -26,8 +26,22 @@ def normalization_of(cfg: DictConfig):
     return IntensityWindow(**cfg.preprocess.window)
 
 
+def check_shape_keys(data: DictConfig) -> None:
+    """``data.image_size`` and ``data.pixdim`` give one entry per axis of ``data.spatial_dims``."""
+    dims = data.spatial_dims
+    if dims not in (2, 3):
+        raise ValueError(f"data.spatial_dims={dims}; choose 2 or 3")
+    axes = "X, Y" if dims == 2 else "X, Y, Z"
+    for key in ("image_size", "pixdim"):
+        value = data.get(key)
+        if value is not None and len(value) != dims:
+            raise ValueError(f"data.{key}={list(value)} has {len(value)} entries; data.spatial_dims={dims} needs "
+                             f"{dims} ({axes})")
+
+
 def run(cfg: DictConfig) -> dict:
     data, opts = cfg.data, cfg.prepare
+    check_shape_keys(data)
     labels = path(data.labels)
     if data.source == "demo" and not labels.exists():
         demo = data.demo

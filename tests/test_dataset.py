@@ -2,6 +2,7 @@ import csv
 import json
 import logging
 import re
+from pathlib import Path
 
 import numpy as np
 import pydicom
@@ -205,6 +206,12 @@ def _bad_input(tmp_path, problem):
     elif problem == "no_images":
         (raw / "empty" / "a").mkdir(parents=True)
         return raw / "empty", kwargs
+    elif problem == "no_class_folders":
+        return raw, kwargs
+    elif problem == "slices_in_class_folder":   # data.labels names a folder of series folders
+        for name in ("series_a", "series_b"):
+            write_dicom_series(raw / "study" / name, np.zeros((4, 4, 3)), np.eye(4), _declared("p0"))
+        return raw / "study", kwargs
     elif problem == "one_slice_3d":
         write_dicom_series(raw / "one", np.zeros((4, 4, 1)), np.eye(4), _declared("p0"))
         rows[0]["path"] = "one"
@@ -231,6 +238,14 @@ def _bad_input(tmp_path, problem):
         rows[0]["split"], rows[1]["split"] = "train", "test"
         for row in rows[2:]:
             row["split"] = ""
+    elif problem == "duplicate_row":
+        rows.append(dict(rows[2], path="./img2.nii.gz"))
+    elif problem == "mixed_spacing":      # half 0.7x0.7x5 mm, half 1.5x1.5x3 mm
+        for i in range(6):
+            spacing = [0.7, 0.7, 5, 1] if i < 3 else [1.5, 1.5, 3, 1]
+            _nifti(raw / f"img{i}.nii.gz", np.random.default_rng(i).normal(size=(4, 4, 3)), np.diag(spacing))
+    elif problem == "missing_column":
+        rows = [{"file": r.pop("path"), **r} for r in rows]
     elif problem == "phi":
         write_dicom_series(raw / "s", np.zeros((4, 4, 2)), np.eye(4), {"PatientName": "DOE^J"})
         rows[0]["path"] = "s"
@@ -243,12 +258,19 @@ BAD_INPUTS = {
     "empty_class": r"class 'c' has no images",
     "nan": r"img0.nii.gz: image contains NaN or Inf",
     "no_images": r"empty: folder with no images",
+    "no_class_folders": r"raw: the folder-per-class layout needs one sub-folder per class; found image files directly "
+                        r"in it \(e.g. img0.nii.gz\).*labels CSV",
+    "slices_in_class_folder": r"study/series_a: slice_0000.dcm and slice_0001.dcm are slices of one DICOM series; "
+                              r"each patient's series must be in its own folder inside the class folder",
     "one_slice_3d": r"labels.csv:2: a single-slice image cannot train a 3D model",
     "uneven": r"raw/s: uneven slice spacing.*prepare.uneven_spacing=resample",
     "mixed_orientation": r"raw/s: slices have different orientations",
     "non_dicom_strict": r"s/README: not a readable DICOM file.*prepare.strict",
     "two_series": r"labels.csv:2: .*holds 2 DICOM series; name one per row by its SeriesInstanceUID",
     "split_conflict": r"labels.csv:3: patient is given splits 'train' and 'test'",
+    "duplicate_row": r"labels.csv:8: image './img2.nii.gz' is listed twice \(rows 4 and 8\)",
+    "mixed_spacing": r"img0.nii.gz 0.7x0.7 mm and .*img3.nii.gz 1.5x1.5 mm.*data.pixdim=\[1.1,1.1\]",
+    "missing_column": r"labels.csv: needs columns .*missing: \['path'\]; found: \['file', 'patient_id', 'label'\]",
     "phi": r"(?s)gate \(refuse\).*s/slice_0000.dcm: \(0010,0010\) PatientName",
 }
 
@@ -277,6 +299,51 @@ def test_bad_input_exits_2_from_the_cli(tmp_path, problem):
     assert not (tmp_path / "job" / "prepared").exists()
 
 
+def test_slice_thickness_may_differ_in_2d_but_needs_a_pixdim_in_3d(tmp_path):
+    raw, rows = tmp_path / "raw", []
+    for i in range(6):   # x spacing within 1 %, slice thickness 2 or 3 mm
+        spacing = [1.0 + 0.005 * (i % 2), 1.0, 2.0 + i % 2, 1.0]
+        _nifti(raw / f"img{i}.nii.gz", np.random.default_rng(i).normal(size=(4, 4, 4)), np.diag(spacing))
+        rows.append({"path": f"img{i}.nii.gz", "patient_id": f"p{i}", "label": "ab"[i % 2]})
+    labels = _write_csv(raw / "labels.csv", rows)
+    args = dict(window=WINDOW, split_fractions=(0.34, 0.33, 0.33))
+    info = prepare_dataset(labels, tmp_path / "p2", spatial_size=[4, 4, -1], spatial_dims=2, **args)
+    assert info.summary["images"] == 6
+    with pytest.raises(DatasetError, match=r"img0.nii.gz 1x1x2 mm and .*img1.nii.gz 1.005x1x3 mm.*data.pixdim=\["):
+        prepare_dataset(labels, tmp_path / "p3", spatial_size=[4, 4, 4], spatial_dims=3, **args)
+    info = prepare_dataset(labels, tmp_path / "p3", spatial_size=[4, 4, 4], spatial_dims=3, pixdim=[1, 1, 2.5], **args)
+    assert np.linalg.norm(info.affine[:3, :3], axis=0) == pytest.approx([1, 1, 2.5])
+
+
+def test_a_class_with_no_held_out_patient_and_a_single_class_are_warned_about(tmp_path, caplog):
+    raw, rows = tmp_path / "raw", []
+    for i in range(7):   # classes a and b with 3 patients each, class c with one
+        _nifti(raw / f"img{i}.nii.gz", np.random.default_rng(i).normal(size=(4, 4, 3)))
+        rows.append({"path": f"img{i}.nii.gz", "patient_id": f"p{i}", "label": "c" if i == 6 else "ab"[i % 2]})
+    args = dict(window=WINDOW, spatial_size=[4, 4, -1], spatial_dims=2, split_fractions=(0.34, 0.33, 0.33))
+    with caplog.at_level(logging.WARNING, logger="medaug"):
+        info = prepare_dataset(_write_csv(raw / "labels.csv", rows), tmp_path / "p", **args)
+    assert info.counts["train"]["c"] > 0 and "c" not in info.counts["val"] | info.counts["test"]
+    assert re.search(r"class 'c'.*1 patient.*no held-out.*evaluate cannot measure it", caplog.text)
+    assert "class 'a'" not in caplog.text and "two classes" not in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="medaug"):
+        prepare_dataset(_write_csv(raw / "one.csv", [dict(r, label="a") for r in rows]), tmp_path / "p1", **args)
+    assert re.search(r"one class \('a'\).*classifier metrics need two classes", caplog.text)
+
+
+def test_labels_csv_saved_by_excel_with_bom_and_spaces_after_commas(tmp_path):
+    raw = tmp_path / "raw"
+    lines = ["path, patient_id, label"]
+    for i in range(6):
+        _nifti(raw / f"img{i}.nii.gz", np.random.default_rng(i).normal(size=(4, 4, 3)))
+        lines.append(f"img{i}.nii.gz, p{i}, {'ab'[i % 2]}")
+    (raw / "labels.csv").write_text("\r\n".join(lines) + "\r\n", encoding="utf-8-sig")
+    info = prepare_dataset(raw / "labels.csv", tmp_path / "p", WINDOW, spatial_size=[4, 4, -1], spatial_dims=2,
+                           split_fractions=(0.34, 0.33, 0.33))
+    assert info.class_names == ["a", "b"] and info.summary["patients"] == 6
+
+
 def test_uneven_series_can_be_resampled_by_config(tmp_path):
     labels, _ = _bad_input(tmp_path, "uneven")
     info = prepare_dataset(labels, tmp_path / "p", WINDOW, spatial_size=[4, 4, -1], spatial_dims=2,
@@ -292,6 +359,21 @@ def test_non_image_files_are_skipped_and_summarised(tmp_path):
     assert info.summary["skipped_files"] == 1 and info.summary["skipped_why"] == {"not a readable DICOM file": 1}
     assert info.skipped[0][0].endswith("README")
     assert "README" not in (tmp_path / "p" / "dataset.json").read_text()
+
+
+def test_stray_file_in_a_class_folder_is_skipped_and_listed_or_stops_when_strict(tmp_path):
+    raw = tmp_path / "raw"
+    for i in range(6):
+        _nifti(raw / "ab"[i % 2] / f"p{i}.nii.gz", np.random.default_rng(i).normal(size=(4, 4, 3)))
+    (raw / "a" / "notes.txt").write_text("scanner export notes")
+    args = dict(window=WINDOW, spatial_size=[4, 4, -1], spatial_dims=2, split_fractions=(0.34, 0.33, 0.33))
+    with pytest.raises(ValueError, match=r"a/notes.txt: not a readable DICOM file.*prepare.strict"):
+        prepare_dataset(raw, tmp_path / "p", strict=True, **args)
+    with pytest.warns(UserWarning, match="skipping .*notes.txt"):
+        info = prepare_dataset(raw, tmp_path / "p", **args)
+    assert info.summary["patients"] == 6 and info.summary["images"] == 6
+    assert [Path(f).name for f, _ in info.skipped] == ["notes.txt"]
+    assert info.summary["skipped_why"] == {"not a readable DICOM file": 1}
 
 
 def test_mr_percentile_dataset_stores_each_window_and_the_median_for_export(tmp_path):

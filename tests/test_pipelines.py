@@ -149,6 +149,19 @@ def test_bad_input_exits_nonzero_with_one_line(tmp_path):
     assert "medaug prepare: error: data.labels has no value; give one on the command line" in r.stderr
 
 
+@pytest.mark.parametrize("overrides, message", [
+    (["data.spatial_dims=3", "data.image_size=[8,8,8]", "data.pixdim=[2,2]"],
+     r"data.pixdim=\[2, 2\] has 2 entries; data.spatial_dims=3 needs 3 \(X, Y, Z\)"),
+    (["data.image_size=[32,32,32]"], r"data.image_size=\[32, 32, 32\] has 3 entries; data.spatial_dims=2 needs 2 "
+                                     r"\(X, Y\)"),
+])
+def test_prepare_checks_image_size_and_pixdim_against_spatial_dims(tmp_path, overrides, message):
+    cfg = compose_cfg("prepare", tmp_path, ["experiment=demo_2d", "tracking=none", *overrides])
+    with pytest.raises(ValueError, match=message):
+        prepare.run(cfg)
+    assert not (tmp_path / "prepared").exists() and not (tmp_path / "raw").exists()
+
+
 @pytest.mark.slow
 def test_ddp_two_cpu_ranks_match_one_process_with_double_batch(tmp_path):
     common = ["experiment=demo_2d", *for_stage("train", TINY), f"paths.output_dir={tmp_path}",
