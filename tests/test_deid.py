@@ -3,6 +3,7 @@
 import csv
 import gzip
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -126,12 +127,15 @@ def test_strip_leaves_no_planted_value_in_outputs_or_mlflow(tmp_path):
     assert run.data.params["data.labels"] == "<path>"
 
 
-def test_trust_is_explicit_warned_and_recorded(tmp_path):
+def test_trust_is_explicit_warned_and_recorded(tmp_path, caplog):
     labels = phi_corpus(tmp_path / "raw", burned_in=True)
-    with pytest.warns(UserWarning, match="'trust'.*NOT checked"):
+    with caplog.at_level(logging.WARNING, logger="medaug"):
         info = prepare_dataset(labels, tmp_path / "p", WINDOW, spatial_size=[6, 6, -1], spatial_dims=2,
                                split_fractions=(0.5, 0.5, 0), deid="trust")
+    warned = [r.getMessage() for r in caplog.records if "'trust'" in r.getMessage()]
+    assert len(warned) == 1 and f"{info.deid['findings']} header findings" in warned[0]
     assert info.deid["policy"] == "trust" and info.deid["findings"] > 0
+    assert (tmp_path / "p" / "deid_log.csv").is_file()
     with pytest.raises(ValueError, match="prepare.deid='maybe'"):
         apply_policy([], "maybe")
 
