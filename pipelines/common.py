@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
@@ -31,11 +32,16 @@ INPUT_ERRORS = (DatasetError, ExportError, ImageReadError, FileNotFoundError, Va
 log = logging.getLogger("medaug")
 
 
+def _log_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    log.warning("%s", message)
+
+
 def stage_main(stage: str, run: Callable[[DictConfig], dict]) -> Callable[[], None]:
     """The ``main`` of a stage: Hydra parses the command line, ``run`` does the work."""
 
     @hydra.main(config_path=str(CONF_DIR), config_name=stage, version_base="1.3")
     def main(cfg: DictConfig) -> None:
+        warnings.showwarning = _log_warning  # one log line per warning, not Python's file:line and source line
         try:
             run(cfg)
         except (*INPUT_ERRORS, MissingMandatoryValue) as err:
