@@ -40,7 +40,7 @@ from scipy.linalg import LinAlgWarning
 from scipy.stats import rankdata, wasserstein_distance
 from tqdm.auto import tqdm
 
-from medaug.training import to_device
+from .training import to_device
 
 MSSSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
 
