@@ -150,6 +150,10 @@ def _cases_from_folders(root: Path) -> list[Case]:
         raise DatasetError(f"{root}: the folder-per-class layout needs one sub-folder per class; found image files "
                            f"directly in it (e.g. {visible[0].name}): move them into <folder>/<class>/, or list "
                            "them in a labels CSV (path,patient_id,label) and pass data.labels=<csv>")
+    loose = [p.name for p in visible if not p.is_dir()]
+    if loose:
+        warnings.warn(f"{root}: {len(loose)} file(s) beside the class folders ignored (e.g. {loose[0]}); an image "
+                      "belongs inside its class folder", stacklevel=2)
     cases = []
     for class_dir in (p for p in visible if p.is_dir()):
         for entry in sorted(p for p in class_dir.iterdir() if not p.name.startswith(".")):

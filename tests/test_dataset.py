@@ -366,11 +366,15 @@ def test_stray_file_in_a_class_folder_is_skipped_and_listed_or_stops_when_strict
     for i in range(6):
         _nifti(raw / "ab"[i % 2] / f"p{i}.nii.gz", np.random.default_rng(i).normal(size=(4, 4, 3)))
     (raw / "a" / "notes.txt").write_text("scanner export notes")
+    _nifti(raw / "loose.nii.gz", np.zeros((4, 4, 3)))  # beside the class folders: no class, ignored with a warning
     args = dict(window=WINDOW, spatial_size=[4, 4, -1], spatial_dims=2, split_fractions=(0.34, 0.33, 0.33))
     with pytest.raises(ValueError, match=r"a/notes.txt: not a readable DICOM file.*prepare.strict"):
         prepare_dataset(raw, tmp_path / "p", strict=True, **args)
-    with pytest.warns(UserWarning, match="skipping .*notes.txt"):
+    with pytest.warns(UserWarning) as warned:
         info = prepare_dataset(raw, tmp_path / "p", **args)
+    messages = [str(w.message) for w in warned]
+    assert any("skipping" in m and "notes.txt" in m for m in messages)
+    assert any("1 file(s) beside the class folders ignored (e.g. loose.nii.gz)" in m for m in messages)
     assert info.summary["patients"] == 6 and info.summary["images"] == 6
     assert [Path(f).name for f, _ in info.skipped] == ["notes.txt"]
     assert info.summary["skipped_why"] == {"not a readable DICOM file": 1}
