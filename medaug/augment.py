@@ -51,7 +51,7 @@ from tqdm.auto import tqdm
 from .dataset import DatasetError, load_info, read_manifest
 from .io import atomic_folder, is_complete, write_nifti
 from .model import ema_network, load_checkpoint, network_from_spec
-from .sampling import inference_scheduler, labels_for_counts, sample_images
+from .sampling import inference_scheduler, labels_for_counts, sample_images, save_grid
 
 POLICIES = ("per_class", "balance", "ratio")
 MANIFEST_FIELDS = ["item_id", "path", "label", "class_name", "split", "synthetic", "patient", "seed",
@@ -287,6 +287,21 @@ class MixedDataset(Dataset):
             transform = Compose(steps)
         data = [{"image": r["path"], "label": r["label"], "synthetic": r["synthetic"]} for r in rows]
         super().__init__(data, transform)
+
+
+def save_synthetic_grid(folder: str | os.PathLike, path: str | os.PathLike, per_class: int = 8) -> Path | None:
+    """A PNG of a complete augment folder's synthetic images, one row per class (up to ``per_class``
+    each; 3D: three mid-planes); None when the folder holds none."""
+    ds = MixedDataset(folder, real=False)
+    chosen: dict[int, list[int]] = {}
+    for i, item in enumerate(ds.data):
+        if len(chosen.setdefault(item["label"], [])) < per_class:
+            chosen[item["label"]].append(i)
+    picked = [i for rows in chosen.values() for i in rows]
+    if not picked:
+        return None
+    images = torch.stack([torch.as_tensor(ds[i]["image"]) for i in picked])
+    return save_grid(images, torch.tensor([ds.data[i]["label"] for i in picked]), ds.class_names, path)
 
 
 class _CallableModule(types.ModuleType):

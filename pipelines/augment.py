@@ -7,10 +7,32 @@
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 from omegaconf import DictConfig, OmegaConf
 
-from medaug.augment import augment
-from pipelines.common import amp_dtype_of, default_ckpt, device_of, distributed, log, path, stage_main
+from medaug.augment import AugmentResult, augment, save_synthetic_grid
+from medaug.tracking import flatten
+from pipelines.common import (amp_dtype_of, container, default_ckpt, device_of, distributed, log, make_tracker, path,
+                              stage_main)
+
+
+def log_run(cfg: DictConfig, result: AugmentResult) -> None:
+    """The finished folder as MLflow run ``<name>-augment`` in the job's experiment: the settings (tags),
+    real and synthetic counts, ``plan.json`` and a grid of the synthetic images (not the manifest: its
+    paths lead to the user's folders, and a folder name may hold a patient's name)."""
+    tracker = make_tracker(cfg, any_rank=True)  # whichever rank wrote the manifest
+    tracker.start(run_name=f"{cfg.name}-augment", tags={"medaug.job": cfg.name})
+    tracker.set_tags(flatten(container(cfg.augment), "augment."))
+    tracker.log_metrics({"augment/real": result.real, "augment/synthetic": sum(result.synthetic.values()),
+                         **{f"augment/synthetic/{name}": n for name, n in result.synthetic.items()}})
+    tracker.log_artifact(result.out_dir / "plan.json", "augment")
+    with tempfile.TemporaryDirectory() as tmp:
+        grid = save_synthetic_grid(result.out_dir, Path(tmp) / "synthetic_grid.png")
+        if grid is not None:
+            tracker.log_artifact(grid, "augment")
+    tracker.end()
 
 
 def run(cfg: DictConfig) -> dict:
@@ -26,6 +48,8 @@ def run(cfg: DictConfig) -> dict:
                      rank=rank, world_size=world_size, device=device, amp_dtype=amp_dtype_of(cfg, device),
                      overwrite=a.overwrite)
     total = sum(result.synthetic.values())
+    if result.complete and result.generated:  # this call finished the folder; a rerun that does nothing logs nothing
+        log_run(cfg, result)
     if result.complete and result.generated == 0:
         log.info("%s is up to date (%d real + %d synthetic items); nothing to do", result.out_dir, result.real, total)
     elif result.complete:

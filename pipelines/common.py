@@ -124,10 +124,11 @@ def tracking_uri(cfg: DictConfig) -> str:
             or f"sqlite:///{path(cfg.paths.output_dir) / 'mlflow.db'}")
 
 
-def make_tracker(cfg: DictConfig):
+def make_tracker(cfg: DictConfig, any_rank: bool = False):
     """The tracker the config asks for; a local MLflow store keeps artifacts beside it. Under torchrun
-    only rank 0 logs: every other rank gets a tracker that does nothing."""
-    if cfg.tracking.backend == "none" or distributed()[0] != 0:
+    only rank 0 logs (every other rank gets a tracker that does nothing) unless ``any_rank``: for work
+    that one rank, whichever it is, finishes alone."""
+    if cfg.tracking.backend == "none" or (distributed()[0] != 0 and not any_rank):
         return NullTracker()
     if cfg.tracking.backend != "mlflow":
         raise ValueError(f"tracking.backend={cfg.tracking.backend!r}; choose mlflow or none")

@@ -10,6 +10,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import medaug
 from medaug.augment import MixedDataset, augment, read_mixed_manifest, synthetic_counts
@@ -160,6 +161,27 @@ def test_mixed_dataset_trains_a_monai_classifier_for_one_step(prepared_2d, ckpt_
     loss.backward()
     opt.step()
     assert torch.isfinite(loss) and any(not torch.equal(a, b) for a, b in zip(before, net.parameters()))
+
+
+def test_stage_logs_one_mlflow_run_with_counts_plan_and_grid(prepared_2d, ckpt_2d, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    cfg = compose_cfg("augment", tmp_path, [f"input={prepared_2d}", f"ckpt_path={ckpt_2d}", "tracking=mlflow",
+                                            "name=aug", "augment.policy=per_class", "augment.num_per_class=2",
+                                            "augment.steps=2"])
+    augment_stage.run(cfg)
+    augment_stage.run(cfg)  # nothing left to do: no second run
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("medaug-aug").experiment_id])
+    assert [r.info.run_name for r in runs] == ["aug-augment"]
+    run = runs[0]
+    assert run.data.metrics["augment/synthetic"] == 6 and run.data.metrics["augment/synthetic/healthy"] == 2
+    assert run.data.tags["augment.policy"] == "per_class"
+    logged = {a.path for a in client.list_artifacts(run.info.run_id, "augment")}
+    assert logged == {"augment/plan.json", "augment/synthetic_grid.png"}
+    grid = np.asarray(Image.open(client.download_artifacts(run.info.run_id, "augment/synthetic_grid.png", str(tmp_path))))
+    assert grid.shape[0] * 8 == grid.shape[1] * 3  # a row per class, 8 tiles a row: two images, then empty tiles
+    assert grid[:, : grid.shape[1] // 4].max() > 0 and grid[:, grid.shape[1] // 4 + 1 :].max() == 0
 
 
 def test_3d_augment_and_dataset(prepared_3d, tmp_path):
