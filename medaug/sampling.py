@@ -42,14 +42,15 @@ class DDIM(DDIMScheduler):
 
     MONAI's ``step`` goes from t to ``t - T // steps``, while its ``set_timesteps`` spaces the
     timesteps by ``(T - 1) / (steps - 1)``: at 10 of 1000 steps the network would be told t = 888 for
-    a sample at 899. Here the timesteps are ``T - 1, T - 1 - T // steps, ...`` (trailing: the first
-    step starts from pure noise), so every step lands on the next timestep.
+    a sample at 899. Here the timesteps are ``round(k T / steps) - 1`` for k = steps, ..., 1
+    (trailing: the first step starts from pure noise, the last ends at the clean image), so every
+    step lands on the next timestep, within one when ``steps`` does not divide T.
     """
 
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
         super().set_timesteps(num_inference_steps, device)
-        stride = self.num_train_timesteps // num_inference_steps
-        self.timesteps = torch.arange(self.num_train_timesteps - 1, -1, -stride, device=device)[:num_inference_steps]
+        k = torch.arange(num_inference_steps, 0, -1, dtype=torch.float64, device=device)
+        self.timesteps = (k * self.num_train_timesteps / num_inference_steps).round().long() - 1
 
 
 SAMPLERS = {"ddpm": DDPMScheduler, "ddim": DDIM, "pndm": PNDMScheduler,
