@@ -44,6 +44,10 @@ def run(cfg: DictConfig) -> dict:
     check_shape_keys(data)
     labels = path(data.labels)
     if data.source == "demo" and not labels.exists():
+        made = path(cfg.paths.raw_dir) / "labels.csv"  # where the phantoms' labels are written
+        if labels != made:
+            raise FileNotFoundError(f"{labels}: labels file not found; for your own data add data=labels (the demo "
+                                    f"data source generates phantoms with their labels at {made})")
         demo = data.demo
         make_demo_dataset(path(cfg.paths.raw_dir), spatial_dims=data.spatial_dims, n_per_class=demo.n_per_class,
                           size=demo.size, spacing_mm=demo.spacing_mm, seed=demo.seed)

@@ -97,6 +97,14 @@ def test_export_and_train_refuse_what_no_longer_matches(tmp_path):
         train.run(compose_cfg("train", tmp_path, [*overrides, "data.image_size=[15,16]"]))
 
 
+def test_own_labels_without_data_labels_group_are_refused_before_any_demo_data(tmp_path):
+    cfg = compose_cfg("prepare", tmp_path, ["experiment=demo_2d", *TINY, f"data.labels={tmp_path}/study/labels.csv"])
+    with pytest.raises(FileNotFoundError, match=r"study/labels.csv: labels file not found; for your own data add "
+                                                r"data=labels"):
+        prepare.run(cfg)
+    assert not (tmp_path / "raw").exists()  # no phantoms written
+
+
 def _cli(args, cwd):
     return subprocess.run([sys.executable, "-m", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
 
