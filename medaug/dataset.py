@@ -193,13 +193,16 @@ def _cases_from_dataset_json(path: Path) -> list[Case]:
                    for p in sorted((path.parent / "imagesTr").glob(f"*_0000{ending}"))]
     if not entries:
         raise DatasetError(f"{path}: no 'training' entries and no imagesTr/ folder; nothing to prepare")
-    cases = []
+    cases, first = [], {}
     for i, entry in enumerate(entries):
         image = str(entry.get("image", "")).removeprefix("./")
         mask = str(entry.get("label", "") or "").removeprefix("./")
         where = f"{path}: training[{i}]"
         if not image or not (path.parent / image).exists():
             raise DatasetError(f"{where}: image {image!r} not found (paths are relative to dataset.json)")
+        if first.setdefault(Path(image), i) != i:
+            raise DatasetError(f"{where}: image {image!r} is listed twice (training[{first[Path(image)]}] and "
+                               f"training[{i}]); an image belongs in one entry: remove the duplicate")
         if mask and not (path.parent / mask).exists():
             raise DatasetError(f"{where}: label {mask!r} not found (paths are relative to dataset.json)")
         label = entry.get("class") or (_mask_class(path.parent / mask, names) if mask else "")

@@ -162,6 +162,13 @@ def test_msd_and_nnunet_dataset_json_with_masks_and_nonempty_slices(tmp_path, fl
     tumour = {r["patient"] for r in rows if r["class_name"] == "tumour"}
     assert tumour == {"patient_0002", "patient_0004", "patient_0006"}
     assert len(rows) == 3 * 2 + 3 * 1                # only the slices where the mask is non-empty
+    if flavour == "msd":                             # an image listed twice is refused
+        (root / "dataset.json").write_text(json.dumps({**meta, "training": [*entries, {**entries[1], "image":
+                                                                                      entries[1]["image"][2:]}]}))
+        with pytest.raises(ValueError, match=r"training\[6\]: image 'imagesTr/case_001.nii.gz' is listed twice "
+                                             r"\(training\[1\] and training\[6\]\)"):
+            prepare_dataset(root / "dataset.json", tmp_path / "p2", IntensityWindow(0, 500, "a.u."),
+                            spatial_size=[4, 4, -1], spatial_dims=2, split_fractions=(0.34, 0.33, 0.33))
 
 
 def test_labels_row_may_name_a_series_uid_in_a_mixed_folder(tmp_path):
