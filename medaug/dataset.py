@@ -118,14 +118,11 @@ def read_labels(labels_csv: str | Path) -> list[dict]:
                            f"(missing: {sorted(missing)}; found: {columns})")
     if not rows:
         raise DatasetError(f"{labels_csv}: no rows under the header; add one row per image")
-    first_row: dict[Path, int] = {}
+    listed: dict[Path, str] = {}
     for i, row in enumerate(rows, start=2):
         if not row["path"]:
             raise DatasetError(f"{labels_csv}:{i}: empty path")
-        first = first_row.setdefault(Path(row["path"]), i)    # Path: "./a.nii" and "a.nii" are one image
-        if first != i:
-            raise DatasetError(f"{labels_csv}:{i}: image {row['path']!r} is listed twice (rows {first} and {i}); "
-                               "an image belongs on one row: remove the duplicate")
+        _refuse_repeat(listed, row["path"], str(i), f"{labels_csv}:{i}", "rows ")
         if not _looks_like_uid(row["path"]) and not (labels_csv.parent / row["path"]).exists():
             raise DatasetError(f"{labels_csv}:{i}: image {row['path']!r} not found (paths are relative to the CSV)")
         if row.get("mask") and not (labels_csv.parent / row["mask"]).exists():
@@ -137,6 +134,15 @@ def read_labels(labels_csv: str | Path) -> list[dict]:
         if row.get("split") and row["split"] not in SPLITS:
             raise DatasetError(f"{labels_csv}:{i}: split {row['split']!r} unknown; use one of {', '.join(SPLITS)}")
     return rows
+
+
+def _refuse_repeat(listed: dict[Path, str], image: str, entry: str, where: str, noun: str = "") -> None:
+    """Refuse ``image`` when an earlier entry of the labels file named it (``listed``: image → that entry;
+    as paths, so "./a.nii" and "a.nii" are one image)."""
+    first = listed.setdefault(Path(image), entry)
+    if first != entry:
+        raise DatasetError(f"{where}: image {image!r} is listed twice ({noun}{first} and {entry}); an image belongs "
+                           "in one entry of the labels file: remove the duplicate")
 
 
 def _cases_from_folders(root: Path) -> list[Case]:
@@ -193,16 +199,14 @@ def _cases_from_dataset_json(path: Path) -> list[Case]:
                    for p in sorted((path.parent / "imagesTr").glob(f"*_0000{ending}"))]
     if not entries:
         raise DatasetError(f"{path}: no 'training' entries and no imagesTr/ folder; nothing to prepare")
-    cases, first = [], {}
+    cases, listed = [], {}
     for i, entry in enumerate(entries):
         image = str(entry.get("image", "")).removeprefix("./")
         mask = str(entry.get("label", "") or "").removeprefix("./")
         where = f"{path}: training[{i}]"
         if not image or not (path.parent / image).exists():
             raise DatasetError(f"{where}: image {image!r} not found (paths are relative to dataset.json)")
-        if first.setdefault(Path(image), i) != i:
-            raise DatasetError(f"{where}: image {image!r} is listed twice (training[{first[Path(image)]}] and "
-                               f"training[{i}]); an image belongs in one entry: remove the duplicate")
+        _refuse_repeat(listed, image, f"training[{i}]", where)
         if mask and not (path.parent / mask).exists():
             raise DatasetError(f"{where}: label {mask!r} not found (paths are relative to dataset.json)")
         label = entry.get("class") or (_mask_class(path.parent / mask, names) if mask else "")

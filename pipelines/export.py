@@ -92,13 +92,12 @@ def filter_copies(cfg: DictConfig, images, labels, rows: list[dict], info: dict,
 def run(cfg: DictConfig) -> dict:
     x = cfg.export
     formats = OmegaConf.to_container(x.format) if OmegaConf.is_config(x.format) else [x.format]
-    images, labels, rows, info = load_samples(path(cfg.paths.samples_dir))
-    eval_dir = path(cfg.paths.eval_dir)
+    samples_dir, eval_dir = path(cfg.paths.samples_dir), path(cfg.paths.eval_dir)
+    images, labels, rows, info = load_samples(samples_dir)
     complete = is_complete(eval_dir)
-    if complete and json.loads((eval_dir / "privacy.json").read_text()).get("samples_id") != \
-            samples_id(path(cfg.paths.samples_dir)):
-        raise ExportError(f"{eval_dir} evaluated other samples than {path(cfg.paths.samples_dir)} (sampled or trained "
-                          "again since?); run `medaug evaluate` again, or set paths.eval_dir to these samples' evaluation")
+    if complete and json.loads((eval_dir / "privacy.json").read_text()).get("samples_id") != samples_id(samples_dir):
+        raise ExportError(f"{eval_dir} evaluated other samples than {samples_dir} (sampled or trained again since?); "
+                          "run `medaug evaluate` again, or set paths.eval_dir to these samples' evaluation")
     metrics = json.loads((eval_dir / "metrics.json").read_text()) if complete else {}
     if not metrics:
         log.warning("no evaluation found in %s: the data card will have no metrics; run `medaug evaluate`", eval_dir)

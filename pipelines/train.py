@@ -24,17 +24,17 @@ from pipelines.common import (amp_dtype_of, container, default_ckpt, device_of, 
 
 
 def run(cfg: DictConfig) -> dict:
-    with process_group(device_of(cfg)) as (rank, world):
-        return _train(cfg, rank, world)
+    device = device_of(cfg)
+    with process_group(device) as (rank, world):
+        return _train(cfg, device, rank, world)
 
 
-def _train(cfg: DictConfig, rank: int, world: int) -> dict:
+def _train(cfg: DictConfig, device: torch.device, rank: int, world: int) -> dict:
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     random.seed(cfg.seed)
     info = load_info(path(cfg.paths.prepared_dir))
     images, labels = load_split(info.root, "train")
-    device = device_of(cfg)
     t = cfg.training
     cuda = device.type == "cuda"
     config = container(cfg)
