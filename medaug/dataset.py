@@ -46,6 +46,7 @@ from .io import (DicomIndex, DicomSeries, atomic_folder, index_dicom, is_complet
 from .preprocessing import IntensityWindow, Normalization, preprocess_case, slice_volume
 
 SPLITS = ("train", "val", "test")
+DEID_REPORT = "deid_report.csv"
 LABEL_COLUMNS = {"path", "series_uid", "patient_id", "label", "split", "mask"}
 MANIFEST_FIELDS = ["item_id", "path", "patient", "label", "class_name", "split", "source_lo", "source_hi"]
 log = logging.getLogger("medaug")
@@ -308,16 +309,24 @@ def _slice_indices(depth: int, rule: str, band: float, mask: np.ndarray | None =
 
 @dataclass
 class _Item:
-    """A resolved case: a NIfTI file or one DICOM series, ready to read."""
+    """A resolved case: a NIfTI file or one DICOM series, ready to read, with the DICOM headers of every
+    file that reading it (and its mask) will open."""
 
     case: Case
     path: Path | None = None
     series: DicomSeries | None = None
+    headers: dict = field(default_factory=dict)     # file -> header (no pixel data), image and mask
+
+    def __post_init__(self):
+        if self.series is not None:
+            self.headers.update(zip(self.series.files, self.series.headers))
 
 
 def _resolve(cases: list[Case], root: Path, dicom_root: Path | None, strict: bool) -> tuple[list[_Item], DicomIndex]:
     """Find the files of every case; DICOM headers are read here (no pixel data). A file in a class folder
-    that is no image (notes.txt) is skipped and listed like a stray file in a DICOM folder."""
+    that is no image (notes.txt) is skipped and listed like a stray file in a DICOM folder. One series (or
+    one DICOM instance) reached by two entries is refused: it would pass the gate once and could put one
+    patient's image into two patients and two splits."""
     items, seen = [], DicomIndex()
     uid_index = None
     series_file: dict[str, Path] = {}     # folder-per-class: series UID → the first file case holding it
@@ -358,7 +367,33 @@ def _resolve(cases: list[Case], root: Path, dicom_root: Path | None, strict: boo
                         "as a patient")
             items.append(_Item(case, series=series))
             seen.series[series.uid] = series
+    for item in items:
+        if item.case.mask and not is_nifti(root / item.case.mask):     # a DICOM mask's headers pass the gate too
+            mask_index = index_dicom(root / item.case.mask, strict=strict)
+            seen.skipped += mask_index.skipped
+            item.headers.update(mask_index.headers)
+    _refuse_shared_dicom(items)
     return items, seen
+
+
+def _refuse_shared_dicom(items: list[_Item]) -> None:
+    """Refuse one DICOM series, or one instance (SOPInstanceUID, a copied file), reached by two entries."""
+    owner: dict[tuple[str, str], _Item] = {}
+    for item in items:
+        if item.series is None:
+            continue
+        keys = [("series", item.series.uid)]
+        keys += [("instance", str(h.SOPInstanceUID)) for h in item.series.headers if "SOPInstanceUID" in h]
+        for kind, uid in dict.fromkeys(keys):
+            first = owner.setdefault((kind, uid), item)
+            if first is not item:
+                what = (f"DICOM series {uid}" if kind == "series" else
+                        f"DICOM instance {uid} (a copy of one file)")
+                here, there = (it.case.where or str(it.case.source) for it in (item, first))
+                if here.rpartition(":")[0] == there.rpartition(":")[0]:     # rows of one labels file
+                    there = f"row {there.rpartition(':')[2]}"
+                raise DatasetError(f"{here}: {what} is also reached by {there}; each series may be listed once, "
+                                   "under one patient: remove the duplicate entry or the copied files")
 
 
 def _reason(why: str) -> str:
@@ -385,6 +420,7 @@ def prepare_dataset(
     crop: str = "center",
     class_names: Sequence[str] | None = None,
     dicom_root: str | Path | None = None,
+    deid_report: str | Path | None = None,
 ) -> PreparedInfo:
     """Read every labelled image, pass the de-identification gate, preprocess and write the prepared dataset.
 
@@ -397,6 +433,10 @@ def prepare_dataset(
     slice. ``class_names`` fixes the classes and their order (indices); by default the sorted
     names found. If ``out_dir`` already holds a complete dataset prepared from the same
     files and parameters, it is reused as is (no DICOM is read).
+
+    A refusal by the gate raises :class:`medaug.deid.PHIError` in one line and lists every finding
+    (file, tag, why; no values) in ``deid_report`` (default ``<out_dir's parent>/deid_report.csv``, beside
+    the job's folders, never inside the prepared dataset or MLflow).
     """
     labels_csv, out_dir = Path(labels_csv), Path(out_dir)
     root = _labels_root(labels_csv)
@@ -432,8 +472,11 @@ def prepare_dataset(
 
     items, index = _resolve(cases, root, dicom_root, strict)
     cases = list({id(item.case): item.case for item in items}.values())     # without the files skipped
-    findings = scan_headers(index.headers)                      # the gate: before any pixel data is read
-    deid_log = apply_policy(findings, deid)
+    headers = {f: h for item in items for f, h in item.headers.items()}
+    findings = scan_headers(headers)                             # the gate: every file to be read, no pixels yet
+    report = Path(deid_report) if deid_report else out_dir.parent / DEID_REPORT
+    deid_log = apply_policy(findings, deid, report_path=report)
+    report.unlink(missing_ok=True)       # a refusal's report of earlier files no longer describes the input
     if deid == "trust":
         log.warning("de-identification gate set to 'trust': %d header findings in %d files let through as you "
                     "said (listed in deid_log.csv, recorded in dataset.json and on the data card)",
