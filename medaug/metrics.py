@@ -39,8 +39,8 @@ from monai.metrics.fid import compute_frechet_distance
 from monai.networks.nets import DenseNet
 from scipy.linalg import LinAlgWarning
 from scipy.stats import rankdata, wasserstein_distance
-from tqdm.auto import tqdm
 
+from .progress import progress_bar
 from .training import to_device
 
 MSSSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
@@ -100,7 +100,7 @@ def train_classifier(images: torch.Tensor, labels: torch.Tensor, num_classes: in
     model = make_classifier(images.shape[2:], num_classes).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     model.train()
-    for _ in tqdm(range(steps), desc="classifier", unit="step", disable=not progress):
+    for _ in progress_bar(range(steps), desc="classifier", unit="step", disable=not progress):
         idx = torch.randint(0, images.shape[0], (min(batch_size, images.shape[0]),), generator=gen)
         x, y = to_device([images[idx], labels[idx]], torch.device(device))
         for axis in range(2, x.ndim):
@@ -484,7 +484,7 @@ def utility_metrics(train_x: torch.Tensor, train_y: torch.Tensor, synth_x: torch
     acc: dict[str, list[float]] = {k: [] for k in sets}
     auc: dict[str, list[float]] = {k: [] for k in sets}
     labels = test_y.numpy()
-    bar = tqdm(total=len(sets) * len(seeds), desc="utility", unit="classifier")
+    bar = progress_bar(total=len(sets) * len(seeds), desc="utility", unit="classifier")
     for seed in seeds:
         for name, (x, y) in sets.items():
             model = train_fn(x, y, num_classes, steps=steps, batch_size=batch_size, seed=int(seed), progress=False)
