@@ -46,11 +46,11 @@ from typing import Callable, Mapping
 import torch
 from monai.data import Dataset
 from monai.transforms import Compose, LoadImaged, SqueezeDimd
-from tqdm.auto import tqdm
 
 from .dataset import DatasetError, load_info, read_manifest
 from .io import atomic_folder, is_complete, write_nifti
 from .model import ema_network, load_checkpoint, network_from_spec
+from .progress import progress_bar
 from .sampling import inference_scheduler, labels_for_counts, sample_images, save_grid
 
 POLICIES = ("per_class", "balance", "ratio")
@@ -205,7 +205,7 @@ def augment(
             net.load_state_dict(ckpt.model)
         net = net.to(device).eval()
         scheduler = inference_scheduler(ckpt.config["scheduler"], sampler, steps)
-        for c, start in tqdm(mine, desc=f"augment (rank {rank})", unit="chunk", disable=not progress):
+        for c, start in progress_bar(mine, desc=f"augment (rank {rank})", unit="chunk", disable=not progress):
             y = labels[start : start + chunk_size]
             images = sample_images(net, scheduler, y, info.image_shape, guidance_scale=guidance_scale,
                                    null_class=len(info.class_names), seed=seed + start, batch_size=batch_size,

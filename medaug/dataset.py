@@ -38,12 +38,12 @@ from typing import Sequence
 import nibabel as nib
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from .deid import POLICIES, apply_policy, scan_headers
 from .io import (DicomIndex, DicomSeries, atomic_folder, index_dicom, is_complete, is_nifti, read_dicom_series,
                  read_volume, write_nifti)
 from .preprocessing import IntensityWindow, Normalization, preprocess_case, slice_volume
+from .progress import progress_bar
 
 SPLITS = ("train", "val", "test")
 DEID_REPORT = "deid_report.csv"
@@ -330,7 +330,7 @@ def _resolve(cases: list[Case], root: Path, dicom_root: Path | None, strict: boo
     items, seen = [], DicomIndex()
     uid_index = None
     series_file: dict[str, Path] = {}     # folder-per-class: series UID → the first file case holding it
-    for case in tqdm(cases, desc="index", unit="case", leave=False):
+    for case in progress_bar(cases, desc="index", unit="case", leave=False):
         if _looks_like_uid(case.source) and not (root / case.source).exists():
             if uid_index is None:
                 uid_index = index_dicom(dicom_root or root, strict=strict)
@@ -499,7 +499,7 @@ def prepare_dataset(
     manifest, affine, windows, source_slices, spacings = [], None, [], 0, []
     with atomic_folder(out_dir) as tmp:
         (tmp / "items").mkdir()
-        for item in tqdm(items, desc="prepare", unit="image"):
+        for item in progress_bar(items, desc="prepare", unit="image"):
             case = item.case
             where = case.where or str(item.path)
             if item.series is not None:

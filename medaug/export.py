@@ -50,10 +50,10 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 from PIL import Image
-from tqdm.auto import tqdm
 
 from .io import atomic_folder, write_dicom_multiframe, write_dicom_series, write_nifti
 from .preprocessing import IntensityWindow
+from .progress import progress_bar
 
 FORMATS = ("nifti", "dicom", "png")
 PROFILES = ("augment", "share")
@@ -262,7 +262,7 @@ def export_dataset(
         for fmt in formats:
             (tmp / FOLDERS[fmt]).mkdir()
         manifest = []
-        for i, (image, row) in enumerate(tqdm(list(zip(images, rows)), desc="export", unit="image")):
+        for i, (image, row) in enumerate(progress_bar(list(zip(images, rows)), desc="export", unit="image")):
             if not keep[i]:
                 continue
             stem = f"synth_{i:05d}_{row['class_name']}"

@@ -45,11 +45,11 @@ from monai.losses import PatchAdversarialLoss
 from monai.metrics import PSNRMetric, SSIMMetric
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from tqdm.auto import tqdm
 
 from .dataset import load_info, load_split
 from .model import (EMA, ema_network, file_id, load_checkpoint, network_from_spec, restore_training_state,
                     save_checkpoint)
+from .progress import progress_bar
 from .sampling import sample_images, save_grid
 from .tracking import NullTracker, Tracker, flatten
 from .training import barrier, checkpoint_at_exit, rank_and_world, step_generator, to_device
@@ -190,7 +190,8 @@ def encode_mean(ae: nn.Module, images: torch.Tensor, batch_size: int = 8, progre
 
     out = [(inferer(x, mean) if inferer is not None else mean(x)).float().cpu()
            for x in (images[i : i + batch_size].to(device) for i in
-                     tqdm(range(0, len(images), batch_size), desc="encode", unit="batch", disable=not progress))]
+                     progress_bar(range(0, len(images), batch_size), desc="encode", unit="batch",
+                                  disable=not progress))]
     return torch.cat(out)
 
 
@@ -221,7 +222,8 @@ def decode_latents(ae: nn.Module, latents: torch.Tensor, *, tile: Sequence[int] 
     device = next(ae.parameters()).device
     inferer = _tiler(tile, latents.ndim - 2, "sample.decode_tile", overlap, batch_size)
     out = []
-    for i in tqdm(range(0, len(latents), batch_size), desc="decode", unit="batch", disable=len(latents) <= batch_size):
+    for i in progress_bar(range(0, len(latents), batch_size), desc="decode", unit="batch",
+                          disable=len(latents) <= batch_size):
         z = latents[i : i + batch_size].to(device)
         x = inferer(z, ae.decode) if inferer is not None else ae.decode(z)
         out.append(x.float().clamp(-1, 1).cpu())
@@ -371,7 +373,7 @@ def fit_autoencoder(ae: nn.Module, ema: EMA, optimizers: Optimizers, images: tor
     ae.train()
     window: dict[str, torch.Tensor] = {}
     window_steps = 0
-    bar = tqdm(range(start_step, settings.max_steps), desc="autoencoder", unit="step", initial=start_step,
+    bar = progress_bar(range(start_step, settings.max_steps), desc="autoencoder", unit="step", initial=start_step,
                total=settings.max_steps, disable=rank != 0)
     with checkpoint_at_exit(checkpoint, result), bar:
         for step in bar:

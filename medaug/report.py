@@ -5,7 +5,8 @@
   training image, with the correlation and whether it is above the copy threshold;
 * ``score_histograms``: nearest-neighbour correlation to training, synthetic vs held-out
   real, with the threshold;
-* ``write_report``: ``report.md`` with every number beside its real-vs-real reference.
+* ``write_report``: ``report.md`` with every number beside its real-vs-real reference, and a note
+  naming the KIDs left out because a set was too small.
 
 Example::
 
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from .metrics import KID_MIN_SAMPLES
 from .sampling import save_grid, views
 
 SYNTH_RGB, REAL_RGB, LINE_RGB = (214, 69, 65), (52, 120, 198), (30, 30, 30)
@@ -184,9 +186,17 @@ def write_report(path: str | Path, metrics: Mapping[str, float], class_names: Se
         for name, how in better.items():
             key = f"fidelity/{name}{suffix}"
             if key in m:
-                std = f" ± {_fmt(m.get(key.replace(name, name + '_std', 1)))}" if name == "kid" else ""
-                fstd = f" ± {_fmt(m.get(f'fidelity/kid_std{suffix}_floor'))}" if name == "kid" else ""
-                lines.append(f"| `{key}` | {_fmt(m[key])}{std} | {_fmt(m.get(key + '_floor'))}{fstd} | {how} |")
+                value, floor = _fmt(m[key]), _fmt(m.get(key + "_floor"))
+                if name == "kid":  # a spread beside a number only
+                    value += f" ± {_fmt(m.get(f'fidelity/kid_std{suffix}'))}" if value != "n/a" else ""
+                    floor += f" ± {_fmt(m.get(f'fidelity/kid_std{suffix}_floor'))}" if floor != "n/a" else ""
+                lines.append(f"| `{key}` | {value} | {floor} | {how} |")
+    small = [f"`{k.replace('kid_too_small', 'kid', 1)}`" for k, v in m.items()
+             if k.startswith("fidelity/kid_too_small") and v == 1]
+    if small:
+        lines += ["", f"> **KID left out** for {', '.join(small)}: a set there has fewer than {KID_MIN_SAMPLES} "
+                  "samples, too few for KID and its spread (NaN in `metrics.json`, `fidelity/kid_too_small...` = 1). "
+                  "Evaluate more samples or read FD and the pictures."]
     lines += ["", "## Per class", "", "| class | FD (floor) | label acc (real) | MS-SSIM diversity synthetic (real) "
               "| copy rate |", "| --- | --- | --- | --- | --- |"]
     for c in class_names:

@@ -30,11 +30,11 @@ import torch
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, PNDMScheduler
 from PIL import Image
 from torch import nn
-from tqdm.auto import tqdm
 
 from .dpm_solver import DPMSolverPP2M, DPMSolverPP2MSDE
 from .io import atomic_folder, is_complete
 from .model import file_id
+from .progress import progress_bar
 
 
 class DDIM(DDIMScheduler):
@@ -138,7 +138,7 @@ def sample_images(
     steps = scheduler.num_inference_steps
     out = []
     n = len(labels)
-    bar = tqdm(total=n * len(scheduler.timesteps), desc="sample", unit="step", disable=not progress)
+    bar = progress_bar(total=n * len(scheduler.timesteps), desc="sample", unit="step", disable=not progress)
     for start in range(0, n, batch_size):
         y = labels[start : start + batch_size].to(device)
         x = torch.stack(

@@ -27,9 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from tqdm.auto import tqdm
 
 from .model import EMA, save_checkpoint
+from .progress import progress_bar
 from .tracking import NullTracker, Tracker
 
 log = logging.getLogger(__name__)
@@ -273,7 +273,7 @@ def fit(
     window = torch.zeros((), device=device)
     window_steps = 0
     step = start_step
-    bar = tqdm(range(start_step, settings.max_steps), desc="train", unit="step", initial=start_step,
+    bar = progress_bar(range(start_step, settings.max_steps), desc="train", unit="step", initial=start_step,
                total=settings.max_steps, disable=rank != 0)
     started = time.perf_counter()
     with checkpoint_at_exit(checkpoint, result), bar:

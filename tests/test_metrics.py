@@ -6,10 +6,10 @@ import torch
 
 from medaug.dataset import load_split
 from medaug.metrics import (FeatureExtractor, PlaneFeatureExtractor, accuracy_per_class, cohen_kappa,
-                            density_coverage, fidelity_metrics, fidelity_with_floor, frechet_distance, histogram_w1,
-                            in_batches, kernel_inception_distance, load_weights, macro_auc, make_classifier,
-                            msssim_metric, pairwise_msssim, plane_slice, precision_recall, realism_metrics, slices_for_training,
-                            train_classifier, utility_metrics)
+                            density_coverage, feature_metrics, fidelity_metrics, fidelity_with_floor,
+                            frechet_distance, histogram_w1, in_batches, kernel_inception_distance, load_weights,
+                            macro_auc, make_classifier, msssim_metric, pairwise_msssim, plane_slice, precision_recall,
+                            realism_metrics, slices_for_training, train_classifier, utility_metrics)
 
 from .test_privacy import phantoms
 
@@ -205,3 +205,32 @@ def test_feature_extractor_leaves_the_network_usable_as_a_classifier():
     held = len(enc._captured)
     logits = [net(x) for _ in range(3)]              # running the classifier does not feed the extractor
     assert logits[0].shape == (4, 3) and len(enc._captured) == held == 1 and torch.equal(enc(x), before)
+
+
+def test_kid_spread_is_real_when_sets_are_smaller_than_the_subset_size():
+    # 40 vs 40 with subset_size=100: subsets of the whole set would all be the same set (std exactly 0)
+    a, b = gaussian(40, seed=1), gaussian(40, shift=0.3, seed=2)
+    kid, std = kernel_inception_distance(a, b, n_subsets=50, subset_size=100)
+    assert std > 0.05 and std > 0.1 * abs(kid)
+    out = fidelity_with_floor(gaussian(80, seed=3), a, kid_subsets=50, kid_subset_size=100)   # the demo's shape
+    assert out["kid_std"] > 0.05 and out["kid_std_floor"] > 0.05 and out["kid_too_small"] == 0.0
+
+
+def test_kid_is_unbiased_on_average_for_small_draws_of_one_distribution():
+    same = [kernel_inception_distance(gaussian(40, seed=s), gaussian(40, seed=100 + s), 20)[0] for s in range(30)]
+    far = [kernel_inception_distance(gaussian(40, seed=s), gaussian(40, shift=0.5, seed=100 + s), 20)[0]
+           for s in range(30)]
+    sem = np.std(same) / np.sqrt(len(same))
+    assert abs(np.mean(same)) < 3 * sem and np.mean(far) > 10 * sem
+
+
+def test_kid_on_too_small_sets_is_nan_with_a_flag():
+    small = feature_metrics(gaussian(9, seed=1), gaussian(30, seed=2))
+    assert math.isnan(small["kid"]) and math.isnan(small["kid_std"]) and small["kid_too_small"] == 1.0
+    assert math.isfinite(small["fd"])                                   # the other metrics are still computed
+    assert feature_metrics(gaussian(10, seed=1), gaussian(10, seed=2))["kid_too_small"] == 0.0
+    y = torch.tensor([0] * 40 + [1] * 10)
+    out = fidelity_metrics(gaussian(50, seed=1), y, gaussian(50, seed=2), y, ["big", "tiny"], kid_subsets=5)
+    assert out["fidelity/kid_too_small"] == 0.0 and math.isfinite(out["fidelity/kid"])
+    assert out["fidelity/kid_too_small/tiny"] == 1.0 and math.isnan(out["fidelity/kid/tiny"])
+    assert not any("kid_too_small" in k and "floor" in k for k in out)  # the floor has the same size by design

@@ -41,7 +41,7 @@ def test_report_lists_verdict_floors_and_utility(tmp_path):
     text = write_report(tmp_path / "r.md", metrics, ["a"], ["my encoder"], privacy, {"pairs": "p.png"},
                         {"samples": "3"}).read_text()
     assert "**WARN**" in text and "- DCR ratio 0.5" in text and "feature extractor: my encoder" in text
-    assert "| `fidelity/fd` | 12 | 1 | lower |" in text and "| `fidelity/kid` | 0.5 ± 0 | n/a" in text
+    assert "| `fidelity/fd` | 12 | 1 | lower |" in text and "| `fidelity/kid` | 0.5 ± 0 | n/a | lower |" in text
     assert "| a | 3 (n/a)" in text and "| synthetic only (TSTR) | 0.8 ± 0.8" in text and "![pairs](p.png)" in text
 
 
@@ -54,3 +54,18 @@ def test_report_warns_when_the_real_trained_classifier_learned_little(tmp_path):
         ok = write_report(tmp_path / "o.md", {"fidelity/fd": 1.0, "fidelity/label_kappa_real": kappa}, ["a"], ["e"],
                           privacy, {}, {}).read_text()
         assert "Weak classifier" not in ok
+
+
+def test_report_says_when_a_set_was_too_small_for_kid(tmp_path):
+    privacy = {"verdict": "pass", "checks": [], "reasons": []}
+    nan = float("nan")
+    small = {"fidelity/fd": 1.0, "fidelity/kid": nan, "fidelity/kid_std": nan, "fidelity/kid_floor": nan,
+             "fidelity/kid_too_small": 1.0, "fidelity/kid/a": nan, "fidelity/kid_too_small/a": 1.0,
+             "fidelity/kid/b": 0.01, "fidelity/kid_too_small/b": 0.0}
+    text = write_report(tmp_path / "s.md", small, ["a", "b"], ["e"], privacy, {}, {}).read_text()
+    note = [line for line in text.splitlines() if "KID left out" in line]
+    assert len(note) == 1 and "`fidelity/kid`, `fidelity/kid/a`:" in note[0] and "fewer than 10 samples" in note[0]
+    assert "fidelity/kid/b" not in note[0] and "| `fidelity/kid` | n/a | n/a | lower |" in text
+    ok = dict(small, **{"fidelity/kid": 0.02, "fidelity/kid_std": 0.01, "fidelity/kid_too_small": 0.0,
+                        "fidelity/kid_too_small/a": 0.0})
+    assert "KID left out" not in write_report(tmp_path / "o.md", ok, ["a"], ["e"], privacy, {}, {}).read_text()
