@@ -318,12 +318,14 @@ def test_non_image_sop_class_is_skipped_beside_its_series_and_refused_alone(tmp_
     with pytest.warns(UserWarning, match=fix):
         index = index_dicom(tmp_path / "s")
     assert [(p.name, bool(re.search(fix, why))) for p, why in index.skipped] == [("object", True)]
-    assert read_volume(tmp_path / "s").array.shape == (4, 4, 3)      # the series beside it is not blocked
+    with pytest.warns(UserWarning, match=fix):
+        assert read_volume(tmp_path / "s").array.shape == (4, 4, 3)      # the series beside it is not blocked
     with pytest.warns(UserWarning), pytest.raises(ImageReadError, match=f"object: no readable DICOM image found "
                                                                         f"\\({fix}"):
         read_volume(odd)
-    with pytest.raises(ImageReadError, match=f"object: {fix}.*prepare.strict"):
+    with pytest.raises(ImageReadError, match=f"object: {fix}.*prepare.strict") as refused:
         read_volume(tmp_path / "s", strict=True)
+    assert "remove it; remove it" not in str(refused.value)
     with pytest.raises(ImageReadError, match=f"object: {fix}"):
         read_dicom_series([odd])
 
@@ -405,3 +407,18 @@ def test_pixel_data_longer_by_less_than_a_frame_is_read_as_padding_with_a_warnin
     (src,) = write_dicom_series(tmp_path / "s", np.zeros((4, 6, 1)), np.eye(4), {})
     with pytest.warns(UserWarning, match=r"bad.dcm: pixel data holds 8 bytes more than"):
         assert read_volume(_with_header(src, tmp_path / "bad.dcm", Rows=5)).array.shape == (4, 5, 1)
+
+
+@pytest.mark.parametrize("name, changes, counted", [
+    ("MR_small_jp2klossless.dcm", dict(Rows=32), r"32 × 64 × 1"),
+    ("MR_small_RLE.dcm", dict(Rows=65), r"65 × 64 × 1"),
+    ("MR_small_RLE.dcm", dict(NumberOfFrames=2), r"64 × 64 × 2"),
+])
+def test_compressed_frames_that_rows_and_columns_do_not_describe_are_not_blamed_on_decoders(tmp_path, name, changes,
+                                                                                          counted):
+    """Before: 'no installed decoder handles it; install the decoders', though the decoder is installed."""
+    bad = _with_header(PYDICOM_FILES / name, tmp_path / "bad.dcm", **changes)
+    with pytest.raises(ImageReadError, match=r"bad.dcm: pixel data compressed as '.*' could not be decoded \(.+\); "
+                                             f"if Rows × Columns × frames \\({counted}\\) are right, install more "
+                                             r"decoders: pip install 'medaug\[jpeg\]'"):
+        read_volume(bad)
