@@ -35,6 +35,7 @@ from typing import Iterable
 import nibabel as nib
 import numpy as np
 import pydicom
+from pydicom import uid as sop
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MediaStorageDirectoryStorage, generate_uid
 
@@ -45,6 +46,31 @@ NIFTI_SUFFIXES = (".nii", ".nii.gz")
 UNEVEN_POLICIES = ("error", "resample")
 #: What to install for compressed pixel data pydicom cannot decode with what is present.
 DECODER_EXTRA = "pip install 'medaug[jpeg]'  (pylibjpeg, pylibjpeg-libjpeg, pylibjpeg-openjpeg, pylibjpeg-rle)"
+#: SOP classes read as images. Any other standard class (a segmentation, a dose grid, a report) is refused by
+#: name; a UID pydicom does not know (a vendor's private class) is tried like a file without SOPClassUID.
+IMAGE_SOP_CLASSES = frozenset({
+    sop.CTImageStorage, sop.EnhancedCTImageStorage, sop.LegacyConvertedEnhancedCTImageStorage,
+    sop.MRImageStorage, sop.EnhancedMRImageStorage, sop.LegacyConvertedEnhancedMRImageStorage,
+    sop.PositronEmissionTomographyImageStorage, sop.EnhancedPETImageStorage,
+    sop.LegacyConvertedEnhancedPETImageStorage, sop.NuclearMedicineImageStorage,
+    sop.SecondaryCaptureImageStorage, sop.MultiFrameGrayscaleByteSecondaryCaptureImageStorage,
+    sop.MultiFrameGrayscaleWordSecondaryCaptureImageStorage,
+    sop.ComputedRadiographyImageStorage, sop.DigitalXRayImageStorageForPresentation,
+    sop.DigitalXRayImageStorageForProcessing, sop.DigitalMammographyXRayImageStorageForPresentation,
+    sop.DigitalMammographyXRayImageStorageForProcessing, sop.BreastTomosynthesisImageStorage,
+    sop.XRayAngiographicImageStorage, sop.EnhancedXAImageStorage, sop.XRayRadiofluoroscopicImageStorage,
+    sop.EnhancedXRFImageStorage,
+    sop.UltrasoundImageStorage, sop.UltrasoundMultiFrameImageStorage, sop.EnhancedUSVolumeStorage,
+})
+#: What to do with a non-image object, by SOP class (others: by kind of name, else that it is not read).
+NOT_AN_IMAGE_FIX = {
+    sop.SegmentationStorage: "give it as the mask of its image, converted to a NIfTI label map on the image's "
+                             "grid, e.g. with dcmqi's segimage2itkimage",
+    sop.RTStructureSetStorage: "convert its contours to a label map on the image's grid first, a NIfTI file for "
+                               "the mask column, e.g. with dcmrtstruct2nii or plastimatch convert",
+    sop.RTDoseStorage: "it is the dose grid of a treatment plan; remove it and give the CT it was planned on",
+    sop.KeyObjectSelectionDocumentStorage: "it only lists other images; remove it",
+}
 
 
 class ImageReadError(ValueError):
@@ -97,11 +123,59 @@ def is_nifti(path: Path) -> bool:
     return path.name.endswith(NIFTI_SUFFIXES)
 
 
+def _sop_class_problem(ds: Dataset) -> str | None:
+    """Why the SOP class of ``ds`` (SOPClassUID, else the file meta's) is no image medaug reads, or None.
+
+    None also for a file that names no SOP class or one pydicom does not know: those are tried as images.
+    """
+    meta = ds.file_meta if hasattr(ds, "file_meta") else {}
+    uid = ds.get("SOPClassUID") or meta.get("MediaStorageSOPClassUID")
+    if not uid:
+        return None
+    uid = sop.UID(str(uid))
+    if uid in IMAGE_SOP_CLASSES or uid.name == str(uid):
+        return None
+    fix = NOT_AN_IMAGE_FIX.get(uid)
+    if fix is None and uid.name.endswith("SR Storage"):
+        fix = "a structured report holds text and measurements; remove it"
+    if fix is None and "Presentation State" in uid.name:
+        fix = "it holds display settings for other images; remove it"
+    if fix is None:
+        fix = "medaug reads CT, MR, PET, NM, X-ray, ultrasound and secondary capture images; remove it"
+    return f"{uid.name} is not an image; {fix}"
+
+
+def _expected_bytes(ds: Dataset) -> tuple[int, int, str]:
+    """Bytes of uncompressed pixel data the header describes, bytes per frame, and how they were counted."""
+    rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    samples, frames = int(ds.get("SamplesPerPixel", 1) or 1), int(ds.get("NumberOfFrames", 1) or 1)
+    bits = int(ds.get("BitsAllocated", 16) or 16)
+    needed = (rows * cols * samples * frames * bits + 7) // 8
+    shape = f"{rows} × {cols} × {frames}" + (f" × {samples} samples" if samples != 1 else "")
+    return needed, needed // max(frames, 1), f"Rows × Columns × frames ({shape}) at {bits} bits"
+
+
+def _length_problem(ds: Dataset, length: int) -> str | None:
+    """Why ``length`` bytes of uncompressed pixel data do not fit the header's Rows, Columns and frames, or None.
+
+    Fewer bytes, or at least one whole frame more (pydicom would return the excess as extra frames), do not
+    fit; a smaller excess is trailing padding, which pydicom ignores (see :func:`_pixels`).
+    """
+    needed, frame, counted = _expected_bytes(ds)
+    if length < needed or length - needed >= max(frame, 2):
+        return (f"pixel data holds {length} bytes but {counted} need {needed}; the header does not describe the "
+                "pixels: fix Rows, Columns or NumberOfFrames, or re-export the file")
+    return None
+
+
 def _header_problem(path: Path, fh, ds: Dataset) -> str | None:
     """Why a readable header is not an image slice we can use, or None."""
     sop_class = ds.file_meta.get("MediaStorageSOPClassUID") if hasattr(ds, "file_meta") else None
     if sop_class == MediaStorageDirectoryStorage or "DirectoryRecordSequence" in ds:
         return "DICOMDIR index file, not an image"
+    problem = _sop_class_problem(ds)
+    if problem:
+        return problem
     start = fh.tell()
     group = fh.read(2)  # dcmread(stop_before_pixels) stops at the (7FE0,xxxx) pixel data element
     fh.seek(start)
@@ -111,12 +185,14 @@ def _header_problem(path: Path, fh, ds: Dataset) -> str | None:
         return "no SeriesInstanceUID; cannot tell which series it belongs to"
     syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
     if syntax is None or not syntax.is_compressed:
-        bits = int(ds.get("BitsAllocated", 16) or 16)
-        frames = int(ds.get("NumberOfFrames", 1) or 1)
-        expected = int(ds.get("Rows", 0)) * int(ds.get("Columns", 0)) * int(ds.get("SamplesPerPixel", 1)) * frames
-        expected = expected * bits // 8
-        if os.path.getsize(path) < fh.tell() + 8 + expected:  # 8: the shortest element header
-            return f"truncated: file ends before its {expected} bytes of pixel data"
+        implicit, little = ds.original_encoding
+        element = fh.read(8 if implicit else 12)  # tag, [VR, reserved,] 4-byte length (OB/OW: the long form)
+        fh.seek(start)
+        length = int.from_bytes(element[-4:], "big" if little is False else "little") if len(element) >= 8 else 0
+        if len(element) < 8 or os.path.getsize(path) < start + len(element) + length:
+            return f"truncated: file ends before its {length} bytes of pixel data"
+        if length != 0xFFFFFFFF:  # an undefined length (encapsulated) fails in pixel decoding, with the file's name
+            return _length_problem(ds, length)
     return None
 
 
@@ -189,6 +265,10 @@ def read_nifti(path: str | os.PathLike, volume_index: int | None = None) -> Volu
     path = Path(path)
     try:
         img = nib.load(str(path))
+        if getattr(img, "affine", None) is None:
+            kind = "a CIFTI-2 image" if isinstance(img, nib.Cifti2Image) else f"a {type(img).__name__}"
+            raise ImageReadError(f"{path}: {kind} ({'.'.join(path.name.split('.')[-2:])}) has no affine: it holds "
+                                 "surface or grayordinate data, not a volume; give a NIfTI volume")
         shape = img.shape
         if len(shape) == 4 and volume_index is not None:
             if not -shape[3] <= volume_index < shape[3]:
@@ -211,7 +291,15 @@ def read_nifti(path: str | os.PathLike, volume_index: int | None = None) -> Volu
         )
     if not np.isfinite(array).all():
         raise ImageReadError(f"{path}: image contains NaN or Inf values; fix or mask them before prepare")
-    return Volume(array, np.asarray(img.affine, dtype=np.float64), {"modality": "unknown"})
+    affine = np.asarray(img.affine, dtype=np.float64)
+    if not np.isfinite(affine).all() or np.linalg.matrix_rank(affine[:3, :3]) < 3:
+        header = img.header
+        form = ("sform" if header.get("sform_code", 0) > 0 else "qform" if header.get("qform_code", 0) > 0
+                else "pixdim")
+        rows = "; ".join(" ".join(f"{v:g}" for v in row) for row in affine[:3])
+        raise ImageReadError(f"{path}: its affine (voxel → mm, from the {form}) is singular or not finite "
+                             f"[{rows}]; fix the header's sform/qform, e.g. nibabel's img.set_sform(affine, code=1)")
+    return Volume(array, affine, {"modality": "unknown"})
 
 
 @dataclass
@@ -225,8 +313,18 @@ class _Frame:
 
 
 def _pixels(ds: Dataset, f: Path) -> np.ndarray:
-    """Decoded pixel data; a compressed syntax without a decoder gets a clear error."""
+    """Decoded pixel data; a compressed syntax without a decoder, or a length the header does not describe,
+    gets a clear error."""
     syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    data = next((ds[k].value for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData") if k in ds), None)
+    if (syntax is None or not syntax.is_compressed) and isinstance(data, bytes):
+        problem = _length_problem(ds, len(data))
+        if problem:
+            raise ImageReadError(f"{f}: {problem}")
+        needed, _, counted = _expected_bytes(ds)
+        if len(data) > needed + needed % 2:
+            warnings.warn(f"{f}: pixel data holds {len(data) - needed} bytes more than {counted} need; read as "
+                          "padding; if the image looks sheared, check Rows and Columns", stacklevel=3)
     try:
         pixels = ds.pixel_array
     except Exception as err:
@@ -300,6 +398,9 @@ def read_dicom_series(files: list[Path], source: Path | None = None, uneven: str
             ds = pydicom.dcmread(f)
         except Exception as err:
             raise ImageReadError(f"{f}: not a readable DICOM file ({err}); remove it from {source}") from err
+        problem = _sop_class_problem(ds)
+        if problem:
+            raise ImageReadError(f"{f}: {problem}")
         series.add(str(ds.get("SeriesInstanceUID", "")))
         meta = meta or allowed_meta(ds)
         frames += _frames_of(ds, Path(f))

@@ -420,3 +420,34 @@ def test_prepare_stage_prints_the_summary(tmp_path, caplog):
     assert "classes: 0=a (" in text and "de-identification: policy refuse, 0 findings" in text
     assert "skipped files: 1" in text and "README: not a readable DICOM file" in text
     assert result["data/patients"] == 6 and result["data/skipped_files"] == 1
+
+
+def test_non_image_dicom_object_is_refused_alone_naming_its_sop_class_and_skipped_beside_a_series(tmp_path):
+    """pydicom's liver_1frame.dcm is a DICOM Segmentation. Before: alone, it was read as a training image; beside
+    its CT series, the folder 'holds 2 DICOM series'."""
+    import shutil
+
+    from pydicom.data import get_testdata_file
+
+    seg = Path(get_testdata_file("liver_1frame.dcm", download=False))
+    raw, rows = tmp_path / "raw", []
+    for i in range(6):
+        _nifti(raw / f"img{i}.nii.gz", np.random.default_rng(i).normal(size=(4, 4, 3)))
+        rows.append({"path": f"img{i}.nii.gz", "patient_id": f"p{i}", "label": "ab"[i % 2]})
+    write_dicom_series(raw / "ct", np.zeros((4, 4, 2)), np.eye(4), _declared("p0"))
+    shutil.copy(seg, raw / "ct" / "seg.dcm")
+    shutil.copy(seg, raw / "seg.dcm")
+    args = dict(window=WINDOW, spatial_size=[4, 4, -1], spatial_dims=2, split_fractions=(0.34, 0.33, 0.33))
+    rows[0]["path"] = "seg.dcm"
+    with pytest.warns(UserWarning), pytest.raises(
+            DatasetError, match=r"labels.csv:2: .*seg.dcm holds no readable image \(Segmentation Storage is not an "
+                                r"image; give it as the mask of its image, converted to a NIfTI label map"):
+        prepare_dataset(_write_csv(raw / "labels.csv", rows), tmp_path / "p", **args)
+    assert not (tmp_path / "p").exists()
+    rows[0]["path"] = "ct"
+    with pytest.warns(UserWarning, match=r"skipping .*ct/seg.dcm: Segmentation Storage is not an image"):
+        info = prepare_dataset(_write_csv(raw / "labels.csv", rows), tmp_path / "p", **args)
+    assert info.summary["images"] == 6 and [Path(f).name for f, _ in info.skipped] == ["seg.dcm"]
+    assert list(info.summary["skipped_why"]) == ["Segmentation Storage is not an image; give it as the mask of its "
+                                                 "image, converted to a NIfTI label map on the image's grid, e.g. "
+                                                 "with dcmqi's segimage2itkimage"]

@@ -1,3 +1,4 @@
+import re
 import shutil
 from pathlib import Path
 
@@ -270,3 +271,154 @@ def test_nibabel_shipped_nifti_keep_their_affine():
     vol = read_volume(data / "example4d.nii.gz", volume_index=1)
     np.testing.assert_allclose(vol.array, np.asarray(four_d.dataobj[..., 1], np.float32))
     np.testing.assert_allclose(vol.affine, four_d.affine)
+
+
+def _as_sop_class(src: Path, dst: Path, sop_class: str, pixels: bool = True, in_meta_only: bool = False) -> Path:
+    """A copy of the DICOM file ``src`` declaring ``sop_class`` (in the dataset, or only in its file meta)."""
+    ds = pydicom.dcmread(src)
+    ds.file_meta.MediaStorageSOPClassUID = sop_class
+    if in_meta_only:
+        del ds.SOPClassUID
+    else:
+        ds.SOPClassUID = sop_class
+    if not pixels:
+        del ds.PixelData
+    ds.save_as(dst)
+    return dst
+
+
+@pytest.mark.parametrize("name, fix", [
+    ("liver_1frame.dcm", r"Segmentation Storage is not an image; give it as the mask of its image"),
+    ("rtdose.dcm", r"RT Dose Storage is not an image.*remove it"),
+    ("rtdose_1frame.dcm", r"RT Dose Storage is not an image"),
+    ("test-SR.dcm", r"Comprehensive SR Storage is not an image; a structured report.*remove it"),
+    ("rtplan.dcm", r"RT Plan Storage is not an image.*remove it"),
+])
+def test_pydicom_shipped_non_image_objects_are_refused_by_sop_class(name, fix):
+    """Before: the SEG and the 1-frame dose read as images; the 15-frame dose said 'all 15 slices share one
+    position (duplicate files...)'; SR and plan said only 'no pixel data'."""
+    with pytest.warns(UserWarning, match=fix), pytest.raises(ImageReadError, match=f"{name}: .*{fix}"):
+        read_volume(PYDICOM_FILES / name)
+
+
+@pytest.mark.parametrize("sop_class, pixels, fix", [
+    (pydicom.uid.RTStructureSetStorage, False, r"RT Structure Set Storage is not an image; convert its contours "
+                                               r"to a label map"),
+    (pydicom.uid.GrayscaleSoftcopyPresentationStateStorage, False,
+     r"Grayscale Softcopy Presentation State Storage is not an image; it holds display settings.*remove it"),
+    (pydicom.uid.KeyObjectSelectionDocumentStorage, False, r"Key Object Selection Document Storage is not an image"),
+    (pydicom.uid.SegmentationStorage, True, r"Segmentation Storage is not an image"),
+])
+@pytest.mark.parametrize("in_meta_only", [False, True], ids=["SOPClassUID", "MediaStorageSOPClassUID"])
+def test_non_image_sop_class_is_skipped_beside_its_series_and_refused_alone(tmp_path, sop_class, pixels, fix,
+                                                                            in_meta_only):
+    hu = np.zeros((4, 4, 3), np.float32)
+    files = write_dicom_series(tmp_path / "s", hu, np.eye(4), {})
+    odd = _as_sop_class(files[0], tmp_path / "s" / "object", sop_class, pixels, in_meta_only)
+    with pytest.warns(UserWarning, match=fix):
+        index = index_dicom(tmp_path / "s")
+    assert [(p.name, bool(re.search(fix, why))) for p, why in index.skipped] == [("object", True)]
+    with pytest.warns(UserWarning, match=fix):
+        assert read_volume(tmp_path / "s").array.shape == (4, 4, 3)      # the series beside it is not blocked
+    with pytest.warns(UserWarning), pytest.raises(ImageReadError, match=f"object: no readable DICOM image found "
+                                                                        f"\\({fix}"):
+        read_volume(odd)
+    with pytest.raises(ImageReadError, match=f"object: {fix}.*prepare.strict") as refused:
+        read_volume(tmp_path / "s", strict=True)
+    assert "remove it; remove it" not in str(refused.value)
+    with pytest.raises(ImageReadError, match=f"object: {fix}"):
+        read_dicom_series([odd])
+
+
+def test_image_storage_classes_and_files_without_sop_class_are_read(tmp_path):
+    files = write_dicom_series(tmp_path / "s", np.zeros((4, 4, 1)), np.eye(4), {})
+    for sop_class in (pydicom.uid.MRImageStorage, pydicom.uid.SecondaryCaptureImageStorage,
+                      pydicom.uid.PositronEmissionTomographyImageStorage, "1.2.3.4.5.6.7"):  # the last: private
+        _as_sop_class(files[0], tmp_path / "one.dcm", sop_class)
+        assert read_volume(tmp_path / "one.dcm").array.shape == (4, 4, 1)
+    ds = pydicom.dcmread(files[0])
+    del ds.SOPClassUID, ds.file_meta.MediaStorageSOPClassUID
+    ds.save_as(tmp_path / "none.dcm")
+    assert read_volume(tmp_path / "none.dcm").array.shape == (4, 4, 1)
+
+
+NIBABEL_DATA = Path(nib.__file__).parent / "tests" / "data"
+
+
+def test_cifti_file_without_affine_is_refused_in_one_line():
+    """Before: AttributeError 'Cifti2Image' object has no attribute 'affine'."""
+    with pytest.raises(ImageReadError, match=r"row_major.dconn.nii: a CIFTI-2 image.*has no affine.*not a volume"):
+        read_volume(NIBABEL_DATA / "row_major.dconn.nii")
+
+
+@pytest.mark.parametrize("srow", [
+    dict(srow_x=[0, 0, 0, 0], srow_y=[0, 0, 0, 0], srow_z=[0, 0, 1, 0]),    # zero column and rows
+    dict(srow_y=[0, 0, 0, 0]),
+    dict(srow_z=[0, 0, np.nan, 0]),
+], ids=["zero-column", "zero-row", "nan"])
+def test_nifti_with_singular_affine_is_refused_naming_the_header_field(tmp_path, srow):
+    """Before: read, and MONAI raised a RuntimeError traceback in preprocessing. (A zero pixdim nibabel itself
+    sets to 1, and a qform is a rotation times zooms: only an sform can be singular.)"""
+    hdr = nib.Nifti1Image(np.ones((3, 3, 3), np.float32), np.eye(4)).header
+    hdr["sform_code"], hdr["qform_code"] = 1, 0
+    for key, value in srow.items():
+        hdr[key] = value
+    nib.save(nib.Nifti1Image(np.ones((3, 3, 3), np.float32), None, hdr), tmp_path / "flat.nii.gz")
+    affine = nib.load(tmp_path / "flat.nii.gz").affine
+    assert not np.isfinite(affine).all() or np.linalg.matrix_rank(affine[:3, :3]) < 3
+    with pytest.raises(ImageReadError, match=r"flat.nii.gz: its affine \(voxel → mm, from the sform\) is singular "
+                                             r"or not finite.*fix the header's sform/qform"):
+        read_volume(tmp_path / "flat.nii.gz")
+
+
+def _with_header(src: Path, dst: Path, **changes) -> Path:
+    ds = pydicom.dcmread(src)
+    for key, value in changes.items():
+        setattr(ds, key, value)
+    ds.save_as(dst)
+    return dst
+
+
+@pytest.mark.parametrize("changes, why", [
+    (dict(Rows=3), r"pixel data holds 48 bytes but Rows × Columns × frames \(3 × 4 × 1\) at 16 bits need 24"),
+    (dict(Rows=7), r"pixel data holds 48 bytes but Rows × Columns × frames \(7 × 4 × 1\) at 16 bits need 56"),
+    (dict(NumberOfFrames=2), r"pixel data holds 48 bytes but .*\(6 × 4 × 2\) at 16 bits need 96"),
+    ("long", r"pixel data holds 96 bytes but .*\(6 × 4 × 1\) at 16 bits need 48"),
+], ids=["half-the-rows", "more-rows", "more-frames", "longer-pixel-data"])
+def test_dicom_whose_rows_and_columns_disagree_with_its_pixel_data_is_named(tmp_path, changes, why):
+    """Before: half the rows or twice the pixel data raised 'cannot reshape array of size 48 into shape (1,6,4)'
+    naming no file (pydicom returns the excess as extra frames); more rows or frames said 'truncated'."""
+    (src,) = write_dicom_series(tmp_path / "s", np.zeros((4, 6, 1)), np.eye(4), {})
+    if changes == "long":
+        changes = dict(PixelData=pydicom.dcmread(src).PixelData * 2)
+    bad = _with_header(src, tmp_path / "bad.dcm", **changes)
+    with pytest.warns(UserWarning, match=why), pytest.raises(ImageReadError, match=f"bad.dcm: .*{why}"):
+        read_volume(bad)
+    with pytest.raises(ImageReadError, match=f"bad.dcm: {why}"):
+        read_dicom_series([bad])
+
+
+def test_pixel_data_longer_by_less_than_a_frame_is_read_as_padding_with_a_warning(tmp_path):
+    """pydicom's MR_small_padded.dcm has one row (128 bytes) of trailing padding; a Rows one too small looks the
+    same. Before: both read silently (the second a sheared image)."""
+    with pytest.warns(UserWarning, match=r"MR_small_padded.dcm: pixel data holds 128 bytes more than .*64 × 64 × 1.* "
+                                         r"read as padding; if the image looks sheared, check Rows and Columns"):
+        assert read_volume(PYDICOM_FILES / "MR_small_padded.dcm").array.shape == (64, 64, 1)
+    (src,) = write_dicom_series(tmp_path / "s", np.zeros((4, 6, 1)), np.eye(4), {})
+    with pytest.warns(UserWarning, match=r"bad.dcm: pixel data holds 8 bytes more than"):
+        assert read_volume(_with_header(src, tmp_path / "bad.dcm", Rows=5)).array.shape == (4, 5, 1)
+
+
+@pytest.mark.parametrize("name, changes, counted", [
+    ("MR_small_jp2klossless.dcm", dict(Rows=32), r"32 × 64 × 1"),
+    ("MR_small_RLE.dcm", dict(Rows=65), r"65 × 64 × 1"),
+    ("MR_small_RLE.dcm", dict(NumberOfFrames=2), r"64 × 64 × 2"),
+])
+def test_compressed_frames_that_rows_and_columns_do_not_describe_are_not_blamed_on_decoders(tmp_path, name, changes,
+                                                                                          counted):
+    """Before: 'no installed decoder handles it; install the decoders', though the decoder is installed."""
+    bad = _with_header(PYDICOM_FILES / name, tmp_path / "bad.dcm", **changes)
+    with pytest.raises(ImageReadError, match=r"bad.dcm: pixel data compressed as '.*' could not be decoded \(.+\); "
+                                             f"if Rows × Columns × frames \\({counted}\\) are right, install more "
+                                             r"decoders: pip install 'medaug\[jpeg\]'"):
+        read_volume(bad)

@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -244,3 +245,38 @@ def test_share_export_filters_planted_copies_and_regenerates(tmp_path):
     hu_train = torch.from_numpy(WINDOW.to_source(train_x[planted].numpy()))
     for copy in hu_train:
         assert min(float((copy[0] - e[:, :, 0]).abs().max()) for e in exported) > 1.0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bad", ["cifti", "singular_affine"])
+def test_prepare_on_an_affine_less_or_singular_nifti_exits_2_with_one_line_naming_it(tmp_path, bad):
+    """Before: a CIFTI file raised AttributeError and a singular affine MONAI's RuntimeError: tracebacks, exit 1."""
+    import shutil
+
+    import nibabel as nib
+    import numpy as np
+
+    from medaug.io import write_nifti
+
+    raw, rows = tmp_path / "raw", ["path,patient_id,label"]
+    raw.mkdir()
+    for i in range(6):
+        write_nifti(raw / f"img{i}.nii.gz", np.random.default_rng(i).normal(size=(8, 8, 3)), np.eye(4))
+        rows.append(f"img{i}.nii.gz,p{i},{'ab'[i % 2]}")
+    if bad == "cifti":
+        shutil.copy(Path(nib.__file__).parent / "tests" / "data" / "row_major.dconn.nii", raw / "bad.dconn.nii")
+        rows[1] = "bad.dconn.nii,p0,a"
+        message = r"bad.dconn.nii: a CIFTI-2 image has no affine"
+    else:
+        hdr = nib.Nifti1Image(np.ones((8, 8, 3), np.float32), np.eye(4)).header
+        hdr["sform_code"], hdr["qform_code"], hdr["srow_y"] = 1, 0, [0, 0, 0, 0]
+        nib.save(nib.Nifti1Image(np.ones((8, 8, 3), np.float32), None, hdr), raw / "bad.nii.gz")
+        rows[1] = "bad.nii.gz,p0,a"
+        message = r"bad.nii.gz: its affine \(voxel → mm, from the sform\) is singular.*fix the header's sform/qform"
+    (raw / "labels.csv").write_text("\n".join(rows) + "\n")
+    r = _cli(["pipelines.prepare", "data=labels", f"data.labels={raw / 'labels.csv'}", "data.image_size=[8,8]",
+              "tracking=none", f"paths.output_dir={tmp_path}/job"], REPO)
+    assert r.returncode == 2, r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("medaug prepare: error: ") and re.search(message, last), r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "job" / "prepared").exists()
