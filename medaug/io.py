@@ -35,6 +35,7 @@ from typing import Iterable
 import nibabel as nib
 import numpy as np
 import pydicom
+from pydicom.pixels.decoders.base import get_decoder
 from pydicom import uid as sop
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MediaStorageDirectoryStorage, generate_uid
@@ -219,7 +220,8 @@ def index_dicom(paths: Path | Iterable[Path], strict: bool = False) -> DicomInde
             problem = f"not a readable DICOM file ({type(err).__name__}: {str(err)[:80]})"
         if problem:
             if strict:
-                raise ImageReadError(f"{f}: {problem}; remove it, or run without prepare.strict to skip it")
+                fix = "" if problem.endswith("remove it") else "; remove it"
+                raise ImageReadError(f"{f}: {problem}{fix}, or run without prepare.strict to skip it")
             warnings.warn(f"skipping {f}: {problem}", stacklevel=2)
             index.skipped.append((f, problem))
             continue
@@ -312,6 +314,14 @@ class _Frame:
     pixels: np.ndarray
 
 
+def _can_decode(syntax) -> bool:
+    """Whether an installed pydicom decoder plugin handles the transfer syntax ``syntax``."""
+    try:
+        return get_decoder(syntax).is_available
+    except (NotImplementedError, ValueError):   # a syntax pydicom has no decoder for at all
+        return False
+
+
 def _pixels(ds: Dataset, f: Path) -> np.ndarray:
     """Decoded pixel data; a compressed syntax without a decoder, or a length the header does not describe,
     gets a clear error."""
@@ -329,8 +339,14 @@ def _pixels(ds: Dataset, f: Path) -> np.ndarray:
         pixels = ds.pixel_array
     except Exception as err:
         if syntax is not None and syntax.is_compressed:
-            raise ImageReadError(f"{f}: pixel data is compressed as '{syntax.name}' ({syntax}) and no installed "
-                                 f"decoder handles it; install the decoders: {DECODER_EXTRA}") from err
+            if not _can_decode(syntax):
+                raise ImageReadError(f"{f}: pixel data is compressed as '{syntax.name}' ({syntax}) and no installed "
+                                     f"decoder handles it; install the decoders: {DECODER_EXTRA}") from err
+            shape = " × ".join(str(int(ds.get(k, 1) or 1)) for k in ("Rows", "Columns", "NumberOfFrames"))
+            reason = " ".join(str(err).split())[:120] or type(err).__name__     # one line
+            raise ImageReadError(f"{f}: pixel data compressed as '{syntax.name}' could not be decoded "
+                                 f"({reason}); if Rows × Columns × frames ({shape}) are right, install more "
+                                 f"decoders: {DECODER_EXTRA}; else fix those header values") from err
         raise ImageReadError(f"{f}: pixel data cannot be read ({str(err)[:120]}); the file may be truncated") from err
     if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
         raise ImageReadError(f"{f}: colour image ({ds.get('PhotometricInterpretation')}); medaug reads greyscale only")
