@@ -48,6 +48,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from .dataset import load_info, load_split
+from .io import remove_stale_temps, temp_name
 from .model import (EMA, ema_network, file_id, load_checkpoint, network_from_spec, restore_training_state,
                     save_checkpoint)
 from .sampling import sample_images, save_grid
@@ -444,7 +445,8 @@ def write_latent_cache(path: str | Path, latents: torch.Tensor, labels: torch.Te
     """Save unscaled posterior means ``(N, C_lat, *latent)`` and labels ``(N,)`` atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    remove_stale_temps(path)
+    tmp = temp_name(path)
     torch.save({"latents": latents.float(), "labels": labels.long()}, tmp)
     os.replace(tmp, path)
     return path
@@ -498,13 +500,14 @@ class LatentSpace:
 
 
 def load_latent_space(path: str | Path, device: torch.device | str = "cpu",
-                      expect_id: str | None = None) -> LatentSpace:
-    """The latent space of a finished autoencoder checkpoint; ``expect_id`` guards against a changed file."""
+                      expect_id: str | None = None, trust: bool = False) -> LatentSpace:
+    """The latent space of a finished autoencoder checkpoint; ``expect_id`` guards against a changed file.
+    ``trust``: see :func:`medaug.model.load_checkpoint` (a checkpoint is data unless trusted)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: autoencoder checkpoint not found; run `medaug train_autoencoder` "
                                 "or set latent.train_if_missing=true")
-    ckpt = load_checkpoint(path)
+    ckpt = load_checkpoint(path, trust)
     if ckpt.meta.get("kind") != "autoencoder":
         raise ValueError(f"{path}: not an autoencoder checkpoint (written by `medaug train_autoencoder`)")
     if "scale_factor" not in ckpt.meta:
@@ -527,7 +530,7 @@ def cached_latents(space: LatentSpace, prepared_dir: str | Path, cache_dir: str 
     info = load_info(prepared_dir)
     path = cache_file(cache_dir, space.id, info.fingerprint, split)
     if path.is_file():
-        data = torch.load(path, map_location="cpu")
+        data = torch.load(path, map_location="cpu", weights_only=True)
         log.info("latents of %s read from cache %s", split, path)
         return data["latents"], data["labels"]
     images, labels = load_split(info.root, split)
@@ -600,7 +603,7 @@ def train_autoencoder(config: Mapping, prepared_dir: str | Path, ckpt_path: str 
                             network_from_spec(section["disc_optimizer"], params=disc.parameters()) if disc else None)
     start_step, run_id, meta = 0, None, {}
     if ckpt_path.exists():
-        ckpt = load_checkpoint(ckpt_path)
+        ckpt = load_checkpoint(ckpt_path, bool(config.get("trust_checkpoint", False)))
         if ckpt.meta.get("kind") != "autoencoder":
             raise ValueError(f"{ckpt_path}: not an autoencoder checkpoint; point latent.autoencoder_ckpt elsewhere")
         if ckpt.step >= settings.max_steps and "scale_factor" in ckpt.meta:
@@ -669,16 +672,16 @@ def latent_space_for_training(config: dict, prepared_dir: str | Path, device: to
         log.info("no autoencoder at %s: training it first (latent.train_if_missing=true)", ae_path)
         train_autoencoder(config, prepared_dir, ae_path, latent["cache_dir"], device=device, amp_dtype=amp_dtype,
                           tracker=make_tracker(), run_name=f"{config.get('name', 'job')}-autoencoder")
-    space = load_latent_space(ae_path, device)
+    space = load_latent_space(ae_path, device, trust=bool(config.get("trust_checkpoint", False)))
     config["model"].update(in_channels=space.latent_channels, out_channels=space.latent_channels)
     return space
 
 
-def latent_space_of(meta: Mapping, device: torch.device | str = "cpu") -> LatentSpace | None:
+def latent_space_of(meta: Mapping, device: torch.device | str = "cpu", trust: bool = False) -> LatentSpace | None:
     """``sample``'s latent step: the latent space a diffusion checkpoint's meta records, None in pixel space."""
     latent = meta.get("latent")
     if not latent:
         return None
-    space = load_latent_space(latent["autoencoder_path"], device, expect_id=latent["autoencoder_id"])
+    space = load_latent_space(latent["autoencoder_path"], device, expect_id=latent["autoencoder_id"], trust=trust)
     space.scale_factor = float(latent["scale_factor"])
     return space

@@ -41,7 +41,7 @@ def cached_classifier(prepared_dir, images, labels, num_classes: int, steps: int
     cache = prepared_dir / "classifiers" / f"{kind}_clf_s{steps}_seed{seed}.pt"
     if cache.exists():
         model = make_classifier(images.shape[2:], num_classes)
-        model.load_state_dict(torch.load(cache, map_location="cpu"))
+        model.load_state_dict(torch.load(cache, map_location="cpu", weights_only=True))
         return model.to(device).eval()
     model = train_classifier(images, labels, num_classes, steps=steps, seed=seed, device=device)
     cache.parent.mkdir(exist_ok=True)

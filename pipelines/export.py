@@ -61,7 +61,7 @@ def filter_copies(cfg: DictConfig, images, labels, rows: list[dict], info: dict,
     if space != "pixel":
         raise ExportError(f"export.regenerate needs the audit in pixel space (it used {space!r}); "
                           "set evaluate.privacy.space=pixel or export.regenerate=false")
-    ckpt = load_checkpoint(default_ckpt(cfg))
+    ckpt = load_checkpoint(default_ckpt(cfg), cfg.trust_checkpoint)
     if ckpt.id != info["checkpoint_id"]:
         raise ExportError(f"{ckpt.path} is not the checkpoint these samples came from; pass ckpt_path=")
     s = info["sample"]

@@ -56,7 +56,7 @@ def _train(cfg: DictConfig, device: torch.device, rank: int, world: int) -> dict
     resume_from = default_ckpt(cfg)
     start_step, run_id = 0, None
     if resume_from.exists():
-        ckpt = load_checkpoint(resume_from)
+        ckpt = load_checkpoint(resume_from, cfg.trust_checkpoint)
         for key, now in (("image_shape", list(info.image_shape)), ("class_names", list(info.class_names))):
             if list(ckpt.meta.get(key, [])) != now:
                 raise ValueError(f"{resume_from} was trained with {key} {list(ckpt.meta.get(key, []))}, but "
