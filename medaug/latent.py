@@ -52,7 +52,7 @@ from .io import remove_stale_temps, temp_name
 from .model import (EMA, ema_network, file_id, load_checkpoint, network_from_spec, restore_training_state,
                     save_checkpoint)
 from .sampling import sample_images, save_grid
-from .tracking import NullTracker, Tracker, flatten
+from .tracking import NullTracker, Tracker, flatten, guarded
 from .training import barrier, checkpoint_at_exit, rank_and_world, step_generator, to_device
 
 log = logging.getLogger("medaug")
@@ -329,7 +329,7 @@ def fit_autoencoder(ae: nn.Module, ema: EMA, optimizers: Optimizers, images: tor
     continues an uninterrupted one. With ``settings.patch_size`` every image of the batch is a
     random crop of that size (its corner drawn from the same generator). The adversarial loss
     (``optimizers.discriminator``) switches on at ``adv_start``. Checkpoints every ``ckpt_every``
-    steps, at the end and on Ctrl-C; the EMA network is validated every ``val_every`` steps on
+    steps, at the end and on Ctrl-C or SIGTERM (see :func:`medaug.training.fit`); the EMA network is validated every ``val_every`` steps on
     ``val_images`` (in tiles of ``settings.encode_tile`` when set).
 
     With ``settings.world_size > 1`` (a process group running, e.g. under torchrun) the
@@ -337,7 +337,7 @@ def fit_autoencoder(ae: nn.Module, ema: EMA, optimizers: Optimizers, images: tor
     noise and trains on its slice, so N ranks reproduce one process with an N-times larger batch;
     only rank 0 checkpoints and validates (log the tracker of rank 0 only).
     """
-    tracker = tracker or NullTracker()
+    tracker = guarded(tracker)
     device = next(ae.parameters()).device
     n = images.shape[0]
     if n == 0:
@@ -374,7 +374,7 @@ def fit_autoencoder(ae: nn.Module, ema: EMA, optimizers: Optimizers, images: tor
     window_steps = 0
     bar = tqdm(range(start_step, settings.max_steps), desc="autoencoder", unit="step", initial=start_step,
                total=settings.max_steps, disable=rank != 0)
-    with checkpoint_at_exit(checkpoint, result), bar:
+    with checkpoint_at_exit(checkpoint, result) as stop, bar:
         for step in bar:
             gen = step_generator(settings.seed, step)
             idx = torch.randperm(n, generator=gen)[: batch_size * world][mine]
@@ -430,6 +430,7 @@ def fit_autoencoder(ae: nn.Module, ema: EMA, optimizers: Optimizers, images: tor
             if settings.ckpt_every and done % settings.ckpt_every == 0 and done < settings.max_steps:
                 checkpoint(done)
             result.step = done
+            stop.check(done)
     return result
 
 
@@ -572,7 +573,7 @@ def train_autoencoder(config: Mapping, prepared_dir: str | Path, ckpt_path: str 
         raise ValueError("no autoencoder chosen; pass autoencoder=kl_small (conf/autoencoder/) or an experiment "
                          "that sets one, e.g. experiment=ldm_3d_demo")
     rank, world = rank_and_world()
-    tracker = tracker if tracker is not None and rank == 0 else NullTracker()
+    tracker = guarded(tracker if tracker is not None and rank == 0 else NullTracker())
     ckpt_path, device = Path(ckpt_path), torch.device(device)
     info = load_info(prepared_dir)
     spec = dict(section["network"])

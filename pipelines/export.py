@@ -156,7 +156,7 @@ def run(cfg: DictConfig) -> dict:
         result["archive"] = str(out.with_name(f"{out.name}.{x.archive}"))
         print(f"Sharing bundle    : {result['archive']}  (checksum in {result['archive']}.sha256)")
     if tracker.run_id:
-        uri = tracking_uri(cfg)
+        uri = getattr(tracker, "uri", None) or tracking_uri(cfg)  # the local store when the server did not answer
         print(f"MLflow run        : {tracker.run_id} in experiment '{cfg.tracking.experiment}' at {uri}")
         print(f"Open the UI with  : mlflow ui --backend-store-uri {uri}")
     return result

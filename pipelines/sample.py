@@ -36,6 +36,7 @@ def class_counts(num_per_class, class_names: list[str]) -> dict[int, int]:
 
 def run(cfg: DictConfig) -> dict:
     s = cfg.sample
+    tracker = make_tracker(cfg)  # first: a tracking server that does not answer stops the stage in seconds
     ckpt = load_checkpoint(default_ckpt(cfg), cfg.trust_checkpoint)
     device = device_of(cfg)
     net = checkpoint_network(ckpt, "ema" if s.use_ema else "model").to(device)
@@ -84,7 +85,6 @@ def run(cfg: DictConfig) -> dict:
         info["model"] += f" on the latents of AutoencoderKL {space.id} (scale factor {space.scale_factor:.4g})"
     out = save_samples(path(cfg.paths.samples_dir), images, rows, info, class_names)
 
-    tracker = make_tracker(cfg)
     tracker.start(run_name=cfg.name, run_id=info["mlflow_run_id"], tags={"medaug.job": cfg.name})
     tracker.set_tags({f"sample.{k}": v for k, v in container(s).items()})
     tracker.log_artifact(out / "grid.png", "samples")
