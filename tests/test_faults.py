@@ -126,14 +126,14 @@ def closed_port() -> int:
 
 
 @pytest.mark.slow
-def test_dead_tracking_server_stops_train_in_seconds_naming_the_uri(tmp_path):
+def test_dead_tracking_server_stops_train_in_seconds_naming_the_uri(tmp_path, prepared_job):
     uri = f"http://127.0.0.1:{closed_port()}"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
     started = time.monotonic()
-    r = subprocess.run([sys.executable, "-m", "pipelines.train", f"paths.output_dir={tmp_path}", "experiment=demo_2d",
-                        "tracking=mlflow", f"tracking.uri={uri}"], cwd=REPO, env=env, capture_output=True, text=True,
-                       timeout=120)
+    r = subprocess.run([sys.executable, "-m", "pipelines.train", f"paths.output_dir={tmp_path}",
+                        f"paths.prepared_dir={prepared_job}", *TRAIN, "tracking=mlflow", f"tracking.uri={uri}"],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=120)  # before: hung > 120 s
     took = time.monotonic() - started
     assert r.returncode == 2, r.stderr[-2000:]
     lines = r.stderr.strip().splitlines()

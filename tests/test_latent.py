@@ -303,9 +303,10 @@ def test_ldm_job_end_to_end_keeps_image_geometry(tmp_path, monkeypatch):
 
     # resuming on another autoencoder's latents is refused before any weight is touched
     last = tmp_path / "train" / "checkpoints" / "last.pt"
-    payload = torch.load(last, weights_only=False)
-    payload["meta"]["latent"]["autoencoder_id"] = "0123456789ab"
-    torch.save(payload, last)
+    payload = torch.load(last, weights_only=True)
+    meta = json.loads(payload["meta"])  # checkpoints store their meta as JSON text
+    meta["latent"]["autoencoder_id"] = "0123456789ab"
+    torch.save({**payload, "meta": json.dumps(meta)}, last)
     with pytest.raises(ValueError, match="autoencoder 0123456789ab, but this run trains on the latents of autoencoder"):
         train.run(compose_cfg("train", tmp_path, [*LDM, "training.max_steps=8"]))
 
