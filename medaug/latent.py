@@ -329,8 +329,8 @@ def fit_autoencoder(ae: nn.Module, ema: EMA, optimizers: Optimizers, images: tor
     continues an uninterrupted one. With ``settings.patch_size`` every image of the batch is a
     random crop of that size (its corner drawn from the same generator). The adversarial loss
     (``optimizers.discriminator``) switches on at ``adv_start``. Checkpoints every ``ckpt_every``
-    steps, at the end and on Ctrl-C or SIGTERM (see :func:`medaug.training.fit`); the EMA network is validated every ``val_every`` steps on
-    ``val_images`` (in tiles of ``settings.encode_tile`` when set).
+    steps, at the end and on Ctrl-C or SIGTERM (see :func:`medaug.training.fit`); the EMA network is
+    validated every ``val_every`` steps on ``val_images`` (in tiles of ``settings.encode_tile`` when set).
 
     With ``settings.world_size > 1`` (a process group running, e.g. under torchrun) the
     autoencoder and the discriminator train under DDP: every rank draws the same global batch and

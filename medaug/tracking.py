@@ -19,6 +19,7 @@ Example::
 from __future__ import annotations
 
 import logging
+import ssl
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -93,6 +94,8 @@ def check_server(uri: str, timeout: float = 5.0) -> None:
         pass
     except (OSError, ValueError) as err:
         reason = getattr(err, "reason", err)
+        if isinstance(reason, ssl.SSLError):  # it answered in TLS; certificates are MLflow's business
+            return
         raise TrackingUnavailable(f"tracking server {redacted(uri)} does not answer ({reason}); start it, fix "
                                   "tracking.uri / MLFLOW_TRACKING_URI, or pass tracking.on_error=continue to "
                                   "track to a local store") from None

@@ -253,7 +253,7 @@ def checkpoint_at_exit(save: Callable[[int], None], result) -> Iterator[StopSign
         save(result.step)
     finally:
         if main:
-            signal.signal(signal.SIGTERM, previous)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 def fit(
