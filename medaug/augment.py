@@ -49,7 +49,7 @@ from monai.transforms import Compose, LoadImaged, SqueezeDimd
 
 from .dataset import DatasetError, load_info, read_manifest
 from .io import atomic_folder, is_complete, write_nifti
-from .model import ema_network, load_checkpoint, network_from_spec
+from .model import checkpoint_network, load_checkpoint
 from .progress import progress_bar
 from .sampling import inference_scheduler, labels_for_counts, sample_images, save_grid
 
@@ -150,13 +150,14 @@ def augment(
     overwrite: bool = False,
     progress: bool = True,
     on_chunk: Callable[[int], None] | None = None,
+    trust_checkpoint: bool = False,
 ) -> AugmentResult:
     """Add synthetic images to the ``split`` of the prepared dataset ``input`` and write ``out_dir``.
 
     ``chunk_size`` (default ``batch_size``) must be a multiple of ``batch_size``; this
     process generates the chunks ``c`` with ``c % world_size == rank``. ``on_chunk(c)`` is
     called after chunk ``c`` is written (progress hooks, tests). Images: model space
-    [-1, 1], ``(1, *image_shape)`` per item.
+    [-1, 1], ``(1, *image_shape)`` per item. ``trust_checkpoint``: see :func:`medaug.model.load_checkpoint`.
     """
     input, out_dir = Path(input), Path(out_dir)
     chunk_size = int(chunk_size or batch_size)
@@ -169,7 +170,7 @@ def augment(
     real = [r for r in read_manifest(input) if r["split"] == split]
     if not real:
         raise DatasetError(f"{input}: split {split!r} has no items; choose augment.split=train|val|test")
-    ckpt = load_checkpoint(ckpt_path)
+    ckpt = load_checkpoint(ckpt_path, trust_checkpoint)
     trained_on = (list(ckpt.meta["class_names"]), list(ckpt.meta["image_shape"]))
     if trained_on != (list(info.class_names), list(info.image_shape)):
         raise ValueError(f"{ckpt_path}: trained on classes {trained_on[0]} of shape {trained_on[1]}, but {input} has "
@@ -200,10 +201,7 @@ def augment(
         for stale in (out_dir / "chunks").glob(f".chunk_{c:05d}.tmp*"):
             shutil.rmtree(stale, ignore_errors=True)
     if mine:
-        net = ema_network(ckpt) if use_ema else network_from_spec(ckpt.config["model"])
-        if not use_ema:
-            net.load_state_dict(ckpt.model)
-        net = net.to(device).eval()
+        net = checkpoint_network(ckpt, "ema" if use_ema else "model").to(device)
         scheduler = inference_scheduler(ckpt.config["scheduler"], sampler, steps)
         for c, start in progress_bar(mine, desc=f"augment (rank {rank})", unit="chunk", disable=not progress):
             y = labels[start : start + chunk_size]

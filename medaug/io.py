@@ -473,15 +473,61 @@ def read_dicom_series(files: list[Path], source: Path | None = None, uneven: str
     return Volume(stack, LPS_TO_RAS @ lps, meta)
 
 
+def temp_name(path: str | os.PathLike) -> Path:
+    """``.<name>.tmp<pid>`` beside ``path``: where this process writes ``path`` before renaming it into place."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
+    """Remove the temp files and folders of ``path`` (``.<name>.tmp<pid>``, as :func:`temp_name` makes them,
+    with any suffix after the pid) whose writer process is gone: what a kill during a write leaves behind.
+    Temps of living processes (this one included) are kept. Returns what was removed.
+
+    Pids are those of this machine: two machines writing into one shared folder at once is not supported.
+    """
+    path = Path(path)
+    prefix = f".{path.name}.tmp"
+    removed = []
+    if not path.parent.is_dir():
+        return removed
+    for entry in path.parent.iterdir():
+        if not entry.name.startswith(prefix):
+            continue
+        pid = entry.name[len(prefix):].split(".", 1)[0]
+        if not pid.isdigit() or _pid_alive(int(pid)):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    if removed:
+        warnings.warn(f"removed {len(removed)} temp file(s) left by killed writers of {path.name} in {path.parent}")
+    return removed
+
+
 @contextmanager
 def atomic_folder(out_dir: str | os.PathLike):
     """Build a folder under a temporary name; on success write ``DONE`` and rename it into place.
 
     On any error the temporary folder is removed and ``out_dir`` is left as it was, so a
-    folder with ``DONE`` is always complete. Yields the temporary path to write into.
+    folder with ``DONE`` is always complete. Yields the temporary path to write into. Temp
+    folders of ``out_dir`` left by killed processes are removed first.
     """
     out_dir = Path(out_dir)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp{os.getpid()}")
+    remove_stale_temps(out_dir)
+    tmp = temp_name(out_dir)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:

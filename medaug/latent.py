@@ -47,11 +47,12 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from .dataset import load_info, load_split
+from .io import remove_stale_temps, temp_name
 from .model import (EMA, ema_network, file_id, load_checkpoint, network_from_spec, restore_training_state,
                     save_checkpoint)
 from .progress import progress_bar
 from .sampling import sample_images, save_grid
-from .tracking import NullTracker, Tracker, flatten
+from .tracking import NullTracker, Tracker, flatten, guarded
 from .training import barrier, checkpoint_at_exit, rank_and_world, step_generator, to_device
 
 log = logging.getLogger("medaug")
@@ -330,15 +331,15 @@ def fit_autoencoder(ae: nn.Module, ema: EMA, optimizers: Optimizers, images: tor
     continues an uninterrupted one. With ``settings.patch_size`` every image of the batch is a
     random crop of that size (its corner drawn from the same generator). The adversarial loss
     (``optimizers.discriminator``) switches on at ``adv_start``. Checkpoints every ``ckpt_every``
-    steps, at the end and on Ctrl-C; the EMA network is validated every ``val_every`` steps on
-    ``val_images`` (in tiles of ``settings.encode_tile`` when set).
+    steps, at the end and on Ctrl-C or SIGTERM (see :func:`medaug.training.fit`); the EMA network is
+    validated every ``val_every`` steps on ``val_images`` (in tiles of ``settings.encode_tile`` when set).
 
     With ``settings.world_size > 1`` (a process group running, e.g. under torchrun) the
     autoencoder and the discriminator train under DDP: every rank draws the same global batch and
     noise and trains on its slice, so N ranks reproduce one process with an N-times larger batch;
     only rank 0 checkpoints and validates (log the tracker of rank 0 only).
     """
-    tracker = tracker or NullTracker()
+    tracker = guarded(tracker)
     device = next(ae.parameters()).device
     n = images.shape[0]
     if n == 0:
@@ -375,7 +376,7 @@ def fit_autoencoder(ae: nn.Module, ema: EMA, optimizers: Optimizers, images: tor
     window_steps = 0
     bar = progress_bar(range(start_step, settings.max_steps), desc="autoencoder", unit="step", initial=start_step,
                total=settings.max_steps, disable=rank != 0)
-    with checkpoint_at_exit(checkpoint, result), bar:
+    with checkpoint_at_exit(checkpoint, result) as stop, bar:
         for step in bar:
             gen = step_generator(settings.seed, step)
             idx = torch.randperm(n, generator=gen)[: batch_size * world][mine]
@@ -431,6 +432,7 @@ def fit_autoencoder(ae: nn.Module, ema: EMA, optimizers: Optimizers, images: tor
             if settings.ckpt_every and done % settings.ckpt_every == 0 and done < settings.max_steps:
                 checkpoint(done)
             result.step = done
+            stop.check(done)
     return result
 
 
@@ -446,7 +448,8 @@ def write_latent_cache(path: str | Path, latents: torch.Tensor, labels: torch.Te
     """Save unscaled posterior means ``(N, C_lat, *latent)`` and labels ``(N,)`` atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    remove_stale_temps(path)
+    tmp = temp_name(path)
     torch.save({"latents": latents.float(), "labels": labels.long()}, tmp)
     os.replace(tmp, path)
     return path
@@ -500,13 +503,14 @@ class LatentSpace:
 
 
 def load_latent_space(path: str | Path, device: torch.device | str = "cpu",
-                      expect_id: str | None = None) -> LatentSpace:
-    """The latent space of a finished autoencoder checkpoint; ``expect_id`` guards against a changed file."""
+                      expect_id: str | None = None, trust: bool = False) -> LatentSpace:
+    """The latent space of a finished autoencoder checkpoint; ``expect_id`` guards against a changed file.
+    ``trust``: see :func:`medaug.model.load_checkpoint` (a checkpoint is data unless trusted)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: autoencoder checkpoint not found; run `medaug train_autoencoder` "
                                 "or set latent.train_if_missing=true")
-    ckpt = load_checkpoint(path)
+    ckpt = load_checkpoint(path, trust)
     if ckpt.meta.get("kind") != "autoencoder":
         raise ValueError(f"{path}: not an autoencoder checkpoint (written by `medaug train_autoencoder`)")
     if "scale_factor" not in ckpt.meta:
@@ -529,7 +533,7 @@ def cached_latents(space: LatentSpace, prepared_dir: str | Path, cache_dir: str 
     info = load_info(prepared_dir)
     path = cache_file(cache_dir, space.id, info.fingerprint, split)
     if path.is_file():
-        data = torch.load(path, map_location="cpu")
+        data = torch.load(path, map_location="cpu", weights_only=True)
         log.info("latents of %s read from cache %s", split, path)
         return data["latents"], data["labels"]
     images, labels = load_split(info.root, split)
@@ -571,7 +575,7 @@ def train_autoencoder(config: Mapping, prepared_dir: str | Path, ckpt_path: str 
         raise ValueError("no autoencoder chosen; pass autoencoder=kl_small (conf/autoencoder/) or an experiment "
                          "that sets one, e.g. experiment=ldm_3d_demo")
     rank, world = rank_and_world()
-    tracker = tracker if tracker is not None and rank == 0 else NullTracker()
+    tracker = guarded(tracker if tracker is not None and rank == 0 else NullTracker())
     ckpt_path, device = Path(ckpt_path), torch.device(device)
     info = load_info(prepared_dir)
     spec = dict(section["network"])
@@ -602,7 +606,7 @@ def train_autoencoder(config: Mapping, prepared_dir: str | Path, ckpt_path: str 
                             network_from_spec(section["disc_optimizer"], params=disc.parameters()) if disc else None)
     start_step, run_id, meta = 0, None, {}
     if ckpt_path.exists():
-        ckpt = load_checkpoint(ckpt_path)
+        ckpt = load_checkpoint(ckpt_path, bool(config.get("trust_checkpoint", False)))
         if ckpt.meta.get("kind") != "autoencoder":
             raise ValueError(f"{ckpt_path}: not an autoencoder checkpoint; point latent.autoencoder_ckpt elsewhere")
         if ckpt.step >= settings.max_steps and "scale_factor" in ckpt.meta:
@@ -671,16 +675,16 @@ def latent_space_for_training(config: dict, prepared_dir: str | Path, device: to
         log.info("no autoencoder at %s: training it first (latent.train_if_missing=true)", ae_path)
         train_autoencoder(config, prepared_dir, ae_path, latent["cache_dir"], device=device, amp_dtype=amp_dtype,
                           tracker=make_tracker(), run_name=f"{config.get('name', 'job')}-autoencoder")
-    space = load_latent_space(ae_path, device)
+    space = load_latent_space(ae_path, device, trust=bool(config.get("trust_checkpoint", False)))
     config["model"].update(in_channels=space.latent_channels, out_channels=space.latent_channels)
     return space
 
 
-def latent_space_of(meta: Mapping, device: torch.device | str = "cpu") -> LatentSpace | None:
+def latent_space_of(meta: Mapping, device: torch.device | str = "cpu", trust: bool = False) -> LatentSpace | None:
     """``sample``'s latent step: the latent space a diffusion checkpoint's meta records, None in pixel space."""
     latent = meta.get("latent")
     if not latent:
         return None
-    space = load_latent_space(latent["autoencoder_path"], device, expect_id=latent["autoencoder_id"])
+    space = load_latent_space(latent["autoencoder_path"], device, expect_id=latent["autoencoder_id"], trust=trust)
     space.scale_factor = float(latent["scale_factor"])
     return space

@@ -4,11 +4,16 @@ A checkpoint is one ``torch.save`` file holding everything ``sample`` needs::
 
     model, ema        state dicts of the network and of its EMA copy
     optimizer, step   to resume training
-    rng               torch / numpy / python (and CUDA) generator states
-    config            the resolved run config as plain containers (model spec, scheduler spec, ...)
-    meta              class names, spatial dims, image shape, intensity window, affine, tracking run id
+    rng               torch / numpy / python (and CUDA) generator states, as tensors and lists
+    config            the resolved run config (model spec, scheduler spec, ...) as JSON text
+    meta              class names, spatial dims, image shape, intensity window, affine, tracking run id (JSON text)
 
 MONAI schedulers hold no learned state: the scheduler spec in ``config`` rebuilds them.
+
+A checkpoint is data, not code: it holds tensors and plain values only and is read with
+``torch.load(weights_only=True)``, and the network its config names is built only when it is a
+class of MONAI's networks or schedulers or of medaug (:data:`ALLOWED_TARGETS`), unless the
+checkpoint is loaded with ``trust=True`` (the stages' ``trust_checkpoint=true``).
 
 Example::
 
@@ -22,8 +27,12 @@ from __future__ import annotations
 import copy
 import hashlib
 import importlib
+import inspect
+import json
 import os
+import pickle
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -31,6 +40,17 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 from torch import nn
+
+from .io import remove_stale_temps, temp_name
+
+FORMAT = 2  # 1: pickled config/meta/RNG objects (read only with trust); 2: tensors + plain values + JSON text
+# What a checkpoint's config may name as the network it is rebuilt with (module prefixes of nn.Module classes).
+ALLOWED_TARGETS = ("monai.networks.nets.", "monai.networks.schedulers.", "medaug.")
+TRUST_HINT = "if you trust the file, pass trust_checkpoint=true"
+
+
+class UntrustedCheckpointError(ValueError):
+    """A checkpoint that could run code when loaded or built, refused (see ``trust_checkpoint``)."""
 
 
 def locate(target: str):
@@ -95,23 +115,32 @@ class EMA:
 
 
 def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """The global generators' states as tensors and plain lists (loadable with ``weights_only=True``)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state = {"torch": torch.get_rng_state(),
+             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
+             "python": [version, list(internal), gauss_next]}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict) -> None:
+    """Restore what :func:`rng_state` saved (or the tuples of a format-1 checkpoint)."""
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys).astype(np.uint32), int(pos), int(has_gauss), float(gauss)))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
 @dataclass
 class Checkpoint:
-    """A loaded checkpoint; ``id`` is a short content hash of the file."""
+    """A loaded checkpoint; ``id`` is a short content hash of the file. ``trusted``: loaded with
+    ``trust=True``, so its config may name any class to build (see :func:`checkpoint_network`)."""
 
     path: Path
     id: str
@@ -122,6 +151,7 @@ class Checkpoint:
     rng: dict | None
     config: dict
     meta: dict
+    trusted: bool = False
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -131,19 +161,22 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def save_checkpoint(path, *, model, ema, optimizer, step, config, meta) -> Path:
-    """Write a checkpoint atomically (temp file, then rename) and return its path."""
+    """Write a checkpoint atomically (temp file, then rename) and return its path. ``config`` and
+    ``meta`` are plain containers, stored as JSON text. Temp files of killed writers of ``path`` are removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
+        "format": FORMAT,
         "model": unwrap(model).state_dict(),
         "ema": ema.state_dict(),
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "step": int(step),
         "rng": rng_state(),
-        "config": config,
-        "meta": meta,
+        "config": _to_json(config, "config"),
+        "meta": _to_json(meta, "meta"),
     }
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    remove_stale_temps(path)
+    tmp = temp_name(path)
     torch.save(payload, tmp)
     os.replace(tmp, path)
     return path
@@ -160,8 +193,22 @@ def file_id(*paths: str | Path) -> str:
     return h.hexdigest()[:12]
 
 
-def load_checkpoint(path: str | Path) -> Checkpoint:
-    """Load a checkpoint written by :func:`save_checkpoint` onto the CPU."""
+def _to_json(value, what: str) -> str:
+    def plain(obj):  # numpy scalars and arrays become numbers and lists; anything else is refused
+        if isinstance(obj, (np.generic, np.ndarray)):
+            return obj.tolist()
+        raise TypeError(f"checkpoint {what} holds a {type(obj).__name__} ({obj!r}); only plain values are stored")
+
+    return json.dumps(value, default=plain)
+
+
+def load_checkpoint(path: str | Path, trust: bool = False) -> Checkpoint:
+    """Load a checkpoint written by :func:`save_checkpoint` onto the CPU, as data: ``torch.load(weights_only=True)``.
+
+    A checkpoint written by an older medaug (pickled config and RNG objects) can run code when read, so it
+    is refused unless ``trust`` (then it is read with ``weights_only=False``). ``trust`` also lets
+    :func:`checkpoint_network` build a class outside :data:`ALLOWED_TARGETS`.
+    """
     path = Path(path)
     if path.is_dir():
         raise FileNotFoundError(f"{path}: is a folder; pass the checkpoint file in it as ckpt_path=<file.pt> "
@@ -169,14 +216,59 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: checkpoint not found; train first or pass ckpt_path=<file.pt>")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:  # objects beyond tensors and plain values: pickle could run code
+        if not trust:
+            found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+            what = f"pickled Python objects ({found.group(1)})" if found else "something other than tensors"
+            raise UntrustedCheckpointError(
+                f"{path}: refused: it holds {what}, which can run code when loaded (an old-format medaug "
+                f"checkpoint, or a crafted file); retrain, or {TRUST_HINT}") from None
+        payload = _load_pickled(path)
     except Exception as err:
         raise ValueError(f"{path}: not a readable medaug checkpoint ({err})") from err
+    if not isinstance(payload, dict):
+        raise ValueError(f"{path}: not a medaug checkpoint (a {type(payload).__name__}, not a dict)")
     missing = {"model", "ema", "step", "config", "meta"} - set(payload)
     if missing:
         raise ValueError(f"{path}: not a medaug checkpoint (missing {sorted(missing)})")
+    config, meta = (json.loads(v) if isinstance(v, str) else v for v in (payload["config"], payload["meta"]))
     return Checkpoint(path, file_id(path), payload["step"], payload["model"], payload["ema"],
-                      payload.get("optimizer"), payload.get("rng"), payload["config"], payload["meta"])
+                      payload.get("optimizer"), payload.get("rng"), config, meta, trusted=trust)
+
+
+def _load_pickled(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:
+        raise ValueError(f"{path}: not a readable medaug checkpoint ({err})") from err
+
+
+def check_target(target, path: str | Path, key: str = "model._target_") -> None:
+    """Refuse a ``_target_`` read from the checkpoint ``path`` unless it names an ``nn.Module`` class of
+    :data:`ALLOWED_TARGETS` (MONAI networks and schedulers, medaug). Nothing outside those modules is
+    imported to find out."""
+    allowed = isinstance(target, str) and target.startswith(ALLOWED_TARGETS)
+    if allowed:
+        obj = locate(target)
+        allowed = (inspect.isclass(obj) and issubclass(obj, nn.Module)
+                   and f"{obj.__module__}.".startswith(ALLOWED_TARGETS))
+    if not allowed:
+        raise UntrustedCheckpointError(
+            f"{path}: refused to build {key}={target!r} named by this checkpoint: only classes of "
+            f"{', '.join(p.rstrip('.') for p in ALLOWED_TARGETS)} are built from a file; {TRUST_HINT}")
+
+
+def checkpoint_network(ckpt: Checkpoint, weights: str = "ema") -> nn.Module:
+    """The network of a checkpoint rebuilt from its config's model spec, with its EMA (``ema``) or training
+    (``model``) weights, in eval mode. The spec's ``_target_`` must pass :func:`check_target` unless the
+    checkpoint was loaded with ``trust=True``."""
+    spec = ckpt.config["model"]
+    if not ckpt.trusted:
+        check_target(spec.get("_target_"), ckpt.path)
+    net = network_from_spec(spec)
+    net.load_state_dict(ckpt.ema["model"] if weights == "ema" else ckpt.model)
+    return net.eval()
 
 
 def restore_training_state(ckpt: Checkpoint, model: nn.Module, ema: EMA, optimizer=None) -> None:
@@ -190,7 +282,5 @@ def restore_training_state(ckpt: Checkpoint, model: nn.Module, ema: EMA, optimiz
 
 
 def ema_network(ckpt: Checkpoint) -> nn.Module:
-    """The EMA network of a checkpoint, rebuilt from its config, in eval mode."""
-    net = network_from_spec(ckpt.config["model"])
-    net.load_state_dict(ckpt.ema["model"])
-    return net.eval()
+    """The EMA network of a checkpoint, rebuilt from its config, in eval mode (see :func:`checkpoint_network`)."""
+    return checkpoint_network(ckpt, "ema")

@@ -18,8 +18,15 @@ Example::
 
 from __future__ import annotations
 
+import logging
+import ssl
+import urllib.error
+import urllib.parse
+import urllib.request
 from pathlib import Path
 from typing import Any, Mapping, Protocol
+
+log = logging.getLogger("medaug")
 
 PATH_KEYS = ("path", "dir", "root", "labels", "uri", "file")
 MAX_PARAM_LEN = 500
@@ -59,6 +66,93 @@ class NullTracker:
 
     def end(self, status="FINISHED"):
         pass
+
+
+class TrackingUnavailable(ConnectionError):
+    """The tracking server does not answer."""
+
+
+def redacted(uri: str) -> str:
+    """``uri`` without a user name or password (``http://user:pw@host`` → ``http://host``)."""
+    parts = urllib.parse.urlsplit(uri)
+    if parts.username or parts.password:
+        parts = parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else ""))
+    return urllib.parse.urlunsplit(parts)
+
+
+def check_server(uri: str, timeout: float = 5.0) -> None:
+    """Raise :class:`TrackingUnavailable` within about ``timeout`` seconds when the MLflow server at an
+    ``http(s)://`` ``uri`` does not answer; any HTTP answer (even an error status) means it is up.
+    Other URIs (sqlite, file, databricks) are not checked."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    probe = uri.rstrip("/") + "/api/2.0/mlflow/experiments/get-by-name?experiment_name=medaug-probe"
+    try:
+        with urllib.request.urlopen(probe, timeout=timeout):
+            pass
+    except urllib.error.HTTPError:  # the server answered
+        pass
+    except (OSError, ValueError) as err:
+        reason = getattr(err, "reason", err)
+        if isinstance(reason, ssl.SSLError):  # it answered in TLS; certificates are MLflow's business
+            return
+        raise TrackingUnavailable(f"tracking server {redacted(uri)} does not answer ({reason}); start it, fix "
+                                  "tracking.uri / MLFLOW_TRACKING_URI, or pass tracking.on_error=continue to "
+                                  "track to a local store") from None
+
+
+class GuardedTracker:
+    """A tracker whose failures never stop the work it tracks: the first error is logged as one
+    warning and the tracker is switched off after it (a server that went away is not waited for
+    again at every step). ``KeyboardInterrupt`` and other non-``Exception`` errors pass through."""
+
+    def __init__(self, tracker):
+        self.tracker = tracker
+        self.failed: str | None = None
+
+    @property
+    def run_id(self):
+        return self.tracker.run_id
+
+    @property
+    def uri(self):
+        return getattr(self.tracker, "uri", None)
+
+    def _call(self, name: str, *args, **kwargs):
+        if self.failed:
+            return None
+        try:
+            return getattr(self.tracker, name)(*args, **kwargs)
+        except Exception as err:
+            self.failed = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+            log.warning("tracking failed in %s (%s); the work goes on and its files are written, but nothing "
+                        "more is tracked in this run", name, self.failed)
+            return None
+
+    def start(self, run_name=None, run_id=None, tags=None):
+        return self._call("start", run_name=run_name, run_id=run_id, tags=tags)
+
+    def log_params(self, params):
+        self._call("log_params", params)
+
+    def log_metrics(self, metrics, step=None):
+        self._call("log_metrics", metrics, step=step)
+
+    def log_artifact(self, path, artifact_path=None):
+        self._call("log_artifact", path, artifact_path)
+
+    def set_tags(self, tags):
+        self._call("set_tags", tags)
+
+    def end(self, status="FINISHED"):
+        self._call("end", status)
+
+
+def guarded(tracker) -> GuardedTracker:
+    """``tracker`` (None: a :class:`NullTracker`) wrapped in a :class:`GuardedTracker`, once."""
+    if isinstance(tracker, GuardedTracker):
+        return tracker
+    return GuardedTracker(tracker if tracker is not None else NullTracker())
 
 
 def flatten(config: Mapping, prefix: str = "") -> dict[str, str]:

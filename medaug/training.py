@@ -17,6 +17,8 @@ import functools
 import logging
 import math
 import os
+import signal
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -30,7 +32,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .model import EMA, save_checkpoint
 from .progress import progress_bar
-from .tracking import NullTracker, Tracker
+from .tracking import Tracker, guarded
 
 log = logging.getLogger(__name__)
 
@@ -214,16 +216,44 @@ def prepare_for_speed(model: nn.Module, *, channels_last: bool = False, compile_
     return model
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived (preemption, ``docker stop``, a SLURM time limit): handled like Ctrl-C."""
+
+
+class StopSignal:
+    """What :func:`checkpoint_at_exit` yields: ``check()``, called by the loop after each finished step,
+    raises :class:`Terminated` once SIGTERM has arrived. The signal only sets a flag, so the step under
+    way ends whole and the checkpoint holds the weights of exactly the step it names."""
+
+    def __init__(self):
+        self.signum: int | None = None
+
+    def __call__(self, signum, frame) -> None:
+        self.signum = signum
+
+    def check(self, step: int) -> None:
+        if self.signum is not None:
+            raise Terminated(f"stopped by signal {signal.Signals(self.signum).name} after step {step}")
+
+
 @contextmanager
-def checkpoint_at_exit(save: Callable[[int], None], result) -> Iterator[None]:
-    """Around a training loop: ``save(result.step)`` when it ends, and on Ctrl-C before re-raising,
-    so nothing trained is lost; other errors (e.g. a NaN loss) save nothing."""
+def checkpoint_at_exit(save: Callable[[int], None], result) -> Iterator[StopSignal]:
+    """Around a training loop: ``save(result.step)`` when it ends, and on Ctrl-C or SIGTERM before
+    re-raising (SIGTERM as :class:`Terminated`, a ``KeyboardInterrupt``), so nothing trained is lost;
+    other errors (e.g. a NaN loss) save nothing. The loop calls ``stop.check(step)`` after each step."""
+    stop = StopSignal()
+    main = threading.current_thread() is threading.main_thread()  # signal handlers live in the main thread
+    previous = signal.signal(signal.SIGTERM, stop) if main else None
     try:
-        yield
-    except KeyboardInterrupt:
+        try:
+            yield stop
+        except KeyboardInterrupt:
+            save(result.step)
+            raise
         save(result.step)
-        raise
-    save(result.step)
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 def fit(
@@ -244,10 +274,12 @@ def fit(
     """Train from ``start_step`` to ``settings.max_steps`` on ``images`` (N, C, *spatial), ``labels`` (N,).
 
     Saves ``ckpt_path`` every ``ckpt_every`` steps, at the end, and on interruption
-    (Ctrl-C), so nothing trained is lost. ``checkpoint_payload()`` gives the config and
-    meta stored with it. Losses are synced to the host every ``log_every`` steps only.
+    (Ctrl-C, or SIGTERM: the step under way finishes, then :class:`Terminated` is raised), so
+    nothing trained is lost. ``checkpoint_payload()`` gives the config and meta stored with it.
+    Losses are synced to the host every ``log_every`` steps only. A tracker that fails (a
+    tracking server gone away) is switched off with one warning; training goes on.
     """
-    tracker = tracker or NullTracker()
+    tracker = guarded(tracker)
     device = next(model.parameters()).device
     n = images.shape[0]
     if n == 0:
@@ -276,7 +308,7 @@ def fit(
     bar = progress_bar(range(start_step, settings.max_steps), desc="train", unit="step", initial=start_step,
                total=settings.max_steps, disable=rank != 0)
     started = time.perf_counter()
-    with checkpoint_at_exit(checkpoint, result), bar:
+    with checkpoint_at_exit(checkpoint, result) as stop, bar:
         for step in bar:
             if cuda:  # a new iteration for CUDA graphs (compile mode reduce-overhead): last step's outputs are dead
                 torch.compiler.cudagraph_mark_step_begin()
@@ -320,4 +352,5 @@ def fit(
             if settings.ckpt_every and done % settings.ckpt_every == 0 and done < settings.max_steps:
                 checkpoint(done)
             result.step = done
+            stop.check(done)
     return result

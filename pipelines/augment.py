@@ -46,7 +46,7 @@ def run(cfg: DictConfig) -> dict:
                      ratio=a.ratio, split=a.split, guidance_scale=a.guidance_scale, sampler=a.sampler, steps=a.steps,
                      eta=a.eta, seed=a.seed, batch_size=a.batch_size, chunk_size=a.chunk_size, use_ema=a.use_ema,
                      rank=rank, world_size=world_size, device=device, amp_dtype=amp_dtype_of(cfg, device),
-                     overwrite=a.overwrite)
+                     overwrite=a.overwrite, trust_checkpoint=cfg.trust_checkpoint)
     total = sum(result.synthetic.values())
     if result.complete and result.generated:  # this call finished the folder; a rerun that does nothing logs nothing
         log_run(cfg, result)

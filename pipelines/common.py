@@ -1,9 +1,10 @@
 """What every stage's entry point shares: the Hydra main, errors, device, tracker.
 
 A stage module defines ``run(cfg) -> dict`` and ``main = stage_main("<stage>", run)``.
-Errors caused by the input (bad files, missing folders, bad values) end the process
-with a one-line message and exit code 2 instead of a traceback (``MEDAUG_DEBUG=1``
-shows the traceback).
+Errors caused by the input (bad files, missing folders, bad values, a tracking server
+that does not answer) end the process with a one-line message and exit code 2 instead of
+a traceback (``MEDAUG_DEBUG=1`` shows the traceback). SIGTERM during training saves the
+checkpoint and ends with exit code 143 (128 + 15, as if killed) and one line.
 """
 
 from __future__ import annotations
@@ -24,11 +25,15 @@ from omegaconf.errors import MissingMandatoryValue
 from medaug.dataset import DatasetError
 from medaug.export import ExportError
 from medaug.io import ImageReadError
-from medaug.tracking import MLflowTracker, NullTracker
+from medaug.tracking import MLflowTracker, NullTracker, TrackingUnavailable, check_server
+from medaug.training import Terminated
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO_ROOT / "conf"
-INPUT_ERRORS = (DatasetError, ExportError, ImageReadError, FileNotFoundError, ValueError)
+INPUT_ERRORS = (DatasetError, ExportError, ImageReadError, FileNotFoundError, ValueError, TrackingUnavailable)
+# MLflow's own HTTP defaults (7 retries with backoff, 120 s timeout) wait minutes on a server gone away;
+# a user's environment variables win
+MLFLOW_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "60"}
 log = logging.getLogger("medaug")
 
 
@@ -51,6 +56,9 @@ def stage_main(stage: str, run: Callable[[DictConfig], dict]) -> Callable[[], No
                 err = f"{err.full_key} has no value; give one on the command line ({err.full_key}=...)"
             print(f"medaug {stage}: error: {err}", file=sys.stderr)
             raise SystemExit(2) from None
+        except Terminated as err:  # the training loop saved its checkpoint first
+            print(f"medaug {stage}: {err}; checkpoint saved, run the same command again to resume", file=sys.stderr)
+            raise SystemExit(143) from None
 
     return main
 
@@ -119,20 +127,40 @@ def amp_dtype_of(cfg: DictConfig, device: torch.device) -> torch.dtype | None:
     return choices[precision]
 
 
+def local_tracking_uri(cfg: DictConfig) -> str:
+    return f"sqlite:///{path(cfg.paths.output_dir) / 'mlflow.db'}"
+
+
 def tracking_uri(cfg: DictConfig) -> str:
-    return (cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")
-            or f"sqlite:///{path(cfg.paths.output_dir) / 'mlflow.db'}")
+    return cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or local_tracking_uri(cfg)
 
 
 def make_tracker(cfg: DictConfig, any_rank: bool = False):
     """The tracker the config asks for; a local MLflow store keeps artifacts beside it. Under torchrun
     only rank 0 logs (every other rank gets a tracker that does nothing) unless ``any_rank``: for work
-    that one rank, whichever it is, finishes alone."""
+    that one rank, whichever it is, finishes alone.
+
+    A tracking server is asked first, with a few seconds' timeout: when it does not answer,
+    ``tracking.on_error=fail`` (default) raises :class:`TrackingUnavailable` naming the URI, and
+    ``continue`` tracks to the job's local sqlite store instead, saying so."""
     if cfg.tracking.backend == "none" or (distributed()[0] != 0 and not any_rank):
         return NullTracker()
     if cfg.tracking.backend != "mlflow":
         raise ValueError(f"tracking.backend={cfg.tracking.backend!r}; choose mlflow or none")
+    on_error = cfg.tracking.get("on_error", "fail")
+    if on_error not in ("fail", "continue"):
+        raise ValueError(f"tracking.on_error={on_error!r}; choose fail or continue")
     uri = tracking_uri(cfg)
+    if uri.startswith(("http://", "https://")):
+        for key, value in MLFLOW_HTTP_DEFAULTS.items():
+            os.environ.setdefault(key, value)
+        try:
+            check_server(uri)
+        except TrackingUnavailable as err:
+            if on_error == "fail":
+                raise
+            uri = local_tracking_uri(cfg)
+            log.warning("%s; tracking to %s instead (tracking.on_error=continue)", str(err).split(";")[0], uri)
     local = uri.startswith(("sqlite:", "file:")) or "://" not in uri
     artifact_dir = path(cfg.paths.output_dir) / "mlartifacts" if local else None
     return MLflowTracker(uri, cfg.tracking.experiment, artifact_dir=artifact_dir)

@@ -41,7 +41,7 @@ def cached_classifier(prepared_dir, images, labels, num_classes: int, steps: int
     cache = prepared_dir / "classifiers" / f"{kind}_clf_s{steps}_seed{seed}.pt"
     if cache.exists():
         model = make_classifier(images.shape[2:], num_classes)
-        model.load_state_dict(torch.load(cache, map_location="cpu"))
+        model.load_state_dict(torch.load(cache, map_location="cpu", weights_only=True))
         return model.to(device).eval()
     model = train_classifier(images, labels, num_classes, steps=steps, seed=seed, device=device)
     cache.parent.mkdir(exist_ok=True)
@@ -78,6 +78,7 @@ def held_out(root, splits) -> tuple[torch.Tensor, torch.Tensor]:
 
 def run(cfg: DictConfig) -> dict:
     e = cfg.evaluate
+    tracker = make_tracker(cfg)  # first: a tracking server that does not answer stops the stage in seconds
     synth_x, synth_y, rows, info = load_samples(path(cfg.paths.samples_dir))
     prepared = load_info(path(cfg.paths.prepared_dir))
     names = prepared.class_names
@@ -129,7 +130,6 @@ def run(cfg: DictConfig) -> dict:
                      {"samples": f"{len(synth_x)} synthetic ({info.get('checkpoint_id', '?')}), "
                                  f"{len(train_x)} real train, {len(test_x)} real held-out",
                       "copy score space": f"{p.space} (threshold = {p.percentile}th percentile of held-out maxima)"})
-    tracker = make_tracker(cfg)
     tracker.start(run_name=cfg.name, run_id=info.get("mlflow_run_id"), tags={"medaug.job": cfg.name})
     tags = flatten(container(e), "evaluate.")
     if e.encoder.weights:

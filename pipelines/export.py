@@ -61,7 +61,7 @@ def filter_copies(cfg: DictConfig, images, labels, rows: list[dict], info: dict,
     if space != "pixel":
         raise ExportError(f"export.regenerate needs the audit in pixel space (it used {space!r}); "
                           "set evaluate.privacy.space=pixel or export.regenerate=false")
-    ckpt = load_checkpoint(default_ckpt(cfg))
+    ckpt = load_checkpoint(default_ckpt(cfg), cfg.trust_checkpoint)
     if ckpt.id != info["checkpoint_id"]:
         raise ExportError(f"{ckpt.path} is not the checkpoint these samples came from; pass ckpt_path=")
     s = info["sample"]
@@ -156,7 +156,7 @@ def run(cfg: DictConfig) -> dict:
         result["archive"] = str(out.with_name(f"{out.name}.{x.archive}"))
         print(f"Sharing bundle    : {result['archive']}  (checksum in {result['archive']}.sha256)")
     if tracker.run_id:
-        uri = tracking_uri(cfg)
+        uri = getattr(tracker, "uri", None) or tracking_uri(cfg)  # the local store when the server did not answer
         print(f"MLflow run        : {tracker.run_id} in experiment '{cfg.tracking.experiment}' at {uri}")
         print(f"Open the UI with  : mlflow ui --backend-store-uri {uri}")
     return result

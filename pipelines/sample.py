@@ -13,7 +13,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from medaug.latent import latent_space_of
-from medaug.model import ema_network, load_checkpoint, network_from_spec
+from medaug.model import checkpoint_network, load_checkpoint
 from medaug.sampling import inference_scheduler, labels_for_counts, sample_images, save_samples
 from medaug.training import prepare_for_speed
 from pipelines.common import (amp_dtype_of, container, default_ckpt, device_of, log, make_tracker, path, process_group,
@@ -36,14 +36,10 @@ def class_counts(num_per_class, class_names: list[str]) -> dict[int, int]:
 
 def run(cfg: DictConfig) -> dict:
     s = cfg.sample
-    ckpt = load_checkpoint(default_ckpt(cfg))
+    tracker = make_tracker(cfg)  # first: a tracking server that does not answer stops the stage in seconds
+    ckpt = load_checkpoint(default_ckpt(cfg), cfg.trust_checkpoint)
     device = device_of(cfg)
-    if s.use_ema:
-        net = ema_network(ckpt)
-    else:
-        net = network_from_spec(ckpt.config["model"])
-        net.load_state_dict(ckpt.model)
-    net = net.to(device).eval()
+    net = checkpoint_network(ckpt, "ema" if s.use_ema else "model").to(device)
     if device.type == "cuda":  # CUDA graphs for the fixed-shape denoising loop: 2.8x the fp32 eager loop on an H200
         mode = {"auto": "reduce-overhead", False: None, True: "default"}.get(s.compile, s.compile)
         net = prepare_for_speed(net, channels_last=ckpt.meta["spatial_dims"] == 2, compile_mode=mode,
@@ -55,7 +51,7 @@ def run(cfg: DictConfig) -> dict:
     scheduler = inference_scheduler(ckpt.config["scheduler"], s.sampler, s.steps)
     kwargs = dict(guidance_scale=s.guidance_scale, null_class=len(class_names), batch_size=s.batch_size, eta=s.eta,
                   amp_dtype=amp_dtype_of(cfg, device))
-    space = latent_space_of(ckpt.meta, device)  # None: pixel space
+    space = latent_space_of(ckpt.meta, device, cfg.trust_checkpoint)  # None: pixel space
 
     def generate(chunk: torch.Tensor, seed: int) -> torch.Tensor:
         if space is None:
@@ -89,7 +85,6 @@ def run(cfg: DictConfig) -> dict:
         info["model"] += f" on the latents of AutoencoderKL {space.id} (scale factor {space.scale_factor:.4g})"
     out = save_samples(path(cfg.paths.samples_dir), images, rows, info, class_names)
 
-    tracker = make_tracker(cfg)
     tracker.start(run_name=cfg.name, run_id=info["mlflow_run_id"], tags={"medaug.job": cfg.name})
     tracker.set_tags({f"sample.{k}": v for k, v in container(s).items()})
     tracker.log_artifact(out / "grid.png", "samples")

@@ -17,7 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 from medaug.dataset import load_info, load_split
 from medaug.latent import cached_latents, latent_space_for_training
 from medaug.model import EMA, check_unet_input, load_checkpoint, network_from_spec, restore_training_state
-from medaug.tracking import flatten
+from medaug.tracking import flatten, guarded
 from medaug.training import TrainSettings, fit, prepare_for_speed
 from pipelines.common import (amp_dtype_of, container, default_ckpt, device_of, log, make_tracker, path, process_group,
                               stage_main, switch)
@@ -30,6 +30,7 @@ def run(cfg: DictConfig) -> dict:
 
 
 def _train(cfg: DictConfig, device: torch.device, rank: int, world: int) -> dict:
+    tracker = make_tracker(cfg)  # first: a tracking server that does not answer stops the run in seconds
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     random.seed(cfg.seed)
@@ -56,7 +57,7 @@ def _train(cfg: DictConfig, device: torch.device, rank: int, world: int) -> dict
     resume_from = default_ckpt(cfg)
     start_step, run_id = 0, None
     if resume_from.exists():
-        ckpt = load_checkpoint(resume_from)
+        ckpt = load_checkpoint(resume_from, cfg.trust_checkpoint)
         for key, now in (("image_shape", list(info.image_shape)), ("class_names", list(info.class_names))):
             if list(ckpt.meta.get(key, [])) != now:
                 raise ValueError(f"{resume_from} was trained with {key} {list(ckpt.meta.get(key, []))}, but "
@@ -83,7 +84,7 @@ def _train(cfg: DictConfig, device: torch.device, rank: int, world: int) -> dict
     if world > 1:
         model = DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
 
-    tracker = make_tracker(cfg)
+    tracker = guarded(tracker)  # from here on a tracking error is a warning: the training and its checkpoint go on
     tracker.start(run_name=cfg.name, run_id=run_id, tags={"medaug.job": cfg.name})
     if start_step == 0:
         tracker.log_params(flatten({k: v for k, v in config.items() if k not in ("sample", "evaluate", "export")}))

@@ -303,9 +303,10 @@ def test_ldm_job_end_to_end_keeps_image_geometry(tmp_path, monkeypatch):
 
     # resuming on another autoencoder's latents is refused before any weight is touched
     last = tmp_path / "train" / "checkpoints" / "last.pt"
-    payload = torch.load(last, weights_only=False)
-    payload["meta"]["latent"]["autoencoder_id"] = "0123456789ab"
-    torch.save(payload, last)
+    payload = torch.load(last, weights_only=True)
+    meta = json.loads(payload["meta"])  # checkpoints store their meta as JSON text
+    meta["latent"]["autoencoder_id"] = "0123456789ab"
+    torch.save({**payload, "meta": json.dumps(meta)}, last)
     with pytest.raises(ValueError, match="autoencoder 0123456789ab, but this run trains on the latents of autoencoder"):
         train.run(compose_cfg("train", tmp_path, [*LDM, "training.max_steps=8"]))
 
@@ -386,3 +387,29 @@ def test_ldm_training_on_two_cpu_ranks_matches_one_process_with_double_batch(tmp
     assert unet_ddp.meta["latent"]["scale_factor"] == pytest.approx(unet_one.meta["latent"]["scale_factor"], rel=1e-4)
     for name, w in unet_one.model.items():
         torch.testing.assert_close(unet_ddp.model[name], w, atol=1e-4, rtol=1e-3)
+
+
+def test_sigterm_stops_autoencoder_training_with_a_checkpoint_and_a_failing_tracker_does_not(tmp_path):
+    import signal
+
+    from medaug.training import Terminated
+
+    x = blobs(2, n=8)
+
+    class Tracker:  # SIGTERM arrives during step 1's logging, which fails: the server is gone too
+        run_id = None
+
+        def log_metrics(self, metrics, step=None):
+            os.kill(os.getpid(), signal.SIGTERM)
+            raise ConnectionError("tracking server went away")
+
+    ae = autoencoder(2).train()
+    ema, opts = EMA(ae, 0.9), Optimizers(torch.optim.Adam(ae.parameters(), 1e-3))
+    payload = lambda: {"config": {"model": {**AE, "spatial_dims": 2}}, "meta": {"kind": "autoencoder"}}  # noqa: E731
+    with pytest.raises(Terminated, match="after step 1"):
+        fit_autoencoder(ae, ema, opts, x, AutoencoderSettings(max_steps=50, batch_size=4, log_every=1, ckpt_every=0),
+                        ckpt_path=tmp_path / "ae.pt", checkpoint_payload=payload, tracker=Tracker())
+    ckpt = load_checkpoint(tmp_path / "ae.pt")
+    assert ckpt.step == 1 and ckpt.meta == {"kind": "autoencoder"}  # the tracking error did not stop it first
+    for a, b in zip(ckpt.model.values(), ae.state_dict().values()):  # the weights of exactly step 1
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -182,3 +182,51 @@ def test_loss_target_follows_the_prediction_type(kind):
     sch.prediction_type = "score"
     with pytest.raises(ValueError, match="prediction_type"):
         diffusion_loss(Oracle("epsilon"), sch, x0, torch.zeros(6, dtype=torch.long), null_class=3, draws=draws)
+
+
+def test_a_failing_tracker_never_stops_training_or_its_checkpoint(tmp_path, caplog):
+    x, y = data(2, 8)
+    net, ema, opt, sch = tiny()
+    calls = []
+
+    class ServerGone:
+        run_id = None
+
+        def log_metrics(self, metrics, step=None):
+            calls.append(step)
+            raise ConnectionError("mlflow server at http://10.0.0.1:5000 went away")
+
+    result = fit(net, ema, opt, sch, x, y, TrainSettings(max_steps=5, batch_size=4, log_every=1, ckpt_every=2),
+                 null_class=3, ckpt_path=tmp_path / "last.pt", tracker=ServerGone(),
+                 checkpoint_payload=lambda: {"config": {"model": SPEC}, "meta": {}})
+    assert result.step == 5 and len(result.losses) == 5
+    assert load_checkpoint(tmp_path / "last.pt").step == 5
+    assert calls == [1]  # switched off after its first error: a dead server is not waited for at every step
+    warnings = [r for r in caplog.records if r.levelname == "WARNING" and "went away" in r.getMessage()]
+    assert len(warnings) == 1
+
+
+def test_sigterm_in_fit_finishes_the_step_saves_and_raises(tmp_path):
+    import signal
+
+    from medaug.training import Terminated
+
+    x, y = data(2, 8)
+    net, ema, opt, sch = tiny()
+
+    class SendsSigterm:  # the signal arrives during step 3's logging
+        run_id = None
+
+        def log_metrics(self, metrics, step=None):
+            if step == 3:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(Terminated, match="SIGTERM after step 3"):
+        fit(net, ema, opt, sch, x, y, TrainSettings(max_steps=10, batch_size=4, log_every=1, ckpt_every=0),
+            null_class=3, ckpt_path=tmp_path / "last.pt", tracker=SendsSigterm(),
+            checkpoint_payload=lambda: {"config": {"model": SPEC}, "meta": {}})
+    ckpt = load_checkpoint(tmp_path / "last.pt")
+    assert ckpt.step == 3
+    for a, b in zip(ckpt.model.values(), net.state_dict().values()):  # the weights of exactly step 3
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is gone after fit
