@@ -478,6 +478,10 @@ def prepare_dataset(
                                        f"{volume.array.shape}; masks must be on the image's grid")
             prepared = preprocess_case(volume, window, spatial_size, pixdim, mask=mask, crop=crop)
             modalities.setdefault(_modality_of(volume.meta.get("modality", ""), window), where)
+            if len(modalities) > 1:
+                raise DatasetError(f"{labels_csv}: mixed modalities " + ", ".join(f"{m} ({w})" for m, w in
+                                                                                  sorted(modalities.items()))
+                                   + "; prepare one modality per dataset (export writes one modality on every image)")
             source_slices += volume.array.shape[2]
             windows.append(prepared.window)
             vol = prepared.volume
@@ -499,10 +503,6 @@ def prepare_dataset(
                                      split=assignment[patient], source_lo=f"{prepared.window.lo:.6g}",
                                      source_hi=f"{prepared.window.hi:.6g}"))
         _check_one_spacing(spacings, pixdim, spatial_dims)
-        if len(modalities) > 1:
-            raise DatasetError(f"{labels_csv}: mixed modalities " + ", ".join(f"{m} ({w})" for m, w in
-                                                                              sorted(modalities.items()))
-                               + "; prepare one modality per dataset (export writes one modality on every image)")
         if not manifest:
             raise DatasetError(f"{labels_csv}: no images left after preparation (slice rule {slice_rule!r}); "
                                "check the masks or use data.slice_rule=central")
