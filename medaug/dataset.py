@@ -42,7 +42,7 @@ import torch
 from .deid import POLICIES, apply_policy, scan_headers
 from .io import (DicomIndex, DicomSeries, atomic_folder, index_dicom, is_complete, is_nifti, read_dicom_series,
                  read_volume, write_nifti)
-from .preprocessing import IntensityWindow, Normalization, preprocess_case, slice_volume
+from .preprocessing import IntensityWindow, Normalization, PercentileNormalization, preprocess_case, slice_volume
 from .progress import progress_bar
 
 SPLITS = ("train", "val", "test")
@@ -70,6 +70,7 @@ class PreparedInfo:
     fingerprint: str = ""
     summary: dict = field(default_factory=dict)     # patients, images, series, slices, classes, skipped
     deid: dict = field(default_factory=dict)        # policy, number of findings, log file
+    modality: str = ""                              # CT, MR, ... ("" in a dataset.json from before it was recorded)
     skipped: list = field(default_factory=list)     # (file, why) of this run only; never written out
 
     @property
@@ -496,7 +497,7 @@ def prepare_dataset(
     assignment = split_patients(patient_class, split_fractions, seed)
     assignment.update(explicit)
 
-    manifest, affine, windows, source_slices, spacings = [], None, [], 0, []
+    manifest, affine, windows, source_slices, spacings, modalities = [], None, [], 0, [], {}
     with atomic_folder(out_dir) as tmp:
         (tmp / "items").mkdir()
         for item in progress_bar(items, desc="prepare", unit="image"):
@@ -519,6 +520,11 @@ def prepare_dataset(
                     raise DatasetError(f"{where}: mask shape {mask.shape} differs from image shape "
                                        f"{volume.array.shape}; masks must be on the image's grid")
             prepared = preprocess_case(volume, window, spatial_size, pixdim, mask=mask, crop=crop)
+            modalities.setdefault(_modality_of(volume.meta.get("modality", ""), window), where)
+            if len(modalities) > 1:
+                raise DatasetError(f"{labels_csv}: mixed modalities " + ", ".join(f"{m} ({w})" for m, w in
+                                                                                  sorted(modalities.items()))
+                                   + "; prepare one modality per dataset (export writes one modality on every image)")
             source_slices += volume.array.shape[2]
             windows.append(prepared.window)
             vol = prepared.volume
@@ -574,6 +580,7 @@ def prepare_dataset(
         )
         meta = dict(format="medaug-prepared/1", spatial_dims=spatial_dims, image_shape=image_shape,
                     class_names=class_names, window=dataset_window.as_dict(), normalization=window.as_dict(),
+                    modality=next(iter(modalities), "unknown"),
                     affine=np.asarray(affine).tolist(), counts=counts, fingerprint=fp, params=params,
                     deid=dict(policy=deid, findings=len(findings), files=len({f.file for f in findings}),
                               log="deid_log.csv" if deid_log else None),
@@ -602,6 +609,16 @@ def _check_one_spacing(spacings: list[tuple[Path, tuple]], pixdim: Sequence[floa
                                f"image): resample to one, e.g. the median data.pixdim=[{median}]")
 
 
+def _modality_of(header_modality: str, norm: Normalization) -> str:
+    """A volume's modality: its DICOM header's, else (NIfTI: "unknown") what the normalisation implies
+    (MR percentiles → MR, an HU window → CT), else "unknown"."""
+    if header_modality and header_modality.lower() != "unknown":
+        return header_modality.upper()
+    if isinstance(norm, PercentileNormalization):
+        return "MR"
+    return "CT" if norm.unit == "HU" else "unknown"
+
+
 def _dataset_window(norm: Normalization, windows: list[IntensityWindow]) -> IntensityWindow:
     """The window stored for export: the CT window itself, or the median MR percentile window of the items."""
     if isinstance(norm, IntensityWindow):
@@ -618,7 +635,8 @@ def load_info(prepared_dir: str | Path) -> PreparedInfo:
     meta = json.loads((prepared_dir / "dataset.json").read_text())
     return PreparedInfo(prepared_dir, meta["spatial_dims"], meta["image_shape"], meta["class_names"],
                         IntensityWindow(**meta["window"]), np.asarray(meta["affine"]), meta["counts"],
-                        meta["fingerprint"], meta.get("summary", {}), meta.get("deid", {}))
+                        meta["fingerprint"], meta.get("summary", {}), meta.get("deid", {}),
+                        modality=meta.get("modality", ""))
 
 
 def read_manifest(prepared_dir: str | Path) -> list[dict]:

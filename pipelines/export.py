@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import medaug
 from medaug.dataset import load_split
-from medaug.export import ExportError, export_dataset, metrics_table
+from medaug.export import ExportError, export_dataset, export_modality, metrics_table
 from medaug.io import is_complete
 from medaug.model import ema_network, load_checkpoint
 from medaug.preprocessing import IntensityWindow
@@ -117,7 +117,7 @@ def run(cfg: DictConfig) -> dict:
         sampler=f"{s['sampler']}, {s['steps']} steps, eta {s['eta']}", guidance_scale=s["guidance_scale"],
         seed=s["seed"], spatial_dims=info["spatial_dims"], image_shape=" × ".join(map(str, info["image_shape"])),
         spacing=" × ".join(f"{v:.2f}" for v in spacing[: info["spatial_dims"]]),
-        intensity=f"{window.unit}, window [{window.lo:g}, {window.hi:g}]",
+        intensity=f"training window [{window.lo:g}, {window.hi:g}] {window.unit}",
         class_counts=", ".join(f"{name}: {n}" for name, n in sorted(counts.items())),
         metrics=metrics_table(headline) if headline else "_not evaluated_",
         deid=(f"gate policy `{deid.get('policy')}`" + (", PHI findings trusted by the user (see prepare's log)"
@@ -142,7 +142,9 @@ def run(cfg: DictConfig) -> dict:
     out = export_dataset(images, rows, path(cfg.paths.export_dir), window=window, affine=affine,
                          card_fields=card, template=template, formats=formats, profile=x.profile,
                          png_bits=x.png_bits, dicom_multiframe=x.dicom_multiframe, dataset_json=x.dataset_json,
-                         privacy_scores=None if scores is None else list(scores), privacy_files=reports, archive=x.archive, overwrite=x.overwrite)
+                         privacy_scores=None if scores is None else list(scores), privacy_files=reports,
+                         archive=x.archive, overwrite=x.overwrite,
+                         modality=export_modality(info.get("modality"), window))
 
     tracker = make_tracker(cfg)
     tracker.start(run_name=cfg.name, run_id=info.get("mlflow_run_id"), tags={"medaug.job": cfg.name})

@@ -80,6 +80,7 @@ def run(cfg: DictConfig) -> dict:
                 class_names=class_names, spatial_dims=ckpt.meta["spatial_dims"],
                 image_shape=ckpt.meta["image_shape"], window=ckpt.meta["window"], affine=ckpt.meta["affine"],
                 dataset=ckpt.meta.get("dataset"), model=ckpt.config["model"]["_target_"], sample=container(s),
+                modality=ckpt.meta.get("modality"),
                 latent=None if space is None else {k: v for k, v in space.meta().items() if k != "autoencoder_path"})
     if space is not None:  # the data card names the model: say it is a latent diffusion model
         info["model"] += f" on the latents of AutoencoderKL {space.id} (scale factor {space.scale_factor:.4g})"

@@ -91,7 +91,7 @@ def _train(cfg: DictConfig, device: torch.device, rank: int, world: int) -> dict
         tracker.log_params({f"data.count.{s}": sum(c.values()) for s, c in info.counts.items()})
     meta = dict(class_names=info.class_names, spatial_dims=info.spatial_dims, image_shape=info.image_shape,
                 window=info.window.as_dict(), affine=info.affine.tolist(), dataset=info.fingerprint,
-                mlflow_run_id=tracker.run_id)
+                mlflow_run_id=tracker.run_id, modality=info.modality)
     if space is not None:
         meta["latent"] = space.meta()
     settings = TrainSettings(max_steps=t.max_steps, batch_size=t.batch_size, p_uncond=t.p_uncond,

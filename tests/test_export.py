@@ -7,6 +7,7 @@ import tarfile
 import warnings
 import zipfile
 
+import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
@@ -14,9 +15,10 @@ import torch
 from PIL import Image
 from pydicom.uid import UID
 
+from medaug.dataset import DatasetError, load_info, prepare_dataset
 from medaug.export import ExportError, archive_folder, export_dataset, png_planes, render_card
-from medaug.io import read_volume
-from medaug.preprocessing import IntensityWindow
+from medaug.io import read_volume, write_dicom_series, write_nifti
+from medaug.preprocessing import IntensityWindow, PercentileNormalization
 
 from .conftest import CONF_DIR
 
@@ -26,6 +28,8 @@ CARD = dict(name="t", created="2026-01-01", medaug_version="0", checkpoint_id="a
             spatial_dims=2, image_shape="8 × 8", spacing="2 × 2", intensity="HU", class_counts="a: 2",
             metrics="| m | 1 |", privacy="not audited", deid="gate policy `refuse`")
 WINDOW = IntensityWindow(-160, 240)
+MR_WINDOW = IntensityWindow(20.0, 900.0, "MR a.u.")  # the median percentile window of MR training scans
+WINDOWS = {"CT": WINDOW, "MR": MR_WINDOW}
 # An oblique, right-handed geometry (rotation about x) with anisotropic voxels, RAS mm.
 _C, _S = np.cos(0.3), np.sin(0.3)
 AFFINE = np.array([[0.8, 0, 0, -40.0], [0, 0.7 * _C, -2.5 * _S, 12.5], [0, 0.7 * _S, 2.5 * _C, 30.25], [0, 0, 0, 1]])
@@ -39,7 +43,8 @@ DICOM_ALLOWED = {
     "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "PatientIdentityRemoved", "DeidentificationMethod",
     "StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber", "StudyDescription",
     "SeriesDescription", "ImageComments", "DerivationDescription", "BurnedInAnnotation", "Manufacturer",
-    "Laterality", "ContentDate", "ContentTime", "PositionReferenceIndicator", "KVP", "AcquisitionNumber",
+    "Laterality", "ImageLaterality", "ContentDate", "ContentTime", "PositionReferenceIndicator", "KVP",
+    "AcquisitionNumber",
     "ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing", "SliceThickness",
     "SamplesPerPixel", "PhotometricInterpretation", "Rows", "Columns", "BitsAllocated", "BitsStored", "HighBit",
     "PixelRepresentation", "RescaleSlope", "RescaleIntercept", "RescaleType", "WindowCenter", "WindowWidth",
@@ -57,6 +62,19 @@ ENHANCED_ALLOWED = DICOM_ALLOWED - {"Laterality", "KVP", "AcquisitionNumber", "D
     "FrameAnatomySequence", "AnatomicRegionSequence", "CodeValue", "CodingSchemeDesignator", "CodeMeaning",
     "FrameLaterality", "IrradiationEventIdentificationSequence", "IrradiationEventUID", "FrameContentSequence",
     "DimensionIndexValues",
+}
+# MR Image: no CT attributes, no Modality LUT (the IOD has none: Rescale* would be non-standard); the MR Image
+# module's type 1/2 attributes, and a Real World Value Mapping from stored values to the source units.
+MR_ALLOWED = DICOM_ALLOWED - {"KVP", "RescaleSlope", "RescaleIntercept", "RescaleType"} | {
+    "ScanningSequence", "SequenceVariant", "ScanOptions", "MRAcquisitionType", "RepetitionTime", "EchoTime",
+    "EchoTrainLength", "RealWorldValueMappingSequence",
+}
+ENHANCED_MR_ALLOWED = ENHANCED_ALLOWED - {"CTImageFrameTypeSequence", "IrradiationEventIdentificationSequence",
+                                          "IrradiationEventUID"} | {
+    "MRImageFrameTypeSequence", "ComplexImageComponent", "AcquisitionContrast", "RealWorldValueMappingSequence",
+    "RealWorldValueFirstValueMapped", "RealWorldValueLastValueMapped", "RealWorldValueSlope",
+    "RealWorldValueIntercept", "LUTExplanation", "LUTLabel", "MeasurementUnitsCodeSequence", "RescaleType",
+    "ApplicableSafetyStandardAgency",
 }
 # Type 1 and 2 attributes of the CT Image IOD's modules (patient, study, series, frame of
 # reference, equipment, image, plane, pixel, CT image, SOP common).
@@ -83,8 +101,22 @@ def _images(n, spatial_dims, size=8):
 
 def _export(tmp_path, images, name="e", **kwargs):
     kwargs.setdefault("card_fields", CARD)
-    return export_dataset(images, _rows(len(images)), tmp_path / name, window=WINDOW, affine=AFFINE,
-                          template=TEMPLATE, **kwargs)
+    kwargs["window"] = kwargs.get("window") or WINDOWS[kwargs.get("modality", "CT")]
+    return export_dataset(images, _rows(len(images)), tmp_path / name, affine=AFFINE, template=TEMPLATE, **kwargs)
+
+
+def dciodvfy_problems(path, iod):
+    """The Error and Warning lines of dicom3tools' IOD validator on one file (it reports on stderr)."""
+    run = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True)
+    report = run.stdout + run.stderr
+    assert iod in report.split(), report  # it names the IOD it checked against
+    return [line for line in report.splitlines() if line.startswith(("Error", "Warning"))]
+
+
+def rwv_to_source(ds, stored):
+    """Stored MR values → source units with the file's Real World Value Mapping (an MR Image has no Rescale)."""
+    rwv = ds.RealWorldValueMappingSequence[0]
+    return np.asarray(stored, np.float64) * float(rwv.RealWorldValueSlope) + float(rwv.RealWorldValueIntercept)
 
 
 def _manifest(out):
@@ -106,11 +138,12 @@ def test_export_writes_hu_nifti_with_geometry(tmp_path, spatial_dims):
     assert (out / "DONE").exists()
 
 
+@pytest.mark.parametrize("modality", ["CT", "MR"])
 @pytest.mark.parametrize("spatial_dims", [2, 3])
-def test_dicom_reads_back_like_the_nifti_with_valid_headers(tmp_path, spatial_dims):
+def test_dicom_reads_back_like_the_nifti_with_valid_headers(tmp_path, spatial_dims, modality):
     from monai.transforms import LoadImage
 
-    out = _export(tmp_path, _images(3, spatial_dims), formats=["nifti", "dicom"])
+    out = _export(tmp_path, _images(3, spatial_dims), formats=["nifti", "dicom"], modality=modality)
     manifest = _manifest(out)
     uids, studies = set(), set()
     for i, row in enumerate(manifest):
@@ -118,12 +151,15 @@ def test_dicom_reads_back_like_the_nifti_with_valid_headers(tmp_path, spatial_di
         dicom_path = out / row["dicom"]
         assert dicom_path.is_file() if spatial_dims == 2 else len(list(dicom_path.glob("*.dcm"))) == 8
         dicom = read_volume(dicom_path)
-        np.testing.assert_allclose(dicom.array, nifti.array, atol=0.5 + 1e-3)  # stored as whole HU
+        first = pydicom.dcmread(dicom_path if spatial_dims == 2 else sorted(dicom_path.glob("*.dcm"))[0])
+        # CT: stored as whole HU (RescaleSlope 1); MR: the int16 range, mapped back by the Real World Value Mapping
+        to_source, atol = (lambda v: v, 0.5 + 1e-3) if modality == "CT" else (lambda v: rwv_to_source(first, v), 0.02)
+        np.testing.assert_allclose(to_source(dicom.array), nifti.array, atol=atol)
         np.testing.assert_allclose(dicom.affine, nifti.affine, atol=1e-3)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             monai = LoadImage(reader="PydicomReader", image_only=True)(str(dicom_path))
-        np.testing.assert_allclose(np.asarray(monai).reshape(nifti.array.shape), nifti.array, atol=0.5 + 1e-3)
+        np.testing.assert_allclose(to_source(np.asarray(monai)).reshape(nifti.array.shape), nifti.array, atol=atol)
         cols = 4 if spatial_dims == 3 else 2  # a single 2D image has no slice step for MONAI to measure
         np.testing.assert_allclose(np.asarray(monai.affine)[:3, :cols], nifti.affine[:3, :cols], atol=1e-3)
         np.testing.assert_allclose(np.asarray(monai.affine)[:3, 3], nifti.affine[:3, 3], atol=1e-3)
@@ -133,14 +169,26 @@ def test_dicom_reads_back_like_the_nifti_with_valid_headers(tmp_path, spatial_di
         for f in files:
             ds = pydicom.dcmread(f)
             keywords = {e.keyword for e in ds} | {e.keyword for e in ds.file_meta}
-            assert keywords <= DICOM_ALLOWED, keywords - DICOM_ALLOWED
-            assert CT_REQUIRED <= keywords, CT_REQUIRED - keywords
-            assert ds.SOPClassUID == pydicom.uid.CTImageStorage and ds.Modality == "CT"
+            allowed = DICOM_ALLOWED if modality == "CT" else MR_ALLOWED
+            assert keywords <= allowed, keywords - allowed
+            assert "Laterality" not in keywords and ds.ImageLaterality == "U"  # an empty Laterality is invalid
+            if modality == "CT":
+                assert CT_REQUIRED <= keywords, CT_REQUIRED - keywords
+                assert ds.SOPClassUID == pydicom.uid.CTImageStorage and ds.Modality == "CT"
+                assert ds.RescaleType == "HU" and float(ds.RescaleSlope) == 1
+                assert float(ds.WindowCenter) == 40 and float(ds.WindowWidth) == 400
+            else:
+                assert ds.SOPClassUID == pydicom.uid.MRImageStorage and ds.Modality == "MR"
+                assert not {"RescaleType", "RescaleSlope", "RescaleIntercept", "KVP"} & keywords  # no HU, no CT
+                rwv = ds.RealWorldValueMappingSequence[0]
+                assert "arbitrary units" in rwv.LUTExplanation and rwv.MeasurementUnitsCodeSequence[0].CodeValue
+                centre = rwv_to_source(ds, float(ds.WindowCenter))
+                width = float(ds.WindowWidth) * rwv.RealWorldValueSlope
+                assert centre == pytest.approx(460, abs=0.1) and width == pytest.approx(880, abs=0.1)
             assert list(ds.ImageType)[:2] == ["DERIVED", "SECONDARY"]
             assert "SYNTHETIC" in ds.SeriesDescription and "SYNTHETIC" in ds.ImageComments
             assert ds.PatientIdentityRemoved == "YES" and ds.PatientID == f"SYN{i:05d}"
             assert str(ds.PatientName) == f"SYNTHETIC^SYN{i:05d}"
-            assert float(ds.WindowCenter) == 40 and float(ds.WindowWidth) == 400
             assert float(ds.PixelSpacing[0]) == pytest.approx(0.7) and float(ds.PixelSpacing[1]) == pytest.approx(0.8)
             assert float(ds.SliceThickness) == pytest.approx(2.5)
             for uid in (ds.SOPInstanceUID, ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID):
@@ -152,14 +200,13 @@ def test_dicom_reads_back_like_the_nifti_with_valid_headers(tmp_path, spatial_di
         studies |= series
     flat = [u for s in studies for u in s]
     assert len(studies) == 3 and len(set(flat)) == len(flat) and not set(flat) & uids
-    if shutil.which("dciodvfy"):  # dicom3tools' IOD validator, where installed
-        for f in [p for p in out.joinpath("dicom").rglob("*.dcm")][:4]:
-            report = subprocess.run(["dciodvfy", str(f)], capture_output=True, text=True).stderr
-            assert "CTImage" in report and "Error" not in report, report
+    if shutil.which("dciodvfy"):  # dicom3tools' IOD validator, where installed: no error and no warning
+        for f in sorted(out.joinpath("dicom").rglob("*.dcm")):
+            assert dciodvfy_problems(f, f"{modality}Image") == [], f
 
 
 def read_enhanced_ct(path):
-    """Volume (X, Y, Z) in HU and RAS affine of an Enhanced CT file, straight from its functional groups."""
+    """Volume (X, Y, Z) in source units and RAS affine of an Enhanced CT/MR file, from its functional groups."""
     ds = pydicom.dcmread(path)
     shared = ds.SharedFunctionalGroupsSequence[0]
     rescale = shared.PixelValueTransformationSequence[0]
@@ -174,22 +221,31 @@ def read_enhanced_ct(path):
     return ds, array.transpose(2, 1, 0), np.diag([-1.0, -1, 1, 1]) @ lps
 
 
-def test_enhanced_multiframe_option_matches_the_nifti(tmp_path):
-    out = _export(tmp_path, _images(2, 3), formats=["nifti", "dicom"], dicom_multiframe=True)
+@pytest.mark.parametrize("modality", ["CT", "MR"])
+def test_enhanced_multiframe_option_matches_the_nifti(tmp_path, modality):
+    out = _export(tmp_path, _images(2, 3), formats=["nifti", "dicom"], dicom_multiframe=True, modality=modality)
     for i, row in enumerate(_manifest(out)):
         nifti = read_volume(out / row["nifti"])
         ds, array, affine = read_enhanced_ct(out / row["dicom"])
-        np.testing.assert_allclose(array, nifti.array, atol=0.5 + 1e-3)
+        np.testing.assert_allclose(array, nifti.array, atol=0.5 + 1e-3 if modality == "CT" else 0.02)
         np.testing.assert_allclose(affine, nifti.affine, atol=1e-3)
-        assert ds.SOPClassUID == pydicom.uid.EnhancedCTImageStorage and ds.NumberOfFrames == 8
+        np.testing.assert_allclose(read_volume(out / row["dicom"]).array, nifti.array, atol=0.5 + 1e-3)  # as medaug
+        sop = {"CT": pydicom.uid.EnhancedCTImageStorage, "MR": pydicom.uid.EnhancedMRImageStorage}[modality]
+        assert ds.SOPClassUID == sop and ds.Modality == modality and ds.NumberOfFrames == 8
         assert ds.PatientIdentityRemoved == "YES" and "SYNTHETIC" in ds.ImageComments and ds.ImageType[0] == "DERIVED"
-        assert float(ds.SharedFunctionalGroupsSequence[0].FrameVOILUTSequence[0].WindowWidth) == 400
+        shared = ds.SharedFunctionalGroupsSequence[0]
+        assert float(shared.FrameVOILUTSequence[0].WindowWidth) == (400 if modality == "CT" else 880)
+        rescale_type = shared.PixelValueTransformationSequence[0].RescaleType
+        assert rescale_type == ("HU" if modality == "CT" else "US")  # US: unspecified, the MR signal has no unit
+        if modality == "MR":
+            rwv = shared.RealWorldValueMappingSequence[0]
+            assert "arbitrary units" in rwv.LUTExplanation and rwv.MeasurementUnitsCodeSequence[0].CodeValue
         assert all(UID(u).is_valid for u in (ds.SOPInstanceUID, ds.StudyInstanceUID, ds.SeriesInstanceUID))
         keywords = {e.keyword for e in ds.iterall()} | {e.keyword for e in ds.file_meta}
-        assert keywords <= ENHANCED_ALLOWED, keywords - ENHANCED_ALLOWED
+        allowed = ENHANCED_ALLOWED if modality == "CT" else ENHANCED_MR_ALLOWED
+        assert keywords <= allowed, keywords - allowed
         if shutil.which("dciodvfy"):
-            report = subprocess.run(["dciodvfy", str(out / row["dicom"])], capture_output=True, text=True).stderr
-            assert "EnhancedCTImage" in report and "Error" not in report, report
+            assert dciodvfy_problems(out / row["dicom"], f"Enhanced{modality}Image") == []
 
 
 @pytest.mark.parametrize("bits", [8, 16])
@@ -278,11 +334,13 @@ def test_export_refuses_to_overwrite_and_leaves_no_partial(tmp_path):
 
 
 def test_render_card_fills_every_placeholder():
-    text = render_card(TEMPLATE, {**CARD, "num_samples": 2, "files": "NIfTI", "filtered": "none"})
+    text = render_card(TEMPLATE, {**CARD, "num_samples": 2, "files": "NIfTI", "filtered": "none", "modality": "CT",
+                                  "units": "HU"})
     assert "${" not in text and "| m | 1 |" in text
 
 
-def test_export_stage_writes_every_format_and_the_share_bundle(tmp_path):
+@pytest.mark.parametrize("modality", [None, "MR"])  # None: samples of a checkpoint from before it was recorded
+def test_export_stage_writes_every_format_and_the_share_bundle(tmp_path, modality):
     from medaug.io import atomic_folder
     from medaug.sampling import samples_id, save_samples
     from pipelines import export as export_stage
@@ -293,8 +351,10 @@ def test_export_stage_writes_every_format_and_the_share_bundle(tmp_path):
     rows = [dict(index=i, label=i % 2, class_name="ab"[i % 2], seed=5 + i, guidance_scale=2.0, sampler="ddim",
                  steps=3, checkpoint_id="abc") for i in range(3)]
     info = dict(checkpoint_id="abc", checkpoint_step=4, mlflow_run_id="run-7f3a", class_names=["a", "b"],
-                spatial_dims=2, image_shape=[8, 8], window=WINDOW.as_dict(), affine=AFFINE.tolist(), dataset="fp",
-                model="M", sample=dict(sampler="ddim", steps=3, eta=0.0, guidance_scale=2.0, seed=5))
+                spatial_dims=2, image_shape=[8, 8], window=WINDOWS[modality or "CT"].as_dict(), affine=AFFINE.tolist(),
+                dataset="fp", model="M", sample=dict(sampler="ddim", steps=3, eta=0.0, guidance_scale=2.0, seed=5))
+    if modality:
+        info["modality"] = modality
     save_samples(tmp_path / "samples", images, rows, info, ["a", "b"])
     with atomic_folder(tmp_path / "eval") as ev:
         (ev / "metrics.json").write_text(json.dumps({"fidelity/label_acc": 0.5, "privacy/copy_rate": 0.0}))
@@ -315,3 +375,90 @@ def test_export_stage_writes_every_format_and_the_share_bundle(tmp_path):
     assert "verdict **pass**: `privacy/copy_rate` 0" in card and "run-7f3a" not in card and "${" not in card
     assert "0 of 3 samples dropped" in card  # the copy filter is on for share exports
     assert all((out / m["dicom"]).is_file() and (out / m["png"]).is_file() for m in manifest)
+    ds = pydicom.dcmread(out / manifest[0]["dicom"])
+    assert ds.Modality == (modality or "CT") and json.loads((out / "dataset.json").read_text())["modality"] == {
+        "0": modality or "CT"}
+
+
+@pytest.mark.parametrize("modality, units", [("CT", "HU"), ("MR", "MR signal, arbitrary units, percentile-normalised")])
+def test_nifti_dataset_json_and_card_say_the_modality_and_units(tmp_path, modality, units):
+    window = WINDOWS[modality]
+    card = {**CARD, "intensity": f"training window [{window.lo:g}, {window.hi:g}] {window.unit}"}
+    out = _export(tmp_path, _images(2, 2), modality=modality, dataset_json=True, card_fields=card)
+    assert units in nib.load(out / _manifest(out)[0]["nifti"]).header["descrip"].item().decode()
+    dataset = json.loads((out / "dataset.json").read_text())
+    assert dataset["modality"] == {"0": modality} and dataset["channel_names"] == {"0": modality}
+    card = (out / "DATA_CARD.md").read_text()
+    assert f"| modality | {modality} |" in card and units in card
+    assert ("HU" in card) == (modality == "CT")
+
+
+def test_export_modality_falls_back_for_old_checkpoints_and_refuses_what_it_cannot_write(tmp_path):
+    from medaug.export import export_modality
+
+    assert export_modality("MR", MR_WINDOW) == "MR" and export_modality("ct", WINDOW) == "CT"
+    assert export_modality(None, WINDOW) == "CT"  # a checkpoint from before the modality was recorded: HU is CT
+    assert export_modality("", MR_WINDOW) == "MR"  # and "MR a.u." (the percentile normalisation's unit) is MR
+    assert export_modality("unknown", IntensityWindow(0, 1, "a.u.")) == "unknown"
+    with pytest.raises(ExportError, match="modality is 'PT'.*DICOM of CT or MR only; drop dicom from export.format"):
+        _export(tmp_path, _images(1, 2), formats=["dicom"], modality="PT", window=IntensityWindow(0, 10, "SUV"))
+    with pytest.raises(ExportError, match="'unknown'.*prepare and train again"):
+        _export(tmp_path, _images(1, 2), formats=["dicom"], modality="unknown", window=IntensityWindow(0, 1, "a.u."))
+    out = _export(tmp_path, _images(1, 2), name="pt", formats=["nifti"], modality="PT",
+                  window=IntensityWindow(0, 10, "SUV"))
+    assert "SUV" in (out / "DATA_CARD.md").read_text()
+
+
+def _mr_nifti_cases(raw, n=4, size=8):
+    rows = []
+    for i in range(n):
+        array = np.zeros((size, size, 1))
+        array[2:6, 2:6] = 100.0 * (i + 1) + np.arange(16).reshape(4, 4, 1)
+        write_nifti(raw / f"mr{i}.nii.gz", array, np.eye(4))
+        rows.append(f"mr{i}.nii.gz,p{i},{'ab'[i % 2]}")
+    (raw / "labels.csv").write_text("path,patient_id,label\n" + "\n".join(rows) + "\n")
+    return raw / "labels.csv"
+
+
+def test_prepare_records_the_modality_from_headers_or_the_normalisation(tmp_path):
+    labels = _mr_nifti_cases(tmp_path / "raw")
+    kw = dict(spatial_size=[8, 8, -1], spatial_dims=2, split_fractions=(0.5, 0.5, 0.0))
+    mr = prepare_dataset(labels, tmp_path / "mr", PercentileNormalization(), **kw)  # NIfTI: "unknown" in the header
+    assert mr.modality == "MR" and json.loads((tmp_path / "mr" / "dataset.json").read_text())["modality"] == "MR"
+    assert prepare_dataset(labels, tmp_path / "ct", WINDOW, **kw).modality == "CT"  # an HU window
+    # DICOM headers say it: an MR series next to a CT series is refused
+    raw = tmp_path / "dicom"
+    for i, modality in enumerate(["MR", "MR", "CT", "MR"]):
+        write_dicom_series(raw / f"s{i}", np.arange(64.0).reshape(8, 8, 1) + 10 * i, np.eye(4),
+                           {"PatientID": f"p{i}", "PatientIdentityRemoved": "YES",
+                            "DeidentificationMethod": "test corpus"}, modality)
+    (raw / "labels.csv").write_text("path,patient_id,label\n" + "\n".join(f"s{i},p{i},{'ab'[i % 2]}"
+                                                                           for i in range(4)) + "\n")
+    with pytest.raises(DatasetError, match=r"mixed modalities.*CT.*MR.*one modality per dataset"):
+        prepare_dataset(raw / "labels.csv", tmp_path / "mixed", PercentileNormalization(), **kw)
+    assert not (tmp_path / "mixed").exists()
+    # an older dataset.json without it reads as unknown; export then goes by the window's unit
+    meta = json.loads((tmp_path / "ct" / "dataset.json").read_text())
+    del meta["modality"]
+    (tmp_path / "ct" / "dataset.json").write_text(json.dumps(meta))
+    assert load_info(tmp_path / "ct").modality == ""
+
+
+def test_mr_modality_flows_from_prepare_through_train_and_sample_to_the_dicom(tmp_path):
+    from pipelines import export as export_stage
+    from pipelines import sample as sample_stage
+    from pipelines import train as train_stage
+
+    from .conftest import TINY, compose_cfg
+
+    labels = _mr_nifti_cases(tmp_path / "raw", n=4, size=16)
+    prepare_dataset(labels, tmp_path / "prepared", PercentileNormalization(), spatial_size=[16, 16, -1],
+                    spatial_dims=2, split_fractions=(0.5, 0.5, 0.0))
+    overrides = ["experiment=demo_2d", *TINY, "training.max_steps=1", "sample.num_per_class=1", "sample.steps=1",
+                 f"paths.prepared_dir={tmp_path}/prepared", "export.format=[nifti,dicom]", "export.copy_filter=false"]
+    for stage in (train_stage, sample_stage, export_stage):
+        stage.run(compose_cfg(stage.__name__.split(".")[-1], tmp_path, overrides))
+    manifest = _manifest(tmp_path / "export")
+    ds = pydicom.dcmread(tmp_path / "export" / manifest[0]["dicom"])
+    assert ds.SOPClassUID == pydicom.uid.MRImageStorage and ds.Modality == "MR" and "RescaleType" not in ds
+    assert "| modality | MR |" in (tmp_path / "export" / "DATA_CARD.md").read_text()

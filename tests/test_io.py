@@ -422,3 +422,31 @@ def test_compressed_frames_that_rows_and_columns_do_not_describe_are_not_blamed_
                                              f"if Rows × Columns × frames \\({counted}\\) are right, install more "
                                              r"decoders: pip install 'medaug\[jpeg\]'"):
         read_volume(bad)
+
+
+@pytest.mark.parametrize("multiframe", [False, True])
+def test_mr_is_written_as_mr_without_hu_and_z_scores_keep_their_precision(tmp_path, multiframe):
+    from medaug.io import write_dicom_multiframe
+
+    z = np.random.default_rng(3).normal(size=(6, 5, 4)).astype(np.float32)  # z-scored MR: values of order 1
+    affine = np.diag([0.8, 0.7, 2.5, 1.0])
+    if multiframe:
+        files = [write_dicom_multiframe(tmp_path / "mr.dcm", z, affine, {}, "MR", window=(0.0, 4.0))]
+    else:
+        files = write_dicom_series(tmp_path / "s", z, affine, {}, "MR", window=(0.0, 4.0))
+    ds = pydicom.dcmread(files[0])
+    sop = pydicom.uid.EnhancedMRImageStorage if multiframe else pydicom.uid.MRImageStorage
+    assert ds.SOPClassUID == sop and ds.Modality == "MR" and "Laterality" not in ds
+    rwv = (ds.SharedFunctionalGroupsSequence[0] if multiframe else ds).RealWorldValueMappingSequence[0]
+    assert rwv.MeasurementUnitsCodeSequence[0].CodeMeaning == "arbitrary unit"
+    stored = np.stack([pydicom.dcmread(f).pixel_array for f in files]) if not multiframe else ds.pixel_array
+    assert np.abs(stored).max() == 32767  # the int16 range, not whole units (which would round z to -3..3)
+    if multiframe:  # its Pixel Value Transformation (RescaleType US) brings the source values back
+        assert ds.SharedFunctionalGroupsSequence[0].PixelValueTransformationSequence[0].RescaleType == "US"
+        np.testing.assert_allclose(read_volume(files[0]).array, z, atol=1e-3)
+    else:
+        assert not {"RescaleSlope", "RescaleIntercept", "RescaleType"} & set(ds.dir())
+        source = read_volume(tmp_path / "s").array * float(rwv.RealWorldValueSlope)
+        np.testing.assert_allclose(source, z, atol=1e-3)
+    with pytest.raises(ValueError, match="modality='PT'.*CT or MR"):
+        write_dicom_series(tmp_path / "pt", z, np.eye(4), {}, "PT")
