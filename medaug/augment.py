@@ -17,6 +17,11 @@ NIfTI with the training affine, so real and synthetic items load the same way)::
     manifest.csv                     real and synthetic items (``synthetic`` column); written last
     DONE
 
+When an evaluation of samples from the same checkpoint exists (``metrics.json`` of ``medaug
+evaluate``), :func:`check_utility` reads its augmentation gain: an interval (gain ± its standard
+deviation over the evaluation's seeds) entirely below 0 means the synthetic images made the
+downstream classifier worse, and the stage stops unless told to ignore it.
+
 Running it again with the same settings does nothing; a run killed mid-way resumes at
 the first missing chunk. Chunks are shared out by index (chunk c goes to rank
 ``c % world_size``) and aligned to the batch size, so sharded runs write exactly the
@@ -41,7 +46,7 @@ import types
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Mapping, NamedTuple
 
 import torch
 from monai.data import Dataset
@@ -49,9 +54,9 @@ from monai.transforms import Compose, LoadImaged, SqueezeDimd
 
 from .dataset import DatasetError, load_info, read_manifest
 from .io import atomic_folder, is_complete, write_nifti
-from .model import checkpoint_network, load_checkpoint
+from .model import checkpoint_network, file_id, load_checkpoint
 from .progress import progress_bar
-from .sampling import inference_scheduler, labels_for_counts, sample_images, save_grid
+from .sampling import inference_scheduler, labels_for_counts, sample_images, samples_id, save_grid
 
 POLICIES = ("per_class", "balance", "ratio")
 MANIFEST_FIELDS = ["item_id", "path", "label", "class_name", "split", "synthetic", "patient", "seed",
@@ -102,6 +107,51 @@ def synthetic_counts(real_counts: Mapping[str, int], policy: str, num_per_class=
     if any(n < 0 for n in counts.values()):
         raise ValueError(f"augment.num_per_class={num_per_class} asks for a negative count")
     return counts
+
+
+GAIN_KEY = "utility/aug_gain_acc"  # real + synthetic accuracy minus real only, on held-out real images
+
+
+class UtilityCheck(NamedTuple):
+    """What :func:`check_utility` found: ``note`` (a log line), ``negative`` (the gain's interval is below 0)."""
+
+    note: str
+    negative: bool = False
+
+
+def check_utility(eval_dir: str | os.PathLike, samples_dir: str | os.PathLike, ckpt_path: str | os.PathLike,
+                  ignore: bool = False) -> UtilityCheck:
+    """Read the augmentation gain of the evaluation in ``eval_dir`` if it is one of samples (in
+    ``samples_dir``) of the checkpoint ``ckpt_path``; say what was found.
+
+    Raises ``ValueError`` (one line, naming the gain, its interval and the override) when the interval
+    ``gain ± std`` of ``utility/aug_gain_acc`` lies entirely below 0, unless ``ignore``.
+    """
+    eval_dir, samples_dir = Path(eval_dir), Path(samples_dir)
+    skip = "utility was not checked: "
+    if not is_complete(eval_dir) or not (eval_dir / "metrics.json").is_file():
+        return UtilityCheck(f"{skip}no evaluation in {eval_dir} (`medaug evaluate` measures the augmentation gain)")
+    info_file, privacy_file = samples_dir / "info.json", eval_dir / "privacy.json"
+    if not (is_complete(samples_dir) and info_file.is_file() and privacy_file.is_file()):
+        return UtilityCheck(f"{skip}the samples that the evaluation in {eval_dir} scored are not in {samples_dir}")
+    if json.loads(privacy_file.read_text()).get("samples_id") != samples_id(samples_dir):
+        return UtilityCheck(f"{skip}the evaluation in {eval_dir} scored other samples than those in {samples_dir}")
+    if json.loads(info_file.read_text()).get("checkpoint_id") != file_id(ckpt_path):
+        return UtilityCheck(f"{skip}the evaluation in {eval_dir} is of samples of another checkpoint")
+    metrics = json.loads((eval_dir / "metrics.json").read_text())
+    gain, std = metrics.get(GAIN_KEY), metrics.get(f"{GAIN_KEY}_std")
+    if gain is None or std is None:
+        return UtilityCheck(f"{skip}the evaluation in {eval_dir} has no {GAIN_KEY} (evaluate.utility.seeds=[])")
+    low, high = gain - std, gain + std
+    found = f"{GAIN_KEY}={gain:+.3f}, interval [{low:+.3f}, {high:+.3f}] (evaluation in {eval_dir})"
+    if high < 0 and not ignore:
+        raise ValueError(f"synthetic images lowered held-out accuracy: {found}; augmenting with them would hurt a "
+                         "downstream model. Improve the model/samples and evaluate again, or set "
+                         "augment.ignore_utility=true to augment anyway")
+    if high < 0:
+        return UtilityCheck(f"utility checked: negative gain {found}; augmenting anyway (augment.ignore_utility=true)",
+                            negative=True)
+    return UtilityCheck(f"utility checked: {found}")
 
 
 def _write_json(path: Path, obj) -> None:

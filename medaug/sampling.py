@@ -7,7 +7,11 @@ generator, so the loop is written out here, step by step:
    depend on which batch it lands in);
 2. for each timestep ``t``: predict ``eps`` for the label and (if guided) for the null
    class, combine ``eps_u + w (eps_c - eps_u)``;
-3. let the scheduler take the step ``x_t → x_{t-1}``; its stochastic noise (DDPM, DPM-Solver++
+3. clip the prediction's clean image ``x0 = (x_t - sigma_t eps) / alpha_t`` to the data range [-1, 1]
+   (static thresholding; images only, ``clip_x0``), so that no sampler steps towards values that no
+   image has: guidance ``x0_u + w (x0_c - x0_u)`` leaves [-1, 1] wherever the two predictions differ,
+   and a multistep sampler (PNDM) extrapolates the unclipped values further;
+4. let the scheduler take the step ``x_t → x_{t-1}``; its stochastic noise (DDPM, DPM-Solver++
    2M SDE, or DDIM with ``eta > 0``) comes from a generator seeded from ``(seed, first index of
    the batch)``, a stream apart from every starting noise.
 
@@ -72,8 +76,8 @@ def inference_scheduler(spec: Mapping, sampler: str = "ddim", steps: int = 50):
     cls = SAMPLERS[sampler]
     accepted = set(inspect.signature(cls.__init__).parameters) | SCHEDULE_ARGS
     kwargs = {k: v for k, v in spec.items() if not k.startswith("_") and k in accepted}
-    if sampler == "pndm":
-        kwargs["skip_prk_steps"] = True
+    if sampler == "pndm":  # PLMS steps only; the last step lands on the clean image (alpha = 1), not on timestep 0's noise
+        kwargs.update(skip_prk_steps=True, set_alpha_to_one=True)
     scheduler = cls(**kwargs)
     total = scheduler.num_train_timesteps
     if not 1 <= steps <= total:
@@ -106,6 +110,22 @@ def guided_eps(model: nn.Module, x: torch.Tensor, t: int, labels: torch.Tensor, 
     return eps_u + scale * (eps_c - eps_u)
 
 
+def clip_x0_of(scheduler, output: torch.Tensor, t: int, x: torch.Tensor) -> torch.Tensor:
+    """The network ``output`` at timestep ``t`` (of the scheduler's ``prediction_type``) changed so that the
+    clean image it predicts, ``x0 = (x - sigma eps) / alpha``, lies in [-1, 1] (static thresholding).
+
+    ``x`` and ``output``: ``(N, C, *spatial)``; the returned prediction has the same type and shape."""
+    abar = float(scheduler.alphas_cumprod[int(t)])
+    alpha, sigma = abar**0.5, (1 - abar) ** 0.5
+    kind = scheduler.prediction_type
+    if kind == "sample":
+        return output.clamp(-1, 1)
+    x0 = (x - sigma * output) / alpha if kind == "epsilon" else alpha * x - sigma * output
+    x0 = x0.clamp(-1, 1)
+    eps = (x - alpha * x0) / sigma
+    return eps if kind == "epsilon" else alpha * eps - sigma * x0
+
+
 def step_noise_seed(seed: int, start: int) -> int:
     """Seed of the step noise of the batch that starts at sample ``start``: derived from both, so
     that it is not the seed of any sample's starting noise (``seed + i``)."""
@@ -128,9 +148,11 @@ def sample_images(
     amp_dtype: torch.dtype | None = None,
     progress: bool = True,
     clip: bool = True,
+    clip_x0: bool = True,
 ) -> torch.Tensor:
     """Generate ``len(labels)`` images ``(N, C, *image_shape)`` in [-1, 1], on the CPU
-    (``clip=False`` for latents, which are not bounded).
+    (``clip=False`` for latents, which are not bounded). ``clip_x0``: clip the predicted clean image
+    to [-1, 1] at every step (images only; see the module docstring).
 
     The same ``seed``, labels and batch size give identical samples.
     """
@@ -153,8 +175,10 @@ def sample_images(
             step_kwargs["generator"] = torch.Generator(device=device).manual_seed(step_noise_seed(seed, start))
         for t in scheduler.timesteps:
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                eps = guided_eps(model, x, t, y, guidance_scale, null_class)
-            x, _ = scheduler.step(eps.float(), int(t), x, **step_kwargs)
+                eps = guided_eps(model, x, t, y, guidance_scale, null_class).float()
+            if clip and clip_x0:
+                eps = clip_x0_of(scheduler, eps, int(t), x)
+            x, _ = scheduler.step(eps, int(t), x, **step_kwargs)
             bar.update(len(y))
         out.append((x.clamp(-1, 1) if clip else x).float().cpu())
     bar.close()

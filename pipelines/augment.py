@@ -12,7 +12,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from medaug.augment import AugmentResult, augment, save_synthetic_grid
+from medaug.augment import AugmentResult, augment, check_utility, save_synthetic_grid
 from medaug.tracking import flatten
 from pipelines.common import (amp_dtype_of, container, default_ckpt, device_of, distributed, log, make_tracker, path,
                               stage_main)
@@ -40,9 +40,12 @@ def run(cfg: DictConfig) -> dict:
     env_rank, _, env_world = distributed()
     rank = int(a.rank if a.rank is not None else env_rank)
     world_size = int(a.world_size if a.world_size is not None else env_world)
+    ckpt_path = default_ckpt(cfg)
+    utility = check_utility(path(cfg.paths.eval_dir), path(cfg.paths.samples_dir), ckpt_path, ignore=a.ignore_utility)
+    (log.warning if utility.negative else log.info)("%s", utility.note)
     device = device_of(cfg)  # cuda:LOCAL_RANK under torchrun
     num = OmegaConf.to_container(a.num_per_class) if OmegaConf.is_config(a.num_per_class) else a.num_per_class
-    result = augment(path(cfg.input), default_ckpt(cfg), path(cfg.output), policy=a.policy, num_per_class=num,
+    result = augment(path(cfg.input), ckpt_path, path(cfg.output), policy=a.policy, num_per_class=num,
                      ratio=a.ratio, split=a.split, guidance_scale=a.guidance_scale, sampler=a.sampler, steps=a.steps,
                      eta=a.eta, seed=a.seed, batch_size=a.batch_size, chunk_size=a.chunk_size, use_ema=a.use_ema,
                      rank=rank, world_size=world_size, device=device, amp_dtype=amp_dtype_of(cfg, device),
@@ -59,7 +62,7 @@ def run(cfg: DictConfig) -> dict:
         log.info("rank %d/%d generated %d samples; the last rank to finish writes the manifest",
                  rank, world_size, result.generated)
     return {"augment_dir": str(result.out_dir), "real": result.real, "synthetic": total,
-            "generated": result.generated, "complete": result.complete}
+            "generated": result.generated, "complete": result.complete, "utility": utility.note}
 
 
 main = stage_main("augment", run)

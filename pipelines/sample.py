@@ -50,6 +50,7 @@ def run(cfg: DictConfig) -> dict:
     labels = labels_for_counts(counts)
     scheduler = inference_scheduler(ckpt.config["scheduler"], s.sampler, s.steps)
     kwargs = dict(guidance_scale=s.guidance_scale, null_class=len(class_names), batch_size=s.batch_size, eta=s.eta,
+                  clip_x0=s.clip_x0,
                   amp_dtype=amp_dtype_of(cfg, device))
     space = latent_space_of(ckpt.meta, device, cfg.trust_checkpoint)  # None: pixel space
 

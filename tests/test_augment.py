@@ -1,5 +1,6 @@
 """Augment: policies, idempotence, resume after a kill, sharding, the MONAI dataset, the stage."""
 
+import json
 import os
 import signal
 import subprocess
@@ -205,3 +206,61 @@ def test_callable_api_stage_and_light_import(prepared_2d, ckpt_2d, tmp_path):
     probe = subprocess.run([sys.executable, "-c", "import sys, medaug; print('torch' in sys.modules)"],
                            cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert probe.stdout.strip() == "False"
+
+
+def evaluation(out, ckpt, gain, std, of_ckpt=True):
+    """A samples folder of ``ckpt`` (or of another checkpoint) in ``out/samples`` and a finished
+    evaluation of it in ``out/eval`` whose augmentation gain is ``gain ± std`` (accuracy)."""
+    from medaug.io import atomic_folder
+    from medaug.model import file_id
+    from medaug.sampling import samples_id, save_samples
+
+    rows = [{"index": i, "label": i % 3, "class_name": "abc"[i % 3]} for i in range(3)]
+    info = {"checkpoint_id": file_id(ckpt) if of_ckpt else "0123456789ab"}
+    save_samples(out / "samples", torch.zeros(3, 1, 16, 16), rows, info, ["a", "b", "c"])
+    metrics = {"utility/aug_gain_acc": gain, "utility/aug_gain_acc_std": std, "utility/real_acc": 0.825}
+    with atomic_folder(out / "eval") as tmp:
+        (tmp / "metrics.json").write_text(json.dumps(metrics))
+        (tmp / "privacy.json").write_text(json.dumps({"samples_id": samples_id(out / "samples")}))
+
+
+def augment_cfg(prepared, ckpt, out, *extra):
+    return compose_cfg("augment", out, [f"input={prepared}", f"ckpt_path={ckpt}", "tracking=none",
+                                        "augment.policy=per_class", "augment.num_per_class=1", "augment.steps=2",
+                                        *extra])
+
+
+def test_negative_augmentation_gain_stops_the_stage_with_one_line(prepared_2d, ckpt_2d, tmp_path):
+    evaluation(tmp_path, ckpt_2d, gain=-0.079, std=0.02)  # the issue's 0.746 against 0.825
+    with pytest.raises(ValueError, match=r"utility/aug_gain_acc=-0\.079, interval \[-0\.099, -0\.059\].*"
+                                         r"augment\.ignore_utility=true"):
+        augment_stage.run(augment_cfg(prepared_2d, ckpt_2d, tmp_path))
+    assert not (tmp_path / "augment").exists()  # stopped before generating anything
+    args = [f"input={prepared_2d}", f"ckpt_path={ckpt_2d}", "tracking=none", f"paths.output_dir={tmp_path}"]
+    r = subprocess.run([sys.executable, "-m", "pipelines.augment", *args], cwd=REPO, capture_output=True, text=True,
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
+    errors = [line for line in r.stderr.splitlines() if "error" in line]
+    assert r.returncode == 2 and len(errors) == 1 and "interval [-0.099, -0.059]" in errors[0], r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+
+
+def test_ignore_utility_augments_despite_a_negative_gain(prepared_2d, ckpt_2d, tmp_path):
+    evaluation(tmp_path, ckpt_2d, gain=-0.079, std=0.02)
+    result = augment_stage.run(augment_cfg(prepared_2d, ckpt_2d, tmp_path, "augment.ignore_utility=true"))
+    assert result["complete"] and result["synthetic"] == 3
+    assert result["utility"].startswith("utility checked: negative gain utility/aug_gain_acc=-0.079")
+
+
+@pytest.mark.parametrize("case", ["none", "other_checkpoint", "interval_holds_zero", "positive"])
+def test_augment_proceeds_without_a_negative_evaluation_of_its_checkpoint(prepared_2d, ckpt_2d, tmp_path, case):
+    if case == "other_checkpoint":
+        evaluation(tmp_path, ckpt_2d, gain=-0.079, std=0.02, of_ckpt=False)
+    elif case != "none":
+        evaluation(tmp_path, ckpt_2d, gain=-0.02 if case == "interval_holds_zero" else 0.05, std=0.03)
+    result = augment_stage.run(augment_cfg(prepared_2d, ckpt_2d, tmp_path))
+    assert result["complete"] and result["synthetic"] == 3
+    expected = {"none": "utility was not checked: no evaluation in",
+                "other_checkpoint": "utility was not checked: the evaluation in",
+                "interval_holds_zero": "utility checked: utility/aug_gain_acc=-0.020, interval [-0.050, +0.010]",
+                "positive": "utility checked: utility/aug_gain_acc=+0.050, interval [+0.020, +0.080]"}[case]
+    assert result["utility"].startswith(expected), result["utility"]

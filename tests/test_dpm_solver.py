@@ -138,3 +138,46 @@ def test_misuse_is_reported():
     with pytest.raises(ValueError, match="set_timesteps"):
         solver.step(x, int(solver.timesteps[1]), x)  # skipped the first timestep
     assert math.isfinite(solver.step(x, int(solver.timesteps[0]), x)[0].sum().item())
+
+
+@pytest.mark.parametrize("sampler,steps", [("ddpm", 1000), ("ddim", 20), ("pndm", 20), ("dpmpp_2m", 20),
+                                           ("dpmpp_2m_sde", 20)])
+def test_every_sampler_ends_on_the_clean_image(sampler, steps):
+    """Background data (every pixel exactly -1): the last step must land on the denoised image, not on
+    the noise of timestep 0 (PNDM used to stop at sigma = 0.01: |x + 1| ~ 0.008)."""
+    out = run(sampler, steps, mu=-1.0, s=0.0, shape=(8, 8))
+    bound = 5e-3 if sampler == "pndm" else 1e-3  # PNDM's last eps is extrapolated from earlier steps: 0.0035
+    assert (out + 1).abs().max() < bound, (out + 1).abs().max()
+
+
+class GuidedOracle(GaussianOracle):
+    """Single-point data at -0.5 for class 0 and +0.5 for the null class: with guidance w = 2 the
+    guided clean image is 0.5 + 2 (-0.5 - 0.5) = -1.5, outside [-1, 1]."""
+
+    def forward(self, x, timesteps, class_labels):
+        mu = torch.where(class_labels == 0, -0.5, 0.5).double().view(-1, *[1] * (x.ndim - 1))
+        a = self.alpha[timesteps].view(-1, *[1] * (x.ndim - 1))
+        sg = self.sigma[timesteps].view(-1, *[1] * (x.ndim - 1))
+        return ((x.double() - a * mu) / sg).float()
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpmpp_2m", "dpmpp_2m_sde"])  # not PNDM: it extrapolates clipped outputs
+def test_guided_clean_image_is_clipped_at_every_step(sampler):
+    seen = []
+    sch = inference_scheduler(SCHED, sampler, 10)  # the training spec does not clip (clip_sample: false)
+    step = sch.step
+
+    def recording_step(model_output, timestep, sample, *args, **kwargs):
+        abar = float(sch.alphas_cumprod[timestep])
+        seen.append(((sample - (1 - abar) ** 0.5 * model_output) / abar**0.5).min().item())
+        return step(model_output, timestep, sample, *args, **kwargs)
+
+    sch.step = recording_step
+    kw = dict(guidance_scale=2.0, null_class=1, seed=0, progress=False)
+    guided = GuidedOracle(0.0, 0.0)
+    out = sample_images(guided, sch, torch.zeros(2, dtype=torch.long), (8, 8), **kw)
+    assert len(seen) == 10 and min(seen) > -1 - 1e-3, seen  # x0 = -1.5 before it was clipped
+    torch.testing.assert_close(out, torch.full_like(out, -1.0), atol=1e-3, rtol=0)
+    free = sample_images(guided, inference_scheduler(SCHED, sampler, 10), torch.zeros(2, dtype=torch.long), (8, 8),
+                         clip=False, **kw)  # latents: not clipped
+    torch.testing.assert_close(free, torch.full_like(free, -1.5), atol=1e-3, rtol=0)
