@@ -77,7 +77,8 @@ def trained(cfg: DictConfig) -> dict | None:
     if not ckpt_path.is_file():
         return None
     ckpt = load_checkpoint(ckpt_path)
-    if ckpt.step < cfg.training.max_steps or ckpt.meta.get("dataset") != load_info(path(cfg.paths.prepared_dir)).fingerprint:
+    dataset = load_info(path(cfg.paths.prepared_dir)).fingerprint
+    if ckpt.step < cfg.training.max_steps or ckpt.meta.get("dataset") != dataset:
         return None
     return {"train/step": ckpt.step, "checkpoint": str(ckpt_path)}
 
@@ -117,6 +118,7 @@ def run(cfg: DictConfig) -> dict:
         module = importlib.import_module(f"pipelines.{stage}")
         key = stage_key(cfg, stage) if stage in READS else None
         before = stamp(_target(cfg, WRITES[stage])) if stage == "prepare" else None
+        # prepare always runs (it reuses its dataset itself); the others are skipped when complete
         result = trained(cfg) if stage == "train" else record.done(cfg, stage, key) if key else None
         if result is not None:
             skipped.append(stage)
