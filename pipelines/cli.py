@@ -1,11 +1,12 @@
-"""``medaug <stage> key=value ...``: the installed command, one Hydra app per stage."""
+"""``medaug <stage> key=value ...``: the installed command, one Hydra app per stage; ``medaug run key=value ...``
+runs a whole job (prepare → train → sample → evaluate → export) with one set of overrides."""
 
 from __future__ import annotations
 
 import importlib
 import sys
 
-STAGES = ("prepare", "train_autoencoder", "train", "sample", "evaluate", "export", "augment")
+STAGES = ("run", "prepare", "train_autoencoder", "train", "sample", "evaluate", "export", "augment")
 
 
 def main() -> None:

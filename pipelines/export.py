@@ -151,17 +151,26 @@ def run(cfg: DictConfig) -> dict:
     tracker.log_artifact(out / "DATA_CARD.md", "export")
     tracker.log_artifact(out / "manifest.csv", "export")
     tracker.end()
-    print(f"\nSynthetic dataset : {out}  ({len(rows)} images)")
-    print(f"Data card         : {out / 'DATA_CARD.md'}")
-    result = {"export_dir": str(out), "samples": len(rows), "formats": formats}
+    result = {"export_dir": str(out), "samples": len(rows), "formats": formats, "mlflow_run_id": tracker.run_id,
+              "mlflow_uri": getattr(tracker, "uri", None) or tracking_uri(cfg)}  # local store if the server was down
     if x.profile == "share":
         result["archive"] = str(out.with_name(f"{out.name}.{x.archive}"))
-        print(f"Sharing bundle    : {result['archive']}  (checksum in {result['archive']}.sha256)")
-    if tracker.run_id:
-        uri = getattr(tracker, "uri", None) or tracking_uri(cfg)  # the local store when the server did not answer
-        print(f"MLflow run        : {tracker.run_id} in experiment '{cfg.tracking.experiment}' at {uri}")
-        print(f"Open the UI with  : mlflow ui --backend-store-uri {uri}")
+    print_summary(cfg, result)
     return result
+
+
+def print_summary(cfg: DictConfig, result: dict) -> None:
+    """What a job ends with (``make demo``, ``medaug run``): where export's ``result`` put the synthetic
+    dataset, its data card and sharing bundle, and the MLflow run that tracked it."""
+    out = Path(result["export_dir"])
+    print(f"\nSynthetic dataset : {out}  ({result['samples']} images)")
+    print(f"Data card         : {out / 'DATA_CARD.md'}")
+    if result.get("archive"):
+        print(f"Sharing bundle    : {result['archive']}  (checksum in {result['archive']}.sha256)")
+    if result.get("mlflow_run_id"):
+        uri = result.get("mlflow_uri") or tracking_uri(cfg)
+        print(f"MLflow run        : {result['mlflow_run_id']} in experiment '{cfg.tracking.experiment}' at {uri}")
+        print(f"Open the UI with  : mlflow ui --backend-store-uri {uri}")
 
 
 main = stage_main("export", run)

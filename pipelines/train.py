@@ -87,7 +87,8 @@ def _train(cfg: DictConfig, device: torch.device, rank: int, world: int) -> dict
     tracker = guarded(tracker)  # from here on a tracking error is a warning: the training and its checkpoint go on
     tracker.start(run_name=cfg.name, run_id=run_id, tags={"medaug.job": cfg.name})
     if start_step == 0:
-        tracker.log_params(flatten({k: v for k, v in config.items() if k not in ("sample", "evaluate", "export")}))
+        others = ("prepare", "sample", "evaluate", "export", "augment", "input", "output")  # other stages' settings
+        tracker.log_params(flatten({k: v for k, v in config.items() if k not in others}))
         tracker.log_params({f"data.count.{s}": sum(c.values()) for s, c in info.counts.items()})
     meta = dict(class_names=info.class_names, spatial_dims=info.spatial_dims, image_shape=info.image_shape,
                 window=info.window.as_dict(), affine=info.affine.tolist(), dataset=info.fingerprint,

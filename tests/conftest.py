@@ -28,18 +28,10 @@ TINY = [
 ]
 
 
-STAGE_SECTIONS = ("sample", "evaluate", "export")
-
-
-def for_stage(stage: str, overrides) -> list[str]:
-    """Drop overrides of another stage's own section (``sample.*`` only exists in sample's config)."""
-    return [o for o in overrides if o.split(".")[0] not in STAGE_SECTIONS or o.split(".")[0] == stage]
-
-
 def compose_cfg(stage: str, out: Path, overrides=()) -> object:
-    """The config of ``stage`` with outputs under ``out``."""
+    """The config of ``stage`` with outputs under ``out`` (every stage accepts every stage's overrides)."""
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name=stage, overrides=[f"paths.output_dir={out}", *for_stage(stage, overrides)])
+        return compose(config_name=stage, overrides=[f"paths.output_dir={out}", *overrides])
 
 
 def _prepared(root: Path, spatial_dims: int) -> Path:

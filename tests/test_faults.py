@@ -14,11 +14,10 @@ import torch
 from medaug.model import load_checkpoint
 from pipelines import prepare, train
 
-from .conftest import TINY, compose_cfg, for_stage
+from .conftest import TINY, compose_cfg
 
 REPO = Path(__file__).resolve().parents[1]
-TRAIN = for_stage("train", ["experiment=demo_2d", *TINY, "training.log_every=1", "training.ckpt_every=2",
-                            "training.device=cpu"])
+TRAIN = ["experiment=demo_2d", *TINY, "training.log_every=1", "training.ckpt_every=2", "training.device=cpu"]
 
 
 def dead_pid() -> int:

@@ -20,7 +20,7 @@ from medaug.sampling import inference_scheduler, labels_for_counts, load_samples
 from medaug.tracking import NullTracker
 from pipelines import export, prepare, sample, train, train_autoencoder as train_autoencoder_stage
 
-from .conftest import CONF_DIR, TINY, compose_cfg, for_stage
+from .conftest import CONF_DIR, TINY, compose_cfg
 
 AE = {"_target_": "monai.networks.nets.AutoencoderKL", "in_channels": 1, "out_channels": 1, "channels": [8, 8],
       "latent_channels": 2, "num_res_blocks": 1, "attention_levels": [False, False], "norm_num_groups": 4,
@@ -361,7 +361,7 @@ def test_ldm_training_on_two_cpu_ranks_matches_one_process_with_double_batch(tmp
                 f"latent.autoencoder_ckpt={tmp_path}/{name}/ae.pt"]
 
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        "-m", "pipelines.train", *for_stage("train", common), "training.batch_size=2", *job("ddp")],
+                        "-m", "pipelines.train", *common, "training.batch_size=2", *job("ddp")],
                        cwd=REPO, capture_output=True, text=True, timeout=300,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]

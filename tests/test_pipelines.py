@@ -16,7 +16,7 @@ from medaug.model import load_checkpoint, network_from_spec
 from medaug.sampling import load_samples
 from pipelines import evaluate, export, prepare, sample, train
 
-from .conftest import CONF_DIR, TINY, WINDOW, compose_cfg, for_stage
+from .conftest import CONF_DIR, TINY, WINDOW, compose_cfg
 
 STAGES = {"prepare": prepare, "train": train, "sample": sample, "evaluate": evaluate, "export": export}
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
@@ -112,7 +112,7 @@ def _cli(args, cwd):
 
 @pytest.mark.slow
 def test_cli_and_multirun(tmp_path):
-    common = ["experiment=demo_2d", *for_stage("train", TINY), f"paths.output_dir={tmp_path}/job"]
+    common = ["experiment=demo_2d", *TINY, f"paths.output_dir={tmp_path}/job"]
     r = _cli(["pipelines.cli", "prepare", *common], REPO)
     assert r.returncode == 0, r.stderr
     r = _cli(["pipelines.train", "-m", *common, "training.max_steps=2,3",
@@ -173,7 +173,7 @@ def test_prepare_checks_image_size_and_pixdim_against_spatial_dims(tmp_path, ove
 
 @pytest.mark.slow
 def test_ddp_two_cpu_ranks_match_one_process_with_double_batch(tmp_path):
-    common = ["experiment=demo_2d", *for_stage("train", TINY), f"paths.output_dir={tmp_path}",
+    common = ["experiment=demo_2d", *TINY, f"paths.output_dir={tmp_path}",
               "training.max_steps=3", "training.grad_clip=null"]
     prepare.run(compose_cfg("prepare", tmp_path, common))
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -196,7 +196,7 @@ def test_ddp_two_cpu_ranks_match_one_process_with_double_batch(tmp_path):
 
 @pytest.mark.slow
 def test_sampling_sharded_over_two_ranks_equals_one_process(tmp_path):
-    common = ["experiment=demo_2d", *for_stage("train", TINY), f"paths.output_dir={tmp_path}"]
+    common = ["experiment=demo_2d", *TINY, f"paths.output_dir={tmp_path}"]
     prepare.run(compose_cfg("prepare", tmp_path, common))
     train.run(compose_cfg("train", tmp_path, common))
     opts = ["sample.num_per_class=3", "sample.batch_size=2", "sample.steps=3", "sample.sampler=dpmpp_2m_sde"]
@@ -280,3 +280,66 @@ def test_prepare_on_an_affine_less_or_singular_nifti_exits_2_with_one_line_namin
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("medaug prepare: error: ") and re.search(message, last), r.stderr
     assert "Traceback" not in r.stderr and not (tmp_path / "job" / "prepared").exists()
+
+
+def _files(root: Path) -> dict:
+    """Every output file of a job (not Hydra's own logs) with its mtime."""
+    return {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file() and "hydra" not in p.parts}
+
+
+def test_run_does_the_whole_job_then_skips_what_is_complete(tmp_path, capsys):
+    from pipelines import run
+
+    overrides = ["experiment=demo_2d", *TINY, "evaluate.utility.seeds=[]"]
+    first = run.run(compose_cfg("run", tmp_path, overrides))
+    assert first["ran"] == ["prepare", "train", "sample", "evaluate", "export"] and first["skipped"] == []
+    assert len(list((tmp_path / "export" / "images").glob("*.nii.gz"))) == 6
+    assert first["results"]["train"]["train/step"] == 4
+    files = _files(tmp_path)
+    capsys.readouterr()
+
+    again = run.run(compose_cfg("run", tmp_path, overrides))
+    assert again["ran"] == [] and again["skipped"] == ["prepare", "train", "sample", "evaluate", "export"]
+    assert again["results"]["export"] == first["results"]["export"]
+    assert _files(tmp_path) == files  # nothing rewritten
+    out = capsys.readouterr().out  # the job's summary, although export did not run again
+    assert f"Synthetic dataset : {tmp_path / 'export'}  (6 images)" in out and "Data card" in out
+
+    # new sample settings: sample again and everything after it; prepare and train stay
+    other = run.run(compose_cfg("run", tmp_path, [*overrides, "sample.seed=7"]))
+    assert other["ran"] == ["sample", "evaluate", "export"] and other["skipped"] == ["prepare", "train"]
+    _, _, rows, _ = load_samples(tmp_path / "samples")
+    assert [int(r["seed"]) for r in rows] == list(range(7, 13))
+    # a folder rewritten outside `medaug run` (settings unknown) is not trusted: it and the stages after it run again
+    evaluate.run(compose_cfg("evaluate", tmp_path, [*overrides, "sample.seed=7", "evaluate.n_pairs=2"]))
+    assert run.run(compose_cfg("run", tmp_path, [*overrides, "sample.seed=7"]))["ran"] == ["evaluate", "export"]
+
+
+def test_train_logs_only_its_own_params(tmp_path, monkeypatch):
+    from medaug.tracking import NullTracker
+
+    logged = {}
+
+    class Recorder(NullTracker):
+        def log_params(self, params):
+            logged.update(params)
+
+    overrides = ["experiment=demo_2d", *TINY]
+    prepare.run(compose_cfg("prepare", tmp_path, overrides))
+    monkeypatch.setattr(train, "make_tracker", lambda cfg: Recorder())
+    train.run(compose_cfg("train", tmp_path, [*overrides, "sample.num_per_class=3"]))
+    assert logged["training.max_steps"] == "4" and "latent.train_if_missing" in logged and "ckpt_path" in logged
+    sections = {key.split(".")[0] for key in logged}
+    assert not sections & {"prepare", "sample", "evaluate", "export", "augment", "input", "output"}
+
+
+@pytest.mark.slow
+def test_run_stops_at_the_failing_stage_with_one_line(tmp_path):
+    # 15 pixels do not halve: train refuses after prepare, and nothing after train runs
+    r = _cli(["pipelines.cli", "run", "experiment=demo_2d", *TINY, "data.image_size=[15,16]",
+              f"paths.output_dir={tmp_path}"], REPO)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    errors = [line for line in r.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and errors[0].startswith("medaug run: error: ") and "must divide by 2" in errors[0]
+    assert (tmp_path / "prepared" / "DONE").is_file()
+    assert not (tmp_path / "train" / "checkpoints" / "last.pt").exists() and not (tmp_path / "samples").exists()
