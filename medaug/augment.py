@@ -53,7 +53,7 @@ from monai.data import Dataset
 from monai.transforms import Compose, LoadImaged, SqueezeDimd
 
 from .dataset import DatasetError, load_info, read_manifest
-from .io import atomic_folder, is_complete, write_nifti
+from .io import atomic_file, atomic_folder, is_complete, write_nifti
 from .model import checkpoint_network, file_id, load_checkpoint
 from .progress import progress_bar
 from .sampling import inference_scheduler, labels_for_counts, sample_images, samples_id, save_grid
@@ -155,9 +155,8 @@ def check_utility(eval_dir: str | os.PathLike, samples_dir: str | os.PathLike, c
 
 
 def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2))
 
 
 def _check_folder(out_dir: Path, key: str, overwrite: bool) -> None:
@@ -286,12 +285,10 @@ def _finish(out_dir: Path, prepared: Path, real: list[dict], chunk_dirs: list[Pa
             for r in real]
     for d in chunk_dirs:
         rows += json.loads((d / "rows.json").read_text())
-    tmp = out_dir / f".manifest.csv.tmp{os.getpid()}"
-    with open(tmp, "w", newline="") as fh:
+    with atomic_file(out_dir / "manifest.csv") as tmp, open(tmp, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=MANIFEST_FIELDS, restval="")
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp, out_dir / "manifest.csv")
     (out_dir / "DONE").write_text("complete\n")
 
 

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Mapping
@@ -178,15 +177,13 @@ def write_report(findings: list[Finding], path: Path) -> Path:
     It names source files, so it is written where the data owner runs, never into a prepared,
     exported or tracked folder; written to a temp name, then renamed.
     """
+    from .io import atomic_file  # io imports deid
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", newline="") as fh:
+    with atomic_file(path, mode=0o600) as tmp, open(tmp, "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["file", "tag", "reason"])
         writer.writerows([str(f.file), f.tag, f.reason] for f in findings)
-    os.replace(tmp, path)
     return path
 
 

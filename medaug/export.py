@@ -43,7 +43,6 @@ import gzip
 import hashlib
 import io
 import json
-import os
 import shutil
 import tarfile
 import zipfile
@@ -55,7 +54,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .io import DICOM_SOP_CLASSES, atomic_folder, write_dicom_multiframe, write_dicom_series, write_nifti
+from .io import DICOM_SOP_CLASSES, atomic_file, atomic_folder, write_dicom_multiframe, write_dicom_series, write_nifti
 from .preprocessing import IntensityWindow
 from .progress import progress_bar
 
@@ -182,8 +181,7 @@ def archive_folder(folder: str | Path, fmt: str = "tar.gz") -> tuple[Path, Path]
     folder = Path(folder)
     archive = folder.with_name(f"{folder.name}.{fmt}")
     files = sorted(p for p in folder.rglob("*") if p.is_file())
-    tmp = archive.with_name(f".{archive.name}.tmp{os.getpid()}")
-    try:
+    with atomic_file(archive) as tmp:
         if fmt == "zip":
             with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as zf:
                 for p in files:
@@ -198,9 +196,6 @@ def archive_folder(folder: str | Path, fmt: str = "tar.gz") -> tuple[Path, Path]
                         data = p.read_bytes()
                         info.size, info.mode, info.mtime = len(data), 0o644, 0
                         tar.addfile(info, io.BytesIO(data))
-        os.replace(tmp, archive)
-    finally:
-        tmp.unlink(missing_ok=True)
     checksum = archive.with_name(archive.name + ".sha256")
     checksum.write_text(f"{sha256(archive)}  {archive.name}\n")
     return archive, checksum

@@ -30,7 +30,7 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import nibabel as nib
 import numpy as np
@@ -540,14 +540,43 @@ def atomic_folder(out_dir: str | os.PathLike):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+@contextmanager
+def atomic_file(path: str | os.PathLike, mode: int | None = None, suffix: str = "",
+                clean: bool = True) -> Iterator[Path]:
+    """Write a file under a temporary name beside ``path`` (:func:`temp_name` plus ``suffix``); on success
+    rename it into place, so ``path`` is always either the old file or the complete new one.
+
+    Yields the temporary path to write to. On any error the temporary file is removed and ``path`` is left
+    as it was. ``mode`` (e.g. ``0o600``): the temporary file is created with these permissions (less the
+    umask) before the caller writes to it, so the content is never readable by others. ``suffix``: for
+    writers that pick the format by extension (``".nii.gz"``). ``clean``: first remove the temps of ``path``
+    left by killed writers (:func:`remove_stale_temps`); writers of many files into one fresh folder pass
+    ``False``, as that scans the folder once per file. The parent folder is created if missing.
+
+    Example::
+
+        with atomic_file(out / "report.csv", mode=0o600) as tmp:
+            tmp.write_text("file,tag,reason\n")
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if clean:
+        remove_stale_temps(path)
+    tmp = temp_name(path)
+    tmp = tmp.with_name(tmp.name + suffix)
+    tmp.unlink(missing_ok=True)
+    if mode is not None:
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode))
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def is_complete(folder: str | os.PathLike) -> bool:
     """Whether ``folder`` was finished by :func:`atomic_folder` (its ``DONE`` marker exists)."""
     return (Path(folder) / "DONE").is_file()
-
-
-def _atomic_target(path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path.with_name(f".{path.name}.tmp{os.getpid()}")
 
 
 def write_nifti(path: str | os.PathLike, array: np.ndarray, affine: np.ndarray, descrip: str = "") -> Path:
@@ -559,10 +588,8 @@ def write_nifti(path: str | os.PathLike, array: np.ndarray, affine: np.ndarray, 
     img.header.set_sform(img.affine, code=1)
     if descrip:
         img.header["descrip"] = descrip.encode()[:79]
-    tmp = _atomic_target(path)
-    tmp = tmp.with_name(tmp.name + (".nii.gz" if path.name.endswith(".gz") else ".nii"))
-    nib.save(img, str(tmp))
-    os.replace(tmp, path)
+    with atomic_file(path, suffix=".nii.gz" if path.name.endswith(".gz") else ".nii", clean=False) as tmp:
+        nib.save(img, str(tmp))
     return path
 
 
@@ -709,9 +736,8 @@ def write_dicom_series(
             ds.WindowCenter, ds.WindowWidth = _window_strings(window, 1.0 if ct else slope)
         ds.PixelData = np.ascontiguousarray(stored[:, :, k].T).tobytes()
         path = folder / file_name.format(k=k)
-        tmp = _atomic_target(path)
-        ds.save_as(tmp, enforce_file_format=True)
-        os.replace(tmp, path)
+        with atomic_file(path, clean=False) as tmp:
+            ds.save_as(tmp, enforce_file_format=True)
         paths.append(path)
     return paths
 
@@ -811,7 +837,6 @@ def write_dicom_multiframe(
         for k in range(array.shape[2])
     ]
     ds.PixelData = np.ascontiguousarray(stored.transpose(2, 1, 0)).tobytes()  # frames of (rows, cols)
-    tmp = _atomic_target(path)
-    ds.save_as(tmp, enforce_file_format=True)
-    os.replace(tmp, path)
+    with atomic_file(path, clean=False) as tmp:
+        ds.save_as(tmp, enforce_file_format=True)
     return path

@@ -47,7 +47,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from .dataset import load_info, load_split
-from .io import remove_stale_temps, temp_name
+from .io import atomic_file
 from .model import (EMA, ema_network, file_id, load_checkpoint, network_from_spec, restore_training_state,
                     save_checkpoint)
 from .progress import progress_bar
@@ -448,10 +448,8 @@ def write_latent_cache(path: str | Path, latents: torch.Tensor, labels: torch.Te
     """Save unscaled posterior means ``(N, C_lat, *latent)`` and labels ``(N,)`` atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(path)
-    tmp = temp_name(path)
-    torch.save({"latents": latents.float(), "labels": labels.long()}, tmp)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        torch.save({"latents": latents.float(), "labels": labels.long()}, tmp)
     return path
 
 

@@ -29,7 +29,6 @@ import hashlib
 import importlib
 import inspect
 import json
-import os
 import pickle
 import random
 import re
@@ -41,7 +40,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .io import remove_stale_temps, temp_name
+from .io import atomic_file
 
 FORMAT = 2  # 1: pickled config/meta/RNG objects (read only with trust); 2: tensors + plain values + JSON text
 # What a checkpoint's config may name as the network it is rebuilt with (module prefixes of nn.Module classes).
@@ -175,10 +174,8 @@ def save_checkpoint(path, *, model, ema, optimizer, step, config, meta) -> Path:
         "config": _to_json(config, "config"),
         "meta": _to_json(meta, "meta"),
     }
-    remove_stale_temps(path)
-    tmp = temp_name(path)
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        torch.save(payload, tmp)
     return path
 
 

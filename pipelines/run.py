@@ -21,13 +21,13 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
-import os
 import time
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
 from medaug.dataset import load_info
+from medaug.io import atomic_file
 from medaug.model import load_checkpoint
 from pipelines.common import default_ckpt, distributed, log, path, stage_main
 
@@ -99,10 +99,8 @@ class Record:
 
     def save(self, cfg: DictConfig, stage: str, key: str, result: dict) -> None:
         self.stages[stage] = {"key": key, "output": stamp(_target(cfg, WRITES[stage])), "result": result}
-        self.file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.file.with_name(f".{self.file.name}.tmp{os.getpid()}")
-        tmp.write_text(json.dumps(self.stages, indent=2, default=str))
-        os.replace(tmp, self.file)
+        with atomic_file(self.file) as tmp:
+            tmp.write_text(json.dumps(self.stages, indent=2, default=str))
 
 
 def run(cfg: DictConfig) -> dict:

@@ -9,8 +9,8 @@ import pydicom.data
 import pytest
 
 from medaug.deid import ALLOWED_META
-from medaug.io import (ImageReadError, atomic_folder, index_dicom, is_complete, read_dicom_series, read_nifti,
-                       read_volume, write_dicom_series, write_nifti)
+from medaug.io import (ImageReadError, atomic_file, atomic_folder, index_dicom, is_complete, read_dicom_series,
+                       read_nifti, read_volume, temp_name, write_dicom_series, write_nifti)
 
 
 def oblique_affine():
@@ -111,6 +111,71 @@ def test_atomic_folder_leaves_nothing_on_failure(tmp_path):
     with atomic_folder(tmp_path / "out") as tmp:
         (tmp / "full.txt").write_text("x")
     assert is_complete(tmp_path / "out") and (tmp_path / "out" / "full.txt").exists()
+
+
+
+def test_atomic_file_replaces_on_success_and_leaves_the_old_file_on_error(tmp_path):
+    target = tmp_path / "sub" / "run.json"
+    with atomic_file(target) as tmp:  # the parent folder is made
+        assert tmp == temp_name(target) and tmp.parent == target.parent
+        tmp.write_text("old")
+        assert not target.exists()  # nothing at the final name until the write is done
+    assert target.read_text() == "old"
+    with pytest.raises(RuntimeError):
+        with atomic_file(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("interrupted")
+    assert target.read_text() == "old"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["run.json"]
+    with atomic_file(target) as tmp:
+        tmp.write_text("new")
+    assert target.read_text() == "new" and sorted(p.name for p in target.parent.iterdir()) == ["run.json"]
+
+
+def test_atomic_file_removes_a_dead_writers_temp_unless_told_not_to(tmp_path):
+    from .test_faults import dead_pid
+
+    target = tmp_path / "a.nii.gz"
+    pid = dead_pid()
+    stale, stale_suffixed = tmp_path / f".a.nii.gz.tmp{pid}", tmp_path / f".a.nii.gz.tmp{pid}.nii.gz"
+    stale.write_bytes(b"half")
+    stale_suffixed.write_bytes(b"half")
+    with pytest.warns(UserWarning, match="removed 2 temp"):
+        with atomic_file(target, suffix=".nii.gz") as tmp:
+            assert tmp.name.endswith(".nii.gz") and not stale.exists() and not stale_suffixed.exists()
+            tmp.write_bytes(b"full")
+    assert target.read_bytes() == b"full"
+    stale.write_bytes(b"half")
+    with atomic_file(target, clean=False) as tmp:
+        tmp.write_bytes(b"again")
+    assert stale.exists() and target.read_bytes() == b"again"
+
+
+def test_atomic_file_mode_is_set_before_the_caller_writes(tmp_path):
+    target = tmp_path / "report.csv"
+    target.write_text("old")
+    target.chmod(0o644)
+    with atomic_file(target, mode=0o600) as tmp:
+        assert tmp.stat().st_mode & 0o777 == 0o600 and tmp.read_bytes() == b""
+        with open(tmp, "w") as fh:
+            fh.write("file,tag,reason\n")
+    assert target.stat().st_mode & 0o777 == 0o600 and target.read_text() == "file,tag,reason\n"
+    with atomic_file(tmp_path / "plain.txt") as tmp:
+        assert not tmp.exists()  # without a mode the caller creates the file (default permissions)
+        tmp.write_text("x")
+
+
+def test_writers_leave_no_temp_when_the_write_fails(tmp_path, monkeypatch):
+    def broken_save(img, filename):
+        Path(filename).write_bytes(b"half a volume")
+        raise OSError("disk full")
+
+    write_nifti(tmp_path / "a.nii.gz", np.zeros((2, 2, 2)), np.eye(4))
+    before = (tmp_path / "a.nii.gz").read_bytes()
+    monkeypatch.setattr(nib, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        write_nifti(tmp_path / "a.nii.gz", np.ones((2, 2, 2)), np.eye(4))
+    assert [p.name for p in tmp_path.iterdir()] == ["a.nii.gz"] and (tmp_path / "a.nii.gz").read_bytes() == before
 
 
 PYDICOM_FILES = Path(pydicom.data.get_testdata_file("CT_small.dcm", download=False)).parent
