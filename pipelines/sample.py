@@ -47,7 +47,7 @@ def run(cfg: DictConfig) -> dict:
     out = save_samples(path(cfg.paths.samples_dir), images, rows, info, class_names)
 
     tracker.start(run_name=cfg.name, run_id=info["mlflow_run_id"], tags={"medaug.job": cfg.name})
-    tracker.set_tags({f"sample.{k}": v for k, v in settings.items()})
+    tracker.set_tags({f"sample.{k}": v for k, v in container(s).items()})
     tracker.log_artifact(out / "grid.png", "samples")
     tracker.end()
     log.info("wrote %d samples (%s) to %s", len(labels), counts, out)
