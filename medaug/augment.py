@@ -2,7 +2,8 @@
 
 A policy decides how many synthetic images each class gets (:func:`synthetic_counts`):
 
-* ``per_class``: a fixed number per class (an int, or ``{class_name: count}``);
+* ``per_class``: a fixed number per class (an int, or ``{class_name: count}``; the rule of ``sample``,
+  :func:`medaug.sampling.class_counts`);
 * ``balance``: bring every class up to the largest one (``max(real) - real[c]``);
 * ``ratio``: ``round(ratio * real[c])`` synthetic images per class (1.0 doubles each class).
 
@@ -24,8 +25,9 @@ downstream classifier worse, and the stage stops unless told to ignore it.
 
 Running it again with the same settings does nothing; a run killed mid-way resumes at
 the first missing chunk. Chunks are shared out by index (chunk c goes to rank
-``c % world_size``) and aligned to the batch size, so sharded runs write exactly the
-images a single process writes; whichever rank completes the last chunk writes the manifest.
+``c % world_size``, :func:`medaug.sampling.shard_chunks`, with the seeds of ``sample``) and aligned to
+the batch size, so sharded runs write exactly the images a single process writes; whichever rank
+completes the last chunk writes the manifest.
 
 Example (the module is callable: ``medaug.augment(...)`` is :func:`augment`)::
 
@@ -54,9 +56,10 @@ from monai.transforms import Compose, LoadImaged, SqueezeDimd
 
 from .dataset import DatasetError, load_info, read_manifest
 from .io import atomic_file, atomic_folder, is_complete, write_nifti
-from .model import checkpoint_network, file_id, load_checkpoint
+from .model import file_id, load_checkpoint
 from .progress import progress_bar
-from .sampling import inference_scheduler, labels_for_counts, sample_images, samples_id, save_grid
+from .sampling import (class_counts, generate_chunks, inference_scheduler, labels_for_counts, sample_images,
+                       samples_id, sampling_network, save_grid, shard_chunks)
 
 POLICIES = ("per_class", "balance", "ratio")
 MANIFEST_FIELDS = ["item_id", "path", "label", "class_name", "split", "synthetic", "patient", "seed",
@@ -82,31 +85,27 @@ class AugmentResult:
 def synthetic_counts(real_counts: Mapping[str, int], policy: str, num_per_class=None, ratio=None) -> dict[str, int]:
     """How many synthetic images each class gets under ``policy`` (see the module docstring).
 
-    ``real_counts``: ``{class_name: real images}`` of the split being augmented.
+    Args:
+        real_counts: ``{class_name: real images}`` of the split being augmented, every class in label order.
+        policy: ``per_class``, ``balance`` or ``ratio``.
+        num_per_class: ``per_class``: an int or ``{class_name: count}`` (:func:`medaug.sampling.class_counts`).
+        ratio: ``ratio``: synthetic images per real image, >= 0.
+
+    Returns:
+        ``{class_name: synthetic images}`` for every class of ``real_counts`` (a total of 0 is allowed).
     """
     if policy == "per_class":
-        if isinstance(num_per_class, Mapping):
-            unknown = set(num_per_class) - set(real_counts)
-            if unknown:
-                raise ValueError(f"augment.num_per_class names unknown classes {sorted(unknown)}; "
-                                 f"known: {sorted(real_counts)}")
-            counts = {c: int(num_per_class.get(c, 0)) for c in real_counts}
-        elif num_per_class is None:
+        if num_per_class is None:
             raise ValueError("augment.policy=per_class needs augment.num_per_class (an int or {class_name: count})")
-        else:
-            counts = {c: int(num_per_class) for c in real_counts}
-    elif policy == "balance":
+        return class_counts(num_per_class, list(real_counts), key="augment.num_per_class", allow_empty=True)
+    if policy == "balance":
         top = max(real_counts.values())
-        counts = {c: top - n for c, n in real_counts.items()}
-    elif policy == "ratio":
+        return {c: top - n for c, n in real_counts.items()}
+    if policy == "ratio":
         if ratio is None or float(ratio) < 0:
             raise ValueError(f"augment.ratio={ratio}; give a number >= 0 (synthetic per real image of each class)")
-        counts = {c: int(round(float(ratio) * n)) for c, n in real_counts.items()}
-    else:
-        raise ValueError(f"augment.policy={policy!r}; choose one of {list(POLICIES)}")
-    if any(n < 0 for n in counts.values()):
-        raise ValueError(f"augment.num_per_class={num_per_class} asks for a negative count")
-    return counts
+        return {c: int(round(float(ratio) * n)) for c, n in real_counts.items()}
+    raise ValueError(f"augment.policy={policy!r}; choose one of {list(POLICIES)}")
 
 
 GAIN_KEY = "utility/aug_gain_acc"  # real + synthetic accuracy minus real only, on held-out real images
@@ -226,7 +225,7 @@ def augment(
                          f"{info.class_names} of shape {info.image_shape}; use the matching checkpoint")
     real_counts = {c: sum(r["class_name"] == c for r in real) for c in info.class_names}
     counts = synthetic_counts(real_counts, policy, num_per_class, ratio)
-    labels = labels_for_counts({info.class_names.index(c): n for c, n in counts.items()})
+    labels = labels_for_counts(counts, info.class_names)
     settings = dict(format=PLAN_FORMAT, dataset=info.fingerprint, split=split, checkpoint_id=ckpt.id, counts=counts,
                     guidance_scale=float(guidance_scale), sampler=sampler, steps=int(steps), eta=float(eta),
                     seed=int(seed), batch_size=int(batch_size), chunk_size=chunk_size, use_ema=bool(use_ema))
@@ -242,21 +241,25 @@ def augment(
                                                 spatial_dims=info.spatial_dims, image_shape=info.image_shape,
                                                 window=info.window.as_dict(), affine=info.affine.tolist()))
 
-    n = len(labels)
-    chunks = [(c, start) for c, start in enumerate(range(0, n, chunk_size))]
+    chunks = shard_chunks(len(labels), chunk_size)
     chunk_dir = lambda c: out_dir / "chunks" / f"chunk_{c:05d}"
-    mine = [(c, start) for c, start in chunks if c % world_size == rank and not is_complete(chunk_dir(c))]
-    for c, _ in mine:  # half-written chunks of a killed run (only this rank writes chunk c)
-        for stale in (out_dir / "chunks").glob(f".chunk_{c:05d}.tmp*"):
+    mine = [ch for ch in shard_chunks(len(labels), chunk_size, rank, world_size)
+            if not is_complete(chunk_dir(ch.index))]
+    for ch in mine:  # half-written chunks of a killed run (only this rank writes chunk c)
+        for stale in (out_dir / "chunks").glob(f".chunk_{ch.index:05d}.tmp*"):
             shutil.rmtree(stale, ignore_errors=True)
     if mine:
-        net = checkpoint_network(ckpt, "ema" if use_ema else "model").to(device)
+        net = sampling_network(ckpt, device, use_ema=use_ema)
         scheduler = inference_scheduler(ckpt.config["scheduler"], sampler, steps)
-        for c, start in progress_bar(mine, desc=f"augment (rank {rank})", unit="chunk", disable=not progress):
-            y = labels[start : start + chunk_size]
-            images = sample_images(net, scheduler, y, info.image_shape, guidance_scale=guidance_scale,
-                                   null_class=len(info.class_names), seed=seed + start, batch_size=batch_size,
-                                   eta=eta, amp_dtype=amp_dtype, progress=False)
+
+        def generate(y: torch.Tensor, first_seed: int) -> torch.Tensor:  # (n,) labels -> (n, 1, *image_shape)
+            return sample_images(net, scheduler, y, info.image_shape, guidance_scale=guidance_scale,
+                                 null_class=len(info.class_names), seed=first_seed, batch_size=batch_size,
+                                 eta=eta, amp_dtype=amp_dtype, progress=False)
+
+        bar = progress_bar(mine, desc=f"augment (rank {rank})", unit="chunk", disable=not progress)
+        for (c, start, stop), images in generate_chunks(generate, labels, bar, seed):
+            y = labels[start:stop]
             rows = []
             with atomic_folder(chunk_dir(c)) as tmp:
                 for j, (image, label) in enumerate(zip(images, y.tolist())):
@@ -272,8 +275,8 @@ def augment(
             result.generated += len(y)
             if on_chunk is not None:
                 on_chunk(c)
-    if all(is_complete(chunk_dir(c)) for c, _ in chunks):
-        _finish(out_dir, input, real, [chunk_dir(c) for c, _ in chunks])
+    if all(is_complete(chunk_dir(ch.index)) for ch in chunks):
+        _finish(out_dir, input, real, [chunk_dir(ch.index) for ch in chunks])
         result.complete = True
     return result
 

@@ -15,6 +15,10 @@ generator, so the loop is written out here, step by step:
    2M SDE, or DDIM with ``eta > 0``) comes from a generator seeded from ``(seed, first index of
    the batch)``, a stream apart from every starting noise.
 
+Generation in many processes (``sample`` and ``augment`` alike): the samples are cut into chunks,
+chunk ``c`` is made by rank ``c % world`` with :func:`sample_images` seeded from ``seed + start`` (its
+first sample's index), so any number of processes makes the same images (:func:`generate_sharded`).
+
 Example::
 
     sch = inference_scheduler(ckpt.config["scheduler"], sampler="ddim", steps=50)
@@ -27,7 +31,7 @@ import csv
 import inspect
 import json
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Iterable, Iterator, Mapping, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -37,8 +41,9 @@ from torch import nn
 
 from .dpm_solver import DPMSolverPP2M, DPMSolverPP2MSDE
 from .io import atomic_folder, is_complete
-from .model import file_id
+from .model import Checkpoint, checkpoint_network, file_id
 from .progress import progress_bar
+from .training import prepare_for_speed
 
 
 class DDIM(DDIMScheduler):
@@ -93,9 +98,132 @@ def inference_scheduler(spec: Mapping, sampler: str = "ddim", steps: int = 50):
     return scheduler
 
 
-def labels_for_counts(counts: Mapping[int, int]) -> torch.Tensor:
-    """``{class index: count}`` → the label of every sample, class by class."""
+def class_counts(num_per_class: int | Mapping[str, int], class_names: Sequence[str], *,
+                 key: str = "sample.num_per_class", allow_empty: bool = False) -> dict[str, int]:
+    """How many samples each class gets, from one count for every class or a count per class name.
+
+    Args:
+        num_per_class: an int (that many of every class) or ``{class_name: count}`` (classes not named get 0).
+        class_names: every class, in label order.
+        key: the config key that errors name.
+        allow_empty: accept a total of 0 samples.
+
+    Returns:
+        ``{class_name: count}`` for every class of ``class_names``, in their order.
+
+    Raises:
+        ValueError: a class name not in ``class_names``, a negative count, or no samples at all (unless
+        ``allow_empty``).
+
+    Example::
+
+        class_counts({"lesion": 2}, ["healthy", "lesion"]) == {"healthy": 0, "lesion": 2}
+    """
+    if isinstance(num_per_class, Mapping):
+        unknown = set(num_per_class) - set(class_names)
+        if unknown:
+            raise ValueError(f"{key} names unknown classes {sorted(unknown)}; known: {list(class_names)}")
+        counts = {c: int(num_per_class.get(c, 0)) for c in class_names}
+    else:
+        counts = {c: int(num_per_class) for c in class_names}
+    if any(n < 0 for n in counts.values()):
+        raise ValueError(f"{key}={num_per_class} asks for a negative count; give counts >= 0")
+    if not allow_empty and sum(counts.values()) == 0:
+        raise ValueError(f"{key}={num_per_class} asks for no samples; give at least one count > 0")
+    return counts
+
+
+def labels_for_counts(counts: Mapping, class_names: Sequence[str] | None = None) -> torch.Tensor:
+    """The label of every sample ``(N,)`` long, class by class, from ``{class index: count}``, or from
+    ``{class name: count}`` (as :func:`class_counts` returns) with ``class_names`` in label order."""
+    if class_names is not None:
+        counts = {list(class_names).index(c): k for c, k in counts.items()}
     return torch.tensor([c for c, k in sorted(counts.items()) for _ in range(int(k))], dtype=torch.long)
+
+
+def sampling_network(ckpt: Checkpoint, device: str | torch.device, *, use_ema: bool = True, compile=False,
+                     compile_cache: str | Path | None = None) -> nn.Module:
+    """The network of ``ckpt`` ready to sample on ``device``, in eval mode.
+
+    Args:
+        ckpt: a loaded diffusion checkpoint (:func:`medaug.model.load_checkpoint`).
+        device: where it runs.
+        use_ema: the EMA weights (else the training weights).
+        compile: CUDA only: ``False`` eager, ``True`` ``torch.compile`` mode default, ``"auto"`` mode
+            ``reduce-overhead`` (CUDA graphs for the fixed-shape denoising loop: 2.8x the fp32 eager loop
+            on an H200), or a ``torch.compile`` mode name.
+        compile_cache: folder of compiled kernels kept between runs (see :func:`medaug.training.prepare_for_speed`).
+
+    Returns:
+        The network on ``device`` (on CUDA channels-last for 2D, maybe a compiled wrapper sharing its parameters).
+    """
+    device = torch.device(device)
+    net = checkpoint_network(ckpt, "ema" if use_ema else "model").to(device)
+    if device.type != "cuda":
+        return net
+    mode = {"auto": "reduce-overhead", False: None, True: "default"}.get(compile, compile)
+    return prepare_for_speed(net, channels_last=ckpt.meta["spatial_dims"] == 2, compile_mode=mode,
+                             compile_cache=compile_cache)
+
+
+class Chunk(NamedTuple):
+    """Samples ``start`` up to ``stop`` (exclusive) of a generation: the ``index``-th block of its chunk size."""
+
+    index: int
+    start: int
+    stop: int
+
+
+def shard_chunks(n: int, chunk_size: int, rank: int = 0, world: int = 1) -> list[Chunk]:
+    """The chunks of ``n`` samples that process ``rank`` of ``world`` makes: chunk ``c`` (samples
+    ``c * chunk_size`` up to ``(c + 1) * chunk_size``) goes to rank ``c % world``; all of them for world 1.
+
+    Example: ``shard_chunks(5, 2, rank=1, world=2) == [Chunk(1, 2, 4)]``.
+    """
+    if chunk_size < 1 or not 0 <= rank < world:
+        raise ValueError(f"chunk size {chunk_size} must be >= 1 and rank {rank} in [0, world size {world})")
+    starts = range(0, n, chunk_size)
+    return [Chunk(c, start, min(start + chunk_size, n)) for c, start in enumerate(starts) if c % world == rank]
+
+
+Generate = Callable[[torch.Tensor, int], torch.Tensor]  # (labels (n,), seed of the first) -> images (n, C, *spatial)
+
+
+def generate_chunks(generate: Generate, labels: torch.Tensor, chunks: Iterable[Chunk],
+                    seed: int) -> Iterator[tuple[Chunk, torch.Tensor]]:
+    """``(chunk, generate(labels[start:stop], seed + start))`` for each chunk, one at a time.
+
+    ``generate`` seeds sample ``j`` of its call from ``seed + j`` (as :func:`sample_images` does), so
+    sample ``i`` comes from ``seed + i`` whichever process makes its chunk."""
+    for chunk in chunks:
+        yield chunk, generate(labels[chunk.start : chunk.stop], seed + chunk.start)
+
+
+def generate_sharded(generate: Generate, labels: torch.Tensor, chunk_size: int, seed: int, rank: int = 0,
+                     world: int = 1) -> torch.Tensor:
+    """All ``len(labels)`` images, made by ``world`` processes together: this one makes its
+    :func:`shard_chunks` with :func:`generate_chunks`, and with ``world > 1`` (a started
+    ``torch.distributed`` process group) every rank's chunks are gathered with ``all_gather_object``.
+
+    Args:
+        generate: ``(labels (n,), seed) -> images (n, C, *spatial)`` on the CPU.
+        labels: ``(N,)`` class labels, N >= 1.
+        chunk_size: samples per ``generate`` call (the batch size of ``sample``).
+        seed: sample ``i`` is made from ``seed + i``.
+        rank, world: this process and the number of processes.
+
+    Returns:
+        ``(N, C, *spatial)`` images in the order of ``labels``, the same on every rank and for every ``world``.
+    """
+    if len(labels) == 0:
+        raise ValueError("no samples to generate (0 labels)")
+    chunks = shard_chunks(len(labels), chunk_size, rank, world)
+    mine = {c.index: x for c, x in generate_chunks(generate, labels, chunks, seed)}
+    if world > 1:
+        gathered = [None] * world
+        torch.distributed.all_gather_object(gathered, mine)
+        mine = {k: v for part in gathered for k, v in part.items()}
+    return torch.cat([mine[k] for k in sorted(mine)])
 
 
 def guided_eps(model: nn.Module, x: torch.Tensor, t: int, labels: torch.Tensor, scale: float, null_class: int):
@@ -236,6 +364,34 @@ def save_samples(out_dir: str | Path, images: torch.Tensor, rows: Sequence[Mappi
         (tmp / "info.json").write_text(json.dumps(dict(info), indent=2))
         save_grid(images, labels, class_names, tmp / "grid.png")
     return Path(out_dir)
+
+
+def sample_records(ckpt: Checkpoint, labels: torch.Tensor, settings: Mapping, space=None) -> tuple[list[dict], dict]:
+    """The manifest rows and the provenance (``info.json``) of samples of ``ckpt``, for :func:`save_samples`.
+
+    Args:
+        ckpt: the checkpoint the samples came from.
+        labels: ``(N,)`` their labels; sample ``i`` was made from ``settings["seed"] + i``.
+        settings: the sampling settings (the ``sample`` section: ``seed``, ``guidance_scale``, ``sampler``,
+            ``steps``, ...), kept whole in ``info["sample"]``.
+        space: the :class:`medaug.latent.LatentSpace` the samples were decoded from; None in pixel space.
+
+    Returns:
+        ``(rows, info)``: one row per sample (index, label, class name, seed, sampler settings, checkpoint id)
+        and what a later stage needs (classes, geometry, window, model, dataset, no file paths).
+    """
+    meta, names = ckpt.meta, ckpt.meta["class_names"]
+    rows = [dict(index=i, label=int(y), class_name=names[int(y)], seed=settings["seed"] + i,
+                 guidance_scale=settings["guidance_scale"], sampler=settings["sampler"], steps=settings["steps"],
+                 checkpoint_id=ckpt.id) for i, y in enumerate(labels)]
+    info = dict(checkpoint_id=ckpt.id, checkpoint_step=ckpt.step, mlflow_run_id=meta.get("mlflow_run_id"),
+                class_names=names, spatial_dims=meta["spatial_dims"], image_shape=meta["image_shape"],
+                window=meta["window"], affine=meta["affine"], dataset=meta.get("dataset"),
+                model=ckpt.config["model"]["_target_"], sample=dict(settings), modality=meta.get("modality"),
+                latent=None if space is None else {k: v for k, v in space.meta().items() if k != "autoencoder_path"})
+    if space is not None:  # the data card names the model: say it is a latent diffusion model
+        info["model"] += f" on the latents of AutoencoderKL {space.id} (scale factor {space.scale_factor:.4g})"
+    return rows, info
 
 
 def samples_id(samples_dir: str | Path) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from medaug.augment import AugmentResult, augment, check_utility, save_synthetic_grid
 from medaug.tracking import flatten
@@ -44,7 +44,7 @@ def run(cfg: DictConfig) -> dict:
     utility = check_utility(path(cfg.paths.eval_dir), path(cfg.paths.samples_dir), ckpt_path, ignore=a.ignore_utility)
     (log.warning if utility.negative else log.info)("%s", utility.note)
     device = device_of(cfg)  # cuda:LOCAL_RANK under torchrun
-    num = OmegaConf.to_container(a.num_per_class) if OmegaConf.is_config(a.num_per_class) else a.num_per_class
+    num = container(a)["num_per_class"]  # an int or a plain {class_name: count}
     result = augment(path(cfg.input), ckpt_path, path(cfg.output), policy=a.policy, num_per_class=num,
                      ratio=a.ratio, split=a.split, guidance_scale=a.guidance_scale, sampler=a.sampler, steps=a.steps,
                      eta=a.eta, seed=a.seed, batch_size=a.batch_size, chunk_size=a.chunk_size, use_ema=a.use_ema,

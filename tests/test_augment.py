@@ -62,8 +62,11 @@ def test_policies_give_counts_per_class():
     assert synthetic_counts(real, "per_class", num_per_class=5) == {"a": 5, "b": 5, "c": 5}
     assert synthetic_counts(real, "per_class", num_per_class={"b": 2}) == {"a": 0, "b": 2, "c": 0}
     assert synthetic_counts(real, "ratio", ratio=0.5) == {"a": 5, "b": 2, "c": 4}
-    with pytest.raises(ValueError, match="unknown classes"):
+    assert synthetic_counts(real, "per_class", num_per_class=0) == {"a": 0, "b": 0, "c": 0}  # real items only
+    with pytest.raises(ValueError, match="augment.num_per_class names unknown classes"):
         synthetic_counts(real, "per_class", num_per_class={"z": 1})
+    with pytest.raises(ValueError, match=r"augment.num_per_class=\{'a': -1\} asks for a negative count"):
+        synthetic_counts(real, "per_class", num_per_class={"a": -1})
     with pytest.raises(ValueError, match="choose one of"):
         synthetic_counts(real, "oversample")
     with pytest.raises(ValueError, match="augment.ratio"):

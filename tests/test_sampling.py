@@ -4,9 +4,10 @@ import torch
 from monai.networks.schedulers import DDPMScheduler
 from PIL import Image
 
-from medaug.model import network_from_spec
-from medaug.sampling import (inference_scheduler, labels_for_counts, load_samples, sample_images, save_grid,
-                             save_samples)
+from medaug.model import EMA, load_checkpoint, network_from_spec, save_checkpoint
+from medaug.sampling import (Chunk, class_counts, generate_chunks, generate_sharded, inference_scheduler,
+                             labels_for_counts, load_samples, sample_images, sampling_network, save_grid, save_samples,
+                             shard_chunks)
 
 from .test_model import SPEC
 
@@ -115,3 +116,78 @@ def test_samples_folder_and_grid(tmp_path, spatial_dims):
     planes = 1 if spatial_dims == 2 else 3
     scale = 12  # 8-px images are enlarged to at least 96 px
     assert grid.shape == (2 * 10 * scale, 8 * (8 * planes + 2) * scale)  # 2 classes x 8 padded tiles
+
+
+CLASSES = ["healthy", "single_lesion", "multi_lesion"]
+
+
+def test_class_counts_from_an_int_or_a_map_for_every_class_in_label_order():
+    assert class_counts(2, CLASSES) == {"healthy": 2, "single_lesion": 2, "multi_lesion": 2}
+    counts = class_counts({"multi_lesion": 3, "healthy": 1}, CLASSES)
+    assert list(counts.items()) == [("healthy", 1), ("single_lesion", 0), ("multi_lesion", 3)]
+    assert labels_for_counts(counts, CLASSES).tolist() == [0, 2, 2, 2]
+    assert labels_for_counts({0: 1, 2: 3}).tolist() == [0, 2, 2, 2]
+    assert class_counts(0, CLASSES, allow_empty=True) == dict.fromkeys(CLASSES, 0)
+
+
+@pytest.mark.parametrize("bad, match", [({"lesion": 2}, r"sample.num_per_class names unknown classes \['lesion'\]"),
+                                        (0, r"sample.num_per_class=0 asks for no samples"),
+                                        ({"healthy": 0}, r"asks for no samples"),
+                                        ({"healthy": -1, "multi_lesion": 4}, "asks for a negative count")])
+def test_class_counts_refuses_unknown_classes_negative_counts_and_no_samples(bad, match):
+    with pytest.raises(ValueError, match=match):
+        class_counts(bad, CLASSES)
+    with pytest.raises(ValueError, match="augment.num_per_class"):
+        class_counts({"lesion": 2}, CLASSES, key="augment.num_per_class", allow_empty=True)
+
+
+def stamped(labels, seed):
+    """A fake generator: image j of a call is filled with ``1000 * (seed + j) + label``: ``(n, 1, 2, 2)``."""
+    value = 1000.0 * (seed + torch.arange(len(labels))) + labels
+    return value.view(-1, 1, 1, 1).expand(-1, 1, 2, 2).clone()
+
+
+def test_shard_chunks_deal_chunks_round_robin():
+    assert shard_chunks(7, 2) == [Chunk(0, 0, 2), Chunk(1, 2, 4), Chunk(2, 4, 6), Chunk(3, 6, 7)]
+    assert shard_chunks(7, 2, rank=0, world=2) == [Chunk(0, 0, 2), Chunk(2, 4, 6)]
+    assert shard_chunks(7, 2, rank=1, world=2) == [Chunk(1, 2, 4), Chunk(3, 6, 7)]
+    assert shard_chunks(1, 2, rank=2, world=3) == [] and shard_chunks(0, 2) == []
+    with pytest.raises(ValueError, match="rank 2"):
+        shard_chunks(4, 2, rank=2, world=2)
+
+
+def test_two_ranks_make_together_what_one_process_makes(monkeypatch):
+    labels = labels_for_counts({0: 3, 1: 2, 2: 2})
+    seeds = []
+    one = generate_sharded(lambda y, seed: seeds.append(seed) or stamped(y, seed), labels, chunk_size=2, seed=10)
+    assert seeds == [10, 12, 14, 16] and one.shape == (7, 1, 2, 2)
+    assert one[:, 0, 0, 0].tolist() == [1000.0 * (10 + i) + int(y) for i, y in enumerate(labels)]
+    assert torch.equal(generate_sharded(stamped, labels, chunk_size=3, seed=10), one)  # any chunk size
+
+    parts = [{c.index: x for c, x in generate_chunks(stamped, labels, shard_chunks(7, 2, r, 2), 10)} for r in (0, 1)]
+    assert sorted(parts[0]) == [0, 2] and sorted(parts[1]) == [1, 3]
+    for rank in (0, 1):  # all_gather_object of a 2-process group, simulated: every rank receives both parts
+        def all_gather_object(out, mine, rank=rank):
+            assert all(torch.equal(mine[k], parts[rank][k]) for k in parts[rank]) and mine.keys() == parts[rank].keys()
+            out[:] = parts
+
+        monkeypatch.setattr(torch.distributed, "all_gather_object", all_gather_object)
+        assert torch.equal(generate_sharded(stamped, labels, chunk_size=2, seed=10, rank=rank, world=2), one)
+    with pytest.raises(ValueError, match="0 labels"):
+        generate_sharded(stamped, labels[:0], chunk_size=2, seed=10)
+
+
+def test_sampling_network_picks_ema_or_training_weights(tmp_path):
+    model = net()
+    ema = EMA(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)  # the training weights move on; the EMA still holds the first ones
+    meta = dict(class_names=["a", "b", "c"], spatial_dims=2, image_shape=[8, 8])
+    path = save_checkpoint(tmp_path / "c.pt", model=model, ema=ema, optimizer=None, step=1,
+                           config={"model": SPEC, "scheduler": SCHED}, meta=meta)
+    ckpt = load_checkpoint(path)
+    for use_ema, state in [(True, ema.state_dict()["model"]), (False, model.state_dict())]:
+        built = sampling_network(ckpt, "cpu", use_ema=use_ema)
+        assert not built.training and next(built.parameters()).device.type == "cpu"
+        assert all(torch.equal(v, state[k]) for k, v in built.state_dict().items())
