@@ -102,3 +102,28 @@ def test_user_encoder_weights_drive_the_features_and_are_named(tmp_path, prepare
     assert extractors[0].startswith("user encoder monai.networks.nets.DenseNet (weights sha256 ")
     with pytest.raises(ValueError, match="evaluate.encoder.network is not"):
         run_eval(tmp_path, prepared_2d, [f"evaluate.encoder.weights={tmp_path / 'enc.pt'}"])
+
+
+def test_classifier_cache_lives_beside_the_eval_folder_and_a_second_evaluate_reuses_it(tmp_path, prepared_2d,
+                                                                                       monkeypatch):
+    from medaug import evaluation
+
+    def listing(folder):
+        return {p.relative_to(folder).as_posix(): p.stat().st_mtime_ns for p in folder.rglob("*")}
+
+    planted_samples(prepared_2d, ["test"], tmp_path / "s")
+    before = listing(prepared_2d)
+    first = run_eval(tmp_path, prepared_2d, ["evaluate.utility.seeds=[]"])
+    assert listing(prepared_2d) == before                       # evaluate never writes into prepare's folder
+    cached = sorted((tmp_path / "eval_classifiers").iterdir())
+    assert [p.name[:19] for p in cached] == ["label_clf_s20_seed0"] and cached[0].stat().st_size > 1000
+    assert "classifiers" not in {p.name for p in (tmp_path / "eval").iterdir()}  # the eval folder holds only its files
+
+    trained = []
+    monkeypatch.setattr(evaluation, "train_classifier", lambda *a, **k: trained.append(1) or pytest.fail("retrained"))
+    second = run_eval(tmp_path, prepared_2d, ["evaluate.utility.seeds=[]"])  # the eval folder is rewritten ...
+    assert not trained and sorted((tmp_path / "eval_classifiers").iterdir()) == cached  # ... the cache is reused
+    assert {k: v for k, v in second.items() if k != "privacy/verdict"} == pytest.approx(
+        {k: v for k, v in first.items() if k != "privacy/verdict"}, nan_ok=True)
+    with pytest.raises(pytest.fail.Exception, match="retrained"):   # other settings: another classifier
+        run_eval(tmp_path, prepared_2d, ["evaluate.utility.seeds=[]", "evaluate.classifier_steps=21"])
