@@ -21,7 +21,7 @@ import hashlib
 import json
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from functools import partial
 from pathlib import Path
 from typing import NamedTuple
@@ -82,27 +82,36 @@ class EvalSettings:
     n_pairs: int = 64               # random pairs per class for MS-SSIM diversity
     seed: int = 0
     encoder: EncoderSettings = field(default_factory=EncoderSettings)
-    fidelity: dict = field(default_factory=dict)    # keyword arguments of fidelity_metrics: pr_k, dc_k, kid_subsets, ...
+    fidelity: dict = field(default_factory=dict)    # fidelity_metrics keywords: pr_k, dc_k, kid_subsets, ...
     utility: UtilitySettings = field(default_factory=UtilitySettings)
     privacy: PrivacySettings = field(default_factory=PrivacySettings)
     pairs_top: int = 16             # suspicious synthetic samples drawn beside their nearest training image
 
     @classmethod
     def from_dict(cls, section: dict) -> EvalSettings:
-        """From the plain (resolved) ``evaluate`` section of a config; missing keys take the defaults, and a
-        relative ``encoder.weights`` is relative to the working directory."""
+        """From the plain (resolved) ``evaluate`` section of a config; missing keys take the defaults, an unknown
+        key is a ValueError, and a relative ``encoder.weights`` is relative to the working directory."""
         s = dict(section)
         split = s.get("real_split", cls.real_split)
         s["real_split"] = (split,) if isinstance(split, str) else tuple(str(x) for x in split)
         encoder = dict(s.get("encoder") or {})
         encoder["weights"] = Path(str(encoder["weights"])).expanduser().resolve() if encoder.get("weights") else None
-        s["encoder"] = EncoderSettings(**encoder)
+        s["encoder"] = _settings(EncoderSettings, encoder, "evaluate.encoder")
         utility = dict(s.get("utility") or {})
         utility["seeds"] = tuple(int(x) for x in utility.get("seeds") or ())
-        s["utility"] = UtilitySettings(**utility)
-        s["privacy"] = PrivacySettings(**(s.get("privacy") or {}))
+        s["utility"] = _settings(UtilitySettings, utility, "evaluate.utility")
+        s["privacy"] = _settings(PrivacySettings, s.get("privacy") or {}, "evaluate.privacy")
         s["fidelity"] = dict(s.get("fidelity") or {})
-        return cls(**s)
+        return _settings(cls, s, "evaluate")
+
+
+def _settings(kind: type, values: dict, where: str):
+    """``kind(**values)``, refusing a key ``kind`` does not have with one line naming it."""
+    known = {f.name for f in fields(kind)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"{where}.{unknown[0]}: unknown setting; {where} has {', '.join(sorted(known))}")
+    return kind(**values)
 
 
 class EvalResult(NamedTuple):

@@ -117,7 +117,7 @@ def test_classifier_cache_lives_beside_the_eval_folder_and_a_second_evaluate_reu
     assert listing(prepared_2d) == before                       # evaluate never writes into prepare's folder
     cached = sorted((tmp_path / "eval_classifiers").iterdir())
     assert [p.name[:19] for p in cached] == ["label_clf_s20_seed0"] and cached[0].stat().st_size > 1000
-    assert "classifiers" not in {p.name for p in (tmp_path / "eval").iterdir()}  # the eval folder holds only its files
+    assert not [p for p in (tmp_path / "eval").iterdir() if p.is_dir()]  # the eval folder holds only its own files
 
     trained = []
     monkeypatch.setattr(evaluation, "train_classifier", lambda *a, **k: trained.append(1) or pytest.fail("retrained"))
@@ -127,3 +127,19 @@ def test_classifier_cache_lives_beside_the_eval_folder_and_a_second_evaluate_reu
         {k: v for k, v in first.items() if k != "privacy/verdict"}, nan_ok=True)
     with pytest.raises(pytest.fail.Exception, match="retrained"):   # other settings: another classifier
         run_eval(tmp_path, prepared_2d, ["evaluate.utility.seeds=[]", "evaluate.classifier_steps=21"])
+
+
+def test_settings_come_from_the_plain_evaluate_section_and_refuse_unknown_keys(tmp_path):
+    from omegaconf import OmegaConf
+
+    from medaug.evaluation import EvalSettings
+
+    section = OmegaConf.to_container(compose_cfg("evaluate", tmp_path, ["evaluate.real_split=test"]).evaluate,
+                                     resolve=True)
+    s = EvalSettings.from_dict(section)
+    assert s.real_split == ("test",) and s.utility.seeds == (0, 1) and s.utility.steps == s.classifier_steps == 400
+    assert s.encoder.weights is None and s.privacy.flags.max_copy_rate == 0.1 and s.fidelity["pr_k"] == 3
+    weights = EvalSettings.from_dict(dict(section, encoder=dict(section["encoder"], weights="enc.pt")))
+    assert weights.encoder.weights.is_absolute() and weights.encoder.weights.name == "enc.pt"
+    with pytest.raises(ValueError, match="evaluate.privacy.max_copy: unknown setting"):
+        EvalSettings.from_dict(dict(section, privacy=dict(section["privacy"], max_copy=0.2)))
