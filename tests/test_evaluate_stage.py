@@ -102,3 +102,44 @@ def test_user_encoder_weights_drive_the_features_and_are_named(tmp_path, prepare
     assert extractors[0].startswith("user encoder monai.networks.nets.DenseNet (weights sha256 ")
     with pytest.raises(ValueError, match="evaluate.encoder.network is not"):
         run_eval(tmp_path, prepared_2d, [f"evaluate.encoder.weights={tmp_path / 'enc.pt'}"])
+
+
+def test_classifier_cache_lives_beside_the_eval_folder_and_a_second_evaluate_reuses_it(tmp_path, prepared_2d,
+                                                                                       monkeypatch):
+    from medaug import evaluation
+
+    def listing(folder):
+        return {p.relative_to(folder).as_posix(): p.stat().st_mtime_ns for p in folder.rglob("*")}
+
+    planted_samples(prepared_2d, ["test"], tmp_path / "s")
+    before = listing(prepared_2d)
+    first = run_eval(tmp_path, prepared_2d, ["evaluate.utility.seeds=[]"])
+    assert listing(prepared_2d) == before                       # evaluate never writes into prepare's folder
+    cached = sorted((tmp_path / "eval_classifiers").iterdir())
+    assert [p.name[:19] for p in cached] == ["label_clf_s20_seed0"] and cached[0].stat().st_size > 1000
+    assert not [p for p in (tmp_path / "eval").iterdir() if p.is_dir()]  # the eval folder holds only its own files
+
+    trained = []
+    monkeypatch.setattr(evaluation, "train_classifier", lambda *a, **k: trained.append(1) or pytest.fail("retrained"))
+    second = run_eval(tmp_path, prepared_2d, ["evaluate.utility.seeds=[]"])  # the eval folder is rewritten ...
+    assert not trained and sorted((tmp_path / "eval_classifiers").iterdir()) == cached  # ... the cache is reused
+    assert {k: v for k, v in second.items() if k != "privacy/verdict"} == pytest.approx(
+        {k: v for k, v in first.items() if k != "privacy/verdict"}, nan_ok=True)
+    with pytest.raises(pytest.fail.Exception, match="retrained"):   # other settings: another classifier
+        run_eval(tmp_path, prepared_2d, ["evaluate.utility.seeds=[]", "evaluate.classifier_steps=21"])
+
+
+def test_settings_come_from_the_plain_evaluate_section_and_refuse_unknown_keys(tmp_path):
+    from omegaconf import OmegaConf
+
+    from medaug.evaluation import EvalSettings
+
+    section = OmegaConf.to_container(compose_cfg("evaluate", tmp_path, ["evaluate.real_split=test"]).evaluate,
+                                     resolve=True)
+    s = EvalSettings.from_dict(section)
+    assert s.real_split == ("test",) and s.utility.seeds == (0, 1) and s.utility.steps == s.classifier_steps == 400
+    assert s.encoder.weights is None and s.privacy.flags.max_copy_rate == 0.1 and s.fidelity["pr_k"] == 3
+    weights = EvalSettings.from_dict(dict(section, encoder=dict(section["encoder"], weights="enc.pt")))
+    assert weights.encoder.weights.is_absolute() and weights.encoder.weights.name == "enc.pt"
+    with pytest.raises(ValueError, match="evaluate.privacy.max_copy: unknown setting"):
+        EvalSettings.from_dict(dict(section, privacy=dict(section["privacy"], max_copy=0.2)))

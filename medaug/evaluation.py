@@ -1,0 +1,300 @@
+"""The evaluate stage: synthetic images + held-out real data -> realism, utility and privacy metrics and the
+evaluation folder.
+
+    settings = EvalSettings.from_dict({"classifier_steps": 400, "privacy": {"max_copy_rate": 0.05}})
+    result = evaluate("out/samples", "out/prepared", "out/eval", settings, torch.device("cpu"))
+    result.metrics["fidelity/fd"], result.verdict          # 12.3, "pass"
+
+The folder (written atomically, ``DONE`` last) holds ``metrics.json`` (NaN as null), ``privacy.json`` (verdict,
+reasons, copy threshold, feature extractors, the id of the samples evaluated), ``per_sample.csv`` (copy score and
+nearest training item per synthetic sample; export's copy filter reads these), ``report.md`` and the pictures.
+
+The real-trained classifiers (label fidelity, default encoder, 2.5D encoder) are cached beside that folder in
+``<eval folder>_classifiers/`` (:func:`classifier_cache_dir`), named by their settings and a digest of the images
+they were trained on: a re-evaluation, which replaces the eval folder as a whole, reuses them, a re-prepared train
+split with other images trains new ones, and the prepared folder is never written to.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass, field, fields
+from functools import partial
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+from medaug.dataset import load_info, load_split, read_manifest
+from medaug.io import atomic_folder, temp_name
+from medaug.metrics import (FeatureExtractor, PlaneFeatureExtractor, fidelity_metrics, load_weights, make_classifier,
+                            realism_metrics, slices_for_training, train_classifier, utility_metrics)
+from medaug.model import network_from_spec
+from medaug.privacy import PrivacyAudit, PrivacyFlags, privacy_audit, write_per_sample
+from medaug.report import write_pictures, write_report
+from medaug.sampling import load_samples, samples_id
+
+
+@dataclass(frozen=True)
+class EncoderSettings:
+    """Features for FD/KID/precision/recall/density/coverage and embedding-space privacy (``evaluate.encoder``)."""
+
+    weights: Path | None = None     # None: the classifier trained on the real train split
+    network: dict | None = None     # with weights: the network they belong to, {_target_: ..., **arguments}
+    channels: int = 1               # repeat the grey image to this many input channels
+    planes_25d: bool = True         # 3D only: also the 2.5D features (mid-plane slices through a 2D encoder)
+
+
+@dataclass(frozen=True)
+class UtilitySettings:
+    """Train-on-real / synthetic / both classifiers (``evaluate.utility``); no ``seeds``: no utility metrics."""
+
+    seeds: tuple[int, ...] = (0, 1)
+    steps: int = 400
+    batch_size: int = 32
+
+
+@dataclass(frozen=True)
+class PrivacySettings:
+    """The memorisation audit (``evaluate.privacy``): copy-score space and threshold percentile, and the flags."""
+
+    space: str = "pixel"            # pixel | embedding
+    percentile: float = 95.0        # copy threshold = this percentile of held-out -> train highest correlations
+    max_copy_rate: float = 0.10
+    max_closer_share: float = 0.55
+    min_dcr_ratio: float = 0.9
+    alpha: float = 0.05
+
+    @property
+    def flags(self) -> PrivacyFlags:
+        return PrivacyFlags(self.max_copy_rate, self.max_closer_share, self.min_dcr_ratio, self.alpha)
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """Everything :func:`evaluate` is told, one field per key of the ``evaluate`` config section."""
+
+    real_split: tuple[str, ...] = ("val", "test")   # held-out real split(s), concatenated
+    classifier_steps: int = 400
+    n_pairs: int = 64               # random pairs per class for MS-SSIM diversity
+    seed: int = 0
+    encoder: EncoderSettings = field(default_factory=EncoderSettings)
+    fidelity: dict = field(default_factory=dict)    # fidelity_metrics keywords: pr_k, dc_k, kid_subsets, ...
+    utility: UtilitySettings = field(default_factory=UtilitySettings)
+    privacy: PrivacySettings = field(default_factory=PrivacySettings)
+    pairs_top: int = 16             # suspicious synthetic samples drawn beside their nearest training image
+
+    @classmethod
+    def from_dict(cls, section: dict) -> EvalSettings:
+        """From the plain (resolved) ``evaluate`` section of a config; missing keys take the defaults, an unknown
+        key is a ValueError, and a relative ``encoder.weights`` is relative to the working directory."""
+        s = dict(section)
+        split = s.get("real_split", cls.real_split)
+        s["real_split"] = (split,) if isinstance(split, str) else tuple(str(x) for x in split)
+        encoder = dict(s.get("encoder") or {})
+        encoder["weights"] = Path(str(encoder["weights"])).expanduser().resolve() if encoder.get("weights") else None
+        s["encoder"] = _settings(EncoderSettings, encoder, "evaluate.encoder")
+        utility = dict(s.get("utility") or {})
+        utility["seeds"] = tuple(int(x) for x in utility.get("seeds") or ())
+        s["utility"] = _settings(UtilitySettings, utility, "evaluate.utility")
+        s["privacy"] = _settings(PrivacySettings, s.get("privacy") or {}, "evaluate.privacy")
+        s["fidelity"] = dict(s.get("fidelity") or {})
+        return _settings(cls, s, "evaluate")
+
+
+def _settings(kind: type, values: dict, where: str):
+    """``kind(**values)``, refusing a key ``kind`` does not have with one line naming it."""
+    known = {f.name for f in fields(kind)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"{where}.{unknown[0]}: unknown setting; {where} has {', '.join(sorted(known))}")
+    return kind(**values)
+
+
+class EvalResult(NamedTuple):
+    """What :func:`evaluate` found: ``metrics`` (``fidelity/...``, ``privacy/...``; NaN where undefined), the
+    privacy ``verdict`` (pass | warn | fail) and its ``reasons``, the feature ``extractors`` used, the folder
+    written and the MLflow run of the samples (None when they were not tracked)."""
+
+    metrics: dict[str, float]
+    verdict: str
+    reasons: list[str]
+    extractors: list[str]
+    out_dir: Path
+    mlflow_run_id: str | None
+
+
+@dataclass
+class EvalData:
+    """The images an evaluation compares, all ``(N, 1, *spatial)`` in [-1, 1] on the host, labels ``(N,)``."""
+
+    synth_x: torch.Tensor
+    synth_y: torch.Tensor
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor           # the held-out real images
+    test_y: torch.Tensor
+    class_names: list[str]
+    spatial_dims: int
+    train_items: list[dict]        # manifest rows of the train split, in order
+    sample_index: list[int]        # the samples manifest's index of each synthetic image
+    info: dict                     # the samples' info.json
+
+
+def held_out(root: Path, splits) -> tuple[torch.Tensor, torch.Tensor]:
+    """The real images of one split name or a list of them (patients never trained on), concatenated."""
+    splits = [splits] if isinstance(splits, str) else [str(s) for s in splits]
+    parts = [load_split(root, s) for s in splits]
+    x, y = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    if len(x) < 2:
+        raise ValueError(f"{root}: held-out split(s) {splits} hold {len(x)} images; at least 2 are needed "
+                         "(set evaluate.real_split=[val,test] or prepare with a larger split)")
+    return x, y
+
+
+def load_eval_data(samples_dir: Path, prepared_dir: Path, real_split) -> EvalData:
+    """The samples of ``samples_dir`` and the train and held-out real images of ``prepared_dir``; their class
+    names must agree."""
+    synth_x, synth_y, rows, info = load_samples(samples_dir)
+    prepared = load_info(prepared_dir)
+    names = prepared.class_names
+    if names != info["class_names"]:
+        raise ValueError(f"samples have classes {info['class_names']} but {prepared.root} has {names}")
+    train_x, train_y = load_split(prepared.root, "train")
+    test_x, test_y = held_out(prepared.root, real_split)
+    train_items = [r for r in read_manifest(prepared.root) if r["split"] == "train"]
+    sample_index = [int(r.get("index", i)) for i, r in enumerate(rows)]  # one manifest row per sample
+    return EvalData(synth_x, synth_y, train_x, train_y, test_x, test_y, names, prepared.spatial_dims, train_items,
+                    sample_index, info)
+
+
+def classifier_cache_dir(out_dir: str | os.PathLike) -> Path:
+    """Where the classifiers of the evaluation written to ``out_dir`` are cached: ``<out_dir>_classifiers/``,
+    beside it, so that the atomic rewrite of ``out_dir`` keeps them and its files stay the evaluation's own."""
+    out_dir = Path(out_dir)
+    return out_dir.with_name(f"{out_dir.name}_classifiers")
+
+
+def cached_classifier(cache_dir: Path, images: torch.Tensor, labels: torch.Tensor, num_classes: int, steps: int,
+                      seed: int, device: torch.device, kind: str = "label") -> torch.nn.Module:
+    """A classifier trained on ``images`` (N, 1, *spatial) / ``labels`` (N,), on ``device``, trained once per
+    training set and setting and cached in ``cache_dir`` (``kind`` names it: ``label`` for the train images,
+    ``slice`` for their 2D plane slices, the 2.5D encoder)."""
+    digest = hashlib.sha256(repr((tuple(images.shape), num_classes)).encode())
+    digest.update(images.contiguous().numpy().tobytes())
+    digest.update(labels.contiguous().numpy().tobytes())
+    cache = Path(cache_dir) / f"{kind}_clf_s{steps}_seed{seed}_{digest.hexdigest()[:16]}.pt"
+    if cache.exists():
+        model = make_classifier(images.shape[2:], num_classes)
+        model.load_state_dict(torch.load(cache, map_location="cpu", weights_only=True))
+        return model.to(device).eval()
+    model = train_classifier(images, labels, num_classes, steps=steps, seed=seed, device=device)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_name(cache)
+    torch.save(model.state_dict(), tmp)
+    os.replace(tmp, cache)  # a killed run leaves no half-written classifier
+    return model
+
+
+def encoder_of(settings: EvalSettings, clf: torch.nn.Module, device: torch.device) -> FeatureExtractor:
+    """The user's network and weights when ``settings.encoder.weights`` is set, else the real-trained ``clf``."""
+    enc = settings.encoder
+    if enc.weights is None:
+        return FeatureExtractor(clf, f"medaug DenseNet classifier trained on the real train split "
+                                     f"({settings.classifier_steps} steps, seed {settings.seed}), penultimate pooled "
+                                     "features")
+    if not enc.network:
+        raise ValueError("evaluate.encoder.weights is set but evaluate.encoder.network is not; give the network's "
+                         "_target_ and arguments, e.g. {_target_: monai.networks.nets.DenseNet121, ...}")
+    net = load_weights(network_from_spec(dict(enc.network)), enc.weights).to(device)
+    digest = hashlib.sha256(enc.weights.read_bytes()).hexdigest()[:12] if enc.weights.is_file() else "?"
+    return FeatureExtractor(net, f"user encoder {enc.network['_target_']} (weights sha256 {digest}), penultimate "
+                                 "features", channels=int(enc.channels))
+
+
+def compute_metrics(data: EvalData, settings: EvalSettings, device: torch.device,
+                    cache_dir: Path) -> tuple[dict[str, float], PrivacyAudit, list[str]]:
+    """Realism (label fidelity, diversity), fidelity (also 2.5D for volumes), privacy and utility metrics of
+    ``data``; returns ``(metrics, privacy audit, feature extractor descriptions)``."""
+    d, s, k, names = data, settings, len(data.class_names), data.class_names
+    clf = cached_classifier(cache_dir, d.train_x, d.train_y, k, s.classifier_steps, s.seed, device)
+    encoder = encoder_of(s, clf, device)
+    extractors = [encoder.description]
+    metrics = realism_metrics(clf, d.train_x, d.train_y, d.test_x, d.test_y, d.synth_x, d.synth_y, names,
+                              n_pairs=s.n_pairs, seed=s.seed)
+    fkw = dict(s.fidelity, seed=s.seed)
+    metrics.update(fidelity_metrics(encoder(d.test_x), d.test_y, encoder(d.synth_x), d.synth_y, names, **fkw))
+    if d.spatial_dims == 3 and s.encoder.planes_25d:
+        sx, sy = slices_for_training(d.train_x, d.train_y)
+        clf2d = cached_classifier(cache_dir, sx, sy, k, s.classifier_steps, s.seed, device, kind="slice")
+        planes = PlaneFeatureExtractor(FeatureExtractor(clf2d, f"medaug 2D DenseNet trained on plane slices of the "
+                                                               f"real train volumes ({s.classifier_steps} steps)"))
+        extractors.append(planes.description)
+        metrics.update(fidelity_metrics(planes(d.test_x), d.test_y, planes(d.synth_x), d.synth_y, names,
+                                        suffix="_25d", **fkw))
+    p = s.privacy
+    audit = privacy_audit(d.synth_x, d.train_x, d.test_x, [r["patient"] for r in d.train_items], encoder,
+                          space=p.space, percentile=p.percentile, flags=p.flags, synth_labels=d.synth_y,
+                          class_names=names, seed=s.seed)
+    metrics.update(audit.metrics)
+    if s.utility.seeds:
+        metrics.update(utility_metrics(d.train_x, d.train_y, d.synth_x, d.synth_y, d.test_x, d.test_y, k,
+                                       seeds=list(s.utility.seeds), steps=s.utility.steps,
+                                       batch_size=s.utility.batch_size,
+                                       train_fn=partial(train_classifier, device=device)).metrics())
+    return metrics, audit, extractors
+
+
+def write_eval_folder(out_dir: Path, data: EvalData, settings: EvalSettings, metrics: dict[str, float],
+                      privacy: dict, audit: PrivacyAudit, extractors: list[str]) -> Path:
+    """The evaluation folder, atomically: ``metrics.json``, ``privacy.json`` (``privacy``), ``per_sample.csv``,
+    the pictures and ``report.md``. Returns ``out_dir``."""
+    d, names = data, data.class_names
+    with atomic_folder(out_dir) as tmp:
+        (tmp / "metrics.json").write_text(json.dumps({key: (v if math.isfinite(v) else None)
+                                                      for key, v in sorted(metrics.items())}, indent=2))
+        (tmp / "privacy.json").write_text(json.dumps(privacy, indent=2))
+        write_per_sample(tmp / "per_sample.csv", audit.scores, d.sample_index, d.synth_y.tolist(), names,
+                         d.train_items)
+        pictures = write_pictures(tmp, d.synth_x, d.synth_y, d.test_x, d.test_y, d.train_x, names, audit.scores,
+                                  settings.pairs_top)
+        p = settings.privacy
+        write_report(tmp / "report.md", metrics, names, extractors, privacy, pictures,
+                     {"samples": f"{len(d.synth_x)} synthetic ({d.info.get('checkpoint_id', '?')}), "
+                                 f"{len(d.train_x)} real train, {len(d.test_x)} real held-out",
+                      "copy score space": f"{p.space} (threshold = {p.percentile}th percentile of held-out maxima)"})
+    return Path(out_dir)
+
+
+def evaluate(samples_dir: str | os.PathLike, prepared_dir: str | os.PathLike, out_dir: str | os.PathLike,
+             settings: EvalSettings, device: torch.device, cache_dir: str | os.PathLike | None = None) -> EvalResult:
+    """Evaluate the synthetic images of ``samples_dir`` against the real ones of ``prepared_dir`` and write the
+    evaluation folder ``out_dir`` (see the module doc).
+
+    Args:
+        samples_dir: a complete samples folder (``medaug sample``): ``samples.pt``, ``manifest.csv``, ``info.json``.
+        prepared_dir: the complete prepared dataset the model was trained on; its ``train`` split is what
+            memorisation is measured against, ``settings.real_split`` the held-out reference. Only read.
+        out_dir: the evaluation folder to write; replaced as a whole when it exists.
+        settings: what to compute (:class:`EvalSettings`, e.g. ``EvalSettings.from_dict(evaluate_section)``).
+        device: where the classifiers and encoders run; the images stay in host memory.
+        cache_dir: where real-trained classifiers are cached; default :func:`classifier_cache_dir` of ``out_dir``.
+
+    Returns:
+        :class:`EvalResult` with the metrics (NaN where undefined, null in ``metrics.json``) and the privacy verdict.
+
+    Raises:
+        FileNotFoundError / DatasetError: an input folder is not complete.
+        ValueError: the class names of samples and dataset differ, the held-out split has under 2 images, or
+            ``encoder.weights`` is set without ``encoder.network``.
+    """
+    samples_dir, out_dir = Path(samples_dir), Path(out_dir)
+    data = load_eval_data(samples_dir, Path(prepared_dir), settings.real_split)
+    cache_dir = Path(cache_dir) if cache_dir is not None else classifier_cache_dir(out_dir)
+    metrics, audit, extractors = compute_metrics(data, settings, device, cache_dir)
+    privacy = audit.summary() | {"extractors": extractors, "samples_id": samples_id(samples_dir)}
+    write_eval_folder(out_dir, data, settings, metrics, privacy, audit, extractors)
+    return EvalResult(metrics, audit.verdict, list(audit.reasons), extractors, out_dir, data.info.get("mlflow_run_id"))
