@@ -29,7 +29,7 @@ from medaug.model import network_from_spec
 from medaug.privacy import PrivacyFlags, privacy_audit, write_per_sample
 from medaug.report import write_pictures, write_report
 from medaug.sampling import load_samples, samples_id
-from medaug.tracking import flatten
+from medaug.tracking import flatten, tracked
 from pipelines.common import container, device_of, log, make_tracker, path, stage_main
 
 
@@ -130,16 +130,15 @@ def run(cfg: DictConfig) -> dict:
                      {"samples": f"{len(synth_x)} synthetic ({info.get('checkpoint_id', '?')}), "
                                  f"{len(train_x)} real train, {len(test_x)} real held-out",
                       "copy score space": f"{p.space} (threshold = {p.percentile}th percentile of held-out maxima)"})
-    tracker.start(run_name=cfg.name, run_id=info.get("mlflow_run_id"), tags={"medaug.job": cfg.name})
     tags = flatten(container(e), "evaluate.")
     if e.encoder.weights:
         tags["evaluate.encoder.weights"] = "<path>"
-    tracker.set_tags(tags | {"evaluate.extractor": " | ".join(extractors), "privacy.verdict": audit.verdict})
-    tracker.log_metrics(finite)
-    for file in sorted(out_dir.iterdir()):
-        if file.name != "DONE":
-            tracker.log_artifact(file, "evaluation")
-    tracker.end()
+    with tracked(tracker, run_name=cfg.name, run_id=info.get("mlflow_run_id"), tags={"medaug.job": cfg.name}):
+        tracker.set_tags(tags | {"evaluate.extractor": " | ".join(extractors), "privacy.verdict": audit.verdict})
+        tracker.log_metrics(finite)
+        for file in sorted(out_dir.iterdir()):
+            if file.name != "DONE":
+                tracker.log_artifact(file, "evaluation")
     for key in sorted(metrics):
         if key.count("/") == 1 and not key.endswith("_std"):
             log.info("  %-32s %.4f", key, metrics[key])

@@ -15,9 +15,10 @@ from omegaconf import DictConfig, OmegaConf
 from medaug.latent import latent_space_of
 from medaug.model import checkpoint_network, load_checkpoint
 from medaug.sampling import inference_scheduler, labels_for_counts, sample_images, save_samples
+from medaug.runtime import process_group
+from medaug.tracking import tracked
 from medaug.training import prepare_for_speed
-from pipelines.common import (amp_dtype_of, container, default_ckpt, device_of, log, make_tracker, path, process_group,
-                              stage_main)
+from pipelines.common import amp_dtype_of, container, default_ckpt, device_of, log, make_tracker, path, stage_main
 
 
 def class_counts(num_per_class, class_names: list[str]) -> dict[int, int]:
@@ -87,10 +88,9 @@ def run(cfg: DictConfig) -> dict:
         info["model"] += f" on the latents of AutoencoderKL {space.id} (scale factor {space.scale_factor:.4g})"
     out = save_samples(path(cfg.paths.samples_dir), images, rows, info, class_names)
 
-    tracker.start(run_name=cfg.name, run_id=info["mlflow_run_id"], tags={"medaug.job": cfg.name})
-    tracker.set_tags({f"sample.{k}": v for k, v in container(s).items()})
-    tracker.log_artifact(out / "grid.png", "samples")
-    tracker.end()
+    with tracked(tracker, run_name=cfg.name, run_id=info["mlflow_run_id"], tags={"medaug.job": cfg.name}):
+        tracker.set_tags({f"sample.{k}": v for k, v in container(s).items()})
+        tracker.log_artifact(out / "grid.png", "samples")
     log.info("wrote %d samples (%s) to %s", len(labels), {class_names[c]: n for c, n in counts.items()}, out)
     return {"samples": len(labels), "samples_dir": str(out)}
 
