@@ -51,7 +51,7 @@ from .model import (EMA, ema_network, file_id, load_checkpoint, network_from_spe
                     save_checkpoint)
 from .progress import progress_bar
 from .sampling import sample_images, save_grid
-from .tracking import NullTracker, Tracker, flatten, guarded
+from .tracking import NullTracker, Tracker, flatten, guarded, tracked
 from .training import barrier, checkpoint_at_exit, rank_and_world, step_generator, to_device
 
 log = logging.getLogger("medaug")
@@ -616,40 +616,35 @@ def train_autoencoder(config: Mapping, prepared_dir: str | Path, ckpt_path: str 
 
     train_x, train_y = load_split(info.root, "train")
     val_x, _ = load_split(info.root, "val")
-    tracker.start(run_name=run_name, run_id=run_id, tags={"medaug.job": run_name})
-    if start_step == 0:
-        tracker.log_params(flatten({"autoencoder": section}))
-    meta.update(kind="autoencoder", spatial_dims=info.spatial_dims, image_shape=list(info.image_shape),
-                latent_channels=int(spec["latent_channels"]), latent_shape=latent_shape, dataset=info.fingerprint,
-                encode_tile=settings.encode_tile, mlflow_run_id=tracker.run_id)
-    payload = lambda: {"config": {"model": spec, "autoencoder": dict(section)}, "meta": meta}  # noqa: E731
-    try:
+    with tracked(tracker, run_name=run_name, run_id=run_id, tags={"medaug.job": run_name}):
+        if start_step == 0:
+            tracker.log_params(flatten({"autoencoder": section}))
+        meta.update(kind="autoencoder", spatial_dims=info.spatial_dims, image_shape=list(info.image_shape),
+                    latent_channels=int(spec["latent_channels"]), latent_shape=latent_shape, dataset=info.fingerprint,
+                    encode_tile=settings.encode_tile, mlflow_run_id=tracker.run_id)
+        payload = lambda: {"config": {"model": spec, "autoencoder": dict(section)}, "meta": meta}  # noqa: E731
         result = fit_autoencoder(ae, ema, optimizers, train_x, settings, val_images=val_x, start_step=start_step,
                                  ckpt_path=ckpt_path, checkpoint_payload=payload, tracker=tracker)
-    except BaseException:
-        tracker.end("KILLED")
-        raise
 
-    net = ema.model.eval()
-    metrics = {}
-    if len(val_x) and rank == 0:
-        metrics, recon = reconstruction_metrics(net, val_x, settings.batch_size, settings.encode_tile)
-        k = min(4, len(val_x))
-        grid = save_grid(torch.cat([val_x[:k], recon[:k]]), torch.tensor([0] * k + [1] * k),
-                         ["real", "reconstruction"], ckpt_path.parent / "reconstructions.png", per_class=k)
-        tracker.log_metrics(metrics, step=result.step)
-        tracker.log_artifact(grid, "autoencoder")
-    latents = encode_shared(net, train_x, settings.batch_size, progress=True, tile=settings.encode_tile)
-    meta.update(scale_factor=scale_factor_of(latents), val=metrics)
-    ae_id = None
-    if rank == 0:
-        ae_id = file_id(save_checkpoint(ckpt_path, model=ae, ema=ema, optimizer=optimizers, step=result.step,
-                                        **payload()))
-        write_latent_cache(cache_file(cache_dir, ae_id, info.fingerprint, "train"), latents, train_y)
-    barrier()  # the finished checkpoint and its cache are on disk for every rank
-    ae_id = ae_id or file_id(ckpt_path)
-    tracker.log_metrics({"autoencoder/scale_factor": meta["scale_factor"]}, step=result.step)
-    tracker.end()
+        net = ema.model.eval()
+        metrics = {}
+        if len(val_x) and rank == 0:
+            metrics, recon = reconstruction_metrics(net, val_x, settings.batch_size, settings.encode_tile)
+            k = min(4, len(val_x))
+            grid = save_grid(torch.cat([val_x[:k], recon[:k]]), torch.tensor([0] * k + [1] * k),
+                             ["real", "reconstruction"], ckpt_path.parent / "reconstructions.png", per_class=k)
+            tracker.log_metrics(metrics, step=result.step)
+            tracker.log_artifact(grid, "autoencoder")
+        latents = encode_shared(net, train_x, settings.batch_size, progress=True, tile=settings.encode_tile)
+        meta.update(scale_factor=scale_factor_of(latents), val=metrics)
+        ae_id = None
+        if rank == 0:
+            ae_id = file_id(save_checkpoint(ckpt_path, model=ae, ema=ema, optimizer=optimizers, step=result.step,
+                                            **payload()))
+            write_latent_cache(cache_file(cache_dir, ae_id, info.fingerprint, "train"), latents, train_y)
+        barrier()  # the finished checkpoint and its cache are on disk for every rank
+        ae_id = ae_id or file_id(ckpt_path)
+        tracker.log_metrics({"autoencoder/scale_factor": meta["scale_factor"]}, step=result.step)
     log.info("autoencoder trained to step %d (%s), scale factor %.4f; checkpoint %s", result.step,
              ", ".join(f"{k.split('/')[-1]} {v:.4f}" for k, v in metrics.items()), meta["scale_factor"], ckpt_path)
     return AutoencoderResult(ckpt_path, ae_id, result.step, meta["scale_factor"], metrics)

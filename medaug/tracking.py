@@ -11,9 +11,8 @@ Local default: ``sqlite:///<output_dir>/mlflow.db`` with artifacts in
 Example::
 
     tracker = MLflowTracker("sqlite:////tmp/mlflow.db", "medaug-demo", artifact_dir="/tmp/mlartifacts")
-    tracker.start(run_name="train")
-    tracker.log_metrics({"train/loss": 0.1}, step=10)
-    tracker.end()
+    with tracked(tracker, run_name="train") as t:    # FINISHED at the end, KILLED on an error
+        t.log_metrics({"train/loss": 0.1}, step=10)
 """
 
 from __future__ import annotations
@@ -23,8 +22,9 @@ import ssl
 import urllib.error
 import urllib.parse
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Mapping, Protocol
+from typing import Any, Iterator, Mapping, Protocol
 
 log = logging.getLogger("medaug")
 
@@ -153,6 +153,26 @@ def guarded(tracker) -> GuardedTracker:
     if isinstance(tracker, GuardedTracker):
         return tracker
     return GuardedTracker(tracker if tracker is not None else NullTracker())
+
+
+@contextmanager
+def tracked(tracker: Tracker, run_name: str | None = None, run_id: str | None = None,
+            tags: Mapping | None = None) -> Iterator[Tracker]:
+    """The run of ``tracker`` around a block: started (``run_id`` reopened when the store has it), ended
+    FINISHED when the block finishes and KILLED when anything escapes it (an error, Ctrl-C, SIGTERM's
+    :class:`~medaug.training.Terminated`), which is raised on. A tracker that fails to end a killed run
+    only logs a warning: the error that killed it is the one the user sees."""
+    tracker.start(run_name=run_name, run_id=run_id, tags=tags)
+    try:
+        yield tracker
+    except BaseException:
+        try:
+            tracker.end("KILLED")
+        except Exception as err:
+            log.warning("tracking could not end the run as KILLED (%s: %s)", type(err).__name__,
+                        str(err).splitlines()[0][:200] if str(err) else "")
+        raise
+    tracker.end()
 
 
 def flatten(config: Mapping, prefix: str = "") -> dict[str, str]:

@@ -32,6 +32,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .model import EMA, save_checkpoint
 from .progress import progress_bar
+from .runtime import barrier, rank_and_world  # noqa: F401  (latent.py imports them from here)
 from .tracking import Tracker, guarded
 
 log = logging.getLogger(__name__)
@@ -79,19 +80,6 @@ class StepNoise(NamedTuple):
     noise: torch.Tensor      # (N, C, *spatial) fp32, standard normal
     timesteps: torch.Tensor  # (N,) int64 in [0, num_train_timesteps)
     drop: torch.Tensor       # (N,) bool: label replaced by the null class
-
-
-def rank_and_world() -> tuple[int, int]:
-    """``(rank, world size)`` of the running ``torch.distributed`` process group; ``(0, 1)`` without one."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-def barrier() -> None:
-    """Wait for every rank of the running process group (nothing without one)."""
-    if rank_and_world()[1] > 1:
-        torch.distributed.barrier()
 
 
 def memory_format_of(ndim: int, channels_last: bool = True) -> torch.memory_format:

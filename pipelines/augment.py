@@ -13,9 +13,9 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from medaug.augment import AugmentResult, augment, check_utility, save_synthetic_grid
-from medaug.tracking import flatten
-from pipelines.common import (amp_dtype_of, container, default_ckpt, device_of, distributed, log, make_tracker, path,
-                              stage_main)
+from medaug.runtime import distributed
+from medaug.tracking import flatten, tracked
+from pipelines.common import amp_dtype_of, container, default_ckpt, device_of, log, make_tracker, path, stage_main
 
 
 def log_run(cfg: DictConfig, result: AugmentResult) -> None:
@@ -23,16 +23,15 @@ def log_run(cfg: DictConfig, result: AugmentResult) -> None:
     real and synthetic counts, ``plan.json`` and a grid of the synthetic images (not the manifest: its
     paths lead to the user's folders, and a folder name may hold a patient's name)."""
     tracker = make_tracker(cfg, any_rank=True)  # whichever rank wrote the manifest
-    tracker.start(run_name=f"{cfg.name}-augment", tags={"medaug.job": cfg.name})
-    tracker.set_tags(flatten(container(cfg.augment), "augment."))
-    tracker.log_metrics({"augment/real": result.real, "augment/synthetic": sum(result.synthetic.values()),
-                         **{f"augment/synthetic/{name}": n for name, n in result.synthetic.items()}})
-    tracker.log_artifact(result.out_dir / "plan.json", "augment")
-    with tempfile.TemporaryDirectory() as tmp:
-        grid = save_synthetic_grid(result.out_dir, Path(tmp) / "synthetic_grid.png")
-        if grid is not None:
-            tracker.log_artifact(grid, "augment")
-    tracker.end()
+    with tracked(tracker, run_name=f"{cfg.name}-augment", tags={"medaug.job": cfg.name}):
+        tracker.set_tags(flatten(container(cfg.augment), "augment."))
+        tracker.log_metrics({"augment/real": result.real, "augment/synthetic": sum(result.synthetic.values()),
+                             **{f"augment/synthetic/{name}": n for name, n in result.synthetic.items()}})
+        tracker.log_artifact(result.out_dir / "plan.json", "augment")
+        with tempfile.TemporaryDirectory() as tmp:
+            grid = save_synthetic_grid(result.out_dir, Path(tmp) / "synthetic_grid.png")
+            if grid is not None:
+                tracker.log_artifact(grid, "augment")
 
 
 def run(cfg: DictConfig) -> dict:

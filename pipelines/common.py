@@ -1,4 +1,4 @@
-"""What every stage's entry point shares: the Hydra main, errors, device, tracker.
+"""What every stage's entry point shares: the Hydra main, errors, the config's device and tracker.
 
 A stage module defines ``run(cfg) -> dict`` and ``main = stage_main("<stage>", run)``.
 Errors caused by the input (bad files, missing folders, bad values, a tracking server
@@ -13,15 +13,15 @@ import logging
 import os
 import sys
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
+from medaug import runtime
 from medaug.dataset import DatasetError
 from medaug.export import ExportError
 from medaug.io import ImageReadError
@@ -72,59 +72,14 @@ def path(cfg_value: str) -> Path:
     return Path(str(cfg_value)).expanduser().resolve()
 
 
-def distributed() -> tuple[int, int, int]:
-    """``(rank, local_rank, world_size)`` from torchrun's environment; (0, 0, 1) without it."""
-    return (int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)),
-            int(os.environ.get("WORLD_SIZE", 1)))
-
-
-@contextmanager
-def process_group(device: torch.device) -> Iterator[tuple[int, int]]:
-    """Around a stage's work under torchrun: ``(rank, world_size)``, with the process group started
-    (NCCL on CUDA, gloo on the CPU) and, at the end, torn down once every rank is done. A rank that
-    fails does not wait for the others: it exits, and torchrun stops the rest."""
-    rank, _, world = distributed()
-    if world > 1 and not torch.distributed.is_initialized():  # device_of made a GPU this rank's current one
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    try:
-        yield rank, world
-        if world > 1:  # every rank reaches here before any tears down (gloo aborts otherwise)
-            torch.distributed.barrier()
-    finally:
-        if world > 1:
-            torch.distributed.destroy_process_group()
-
-
 def device_of(cfg: DictConfig) -> torch.device:
-    """The stage's device from ``training.device`` (``auto``: this rank's GPU when there is one). A GPU
-    becomes the current device, with TF32 matmuls/convolutions and cuDNN's autotuner on, for every stage."""
-    name = cfg.training.device
-    if name == "auto":
-        name = f"cuda:{distributed()[1]}" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"training.device={name} but no CUDA device is visible; use training.device=cpu")
-    device = torch.device(name)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
-    return device
-
-
-def switch(value, on_cuda: bool) -> bool:
-    """A speed switch from the config: ``auto`` means on for CUDA, off elsewhere."""
-    return on_cuda if value == "auto" else bool(value)
+    """The stage's device from ``training.device`` (see :func:`medaug.runtime.device_of`)."""
+    return runtime.device_of(str(cfg.training.device))
 
 
 def amp_dtype_of(cfg: DictConfig, device: torch.device) -> torch.dtype | None:
-    """bf16 autocast on CUDA by default, fp32 on the CPU."""
-    precision = cfg.training.precision
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
-    choices = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-    if precision not in choices:
-        raise ValueError(f"training.precision={precision!r}; choose auto, fp32, bf16 or fp16")
-    return choices[precision]
+    """The stage's autocast dtype from ``training.precision`` (see :func:`medaug.runtime.amp_dtype_of`)."""
+    return runtime.amp_dtype_of(str(cfg.training.precision), device)
 
 
 def local_tracking_uri(cfg: DictConfig) -> str:
@@ -143,7 +98,7 @@ def make_tracker(cfg: DictConfig, any_rank: bool = False):
     A tracking server is asked first, with a few seconds' timeout: when it does not answer,
     ``tracking.on_error=fail`` (default) raises :class:`TrackingUnavailable` naming the URI, and
     ``continue`` tracks to the job's local sqlite store instead, saying so."""
-    if cfg.tracking.backend == "none" or (distributed()[0] != 0 and not any_rank):
+    if cfg.tracking.backend == "none" or (runtime.distributed()[0] != 0 and not any_rank):
         return NullTracker()
     if cfg.tracking.backend != "mlflow":
         raise ValueError(f"tracking.backend={cfg.tracking.backend!r}; choose mlflow or none")

@@ -19,7 +19,7 @@ import math
 from omegaconf import DictConfig
 
 from medaug.evaluation import EvalSettings, evaluate
-from medaug.tracking import flatten
+from medaug.tracking import flatten, tracked
 from pipelines.common import container, device_of, log, make_tracker, path, stage_main
 
 
@@ -28,16 +28,15 @@ def run(cfg: DictConfig) -> dict:
     section = container(cfg.evaluate)
     result = evaluate(path(cfg.paths.samples_dir), path(cfg.paths.prepared_dir), path(cfg.paths.eval_dir),
                       EvalSettings.from_dict(section), device_of(cfg))
-    tracker.start(run_name=cfg.name, run_id=result.mlflow_run_id, tags={"medaug.job": cfg.name})
     tags = flatten(section, "evaluate.")
     if section["encoder"]["weights"]:
         tags["evaluate.encoder.weights"] = "<path>"
-    tracker.set_tags(tags | {"evaluate.extractor": " | ".join(result.extractors), "privacy.verdict": result.verdict})
-    tracker.log_metrics({key: v for key, v in result.metrics.items() if math.isfinite(v)})
-    for file in sorted(result.out_dir.iterdir()):
-        if file.name != "DONE":
-            tracker.log_artifact(file, "evaluation")
-    tracker.end()
+    with tracked(tracker, run_name=cfg.name, run_id=result.mlflow_run_id, tags={"medaug.job": cfg.name}):
+        tracker.set_tags(tags | {"evaluate.extractor": " | ".join(result.extractors), "privacy.verdict": result.verdict})
+        tracker.log_metrics({key: v for key, v in result.metrics.items() if math.isfinite(v)})
+        for file in sorted(result.out_dir.iterdir()):
+            if file.name != "DONE":
+                tracker.log_artifact(file, "evaluation")
     for key in sorted(result.metrics):
         if key.count("/") == 1 and not key.endswith("_std"):
             log.info("  %-32s %.4f", key, result.metrics[key])

@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from medaug.dataset import prepare_dataset
 from medaug.phantoms import make_demo_dataset
 from medaug.preprocessing import IntensityWindow, PercentileNormalization
-from medaug.tracking import flatten
+from medaug.tracking import flatten, tracked
 from pipelines.common import container, log, make_tracker, path, stage_main
 
 
@@ -78,8 +78,7 @@ def run(cfg: DictConfig) -> dict:
     summary = {f"data/{split}/{name}": n for split, counts in info.counts.items() for name, n in counts.items()}
     summary.update({f"data/{k}": v for k, v in s.items() if isinstance(v, (int, float))})
     tracker = make_tracker(OmegaConf.merge(cfg, {"tracking": {"experiment": f"{cfg.tracking.experiment}-prepare"}}))
-    tracker.start(run_name=f"{cfg.name}-prepare", tags={"medaug.job": cfg.name, "medaug.stage": "prepare"})
-    try:
+    with tracked(tracker, run_name=f"{cfg.name}-prepare", tags={"medaug.job": cfg.name, "medaug.stage": "prepare"}):
         config = container(cfg)
         tracker.log_params(flatten({k: config[k] for k in ("data", "preprocess", "prepare", "seed")
                                     if k in config} | {"dataset": info.fingerprint}))
@@ -88,8 +87,6 @@ def run(cfg: DictConfig) -> dict:
         tracker.log_artifact(info.root / "dataset.json", "prepared")
         if (info.root / "deid_log.csv").exists():
             tracker.log_artifact(info.root / "deid_log.csv", "prepared")
-    finally:
-        tracker.end()
     return summary
 
 

@@ -29,7 +29,8 @@ from omegaconf import DictConfig, OmegaConf
 from medaug.dataset import load_info
 from medaug.io import atomic_file
 from medaug.model import load_checkpoint
-from pipelines.common import default_ckpt, distributed, log, path, stage_main
+from medaug.runtime import distributed
+from pipelines.common import default_ckpt, log, path, stage_main
 
 JOB = ("prepare", "train", "sample", "evaluate", "export")
 # What sample, evaluate and export read: config keys, and the files or folders of the stages before them

@@ -11,10 +11,11 @@ from omegaconf import DictConfig
 
 from medaug.latent import latent_space_of
 from medaug.model import load_checkpoint
+from medaug.runtime import process_group
 from medaug.sampling import (class_counts, generate_sharded, inference_scheduler, labels_for_counts, sample_images,
                              sample_records, sampling_network, save_samples)
-from pipelines.common import (amp_dtype_of, container, default_ckpt, device_of, log, make_tracker, path, process_group,
-                              stage_main)
+from medaug.tracking import tracked
+from pipelines.common import amp_dtype_of, container, default_ckpt, device_of, log, make_tracker, path, stage_main
 
 
 def run(cfg: DictConfig) -> dict:
@@ -46,10 +47,9 @@ def run(cfg: DictConfig) -> dict:
     rows, info = sample_records(ckpt, labels, settings, space)
     out = save_samples(path(cfg.paths.samples_dir), images, rows, info, class_names)
 
-    tracker.start(run_name=cfg.name, run_id=info["mlflow_run_id"], tags={"medaug.job": cfg.name})
-    tracker.set_tags({f"sample.{k}": v for k, v in container(s).items()})
-    tracker.log_artifact(out / "grid.png", "samples")
-    tracker.end()
+    with tracked(tracker, run_name=cfg.name, run_id=info["mlflow_run_id"], tags={"medaug.job": cfg.name}):
+        tracker.set_tags({f"sample.{k}": v for k, v in container(s).items()})
+        tracker.log_artifact(out / "grid.png", "samples")
     log.info("wrote %d samples (%s) to %s", len(labels), counts, out)
     return {"samples": len(labels), "samples_dir": str(out)}
 

@@ -17,10 +17,10 @@ from torch.nn.parallel import DistributedDataParallel
 from medaug.dataset import load_info, load_split
 from medaug.latent import cached_latents, latent_space_for_training
 from medaug.model import EMA, check_unet_input, load_checkpoint, network_from_spec, restore_training_state
-from medaug.tracking import flatten, guarded
+from medaug.runtime import process_group, switch
+from medaug.tracking import flatten, guarded, tracked
 from medaug.training import TrainSettings, fit, prepare_for_speed
-from pipelines.common import (amp_dtype_of, container, default_ckpt, device_of, log, make_tracker, path, process_group,
-                              stage_main, switch)
+from pipelines.common import amp_dtype_of, container, default_ckpt, device_of, log, make_tracker, path, stage_main
 
 
 def run(cfg: DictConfig) -> dict:
@@ -84,31 +84,26 @@ def _train(cfg: DictConfig, device: torch.device, rank: int, world: int) -> dict
     if world > 1:
         model = DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
 
-    tracker = guarded(tracker)  # from here on a tracking error is a warning: the training and its checkpoint go on
-    tracker.start(run_name=cfg.name, run_id=run_id, tags={"medaug.job": cfg.name})
-    if start_step == 0:
-        others = ("prepare", "sample", "evaluate", "export", "augment", "input", "output")  # other stages' settings
-        tracker.log_params(flatten({k: v for k, v in config.items() if k not in others}))
-        tracker.log_params({f"data.count.{s}": sum(c.values()) for s, c in info.counts.items()})
-    meta = dict(class_names=info.class_names, spatial_dims=info.spatial_dims, image_shape=info.image_shape,
-                window=info.window.as_dict(), affine=info.affine.tolist(), dataset=info.fingerprint,
-                mlflow_run_id=tracker.run_id, modality=info.modality)
-    if space is not None:
-        meta["latent"] = space.meta()
     settings = TrainSettings(max_steps=t.max_steps, batch_size=t.batch_size, p_uncond=t.p_uncond,
                              grad_clip=t.grad_clip, seed=t.seed, ckpt_every=t.ckpt_every, log_every=t.log_every,
                              ema_every=t.ema_every, amp_dtype=amp_dtype_of(cfg, device), channels_last=channels_last,
                              rank=rank, world_size=world)
-    try:
+    others = ("prepare", "sample", "evaluate", "export", "augment", "input", "output")  # other stages' settings
+    # from here on a tracking error is a warning: the training and its checkpoint go on
+    with tracked(guarded(tracker), run_name=cfg.name, run_id=run_id, tags={"medaug.job": cfg.name}) as tracker:
+        if start_step == 0:
+            tracker.log_params(flatten({k: v for k, v in config.items() if k not in others}))
+            tracker.log_params({f"data.count.{s}": sum(c.values()) for s, c in info.counts.items()})
+        meta = dict(class_names=info.class_names, spatial_dims=info.spatial_dims, image_shape=info.image_shape,
+                    window=info.window.as_dict(), affine=info.affine.tolist(), dataset=info.fingerprint,
+                    mlflow_run_id=tracker.run_id, modality=info.modality)
+        if space is not None:
+            meta["latent"] = space.meta()
         result = fit(model, ema, optimizer, scheduler, images, labels, settings, null_class=info.num_classes,
                      start_step=start_step, ckpt_path=out_ckpt,
                      checkpoint_payload=lambda: {"config": config, "meta": meta}, tracker=tracker)
-    except BaseException:
-        tracker.end("KILLED")
-        raise
-    if rank == 0:
-        tracker.log_artifact(out_ckpt, "checkpoints")
-    tracker.end()
+        if rank == 0:
+            tracker.log_artifact(out_ckpt, "checkpoints")
     final = result.losses[-1][1] if result.losses else float("nan")
     if rank == 0:
         log.info("trained to step %d (loss %.4f); checkpoint %s", result.step, final, out_ckpt)

@@ -18,7 +18,8 @@ import torch
 from omegaconf import DictConfig
 
 from medaug.latent import train_autoencoder
-from pipelines.common import amp_dtype_of, container, device_of, make_tracker, path, process_group, stage_main
+from medaug.runtime import process_group
+from pipelines.common import amp_dtype_of, container, device_of, make_tracker, path, stage_main
 
 
 def run(cfg: DictConfig) -> dict:

@@ -114,3 +114,83 @@ def test_only_rank_zero_gets_a_real_tracker(tmp_path, monkeypatch):
     assert not (tmp_path / "mlflow.db").exists()  # the store is not even opened
     monkeypatch.setenv("RANK", "0")
     assert isinstance(make_tracker(cfg), MLflowTracker)
+
+
+class RecordingTracker:
+    """A tracker that records what is called on it; ``fail_end`` makes ``end`` raise."""
+
+    def __init__(self, fail_end: bool = False):
+        self.calls, self.fail_end, self.run_id = [], fail_end, None
+
+    def start(self, run_name=None, run_id=None, tags=None):
+        self.calls.append(("start", run_name, run_id, tags))
+        self.run_id = run_id or "new"
+        return self.run_id
+
+    def log_metrics(self, metrics, step=None):
+        self.calls.append(("log_metrics", dict(metrics)))
+
+    def end(self, status="FINISHED"):
+        self.calls.append(("end", status))
+        if self.fail_end:
+            raise ConnectionError("server gone")
+
+
+def test_tracked_ends_the_run_finished_after_the_block():
+    from medaug.tracking import tracked
+
+    t = RecordingTracker()
+    with tracked(t, run_name="job", run_id="abc", tags={"medaug.job": "job"}) as inside:
+        assert inside is t and t.calls == [("start", "job", "abc", {"medaug.job": "job"})]
+        t.log_metrics({"train/loss": 0.5})
+    assert t.calls[1:] == [("log_metrics", {"train/loss": 0.5}), ("end", "FINISHED")]
+
+
+@pytest.mark.parametrize("error", [ValueError("bad value"), KeyboardInterrupt(), "terminated"])
+def test_tracked_ends_the_run_killed_on_any_error_and_raises_it(error):
+    from medaug.tracking import tracked
+    from medaug.training import Terminated
+
+    error = Terminated("SIGTERM") if error == "terminated" else error
+    t = RecordingTracker()
+    with pytest.raises(type(error)) as raised:
+        with tracked(t, run_name="job"):
+            raise error
+    assert raised.value is error
+    assert t.calls == [("start", "job", None, None), ("end", "KILLED")]
+
+
+def test_tracked_raises_the_work_error_when_ending_the_killed_run_fails(caplog):
+    from medaug.tracking import tracked
+
+    t = RecordingTracker(fail_end=True)
+    with pytest.raises(ValueError, match="bad value"):  # not the tracker's ConnectionError
+        with tracked(t, run_name="job"):
+            raise ValueError("bad value")
+    assert t.calls[-1] == ("end", "KILLED")
+    assert "could not end the run as KILLED (ConnectionError: server gone)" in caplog.text
+
+
+def test_tracked_guarded_tracker_that_fails_lets_the_work_finish(caplog):
+    from medaug.tracking import guarded, tracked
+
+    t = RecordingTracker(fail_end=True)
+    with tracked(guarded(t), run_name="job") as g:
+        g.log_metrics({"a": 1.0})
+    assert t.calls[-1] == ("end", "FINISHED") and "tracking failed in end" in caplog.text
+
+
+def test_tracked_sqlite_run_status_is_finished_or_killed(tmp_path):
+    from medaug.tracking import tracked
+
+    t = MLflowTracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "exp", artifact_dir=tmp_path / "art")
+    with tracked(t, run_name="ok", tags={"medaug.job": "ok"}):
+        t.log_metrics({"train/loss": 0.5}, step=1)
+    ok = t.run_id
+    with pytest.raises(RuntimeError):
+        with tracked(t, run_name="broken"):
+            raise RuntimeError("out of memory")
+    runs = {r.info.run_name: r for r in t.client.search_runs([t.experiment_id])}
+    assert runs["ok"].info.run_id == ok and runs["ok"].info.status == "FINISHED"
+    assert runs["ok"].data.tags["medaug.job"] == "ok" and runs["ok"].data.metrics == {"train/loss": 0.5}
+    assert runs["broken"].info.status == "KILLED"
