@@ -519,9 +519,9 @@ class AutoencoderResult(NamedTuple):
 
 
 def train_autoencoder(section: Mapping | None, prepared_dir: str | Path, ckpt_path: str | Path,
-                      cache_dir: str | Path, *, device: torch.device | str = "cpu", amp_dtype: torch.dtype | None = None,
-                      tracker: Tracker | None = None, run_name: str = "autoencoder",
-                      trust: bool = False) -> AutoencoderResult:
+                      cache_dir: str | Path, *, device: torch.device | str = "cpu",
+                      amp_dtype: torch.dtype | None = None, tracker: Tracker | None = None,
+                      run_name: str = "autoencoder", trust: bool = False) -> AutoencoderResult:
     """The autoencoder recipe of ``train_autoencoder`` (and of ``train`` with ``latent.train_if_missing``).
 
     ``section`` is the ``autoencoder`` config section (read, not changed): ``network`` (an
