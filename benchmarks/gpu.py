@@ -51,11 +51,11 @@ from omegaconf import OmegaConf
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from speed import peak_gib, reset_peak, sample_config, sync, time_sample, time_train  # noqa: E402
 
-from medaug.latent import (AutoencoderSettings, LatentSpace, Optimizers, check_shape,  # noqa: E402
-                           decode_latents, encode_mean, fit_autoencoder)
+from medaug.latent import (AutoencoderSettings, AutoencoderStep, LatentSpace, Optimizers, check_shape,  # noqa: E402
+                           decode_latents, encode_mean)
 from medaug.model import EMA, network_from_spec  # noqa: E402
 from medaug.sampling import inference_scheduler, labels_for_counts  # noqa: E402
-from medaug.training import draw_batch, memory_format_of  # noqa: E402
+from medaug.training import draw_batch, fit, memory_format_of  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BF16 = torch.bfloat16
@@ -245,8 +245,8 @@ def latent_unet(config: dict) -> tuple[dict, tuple[int, ...]]:
 
 def time_autoencoder_train(config: dict, batch: int, steps: int, warmup: int, device: torch.device,
                            amp_dtype, patch_size: list[int] | None = None) -> dict:
-    """s/step and peak memory of ``fit_autoencoder`` (adversarial loss on: the costliest phase), on whole
-    images or on random crops of ``patch_size``."""
+    """s/step and peak memory of ``fit`` with the ``AutoencoderStep`` (adversarial loss on: the costliest phase),
+    on whole images or on random crops of ``patch_size``."""
     section, shape = config["autoencoder"], config["data"]["image_size"]
     torch.manual_seed(0)
     ae = network_from_spec(section["network"]).to(device)
@@ -257,10 +257,11 @@ def time_autoencoder_train(config: dict, batch: int, steps: int, warmup: int, de
                        log_every=10**9, val_every=0, amp_dtype=amp_dtype, patch_size=patch_size)
     images = torch.rand(batch * 2, 1, *shape) * 2 - 1
     ema = EMA(ae)
-    fit_autoencoder(ae, ema, opts, images, replace(settings, max_steps=warmup))
+    step = AutoencoderStep(ae, images, settings, opts)
+    fit(ae, ema, opts, step, replace(settings, max_steps=warmup).train_settings())
     reset_peak(device)
     t0 = time.perf_counter()
-    fit_autoencoder(ae, ema, opts, images, replace(settings, max_steps=warmup + steps), start_step=warmup)
+    fit(ae, ema, opts, step, replace(settings, max_steps=warmup + steps).train_settings(), start_step=warmup)
     sync(device)
     return dict(s_per_step=(time.perf_counter() - t0) / steps, batch=batch, shape=list(shape),
                 patch_size=patch_size, peak_gib=peak_gib(device), adversarial=disc is not None)

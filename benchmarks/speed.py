@@ -28,7 +28,7 @@ from omegaconf import OmegaConf
 
 from medaug.model import EMA, network_from_spec
 from medaug.sampling import inference_scheduler, sample_images
-from medaug.training import TrainSettings, fit, prepare_for_speed
+from medaug.training import DiffusionStep, TrainSettings, fit, prepare_for_speed
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -69,14 +69,13 @@ def time_train(spec: dict, shape, batch: int, steps: int, warmup: int, device: t
                               activation_checkpointing=activation_checkpointing)
     images = torch.rand(max(batch, 64), *shape, device=device if data_on_device else "cpu") * 2 - 1
     labels = torch.randint(0, spec["num_class_embeds"] - 1, (images.shape[0],), device=images.device)
-    settings = dict(batch_size=batch, log_every=10**9, ckpt_every=0, amp_dtype=amp_dtype, ema_every=ema_every,
-                    channels_last=channels_last, grad_clip=grad_clip)
+    settings = dict(batch_size=batch, log_every=10**9, ckpt_every=0, ema_every=ema_every, grad_clip=grad_clip)
     sch = DDPMScheduler(num_train_timesteps=1000)
-    kw = dict(null_class=spec["num_class_embeds"] - 1)
+    step = DiffusionStep(model, sch, images, labels, null_class=spec["num_class_embeds"] - 1, amp_dtype=amp_dtype,
+                         channels_last=channels_last)
 
     def run(start: int, n: int) -> None:
-        fit(model, ema, opt, sch, images, labels, TrainSettings(max_steps=start + n, **settings), start_step=start,
-            **kw)
+        fit(model, ema, opt, step, TrainSettings(max_steps=start + n, **settings), start_step=start)
 
     t0 = time.perf_counter()
     run(0, warmup)

@@ -23,7 +23,7 @@ Images are ``(N, 1, *spatial)`` in [-1, 1]; latents ``(N, C_lat, *spatial / f)``
 
 Example::
 
-    result = train_autoencoder(config, "prepared", "ae/last.pt", "latents", device="cpu")
+    result = train_autoencoder(cfg["autoencoder"], "prepared", "ae/last.pt", "latents", device="cpu")
     space = load_latent_space("ae/last.pt")
     z = space.encode(images)                      # (N, C_lat, *spatial / f), std ≈ 1
     x = space.decode(z, tile=[8, 8, 8])           # (N, 1, *spatial) in [-1, 1]
@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, NamedTuple, Sequence
 
@@ -51,8 +51,9 @@ from .model import (EMA, ema_network, file_id, load_checkpoint, network_from_spe
                     save_checkpoint)
 from .progress import progress_bar
 from .sampling import sample_images, save_grid
+from .runtime import barrier, rank_and_world
 from .tracking import NullTracker, Tracker, flatten, guarded, tracked
-from .training import barrier, checkpoint_at_exit, rank_and_world, step_generator, to_device
+from .training import StepDraw, StepLoss, TrainSettings, fit, to_device
 
 log = logging.getLogger("medaug")
 ENCODE_OVERLAP = 0.25  # share of a tile that overlaps its neighbour when images are encoded in tiles
@@ -285,6 +286,12 @@ class AutoencoderSettings:
     def from_section(cls, section: Mapping) -> "AutoencoderSettings":
         return cls(**{k: section[k] for k in cls.__dataclass_fields__ if k in section})
 
+    def train_settings(self) -> TrainSettings:
+        """The loop's numbers for :func:`medaug.training.fit` (no gradient clipping, EMA at every step)."""
+        return TrainSettings(max_steps=self.max_steps, batch_size=self.batch_size, grad_clip=None, seed=self.seed,
+                             ckpt_every=self.ckpt_every, log_every=self.log_every, ema_every=1,
+                             val_every=self.val_every, rank=self.rank, world_size=self.world_size)
+
 
 class Optimizers:
     """The autoencoder's optimizer, and the discriminator with its optimizer when adversarial
@@ -293,6 +300,14 @@ class Optimizers:
     def __init__(self, autoencoder: torch.optim.Optimizer, discriminator: nn.Module | None = None,
                  disc_optimizer: torch.optim.Optimizer | None = None):
         self.autoencoder, self.discriminator, self.disc_optimizer = autoencoder, discriminator, disc_optimizer
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """What :func:`medaug.training.fit` steps is the autoencoder's optimizer (the discriminator's is
+        :class:`AutoencoderStep`'s)."""
+        self.autoencoder.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        self.autoencoder.step()
 
     def state_dict(self) -> dict:
         disc = self.discriminator is not None
@@ -307,132 +322,81 @@ class Optimizers:
             self.disc_optimizer.load_state_dict(state["disc_optimizer"])
 
 
-@dataclass
-class AutoencoderFitResult:
-    step: int
-    losses: list[tuple[int, dict]] = field(default_factory=list)  # (step, mean of each term over the log window)
-    val: list[tuple[int, dict]] = field(default_factory=list)     # (step, reconstruction metrics)
-
-
 def crop(images: torch.Tensor, corners: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     """Crops ``(N, C, *size)`` of images ``(N, C, *spatial)``, image i from its corner ``corners[i]``."""
     return torch.stack([x[(slice(None), *(slice(a, a + p) for a, p in zip(corner.tolist(), size)))]
                         for x, corner in zip(images, corners)])
 
 
-def fit_autoencoder(ae: nn.Module, ema: EMA, optimizers: Optimizers, images: torch.Tensor,
-                    settings: AutoencoderSettings, *, val_images: torch.Tensor | None = None, start_step: int = 0,
-                    ckpt_path: Path | None = None, checkpoint_payload: Callable[[], dict] | None = None,
-                    tracker: Tracker | None = None) -> AutoencoderFitResult:
-    """Train from ``start_step`` to ``settings.max_steps`` on ``images`` (N, 1, *spatial) in [-1, 1].
+class AutoencoderStep:
+    """The autoencoder's loss (:func:`autoencoder_loss`) as a :class:`medaug.training.TrainStep`: train
+    with ``fit(ae, ema, optimizers, AutoencoderStep(ae, images, settings, optimizers), settings.train_settings())``.
 
-    The batch and the posterior noise of step ``s`` depend only on ``(seed, s)``, so a resumed run
-    continues an uninterrupted one. With ``settings.patch_size`` every image of the batch is a
-    random crop of that size (its corner drawn from the same generator). The adversarial loss
-    (``optimizers.discriminator``) switches on at ``adv_start``. Checkpoints every ``ckpt_every``
-    steps, at the end and on Ctrl-C or SIGTERM (see :func:`medaug.training.fit`); the EMA network is
-    validated every ``val_every`` steps on ``val_images`` (in tiles of ``settings.encode_tile`` when set).
+    ``images`` (N, 1, *spatial) in [-1, 1] stay where they are (host memory); the batch of a step and its
+    posterior noise come from the step's generator there, so a resumed run continues an uninterrupted one.
+    With ``settings.patch_size`` every image of the batch is a random crop of that size (its corner drawn
+    from the same generator). The adversarial term (``optimizers.discriminator``) switches on at
+    ``adv_start``; the discriminator is this step's second player: :func:`medaug.training.fit` steps the
+    autoencoder's optimizer, then :attr:`StepLoss.after` updates the discriminator with its own optimizer
+    (both saved in the checkpoint through ``optimizers``).
 
-    With ``settings.world_size > 1`` (a process group running, e.g. under torchrun) the
-    autoencoder and the discriminator train under DDP: every rank draws the same global batch and
-    noise and trains on its slice, so N ranks reproduce one process with an N-times larger batch;
-    only rank 0 checkpoints and validates (log the tracker of rank 0 only).
+    With ``settings.world_size > 1`` (a process group running, e.g. under torchrun) the autoencoder and
+    the discriminator run under DDP: every rank draws the same global batch and noise and trains on its
+    slice, so N ranks reproduce one process with an N-times larger batch.
     """
-    tracker = guarded(tracker)
-    device = next(ae.parameters()).device
-    n = images.shape[0]
-    if n == 0:
-        raise ValueError("no training images: the train split is empty")
-    world, rank = settings.world_size, settings.rank
-    batch_size = min(settings.batch_size, n // world)
-    if batch_size == 0:
-        raise ValueError(f"{n} training images cannot feed {world} ranks")
-    mine = slice(rank * batch_size, (rank + 1) * batch_size)
-    patch = check_tile(settings.patch_size, images.shape[2:], 1, "autoencoder.patch_size")
-    with torch.no_grad():  # the posterior's shape, for drawing the global batch's noise
-        probe = images[:1] if patch is None else crop(images[:1], torch.zeros(1, len(patch), dtype=torch.long), patch)
-        latent_shape = ae.encode(probe.to(device))[0].shape[1:]
-    disc = optimizers.discriminator
-    model, critic = PosteriorSample(ae), disc
-    if world > 1:
-        ids = [device.index] if device.type == "cuda" else None
-        model = DistributedDataParallel(model, device_ids=ids)
-        if disc is not None:  # batch-norm statistics over the global batch (SyncBatchNorm is CUDA-only)
-            if device.type == "cuda":
-                disc = nn.SyncBatchNorm.convert_sync_batchnorm(disc)
-            critic = DistributedDataParallel(disc, device_ids=ids)
-    result = AutoencoderFitResult(step=start_step)
 
-    def checkpoint(step: int) -> None:
-        if ckpt_path is not None and rank == 0:
-            payload = checkpoint_payload() if checkpoint_payload else {"config": {}, "meta": {}}
-            save_checkpoint(ckpt_path, model=ae, ema=ema, optimizer=optimizers, step=step, **payload)
+    name = "autoencoder"
+    lr_key = "autoencoder.optimizer.lr"
 
-    autocast = torch.autocast(device.type, dtype=settings.amp_dtype or torch.float32,
-                              enabled=settings.amp_dtype is not None)
-    ae.train()
-    window: dict[str, torch.Tensor] = {}
-    window_steps = 0
-    bar = progress_bar(range(start_step, settings.max_steps), desc="autoencoder", unit="step", initial=start_step,
-               total=settings.max_steps, disable=rank != 0)
-    with checkpoint_at_exit(checkpoint, result) as stop, bar:
-        for step in bar:
-            gen = step_generator(settings.seed, step)
-            idx = torch.randperm(n, generator=gen)[: batch_size * world][mine]
-            x = images[idx]
-            if patch is not None:
-                corners = torch.stack([torch.randint(0, s - p + 1, (batch_size * world,), generator=gen)
-                                       for p, s in zip(patch, images.shape[2:])], 1)
-                x = crop(x, corners[mine], patch)
-            noise = torch.randn((batch_size * world, *latent_shape), generator=gen)[mine]
-            x, noise = to_device([x, noise], device)
-            adv_on = disc is not None and step >= settings.adv_start
-            if adv_on:  # the generator's adversarial term: gradients reach the reconstruction, not the critic
-                disc.requires_grad_(False)
-            with autocast:
-                terms = autoencoder_loss(model, x, noise, kl_weight=settings.kl_weight,
-                                         adv_weight=settings.adv_weight, discriminator=disc if adv_on else None)
-            optimizers.autoencoder.zero_grad(set_to_none=True)
-            terms.total.backward()
-            optimizers.autoencoder.step()
-            ema.update(ae)
-            logged = {"autoencoder/loss": terms.total.detach(), "autoencoder/recon_l1": terms.recon.detach(),
-                      "autoencoder/kl": terms.kl.detach()}
-            if adv_on:
-                disc.requires_grad_(True)
-                optimizers.disc_optimizer.zero_grad(set_to_none=True)
-                with autocast:
-                    d_loss = discriminator_loss(critic, x, terms.reconstruction)
-                d_loss.backward()
-                optimizers.disc_optimizer.step()
-                logged.update({"autoencoder/adv": terms.adv.detach(), "autoencoder/disc": d_loss.detach()})
-            for key, value in logged.items():  # summed on the device; read on the host at log steps only
-                window[key] = window.get(key, 0.0) + value.double()
-            window_steps += 1
-            done = step + 1
-            if done % settings.log_every == 0 or done == settings.max_steps:
-                sums = torch.stack(list(window.values()))
-                if world > 1:  # the mean over all ranks, as one process with the global batch would see
-                    torch.distributed.all_reduce(sums)
-                    sums /= world
-                means = {k: float(v) / window_steps for k, v in zip(window, sums)}
-                if not math.isfinite(means["autoencoder/loss"]):
-                    raise FloatingPointError(f"autoencoder loss became {means['autoencoder/loss']} at step {done}; "
-                                             "lower autoencoder.optimizer.lr")
-                result.losses.append((done, means))
-                tracker.log_metrics(means, step=done)
-                bar.set_postfix(l1=f"{means['autoencoder/recon_l1']:.4f}")
-                window, window_steps = {}, 0
-            if rank == 0 and val_images is not None and len(val_images) and settings.val_every \
-                    and done % settings.val_every == 0 and done < settings.max_steps:
-                metrics, _ = reconstruction_metrics(ema.model, val_images, batch_size, settings.encode_tile)
-                result.val.append((done, metrics))
-                tracker.log_metrics(metrics, step=done)
-            if settings.ckpt_every and done % settings.ckpt_every == 0 and done < settings.max_steps:
-                checkpoint(done)
-            result.step = done
-            stop.check(done)
-    return result
+    def __init__(self, ae: nn.Module, images: torch.Tensor, settings: AutoencoderSettings, optimizers: Optimizers):
+        self.images, self.settings, self.optimizers = images, settings, optimizers
+        device = next(ae.parameters()).device
+        self.patch = check_tile(settings.patch_size, images.shape[2:], 1, "autoencoder.patch_size")
+        with torch.no_grad():  # the posterior's shape, for drawing the global batch's noise
+            probe = images[:1] if self.patch is None else crop(images[:1], torch.zeros(1, len(self.patch),
+                                                                                       dtype=torch.long), self.patch)
+            self.latent_shape = ae.encode(probe.to(device))[0].shape[1:]
+        self.disc = optimizers.discriminator
+        self.model, self.critic = PosteriorSample(ae), self.disc
+        if settings.world_size > 1:
+            ids = [device.index] if device.type == "cuda" else None
+            self.model = DistributedDataParallel(self.model, device_ids=ids)
+            if self.disc is not None:  # batch-norm statistics over the global batch (SyncBatchNorm is CUDA-only)
+                if device.type == "cuda":
+                    self.disc = nn.SyncBatchNorm.convert_sync_batchnorm(self.disc)
+                self.critic = DistributedDataParallel(self.disc, device_ids=ids)
+        self.autocast = torch.autocast(device.type, dtype=settings.amp_dtype or torch.float32,
+                                       enabled=settings.amp_dtype is not None)
+        self.device = device
+
+    def __call__(self, draw: StepDraw) -> StepLoss:
+        s, gen = self.settings, draw.data_generator
+        x = self.images[draw.rows]
+        if self.patch is not None:
+            corners = torch.stack([torch.randint(0, size - p + 1, (draw.global_batch,), generator=gen)
+                                   for p, size in zip(self.patch, self.images.shape[2:])], 1)
+            x = crop(x, corners[draw.mine], self.patch)
+        noise = torch.randn((draw.global_batch, *self.latent_shape), generator=gen)[draw.mine]
+        x, noise = to_device([x, noise], self.device)
+        adv_on = self.disc is not None and draw.step >= s.adv_start
+        if adv_on:  # the generator's adversarial term: gradients reach the reconstruction, not the critic
+            self.disc.requires_grad_(False)
+        with self.autocast:
+            terms = autoencoder_loss(self.model, x, noise, kl_weight=s.kl_weight, adv_weight=s.adv_weight,
+                                     discriminator=self.disc if adv_on else None)
+        logged = {"autoencoder/loss": terms.total.detach(), "autoencoder/recon_l1": terms.recon.detach(),
+                  "autoencoder/kl": terms.kl.detach()}
+        return StepLoss(terms.total, logged, (lambda: self.discriminator_step(x, terms)) if adv_on else None)
+
+    def discriminator_step(self, real: torch.Tensor, terms: AutoencoderLosses) -> dict[str, torch.Tensor]:
+        """The discriminator's update on this step's images and their reconstructions (after the autoencoder's)."""
+        self.disc.requires_grad_(True)
+        self.optimizers.disc_optimizer.zero_grad(set_to_none=True)
+        with self.autocast:
+            d_loss = discriminator_loss(self.critic, real, terms.reconstruction)
+        d_loss.backward()
+        self.optimizers.disc_optimizer.step()
+        return {"autoencoder/adv": terms.adv.detach(), "autoencoder/disc": d_loss.detach()}
 
 
 # --------------------------------------------------------------------------- latent cache
@@ -552,22 +516,22 @@ class AutoencoderResult(NamedTuple):
     metrics: dict
 
 
-def train_autoencoder(config: Mapping, prepared_dir: str | Path, ckpt_path: str | Path, cache_dir: str | Path, *,
-                      device: torch.device | str = "cpu", amp_dtype: torch.dtype | None = None,
-                      tracker: Tracker | None = None, run_name: str = "autoencoder") -> AutoencoderResult:
+def train_autoencoder(section: Mapping | None, prepared_dir: str | Path, ckpt_path: str | Path,
+                      cache_dir: str | Path, *, device: torch.device | str = "cpu",
+                      amp_dtype: torch.dtype | None = None, tracker: Tracker | None = None,
+                      run_name: str = "autoencoder", trust: bool = False) -> AutoencoderResult:
     """The autoencoder recipe of ``train_autoencoder`` (and of ``train`` with ``latent.train_if_missing``).
 
-    ``config`` is the resolved run config; its ``autoencoder`` section holds ``network`` (an
+    ``section`` is the ``autoencoder`` config section (read, not changed): ``network`` (an
     AutoencoderKL spec), ``discriminator`` (a PatchDiscriminator spec or None), the optimizers and
-    the numbers of :class:`AutoencoderSettings`. Resumes ``ckpt_path`` when it exists; a finished
-    run is left as it is. At the end: validation metrics, a reconstruction grid, the scale factor
-    (stored in the checkpoint) and the cached training latents.
+    the numbers of :class:`AutoencoderSettings`. Resumes ``ckpt_path`` when it exists (``trust``: see
+    :func:`medaug.model.load_checkpoint`); a finished run is left as it is. At the end: validation
+    metrics, a reconstruction grid, the scale factor (stored in the checkpoint) and the cached training latents.
 
     Under a running process group (torchrun) every rank calls this: training is data-parallel
-    (see :func:`fit_autoencoder`), the ranks share the final encoding, and only rank 0 logs and
+    (see :class:`AutoencoderStep`), the ranks share the final encoding, and only rank 0 logs and
     writes; every rank returns once the checkpoint is complete.
     """
-    section = config.get("autoencoder")
     if not section:
         raise ValueError("no autoencoder chosen; pass autoencoder=kl_small (conf/autoencoder/) or an experiment "
                          "that sets one, e.g. experiment=ldm_3d_demo")
@@ -603,7 +567,7 @@ def train_autoencoder(config: Mapping, prepared_dir: str | Path, ckpt_path: str 
                             network_from_spec(section["disc_optimizer"], params=disc.parameters()) if disc else None)
     start_step, run_id, meta = 0, None, {}
     if ckpt_path.exists():
-        ckpt = load_checkpoint(ckpt_path, bool(config.get("trust_checkpoint", False)))
+        ckpt = load_checkpoint(ckpt_path, trust)
         if ckpt.meta.get("kind") != "autoencoder":
             raise ValueError(f"{ckpt_path}: not an autoencoder checkpoint; point latent.autoencoder_ckpt elsewhere")
         if ckpt.step >= settings.max_steps and "scale_factor" in ckpt.meta:
@@ -623,8 +587,11 @@ def train_autoencoder(config: Mapping, prepared_dir: str | Path, ckpt_path: str 
                     latent_channels=int(spec["latent_channels"]), latent_shape=latent_shape, dataset=info.fingerprint,
                     encode_tile=settings.encode_tile, mlflow_run_id=tracker.run_id)
         payload = lambda: {"config": {"model": spec, "autoencoder": dict(section)}, "meta": meta}  # noqa: E731
-        result = fit_autoencoder(ae, ema, optimizers, train_x, settings, val_images=val_x, start_step=start_step,
-                                 ckpt_path=ckpt_path, checkpoint_payload=payload, tracker=tracker)
+        validate = (lambda: reconstruction_metrics(ema.model, val_x, settings.batch_size, settings.encode_tile)[0]) \
+            if len(val_x) else None
+        result = fit(ae, ema, optimizers, AutoencoderStep(ae, train_x, settings, optimizers), settings.train_settings(),
+                     start_step=start_step, ckpt_path=ckpt_path, checkpoint_payload=payload, tracker=tracker,
+                     validate=validate)
 
         net = ema.model.eval()
         metrics = {}
@@ -650,26 +617,26 @@ def train_autoencoder(config: Mapping, prepared_dir: str | Path, ckpt_path: str 
     return AutoencoderResult(ckpt_path, ae_id, result.step, meta["scale_factor"], metrics)
 
 
-def latent_space_for_training(config: dict, prepared_dir: str | Path, device: torch.device,
-                              make_tracker: Callable[[], Tracker], amp_dtype: torch.dtype | None = None
-                              ) -> LatentSpace | None:
+def latent_space_for_training(latent: Mapping | None, prepared_dir: str | Path, device: torch.device, *,
+                              clip_sample: bool, autoencoder: Mapping | None = None,
+                              make_tracker: Callable[[], Tracker] = NullTracker, run_name: str = "job-autoencoder",
+                              trust: bool = False, amp_dtype: torch.dtype | None = None) -> LatentSpace | None:
     """``train``'s latent step: None in pixel space (``latent.autoencoder_ckpt`` null); otherwise the
-    autoencoder's latent space (trained first when missing and ``latent.train_if_missing``), with
-    the UNet's channels in ``config["model"]`` set to the latent channels."""
-    latent = config.get("latent") or {}
+    autoencoder's latent space, trained first (from the ``autoencoder`` section, tracked by
+    ``make_tracker()`` as ``run_name``) when missing and ``latent.train_if_missing``. The UNet then
+    needs ``space.latent_channels`` in and out. ``clip_sample`` is the scheduler's (refused: it clips latents)."""
+    latent = latent or {}
     if not latent.get("autoencoder_ckpt"):
         return None
     ae_path = Path(latent["autoencoder_ckpt"])
-    if config["scheduler"].get("clip_sample", True):
+    if clip_sample:
         raise ValueError("scheduler.clip_sample=true clips latents to [-1, 1]; set scheduler.clip_sample=false "
                          "for latent diffusion")
     if not ae_path.exists() and latent.get("train_if_missing"):
         log.info("no autoencoder at %s: training it first (latent.train_if_missing=true)", ae_path)
-        train_autoencoder(config, prepared_dir, ae_path, latent["cache_dir"], device=device, amp_dtype=amp_dtype,
-                          tracker=make_tracker(), run_name=f"{config.get('name', 'job')}-autoencoder")
-    space = load_latent_space(ae_path, device, trust=bool(config.get("trust_checkpoint", False)))
-    config["model"].update(in_channels=space.latent_channels, out_channels=space.latent_channels)
-    return space
+        train_autoencoder(autoencoder, prepared_dir, ae_path, latent["cache_dir"], device=device, amp_dtype=amp_dtype,
+                          tracker=make_tracker(), run_name=run_name, trust=trust)
+    return load_latent_space(ae_path, device, trust=trust)
 
 
 def latent_space_of(meta: Mapping, device: torch.device | str = "cpu", trust: bool = False) -> LatentSpace | None:

@@ -1,4 +1,4 @@
-"""Class-conditional diffusion training: the epsilon loss and the fit loop.
+"""Class-conditional diffusion training: the epsilon loss and the fit loop (one loop for every loss).
 
 Randomness is derived from ``(seed, step)``: the batch drawn at step ``s``, its noise,
 timesteps and dropped labels depend only on the seed and ``s``. A run resumed from a
@@ -8,7 +8,8 @@ run, without replaying a data loader.
 Example::
 
     losses = diffusion_loss(net, scheduler, x0, labels, null_class=3, p_uncond=0.1, generator=g)  # [N]
-    result = fit(net, ema, opt, scheduler, images, labels, TrainSettings(max_steps=1000), ...)
+    step = DiffusionStep(net, scheduler, images, labels, null_class=3, p_uncond=0.1)
+    result = fit(net, ema, opt, step, TrainSettings(max_steps=1000), ...)
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, NamedTuple, Sequence
+from typing import Callable, Iterator, NamedTuple, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +33,6 @@ from torch.utils.checkpoint import checkpoint
 
 from .model import EMA, save_checkpoint
 from .progress import progress_bar
-from .runtime import barrier, rank_and_world  # noqa: F401  (latent.py imports them from here)
 from .tracking import Tracker, guarded
 
 log = logging.getLogger(__name__)
@@ -40,23 +40,22 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class TrainSettings:
-    """What the fit loop needs beyond the objects; ``amp_dtype=None`` trains in fp32.
+    """What the fit loop needs beyond the objects and the loss.
 
     ``rank``/``world_size`` describe data-parallel training: every rank draws the same
     global batch of ``batch_size * world_size`` and trains on its own slice, so N ranks
-    reproduce one process with an N-times larger batch.
+    reproduce one process with an N-times larger batch. ``grad_clip=None`` clips nothing;
+    ``val_every=0`` (or no ``validate``) validates nothing in the loop.
     """
 
     max_steps: int = 1000
     batch_size: int = 32
-    p_uncond: float = 0.1
     grad_clip: float | None = 1.0
     seed: int = 0
     ckpt_every: int = 500
     log_every: int = 25
     ema_every: int = 1
-    amp_dtype: torch.dtype | None = None
-    channels_last: bool = False  # channels-last memory layout (2D and 3D): the model's too, see prepare_for_speed
+    val_every: int = 0
     rank: int = 0
     world_size: int = 1
 
@@ -65,6 +64,8 @@ class TrainSettings:
 class FitResult:
     step: int
     losses: list[tuple[int, float]] = field(default_factory=list)  # (step, mean loss over the log window)
+    terms: list[tuple[int, dict]] = field(default_factory=list)    # (step, mean of every logged term, loss first)
+    val: list[tuple[int, dict]] = field(default_factory=list)      # (step, what ``validate`` returned)
     checkpoint: Path | None = None
     first_step_s: float | None = None  # wall time of the first step (torch.compile's warm-up when compiling)
 
@@ -100,15 +101,22 @@ def draw_step_noise(shape: Sequence[int], num_train_timesteps: int, p_uncond: fl
     return StepNoise(noise, t, drop)
 
 
+def batch_rows(n: int, generator: torch.Generator, rows: slice) -> torch.Tensor:
+    """Rows ``rows`` of a random permutation of ``range(n)``, drawn where ``generator`` lives (where the
+    training set is: on the GPU no index crosses to the host and nothing waits): ``(len(rows),)`` int64."""
+    return torch.randperm(n, generator=generator, device=generator.device)[rows]
+
+
 def draw_batch(images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator, rows: slice,
                device: torch.device, memory_format: torch.memory_format = torch.preserve_format):
-    """Rows ``rows`` of a random permutation of the training set, as ``(x0, y)`` on ``device``.
+    """Rows ``rows`` of a random permutation of the training set (see :func:`batch_rows`), as ``(x0, y)``
+    on ``device``. From host memory the batch is pinned first, so its copy to the GPU does not block the host."""
+    return take_batch(images, labels, batch_rows(images.shape[0], generator, rows), device, memory_format)
 
-    The permutation is drawn where the images are (``generator`` lives there): on the GPU no
-    index crosses to the host and nothing waits. From host memory the batch is pinned first,
-    so its copy to the GPU does not block the host either.
-    """
-    idx = torch.randperm(images.shape[0], generator=generator, device=images.device)[rows]
+
+def take_batch(images: torch.Tensor, labels: torch.Tensor, idx: torch.Tensor, device: torch.device,
+               memory_format: torch.memory_format = torch.preserve_format) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(images[idx], labels[idx])`` on ``device``, the images in ``memory_format``."""
     x0, y = to_device([images[idx], labels[idx]], device)
     return x0.to(memory_format=memory_format), y
 
@@ -165,6 +173,70 @@ def loss_target(scheduler, x0: torch.Tensor, draws: StepNoise) -> torch.Tensor:
     if kind == "sample":
         return x0
     raise ValueError(f"scheduler.prediction_type={kind!r} unknown; choose epsilon, v_prediction or sample")
+
+
+class StepDraw(NamedTuple):
+    """What :func:`fit` hands the loss at step ``step``: this rank's rows of the step's permutation of the
+    training set, and the step's generators, seeded from ``(seed, step)`` and already past that permutation.
+    Per-image draws are made for the whole global batch, then sliced by ``mine``, so N ranks reproduce one
+    process with an N-times larger batch."""
+
+    step: int
+    rows: torch.Tensor               # (B,) int64 indices into the training set, on the data's device
+    global_batch: int                # B * world size
+    mine: slice                      # this rank's share of the global batch
+    generator: torch.Generator       # on the model's device
+    data_generator: torch.Generator  # on the training set's device (``generator`` itself when they agree)
+
+
+class StepLoss(NamedTuple):
+    """One step's loss: ``loss`` (a scalar, the mean of the per-sample losses) is what :func:`fit`
+    backpropagates; ``terms`` (scalars, loss first) are averaged over the log window and logged.
+    ``after`` runs after the optimizer's step, e.g. a discriminator's update; it returns more terms."""
+
+    loss: torch.Tensor
+    terms: dict[str, torch.Tensor]
+    after: Callable[[], dict[str, torch.Tensor]] | None = None
+
+
+class TrainStep(Protocol):
+    """A loss :func:`fit` trains with: ``images`` (the training set, N first: fit permutes its rows),
+    ``name`` (progress label, as in ``train/loss``), ``lr_key`` (the setting a NaN loss's advice names)."""
+
+    images: torch.Tensor
+    name: str
+    lr_key: str
+
+    def __call__(self, draw: StepDraw) -> StepLoss: ...
+
+
+@dataclass
+class DiffusionStep:
+    """The class-conditional diffusion loss (:func:`diffusion_loss`) as a :class:`TrainStep` of ``model``
+    (DDP- or compile-wrapped as it runs) on ``images`` (N, C, *spatial) in [-1, 1] and ``labels`` (N,).
+    ``amp_dtype=None`` trains in fp32; ``channels_last`` hands the network channels-last batches."""
+
+    model: nn.Module
+    scheduler: object
+    images: torch.Tensor
+    labels: torch.Tensor
+    null_class: int
+    p_uncond: float = 0.1
+    amp_dtype: torch.dtype | None = None
+    channels_last: bool = False
+    name: str = "train"
+    lr_key: str = "training.lr"
+
+    def __call__(self, draw: StepDraw) -> StepLoss:
+        device = draw.generator.device
+        x0, y = take_batch(self.images, self.labels, draw.rows, device,
+                           memory_format_of(self.images.ndim, self.channels_last))
+        shape = (draw.global_batch, *self.images.shape[1:])
+        draws = StepNoise(*(d[draw.mine] for d in draw_step_noise(shape, self.scheduler.num_train_timesteps,
+                                                                   self.p_uncond, draw.generator)))
+        loss = diffusion_loss(self.model, self.scheduler, x0, y, null_class=self.null_class, draws=draws,
+                              amp_dtype=self.amp_dtype).mean()
+        return StepLoss(loss, {f"{self.name}/loss": loss.detach()})
 
 
 def enable_activation_checkpointing(model: nn.Module) -> nn.Module:
@@ -248,27 +320,30 @@ def fit(
     model: nn.Module,
     ema: EMA,
     optimizer: torch.optim.Optimizer,
-    scheduler,
-    images: torch.Tensor,
-    labels: torch.Tensor,
+    loss: TrainStep,
     settings: TrainSettings,
     *,
-    null_class: int,
     start_step: int = 0,
     ckpt_path: Path | None = None,
     checkpoint_payload: Callable[[], dict] | None = None,
     tracker: Tracker | None = None,
+    validate: Callable[[], dict] | None = None,
 ) -> FitResult:
-    """Train from ``start_step`` to ``settings.max_steps`` on ``images`` (N, C, *spatial), ``labels`` (N,).
+    """Train ``model`` from ``start_step`` to ``settings.max_steps`` on ``loss`` (e.g. :class:`DiffusionStep`,
+    :class:`medaug.latent.AutoencoderStep`): at every step its loss backpropagates, gradients are clipped
+    to ``grad_clip``, ``optimizer`` steps and ``ema`` follows ``model`` every ``ema_every`` steps.
 
-    Saves ``ckpt_path`` every ``ckpt_every`` steps, at the end, and on interruption
-    (Ctrl-C, or SIGTERM: the step under way finishes, then :class:`Terminated` is raised), so
-    nothing trained is lost. ``checkpoint_payload()`` gives the config and meta stored with it.
-    Losses are synced to the host every ``log_every`` steps only. A tracker that fails (a
-    tracking server gone away) is switched off with one warning; training goes on.
+    Saves ``ckpt_path`` every ``ckpt_every`` steps, at the end, and on interruption (Ctrl-C, or
+    SIGTERM: the step under way finishes, then :class:`Terminated` is raised), so nothing trained
+    is lost; it holds ``model`` (unwrapped), ``ema``, ``optimizer.state_dict()`` and what
+    ``checkpoint_payload()`` gives (config and meta). Loss terms are synced to the host every
+    ``log_every`` steps only, averaged over all ranks, and logged as ``loss.terms`` names them;
+    ``validate()`` (rank 0, every ``val_every`` steps) returns metrics logged beside them. A
+    tracker that fails (a tracking server gone away) is switched off with one warning; training goes on.
     """
     tracker = guarded(tracker)
     device = next(model.parameters()).device
+    images = loss.images
     n = images.shape[0]
     if n == 0:
         raise ValueError("no training images: the train split is empty")
@@ -276,9 +351,7 @@ def fit(
     batch_size = min(settings.batch_size, n // world)
     if batch_size == 0:
         raise ValueError(f"{n} training images cannot feed {world} ranks")
-    global_shape = (batch_size * world, *images.shape[1:])
     mine = slice(rank * batch_size, (rank + 1) * batch_size)
-    memory_format = memory_format_of(images.ndim, settings.channels_last)
     cuda = device.type == "cuda"
     result = FitResult(step=start_step, checkpoint=ckpt_path)
 
@@ -290,11 +363,10 @@ def fit(
     gen = torch.Generator(device=device)  # reseeded from (seed, step) at every step
     data_gen = gen if images.device == device else torch.Generator(device=images.device)
     model.train()
-    window = torch.zeros((), device=device)
+    window: dict[str, torch.Tensor] = {}  # sums on the device, read on the host at log steps only
     window_steps = 0
-    step = start_step
-    bar = progress_bar(range(start_step, settings.max_steps), desc="train", unit="step", initial=start_step,
-               total=settings.max_steps, disable=rank != 0)
+    bar = progress_bar(range(start_step, settings.max_steps), desc=loss.name, unit="step", initial=start_step,
+                       total=settings.max_steps, disable=rank != 0)
     started = time.perf_counter()
     with checkpoint_at_exit(checkpoint, result) as stop, bar:
         for step in bar:
@@ -303,40 +375,46 @@ def fit(
             gen.manual_seed(settings.seed * 1_000_003 + step)
             if data_gen is not gen:
                 data_gen.manual_seed(settings.seed * 1_000_003 + step)
-            x0, y = draw_batch(images, labels, data_gen, mine, device, memory_format)
-            draws = StepNoise(*(d[mine] for d in draw_step_noise(global_shape, scheduler.num_train_timesteps,
-                                                                 settings.p_uncond, gen)))
-            loss = diffusion_loss(model, scheduler, x0, y, null_class=null_class, draws=draws,
-                                  amp_dtype=settings.amp_dtype).mean()
+            rows = batch_rows(n, data_gen, mine)
+            out = loss(StepDraw(step, rows, batch_size * world, mine, gen, data_gen))
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            out.loss.backward()
             if settings.grad_clip:
                 nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
             optimizer.step()
             if (step + 1) % settings.ema_every == 0:
                 ema.update(model)
+            terms = {**out.terms, **(out.after() if out.after is not None else {})}
             if step == start_step:  # one sync per run: the first step's time, torch.compile's warm-up included
                 if cuda:
                     torch.cuda.synchronize(device)
                 result.first_step_s = time.perf_counter() - started
                 log.info("first training step took %.1f s (includes the torch.compile warm-up when compiling)",
                          result.first_step_s)
-                tracker.log_metrics({"train/first_step_s": result.first_step_s}, step=step + 1)
-            window += loss.detach()
+                tracker.log_metrics({f"{loss.name}/first_step_s": result.first_step_s}, step=step + 1)
+            for key, value in terms.items():
+                window[key] = window.get(key, 0.0) + value.double()
             window_steps += 1
             done = step + 1
             if done % settings.log_every == 0 or done == settings.max_steps:
+                sums = torch.stack(list(window.values()))
                 if world > 1:  # the mean over all ranks, as one process with the global batch would see
-                    torch.distributed.all_reduce(window)
-                    window /= world
-                value = float(window) / window_steps
+                    torch.distributed.all_reduce(sums)
+                    sums /= world
+                means = {k: float(v) / window_steps for k, v in zip(window, sums)}
+                key, value = next(iter(means.items()))
                 if not math.isfinite(value):
-                    raise FloatingPointError(f"training loss became {value} at step {done}; lower training.lr")
+                    raise FloatingPointError(f"{key} became {value} at step {done}; lower {loss.lr_key}")
                 result.losses.append((done, value))
-                tracker.log_metrics({"train/loss": value}, step=done)
+                result.terms.append((done, means))
+                tracker.log_metrics(means, step=done)
                 bar.set_postfix(loss=f"{value:.4f}")
-                window.zero_()
-                window_steps = 0
+                window, window_steps = {}, 0
+            if rank == 0 and validate is not None and settings.val_every and done % settings.val_every == 0 \
+                    and done < settings.max_steps:
+                metrics = validate()
+                result.val.append((done, metrics))
+                tracker.log_metrics(metrics, step=done)
             if settings.ckpt_every and done % settings.ckpt_every == 0 and done < settings.max_steps:
                 checkpoint(done)
             result.step = done

@@ -19,7 +19,7 @@ from medaug.latent import cached_latents, latent_space_for_training
 from medaug.model import EMA, check_unet_input, load_checkpoint, network_from_spec, restore_training_state
 from medaug.runtime import process_group, switch
 from medaug.tracking import flatten, guarded, tracked
-from medaug.training import TrainSettings, fit, prepare_for_speed
+from medaug.training import DiffusionStep, TrainSettings, fit, prepare_for_speed
 from pipelines.common import amp_dtype_of, container, default_ckpt, device_of, log, make_tracker, path, stage_main
 
 
@@ -39,9 +39,13 @@ def _train(cfg: DictConfig, device: torch.device, rank: int, world: int) -> dict
     t = cfg.training
     cuda = device.type == "cuda"
     config = container(cfg)
-    space = latent_space_for_training(config, info.root, device, lambda: make_tracker(cfg),  # None: pixel space
-                                      amp_dtype_of(cfg, device))
+    space = latent_space_for_training(config.get("latent"), info.root, device,  # None: pixel space
+                                      clip_sample=config["scheduler"].get("clip_sample", True),
+                                      autoencoder=config.get("autoencoder"), make_tracker=lambda: make_tracker(cfg),
+                                      run_name=f"{cfg.name}-autoencoder", trust=cfg.trust_checkpoint,
+                                      amp_dtype=amp_dtype_of(cfg, device))
     if space is not None:  # latent diffusion: the UNet learns scaled autoencoder latents
+        config["model"].update(in_channels=space.latent_channels, out_channels=space.latent_channels)
         latents, labels = cached_latents(space, info.root, config["latent"]["cache_dir"])
         images = latents * space.scale_factor
     if cuda and switch(t.data_on_device, True) and images.nbytes < 2 * 2**30:
@@ -84,10 +88,11 @@ def _train(cfg: DictConfig, device: torch.device, rank: int, world: int) -> dict
     if world > 1:
         model = DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
 
-    settings = TrainSettings(max_steps=t.max_steps, batch_size=t.batch_size, p_uncond=t.p_uncond,
-                             grad_clip=t.grad_clip, seed=t.seed, ckpt_every=t.ckpt_every, log_every=t.log_every,
-                             ema_every=t.ema_every, amp_dtype=amp_dtype_of(cfg, device), channels_last=channels_last,
-                             rank=rank, world_size=world)
+    settings = TrainSettings(max_steps=t.max_steps, batch_size=t.batch_size, grad_clip=t.grad_clip, seed=t.seed,
+                             ckpt_every=t.ckpt_every, log_every=t.log_every, ema_every=t.ema_every, rank=rank,
+                             world_size=world)
+    step = DiffusionStep(model, scheduler, images, labels, null_class=info.num_classes, p_uncond=t.p_uncond,
+                         amp_dtype=amp_dtype_of(cfg, device), channels_last=channels_last)
     others = ("prepare", "sample", "evaluate", "export", "augment", "input", "output")  # other stages' settings
     # from here on a tracking error is a warning: the training and its checkpoint go on
     with tracked(guarded(tracker), run_name=cfg.name, run_id=run_id, tags={"medaug.job": cfg.name}) as tracker:
@@ -99,8 +104,7 @@ def _train(cfg: DictConfig, device: torch.device, rank: int, world: int) -> dict
                     mlflow_run_id=tracker.run_id, modality=info.modality)
         if space is not None:
             meta["latent"] = space.meta()
-        result = fit(model, ema, optimizer, scheduler, images, labels, settings, null_class=info.num_classes,
-                     start_step=start_step, ckpt_path=out_ckpt,
+        result = fit(model, ema, optimizer, step, settings, start_step=start_step, ckpt_path=out_ckpt,
                      checkpoint_payload=lambda: {"config": config, "meta": meta}, tracker=tracker)
         if rank == 0:
             tracker.log_artifact(out_ckpt, "checkpoints")

@@ -7,7 +7,7 @@ from monai.networks.schedulers import DDPMScheduler
 from medaug.metrics import FeatureExtractor, predict_proba, train_classifier
 from medaug.model import EMA, network_from_spec
 from medaug.sampling import inference_scheduler, sample_images
-from medaug.training import TrainSettings, fit, prepare_for_speed
+from medaug.training import DiffusionStep, TrainSettings, fit, prepare_for_speed
 
 from .test_model import SPEC
 
@@ -25,9 +25,8 @@ def test_bf16_compiled_training_learns_and_keeps_schedule_fp32():
     sch = DDPMScheduler(num_train_timesteps=100)
     x = (torch.rand(16, 1, 16, 16, device="cuda") * 2 - 1).contiguous(memory_format=torch.channels_last)
     y = torch.arange(16, device="cuda") % 3
-    result = fit(model, ema, opt, sch, x, y, TrainSettings(max_steps=60, batch_size=16, log_every=20, ckpt_every=0,
-                                                           amp_dtype=torch.bfloat16, channels_last=True),
-                 null_class=3)
+    step = DiffusionStep(model, sch, x, y, null_class=3, amp_dtype=torch.bfloat16, channels_last=True)
+    result = fit(model, ema, opt, step, TrainSettings(max_steps=60, batch_size=16, log_every=20, ckpt_every=0))
     assert result.losses[-1][1] < result.losses[0][1]
     assert sch.alphas_cumprod.dtype == torch.float32
 

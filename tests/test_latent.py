@@ -12,12 +12,12 @@ import torch
 
 import medaug.latent as latent
 from medaug.dataset import load_info, load_split
-from medaug.latent import (ENCODE_OVERLAP, AutoencoderSettings, Optimizers, cache_file, cached_latents, check_shape,
-                           check_tile, decode_latents, encode_mean, fit_autoencoder, kl_loss, latent_space_for_training, load_latent_space,
-                           reconstruction_metrics, train_autoencoder)
+from medaug.latent import (ENCODE_OVERLAP, AutoencoderSettings, AutoencoderStep, Optimizers, cache_file, cached_latents,
+                           check_shape, check_tile, decode_latents, encode_mean, kl_loss, latent_space_for_training,
+                           load_latent_space, reconstruction_metrics, train_autoencoder)
 from medaug.model import EMA, load_checkpoint, network_from_spec
 from medaug.sampling import inference_scheduler, labels_for_counts, load_samples
-from medaug.tracking import NullTracker
+from medaug.training import fit
 from pipelines import export, prepare, sample, train, train_autoencoder as train_autoencoder_stage
 
 from .conftest import CONF_DIR, TINY, compose_cfg
@@ -53,11 +53,19 @@ def blobs(spatial_dims, n=8, size=8):
     return torch.nn.functional.interpolate(coarse, size=[size] * spatial_dims, mode=mode) * 2 - 1
 
 
+def fit_ae(ae, ema, opts, images, settings, val_images=None, **kwargs):
+    """The autoencoder trained by ``training.fit`` as ``train_autoencoder`` trains it."""
+    validate = None if val_images is None else \
+        (lambda: reconstruction_metrics(ema.model, val_images, settings.batch_size, settings.encode_tile)[0])
+    return fit(ae, ema, opts, AutoencoderStep(ae, images, settings, opts), settings.train_settings(),
+               validate=validate, **kwargs)
+
+
 @pytest.fixture(scope="module")
 def trained(prepared_3d, tmp_path_factory):
     """A tiny autoencoder trained 3 steps on the 12³ phantoms: (result, cache_dir)."""
     out = tmp_path_factory.mktemp("ae")
-    result = train_autoencoder({"autoencoder": SECTION}, prepared_3d, out / "ae.pt", out / "latents")
+    result = train_autoencoder(SECTION, prepared_3d, out / "ae.pt", out / "latents")
     return result, out / "latents"
 
 
@@ -98,13 +106,13 @@ def test_fit_learns_and_switches_adversarial_on_after_warm_up():
                                   "in_channels": 1, "channels": 8, "num_layers_d": 1, "norm": "INSTANCE"})
         opts = Optimizers(torch.optim.Adam(ae.parameters(), 3e-3), disc, torch.optim.Adam(disc.parameters(), 1e-3))
         settings = AutoencoderSettings(max_steps=24, batch_size=8, adv_start=18, log_every=6, val_every=12)
-        runs.append(fit_autoencoder(ae, EMA(ae, 0.9), opts, x, settings, val_images=x[:2]))
-    losses = runs[0].losses
+        runs.append(fit_ae(ae, EMA(ae, 0.9), opts, x, settings, val_images=x[:2]))
+    losses = runs[0].terms
     assert [s for s, _ in losses] == [6, 12, 18, 24]
     assert all("autoencoder/disc" not in m for _, m in losses[:3]) and "autoencoder/disc" in losses[3][1]
     assert losses[-1][1]["autoencoder/recon_l1"] < 0.7 * losses[0][1]["autoencoder/recon_l1"]
     assert [s for s, _ in runs[0].val] == [12]
-    assert losses == runs[1].losses  # seeded by (seed, step): same run, same curve
+    assert losses == runs[1].terms  # seeded by (seed, step): same run, same curve
 
 
 def test_scale_factor_stored_and_used(trained, prepared_3d):
@@ -143,7 +151,7 @@ def test_latent_cache_written_once_and_reused(trained, prepared_3d, monkeypatch,
 
 def test_finished_autoencoder_is_not_retrained(trained, prepared_3d):
     result, cache_dir = trained
-    again = train_autoencoder({"autoencoder": SECTION}, prepared_3d, result.path, cache_dir)
+    again = train_autoencoder(SECTION, prepared_3d, result.path, cache_dir)
     assert again.id == result.id and again.step == 3
 
 
@@ -230,17 +238,17 @@ def test_crops_come_from_their_corners_and_patch_training_is_seeded():
         ae = autoencoder(2).train()
         settings = AutoencoderSettings(max_steps=4, batch_size=2, log_every=2, patch_size=[8, 8], encode_tile=[8, 8],
                                        val_every=2)
-        runs.append(fit_autoencoder(ae, EMA(ae, 0.9), Optimizers(torch.optim.Adam(ae.parameters(), 1e-3)), images,
-                                    settings, val_images=images[:2]))
-    assert runs[0].losses == runs[1].losses and [s for s, _ in runs[0].val] == [2]
+        runs.append(fit_ae(ae, EMA(ae, 0.9), Optimizers(torch.optim.Adam(ae.parameters(), 1e-3)), images,
+                           settings, val_images=images[:2]))
+    assert runs[0].terms == runs[1].terms and [s for s, _ in runs[0].val] == [2]
     with pytest.raises(ValueError, match="patch_size"):
-        fit_autoencoder(ae, EMA(ae), Optimizers(torch.optim.Adam(ae.parameters())), images,
-                        AutoencoderSettings(max_steps=1, patch_size=[32, 8]))
+        fit_ae(ae, EMA(ae), Optimizers(torch.optim.Adam(ae.parameters())), images,
+               AutoencoderSettings(max_steps=1, patch_size=[32, 8]))
 
 
 def test_autoencoder_on_patches_records_its_encode_tile(prepared_3d, tmp_path):
     section = {**SECTION, "patch_size": [8, 8, 8], "encode_tile": [8, 8, 8]}
-    result = train_autoencoder({"autoencoder": section}, prepared_3d, tmp_path / "ae.pt", tmp_path / "latents")
+    result = train_autoencoder(section, prepared_3d, tmp_path / "ae.pt", tmp_path / "latents")
     space = load_latent_space(result.path)
     assert space.encode_tile == [8, 8, 8] and space.latent_shape == [6, 6, 6] and space.decode_tile == [4, 4, 4]
     z = torch.randn(1, 2, 6, 6, 6)  # decoded in the latent tiles the decoder was trained on, unless told otherwise
@@ -253,26 +261,27 @@ def test_autoencoder_on_patches_records_its_encode_tile(prepared_3d, tmp_path):
     deep = {"_target_": "monai.networks.nets.PatchDiscriminator", "spatial_dims": 3, "in_channels": 1,
             "channels": 8, "num_layers_d": 2, "norm": "INSTANCE"}  # 8³ shrinks to 1³: instance norm has nothing
     with pytest.raises(ValueError, match="num_layers_d=2.*raise autoencoder.patch_size"):
-        train_autoencoder({"autoencoder": {**section, "discriminator": deep}}, prepared_3d, tmp_path / "deep.pt",
+        train_autoencoder({**section, "discriminator": deep}, prepared_3d, tmp_path / "deep.pt",
                           tmp_path / "latents")
     assert not (tmp_path / "deep.pt").exists()
     for key, bad in (("patch_size", [7, 7, 7]), ("encode_tile", [16, 16, 16]), ("patch_size", [8, 8])):
         with pytest.raises(ValueError, match=f"autoencoder.{key}"):
-            train_autoencoder({"autoencoder": {**SECTION, key: bad}}, prepared_3d, tmp_path / f"{key}.pt",
+            train_autoencoder({**SECTION, key: bad}, prepared_3d, tmp_path / f"{key}.pt",
                               tmp_path / "latents")
 
 
 def test_latent_training_needs_unclipped_scheduler_and_a_finished_autoencoder(trained, tmp_path):
     result, _ = trained
-    config = {"latent": {"autoencoder_ckpt": str(result.path)}, "scheduler": {"clip_sample": True}, "model": {}}
+    latent_section = {"autoencoder_ckpt": str(result.path)}
     with pytest.raises(ValueError, match="clip_sample=false"):
-        latent_space_for_training(config, None, torch.device("cpu"), NullTracker)
-    config["scheduler"]["clip_sample"] = False
-    space = latent_space_for_training(config, None, torch.device("cpu"), NullTracker)
-    assert config["model"] == {"in_channels": 2, "out_channels": 2} and space.id == result.id
-    config["latent"]["autoencoder_ckpt"] = str(tmp_path / "missing.pt")
+        latent_space_for_training(latent_section, None, torch.device("cpu"), clip_sample=True)
+    assert latent_space_for_training({"autoencoder_ckpt": None}, None, torch.device("cpu"), clip_sample=True) is None
+    space = latent_space_for_training(latent_section, None, torch.device("cpu"), clip_sample=False)
+    assert space.latent_channels == 2 and space.id == result.id
+    assert latent_section == {"autoencoder_ckpt": str(result.path)}  # read, not changed
     with pytest.raises(FileNotFoundError, match="train_autoencoder"):
-        latent_space_for_training(config, None, torch.device("cpu"), NullTracker)
+        latent_space_for_training({"autoencoder_ckpt": str(tmp_path / "missing.pt")}, None, torch.device("cpu"),
+                                  clip_sample=False)
     with pytest.raises(ValueError, match="not the one"):
         load_latent_space(result.path, expect_id="0123456789ab")
 
@@ -339,9 +348,9 @@ def test_bf16_autocast_training_with_discriminator_stays_finite_in_3d():
                               "in_channels": 1, "channels": 8, "num_layers_d": 1, "norm": "INSTANCE"})
     opts = Optimizers(torch.optim.Adam(ae.parameters(), 1e-3), disc, torch.optim.Adam(disc.parameters(), 1e-3))
     settings = AutoencoderSettings(max_steps=4, batch_size=4, log_every=2, adv_start=2, amp_dtype=torch.bfloat16)
-    result = fit_autoencoder(ae, EMA(ae), opts, x, settings)
-    assert result.step == 4 and "autoencoder/disc" in result.losses[-1][1]
-    assert all(np.isfinite(v) for _, m in result.losses for v in m.values())
+    result = fit_ae(ae, EMA(ae), opts, x, settings)
+    assert result.step == 4 and "autoencoder/disc" in result.terms[-1][1]
+    assert all(np.isfinite(v) for _, m in result.terms for v in m.values())
     assert all(p.dtype == torch.float32 for p in ae.parameters())  # autocast, weights stay fp32
 
 
@@ -407,9 +416,67 @@ def test_sigterm_stops_autoencoder_training_with_a_checkpoint_and_a_failing_trac
     ema, opts = EMA(ae, 0.9), Optimizers(torch.optim.Adam(ae.parameters(), 1e-3))
     payload = lambda: {"config": {"model": {**AE, "spatial_dims": 2}}, "meta": {"kind": "autoencoder"}}  # noqa: E731
     with pytest.raises(Terminated, match="after step 1"):
-        fit_autoencoder(ae, ema, opts, x, AutoencoderSettings(max_steps=50, batch_size=4, log_every=1, ckpt_every=0),
-                        ckpt_path=tmp_path / "ae.pt", checkpoint_payload=payload, tracker=Tracker())
+        fit_ae(ae, ema, opts, x, AutoencoderSettings(max_steps=50, batch_size=4, log_every=1, ckpt_every=0),
+               ckpt_path=tmp_path / "ae.pt", checkpoint_payload=payload, tracker=Tracker())
     ckpt = load_checkpoint(tmp_path / "ae.pt")
     assert ckpt.step == 1 and ckpt.meta == {"kind": "autoencoder"}  # the tracking error did not stop it first
     for a, b in zip(ckpt.model.values(), ae.state_dict().values()):  # the weights of exactly step 1
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_autoencoder_killed_at_a_checkpoint_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path):
+    """fit with the AutoencoderStep (discriminator on from step 2, random crops): SIGTERM after the checkpoint of
+    step 3, then a fresh process state restored from it, trains to exactly the weights, EMA, discriminator and
+    optimizer states of one run straight to step 6."""
+    import signal
+
+    from medaug.model import restore_training_state
+    from medaug.training import Terminated
+
+    x = blobs(2, n=8, size=16)
+    settings = AutoencoderSettings(max_steps=6, batch_size=4, adv_start=2, log_every=1, ckpt_every=3,
+                                   patch_size=[8, 8])
+    payload = lambda: {"config": {"model": {**AE, "spatial_dims": 2}}, "meta": {"kind": "autoencoder"}}  # noqa: E731
+
+    def fresh():
+        ae = autoencoder(2).train()
+        torch.manual_seed(1)
+        disc = network_from_spec({"_target_": "monai.networks.nets.PatchDiscriminator", "spatial_dims": 2,
+                                  "in_channels": 1, "channels": 8, "num_layers_d": 1, "norm": "INSTANCE"})
+        opts = Optimizers(torch.optim.Adam(ae.parameters(), 3e-3), disc, torch.optim.Adam(disc.parameters(), 1e-3))
+        return ae, EMA(ae, 0.9), opts
+
+    class KillsAfter3:  # SIGTERM during step 3's logging: step 3 finishes, is checkpointed, and the run stops
+        run_id = None
+
+        def log_metrics(self, metrics, step=None):
+            if step == 3:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    ae, ema, opts = fresh()
+    straight = fit_ae(ae, ema, opts, x, settings, ckpt_path=tmp_path / "straight.pt", checkpoint_payload=payload)
+    ae2, ema2, opts2 = fresh()
+    with pytest.raises(Terminated, match="after step 3"):
+        fit_ae(ae2, ema2, opts2, x, settings, ckpt_path=tmp_path / "ae.pt", checkpoint_payload=payload,
+               tracker=KillsAfter3())
+    ae2, ema2, opts2 = fresh()
+    ckpt = load_checkpoint(tmp_path / "ae.pt")
+    assert ckpt.step == 3
+    restore_training_state(ckpt, ae2, ema2, opts2)
+    resumed = fit_ae(ae2, ema2, opts2, x, settings, start_step=3, ckpt_path=tmp_path / "ae.pt",
+                     checkpoint_payload=payload)
+    assert [s for s, _ in resumed.terms] == [4, 5, 6] and resumed.terms == straight.terms[3:]
+    assert "autoencoder/disc" in resumed.terms[0][1]
+    a, b = load_checkpoint(tmp_path / "straight.pt"), load_checkpoint(tmp_path / "ae.pt")
+    assert a.step == b.step == 6
+
+    def tensors(tree):
+        if isinstance(tree, torch.Tensor):
+            return [tree]
+        if isinstance(tree, dict):
+            return [t for v in tree.values() for t in tensors(v)]
+        return [t for v in tree for t in tensors(v)] if isinstance(tree, (list, tuple)) else []
+
+    for part in ("model", "ema", "optimizer"):  # the optimizer entry holds the discriminator and its optimizer too
+        assert all(torch.equal(u, v) for u, v in zip(tensors(getattr(a, part)), tensors(getattr(b, part))))
+    assert len(tensors(a.optimizer["discriminator"])) > 0

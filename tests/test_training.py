@@ -5,8 +5,8 @@ import torch
 from monai.networks.schedulers import DDPMScheduler
 
 from medaug.model import EMA, load_checkpoint, network_from_spec
-from medaug.training import (TrainSettings, diffusion_loss, draw_batch, draw_step_noise, fit, prepare_for_speed,
-                             step_generator)
+from medaug.training import (DiffusionStep, TrainSettings, diffusion_loss, draw_batch, draw_step_noise, fit,
+                             prepare_for_speed, step_generator)
 
 from .test_model import SPEC
 
@@ -15,6 +15,10 @@ def tiny(spatial_dims=2):
     torch.manual_seed(0)
     net = network_from_spec({**SPEC, "spatial_dims": spatial_dims})
     return net, EMA(net), torch.optim.AdamW(net.parameters(), lr=1e-3), DDPMScheduler(num_train_timesteps=100)
+
+
+def diffusion(net, sch, x, y):
+    return DiffusionStep(net, sch, x, y, null_class=3)
 
 
 def data(spatial_dims=2, n=8):
@@ -57,7 +61,8 @@ def test_fit_lowers_loss_and_is_deterministic():
     runs = []
     for _ in range(2):
         net, ema, opt, sch = tiny()
-        result = fit(net, ema, opt, sch, x, y, TrainSettings(max_steps=30, batch_size=8, log_every=10), null_class=3)
+        result = fit(net, ema, opt, diffusion(net, sch, x, y),
+                     TrainSettings(max_steps=30, batch_size=8, log_every=10))
         runs.append(result.losses)
         assert result.first_step_s > 0  # logged: the compile warm-up on a GPU
     assert runs[0] == runs[1]
@@ -69,10 +74,10 @@ def test_resume_continues_step_count_and_loss_curve(tmp_path):
     settings = dict(batch_size=4, log_every=1, ckpt_every=3)
     payload = lambda: {"config": {"model": SPEC}, "meta": {}}  # noqa: E731
     net, ema, opt, sch = tiny()
-    straight = fit(net, ema, opt, sch, x, y, TrainSettings(max_steps=6, **settings), null_class=3).losses
+    straight = fit(net, ema, opt, diffusion(net, sch, x, y), TrainSettings(max_steps=6, **settings)).losses
 
     net, ema, opt, sch = tiny()
-    first = fit(net, ema, opt, sch, x, y, TrainSettings(max_steps=3, **settings), null_class=3,
+    first = fit(net, ema, opt, diffusion(net, sch, x, y), TrainSettings(max_steps=3, **settings),
                 ckpt_path=tmp_path / "last.pt", checkpoint_payload=payload).losses
     ckpt = load_checkpoint(tmp_path / "last.pt")
     assert ckpt.step == 3
@@ -80,7 +85,7 @@ def test_resume_continues_step_count_and_loss_curve(tmp_path):
     net.load_state_dict(ckpt.model)
     ema.load_state_dict(ckpt.ema)
     opt.load_state_dict(ckpt.optimizer)
-    second = fit(net, ema, opt, sch, x, y, TrainSettings(max_steps=6, **settings), null_class=3,
+    second = fit(net, ema, opt, diffusion(net, sch, x, y), TrainSettings(max_steps=6, **settings),
                  start_step=ckpt.step, ckpt_path=tmp_path / "last.pt", checkpoint_payload=payload).losses
     assert [s for s, _ in first + second] == [1, 2, 3, 4, 5, 6]
     for (_, a), (_, b) in zip(first + second, straight):
@@ -100,8 +105,9 @@ def test_interrupt_saves_checkpoint(tmp_path):
                 raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        fit(net, ema, opt, sch, x, y, TrainSettings(max_steps=10, batch_size=4, log_every=1, ckpt_every=0),
-            null_class=3, ckpt_path=tmp_path / "last.pt", tracker=Interrupting(),
+        fit(net, ema, opt, diffusion(net, sch, x, y),
+            TrainSettings(max_steps=10, batch_size=4, log_every=1, ckpt_every=0),
+            ckpt_path=tmp_path / "last.pt", tracker=Interrupting(),
             checkpoint_payload=lambda: {"config": {"model": SPEC}, "meta": {}})
     assert load_checkpoint(tmp_path / "last.pt").step == 1  # the last completed step before the interrupt
 
@@ -111,7 +117,7 @@ def test_nan_loss_stops_with_advice():
     x[0, 0, 0, 0] = float("nan")
     net, ema, opt, sch = tiny()
     with pytest.raises(FloatingPointError, match="training.lr"):
-        fit(net, ema, opt, sch, x, y, TrainSettings(max_steps=2, batch_size=4, log_every=1), null_class=3)
+        fit(net, ema, opt, diffusion(net, sch, x, y), TrainSettings(max_steps=2, batch_size=4, log_every=1))
 
 
 @pytest.mark.parametrize("spatial_dims", [2, 3])
@@ -196,8 +202,9 @@ def test_a_failing_tracker_never_stops_training_or_its_checkpoint(tmp_path, capl
             calls.append(step)
             raise ConnectionError("mlflow server at http://10.0.0.1:5000 went away")
 
-    result = fit(net, ema, opt, sch, x, y, TrainSettings(max_steps=5, batch_size=4, log_every=1, ckpt_every=2),
-                 null_class=3, ckpt_path=tmp_path / "last.pt", tracker=ServerGone(),
+    result = fit(net, ema, opt, diffusion(net, sch, x, y),
+                 TrainSettings(max_steps=5, batch_size=4, log_every=1, ckpt_every=2),
+                 ckpt_path=tmp_path / "last.pt", tracker=ServerGone(),
                  checkpoint_payload=lambda: {"config": {"model": SPEC}, "meta": {}})
     assert result.step == 5 and len(result.losses) == 5
     assert load_checkpoint(tmp_path / "last.pt").step == 5
@@ -222,8 +229,9 @@ def test_sigterm_in_fit_finishes_the_step_saves_and_raises(tmp_path):
                 os.kill(os.getpid(), signal.SIGTERM)
 
     with pytest.raises(Terminated, match="SIGTERM after step 3"):
-        fit(net, ema, opt, sch, x, y, TrainSettings(max_steps=10, batch_size=4, log_every=1, ckpt_every=0),
-            null_class=3, ckpt_path=tmp_path / "last.pt", tracker=SendsSigterm(),
+        fit(net, ema, opt, diffusion(net, sch, x, y),
+            TrainSettings(max_steps=10, batch_size=4, log_every=1, ckpt_every=0),
+            ckpt_path=tmp_path / "last.pt", tracker=SendsSigterm(),
             checkpoint_payload=lambda: {"config": {"model": SPEC}, "meta": {}})
     ckpt = load_checkpoint(tmp_path / "last.pt")
     assert ckpt.step == 3
