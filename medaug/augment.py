@@ -55,7 +55,8 @@ from monai.data import Dataset
 from monai.transforms import Compose, LoadImaged, SqueezeDimd
 
 from .dataset import DatasetError, load_info, read_manifest
-from .io import atomic_file, atomic_folder, is_complete, write_nifti
+from .atomic import atomic_file, atomic_folder, is_complete
+from .io import write_nifti
 from .model import file_id, load_checkpoint
 from .progress import progress_bar
 from .sampling import (class_counts, generate_chunks, inference_scheduler, labels_for_counts, sample_images,

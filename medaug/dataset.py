@@ -40,7 +40,8 @@ import numpy as np
 import torch
 
 from .deid import POLICIES, apply_policy, scan_headers
-from .io import (DicomIndex, DicomSeries, atomic_folder, index_dicom, is_complete, is_nifti, read_dicom_series,
+from .atomic import atomic_folder, is_complete
+from .io import (DicomIndex, DicomSeries, index_dicom, is_nifti, read_dicom_series,
                  read_volume, write_nifti)
 from .preprocessing import IntensityWindow, Normalization, PercentileNormalization, preprocess_case, slice_volume
 from .progress import progress_bar

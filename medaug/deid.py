@@ -49,6 +49,8 @@ from typing import Iterator, Mapping
 from pydicom.datadict import keyword_for_tag
 from pydicom.dataset import Dataset
 
+from .atomic import atomic_file
+
 POLICIES = ("refuse", "strip", "trust")
 DECLARED_PSEUDONYMS = ("PatientID", "PatientName")
 
@@ -177,8 +179,6 @@ def write_report(findings: list[Finding], path: Path) -> Path:
     It names source files, so it is written where the data owner runs, never into a prepared,
     exported or tracked folder; written to a temp name, then renamed.
     """
-    from .io import atomic_file  # io imports deid
-
     path = Path(path)
     with atomic_file(path, mode=0o600) as tmp, open(tmp, "w", newline="") as fh:
         writer = csv.writer(fh)

@@ -28,14 +28,14 @@ from typing import NamedTuple
 
 import torch
 
-from medaug.dataset import load_info, load_split, read_manifest
-from medaug.io import atomic_folder, temp_name
-from medaug.metrics import (FeatureExtractor, PlaneFeatureExtractor, fidelity_metrics, load_weights, make_classifier,
+from .dataset import load_info, load_split, read_manifest
+from .atomic import atomic_file, atomic_folder
+from .metrics import (FeatureExtractor, PlaneFeatureExtractor, fidelity_metrics, load_weights, make_classifier,
                             realism_metrics, slices_for_training, train_classifier, utility_metrics)
-from medaug.model import network_from_spec
-from medaug.privacy import PrivacyAudit, PrivacyFlags, privacy_audit, write_per_sample
-from medaug.report import write_pictures, write_report
-from medaug.sampling import load_samples, samples_id
+from .model import network_from_spec
+from .privacy import PrivacyAudit, PrivacyFlags, privacy_audit, write_per_sample
+from .report import write_pictures, write_report
+from .sampling import load_samples, samples_id
 
 
 @dataclass(frozen=True)
@@ -193,9 +193,8 @@ def cached_classifier(cache_dir: Path, images: torch.Tensor, labels: torch.Tenso
         return model.to(device).eval()
     model = train_classifier(images, labels, num_classes, steps=steps, seed=seed, device=device)
     cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_name(cache)
-    torch.save(model.state_dict(), tmp)
-    os.replace(tmp, cache)  # a killed run leaves no half-written classifier
+    with atomic_file(cache) as tmp:  # a killed run leaves no half-written classifier
+        torch.save(model.state_dict(), tmp)
     return model
 
 

@@ -54,7 +54,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .io import DICOM_SOP_CLASSES, atomic_file, atomic_folder, write_dicom_multiframe, write_dicom_series, write_nifti
+from .atomic import atomic_file, atomic_folder
+from .io import DICOM_SOP_CLASSES, write_dicom_multiframe, write_dicom_series, write_nifti
 from .preprocessing import IntensityWindow
 from .progress import progress_bar
 

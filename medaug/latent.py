@@ -46,7 +46,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from .dataset import load_info, load_split
-from .io import atomic_file
+from .atomic import atomic_file
 from .model import (EMA, ema_network, file_id, load_checkpoint, network_from_spec, restore_training_state,
                     save_checkpoint)
 from .progress import progress_bar

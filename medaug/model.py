@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .io import atomic_file
+from .atomic import atomic_file
 
 FORMAT = 2  # 1: pickled config/meta/RNG objects (read only with trust); 2: tensors + plain values + JSON text
 # What a checkpoint's config may name as the network it is rebuilt with (module prefixes of nn.Module classes).

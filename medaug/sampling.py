@@ -40,7 +40,7 @@ from PIL import Image
 from torch import nn
 
 from .dpm_solver import DPMSolverPP2M, DPMSolverPP2MSDE
-from .io import atomic_folder, is_complete
+from .atomic import atomic_folder, is_complete
 from .model import Checkpoint, checkpoint_network, file_id
 from .progress import progress_bar
 from .training import prepare_for_speed

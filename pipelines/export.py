@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 import medaug
 from medaug.dataset import load_split
 from medaug.export import ExportError, export_dataset, export_modality, metrics_table
-from medaug.io import is_complete
+from medaug.atomic import is_complete
 from medaug.model import ema_network, load_checkpoint
 from medaug.preprocessing import IntensityWindow
 from medaug.privacy import copy_filter, pixel_copy_scores, read_copy_scores, replace_copies

@@ -27,7 +27,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from medaug.dataset import load_info
-from medaug.io import atomic_file
+from medaug.atomic import atomic_file
 from medaug.model import load_checkpoint
 from medaug.runtime import distributed
 from pipelines.common import default_ckpt, log, path, stage_main

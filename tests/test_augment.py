@@ -214,7 +214,7 @@ def test_callable_api_stage_and_light_import(prepared_2d, ckpt_2d, tmp_path):
 def evaluation(out, ckpt, gain, std, of_ckpt=True):
     """A samples folder of ``ckpt`` (or of another checkpoint) in ``out/samples`` and a finished
     evaluation of it in ``out/eval`` whose augmentation gain is ``gain ± std`` (accuracy)."""
-    from medaug.io import atomic_folder
+    from medaug.atomic import atomic_folder
     from medaug.model import file_id
     from medaug.sampling import samples_id, save_samples
 

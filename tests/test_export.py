@@ -341,7 +341,7 @@ def test_render_card_fills_every_placeholder():
 
 @pytest.mark.parametrize("modality", [None, "MR"])  # None: samples of a checkpoint from before it was recorded
 def test_export_stage_writes_every_format_and_the_share_bundle(tmp_path, modality):
-    from medaug.io import atomic_folder
+    from medaug.atomic import atomic_folder
     from medaug.sampling import samples_id, save_samples
     from pipelines import export as export_stage
 

@@ -28,7 +28,7 @@ def dead_pid() -> int:
 
 
 def test_stale_temps_of_dead_writers_are_removed_and_live_ones_kept(tmp_path):
-    from medaug.io import atomic_folder, remove_stale_temps, temp_name
+    from medaug.atomic import atomic_folder, remove_stale_temps, temp_name
 
     target = tmp_path / "last.pt"
     pid = dead_pid()
