@@ -86,7 +86,9 @@ def check_server(uri: str, timeout: float = 5.0) -> None:
     Other URIs (sqlite, file, databricks) are not checked."""
     if not uri.startswith(("http://", "https://")):
         return
-    probe = uri.rstrip("/") + "/api/2.0/mlflow/experiments/get-by-name?experiment_name=medaug-probe"
+    # without the user:password of the URI (urllib would take it for the host name); a server that wants
+    # them still answers (401), which is all this asks
+    probe = redacted(uri).rstrip("/") + "/api/2.0/mlflow/experiments/get-by-name?experiment_name=medaug-probe"
     try:
         with urllib.request.urlopen(probe, timeout=timeout):
             pass

@@ -194,3 +194,31 @@ def test_tracked_sqlite_run_status_is_finished_or_killed(tmp_path):
     assert runs["ok"].info.run_id == ok and runs["ok"].info.status == "FINISHED"
     assert runs["ok"].data.tags["medaug.job"] == "ok" and runs["ok"].data.metrics == {"train/loss": 0.5}
     assert runs["broken"].info.status == "KILLED"
+
+
+def test_server_check_answers_for_a_uri_with_credentials_and_never_prints_them():
+    """urllib reads ``user:pw@host`` as a host name: the probe must go to the host, and the line must not show pw."""
+    import http.server
+    import threading
+
+    from medaug.tracking import TrackingUnavailable, check_server
+
+    class AuthRequired(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(401)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), AuthRequired)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        check_server(f"http://alice:s3cret@127.0.0.1:{server.server_port}", timeout=5)   # up: no error
+    finally:
+        server.shutdown()
+        server.server_close()
+    with pytest.raises(TrackingUnavailable) as err:
+        check_server(f"http://alice:s3cret@127.0.0.1:{server.server_port}", timeout=2)   # now down
+    assert "s3cret" not in str(err.value) and f"http://127.0.0.1:{server.server_port}" in str(err.value)
