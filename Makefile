@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DEMO   ?= demo_2d
 
-.PHONY: install sysdeps demo test test-all bench clean
+.PHONY: install sysdeps lint demo test test-all bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,11 +29,15 @@ sysdeps:
 	  else echo "$$cmd not found and apt-get not usable as root: the tests that need it are skipped"; fi; \
 	done
 
+# pyflakes + pycodestyle rules (pyproject.toml [tool.ruff]); the formatter is not applied yet.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check medaug pipelines tests benchmarks
+
 # The main job on the built-in demo data: prepare, train, sample, evaluate, export (what is complete is skipped).
 demo: $(STAMP)
 	$(PY) -m pipelines.run experiment=$(DEMO)
 
-test: $(STAMP) sysdeps
+test: $(STAMP) sysdeps lint
 	$(PY) -m pytest -q
 
 # Everything but the GPU tests, slow ones included.

@@ -632,7 +632,8 @@ def load_info(prepared_dir: str | Path) -> PreparedInfo:
     """Read ``dataset.json`` of a complete prepared dataset."""
     prepared_dir = Path(prepared_dir)
     if not is_complete(prepared_dir):
-        raise DatasetError(f"{prepared_dir}: not a complete prepared dataset (no DONE marker); run `medaug prepare` first")
+        raise DatasetError(f"{prepared_dir}: not a complete prepared dataset (no DONE marker); "
+                           "run `medaug prepare` first")
     meta = json.loads((prepared_dir / "dataset.json").read_text())
     return PreparedInfo(prepared_dir, meta["spatial_dims"], meta["image_shape"], meta["class_names"],
                         IntensityWindow(**meta["window"]), np.asarray(meta["affine"]), meta["counts"],

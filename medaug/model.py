@@ -62,7 +62,8 @@ def locate(target: str):
 
 
 def network_from_spec(spec: Mapping, **overrides):
-    """Build the object a ``{"_target_": ..., **kwargs}`` spec describes (keys starting with ``_`` other than the target are ignored)."""
+    """Build the object a ``{"_target_": ..., **kwargs}`` spec describes (keys starting with ``_`` other than
+    the target are ignored)."""
     kwargs = {k: v for k, v in spec.items() if not k.startswith("_")}
     kwargs.update(overrides)
     return locate(spec["_target_"])(**kwargs)
@@ -76,7 +77,8 @@ def check_unet_input(spec: Mapping, shape: Sequence[int], what: str = "image") -
     if any(int(s) % factor for s in shape):
         raise ValueError(f"model.channels={list(spec['channels'])} halves the {what} {levels - 1}x, so each axis of "
                          f"the {what} shape {list(shape)} must divide by {factor}; set data.image_size to "
-                         f"multiples of {factor}" + (" times the autoencoder's compression" if what == "latent" else ""))
+                         f"multiples of {factor}"
+                         + (" times the autoencoder's compression" if what == "latent" else ""))
 
 
 class EMA:

@@ -81,7 +81,8 @@ def inference_scheduler(spec: Mapping, sampler: str = "ddim", steps: int = 50):
     cls = SAMPLERS[sampler]
     accepted = set(inspect.signature(cls.__init__).parameters) | SCHEDULE_ARGS
     kwargs = {k: v for k, v in spec.items() if not k.startswith("_") and k in accepted}
-    if sampler == "pndm":  # PLMS steps only; the last step lands on the clean image (alpha = 1), not on timestep 0's noise
+    # PLMS steps only; the last step lands on the clean image (alpha = 1), not on timestep 0's noise
+    if sampler == "pndm":
         kwargs.update(skip_prk_steps=True, set_alpha_to_one=True)
     scheduler = cls(**kwargs)
     total = scheduler.num_train_timesteps
@@ -405,7 +406,8 @@ def load_samples(samples_dir: str | Path) -> tuple[torch.Tensor, torch.Tensor, l
     """``(images, labels, manifest rows, info)`` of a complete samples folder."""
     samples_dir = Path(samples_dir)
     if not is_complete(samples_dir):
-        raise FileNotFoundError(f"{samples_dir}: no complete samples folder (no DONE marker); run `medaug sample` first")
+        raise FileNotFoundError(f"{samples_dir}: no complete samples folder (no DONE marker); "
+                                "run `medaug sample` first")
     data = torch.load(samples_dir / "samples.pt", map_location="cpu")
     with open(samples_dir / "manifest.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))

@@ -32,7 +32,8 @@ def run(cfg: DictConfig) -> dict:
     if section["encoder"]["weights"]:
         tags["evaluate.encoder.weights"] = "<path>"
     with tracked(tracker, run_name=cfg.name, run_id=result.mlflow_run_id, tags={"medaug.job": cfg.name}):
-        tracker.set_tags(tags | {"evaluate.extractor": " | ".join(result.extractors), "privacy.verdict": result.verdict})
+        tracker.set_tags(tags | {"evaluate.extractor": " | ".join(result.extractors),
+                                 "privacy.verdict": result.verdict})
         tracker.log_metrics({key: v for key, v in result.metrics.items() if math.isfinite(v)})
         for file in sorted(result.out_dir.iterdir()):
             if file.name != "DONE":

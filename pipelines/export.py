@@ -36,7 +36,8 @@ def privacy_inputs(eval_dir: Path, metrics: dict) -> tuple[list[Path], str]:
     files = sorted({p for pattern in PRIVACY_REPORTS for p in eval_dir.glob(pattern)})
     files = [p for p in files if "data:image" not in p.read_text(errors="ignore")]
     audit = {k: v for k, v in metrics.items() if k.count("/") == 1 and k.startswith("privacy/") and v is not None}
-    verdict = json.loads((eval_dir / "privacy.json").read_text()).get("verdict") if (eval_dir / "privacy.json").is_file() else None
+    privacy = eval_dir / "privacy.json"
+    verdict = json.loads(privacy.read_text()).get("verdict") if privacy.is_file() else None
     shown = [f"`{k}` {v:.4g}" for k, v in sorted(audit.items()) if isinstance(v, (int, float))]
     text = (f"verdict **{verdict}**: " if verdict else "") + ", ".join(shown)
     return files, text if audit else "not audited: run `medaug evaluate` with the privacy audit before sharing"
@@ -84,7 +85,8 @@ def filter_copies(cfg: DictConfig, images, labels, rows: list[dict], info: dict,
     final_scores = np.where(np.isnan(new_scores), scores[source.clip(max=len(rows) - 1)], new_scores)
     short = len(rows) - len(new_rows)
     note = (f"copy filter on (threshold {threshold:.4f}): {dropped} of {len(rows)} samples dropped and "
-            f"{dropped - short} regenerated" + (f"; {short} could not be replaced in {x.max_rounds} rounds" if short else ""))
+            f"{dropped - short} regenerated"
+            + (f"; {short} could not be replaced in {x.max_rounds} rounds" if short else ""))
     if short:
         log.warning(note)
     return new_x, new_rows, final_scores, note

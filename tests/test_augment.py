@@ -183,7 +183,8 @@ def test_stage_logs_one_mlflow_run_with_counts_plan_and_grid(prepared_2d, ckpt_2
     assert run.data.tags["augment.policy"] == "per_class"
     logged = {a.path for a in client.list_artifacts(run.info.run_id, "augment")}
     assert logged == {"augment/plan.json", "augment/synthetic_grid.png"}
-    grid = np.asarray(Image.open(client.download_artifacts(run.info.run_id, "augment/synthetic_grid.png", str(tmp_path))))
+    grid_file = client.download_artifacts(run.info.run_id, "augment/synthetic_grid.png", str(tmp_path))
+    grid = np.asarray(Image.open(grid_file))
     assert grid.shape[0] * 8 == grid.shape[1] * 3  # a row per class, 8 tiles a row: two images, then empty tiles
     assert grid[:, : grid.shape[1] // 4].max() > 0 and grid[:, grid.shape[1] // 4 + 1 :].max() == 0
 

@@ -97,7 +97,8 @@ def test_user_encoder_weights_drive_the_features_and_are_named(tmp_path, prepare
     torch.save(make_classifier((16, 16), 3).state_dict(), tmp_path / "enc.pt")
     net = ("evaluate.encoder.network={_target_:monai.networks.nets.DenseNet,spatial_dims:2,in_channels:1,"
            "out_channels:3,init_features:16,growth_rate:8,block_config:[2,2,2],bn_size:2}")
-    run_eval(tmp_path, prepared_2d, [f"evaluate.encoder.weights={tmp_path / 'enc.pt'}", net, "evaluate.utility.seeds=[]"])
+    run_eval(tmp_path, prepared_2d,
+             [f"evaluate.encoder.weights={tmp_path / 'enc.pt'}", net, "evaluate.utility.seeds=[]"])
     extractors = json.loads((tmp_path / "eval" / "privacy.json").read_text())["extractors"]
     assert extractors[0].startswith("user encoder monai.networks.nets.DenseNet (weights sha256 ")
     with pytest.raises(ValueError, match="evaluate.encoder.network is not"):

@@ -37,8 +37,9 @@ def test_cuda_sampling_is_seeded():
     net = network_from_spec({**SPEC, "use_flash_attention": True}).cuda().eval()
     labels = torch.tensor([0, 1, 2, 0])
     kw = dict(guidance_scale=2.0, null_class=3, batch_size=4, progress=False, amp_dtype=torch.bfloat16)
-    a = sample_images(net, inference_scheduler({"num_train_timesteps": 100}, "dpmpp_2m_sde", 10), labels, [16, 16], seed=3, **kw)
-    b = sample_images(net, inference_scheduler({"num_train_timesteps": 100}, "dpmpp_2m_sde", 10), labels, [16, 16], seed=3, **kw)
+    spec = {"num_train_timesteps": 100}  # a fresh scheduler per call, as sample does
+    a = sample_images(net, inference_scheduler(spec, "dpmpp_2m_sde", 10), labels, [16, 16], seed=3, **kw)
+    b = sample_images(net, inference_scheduler(spec, "dpmpp_2m_sde", 10), labels, [16, 16], seed=3, **kw)
     torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
     assert a.device.type == "cpu" and a.shape == (4, 1, 16, 16)
 

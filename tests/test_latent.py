@@ -224,7 +224,8 @@ def test_encode_tiles_must_step_on_the_latent_grid():
     torch.testing.assert_close(encode_mean(NearestDecoder(), x, tile=[8] * 3), whole, atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match=r"encode_tile=\[10, 10, 10\].*step by \[7, 7, 7\].*multiples of 8"):
         check_tile([10] * 3, [24] * 3, 2, "autoencoder.encode_tile", ENCODE_OVERLAP)
-    assert not torch.allclose(encode_mean(NearestDecoder(), x, tile=[10] * 3), whole, atol=1e-2)  # starts at 7: what it prevents
+    # tiles starting at 7: what the check prevents
+    assert not torch.allclose(encode_mean(NearestDecoder(), x, tile=[10] * 3), whole, atol=1e-2)
     assert check_tile([10, 16, 16], [16] * 3, 2, "k") == [10, 16, 16]  # patches (no overlap) need only multiples
 
 

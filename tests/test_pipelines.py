@@ -178,7 +178,8 @@ def test_ddp_two_cpu_ranks_match_one_process_with_double_batch(tmp_path):
     prepare.run(compose_cfg("prepare", tmp_path, common))
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         "-m", "pipelines.train", *common, "training.batch_size=2", f"paths.train_dir={tmp_path}/ddp"],
-                       cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                       cwd=REPO, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     train.run(compose_cfg("train", tmp_path, [*common, "training.batch_size=4", f"paths.train_dir={tmp_path}/one"]))
     ddp = load_checkpoint(tmp_path / "ddp" / "checkpoints" / "last.pt")
@@ -202,7 +203,8 @@ def test_sampling_sharded_over_two_ranks_equals_one_process(tmp_path):
     opts = ["sample.num_per_class=3", "sample.batch_size=2", "sample.steps=3", "sample.sampler=dpmpp_2m_sde"]
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         "-m", "pipelines.sample", *common, *opts, f"paths.samples_dir={tmp_path}/two"],
-                       cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                       cwd=REPO, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     sample.run(compose_cfg("sample", tmp_path, [*common, *opts, f"paths.samples_dir={tmp_path}/one"]))
     two, labels2, rows2, _ = load_samples(tmp_path / "two")

@@ -48,7 +48,8 @@ def test_mr_percentile_window_and_its_inverse():
     norm = PercentileNormalization(1.0, 99.0)
     window = norm.window_for(array)
     tissue = array[array != 0]
-    assert window.lo == pytest.approx(np.percentile(tissue, 1)) and window.hi == pytest.approx(np.percentile(tissue, 99))
+    assert window.lo == pytest.approx(np.percentile(tissue, 1))
+    assert window.hi == pytest.approx(np.percentile(tissue, 99))
     assert window.unit == "MR a.u."
     prepared = preprocess_case(Volume(array, np.eye(4)), norm, spatial_size=(10, 10, 10))
     assert prepared.window == window

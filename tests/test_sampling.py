@@ -40,7 +40,8 @@ def test_samplers_that_would_sample_wrongly_are_refused():
         inference_scheduler(SCHED, "ddpm", 20)
     with pytest.raises(ValueError, match="pndm .* v_prediction"):
         inference_scheduler({**SCHED, "prediction_type": "v_prediction"}, "pndm", 20)
-    assert inference_scheduler({**SCHED, "prediction_type": "v_prediction"}, "ddim", 20).prediction_type == "v_prediction"
+    v_model = {**SCHED, "prediction_type": "v_prediction"}
+    assert inference_scheduler(v_model, "ddim", 20).prediction_type == "v_prediction"
 
 
 @pytest.mark.parametrize("steps", [1, 3, 10, 30, 50, 100])
