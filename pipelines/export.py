@@ -19,10 +19,10 @@ import medaug
 from medaug.dataset import load_split
 from medaug.export import ExportError, export_dataset, export_modality, metrics_table
 from medaug.atomic import is_complete
-from medaug.model import ema_network, load_checkpoint
+from medaug.model import load_checkpoint
 from medaug.preprocessing import IntensityWindow
 from medaug.privacy import copy_filter, pixel_copy_scores, read_copy_scores, replace_copies
-from medaug.sampling import inference_scheduler, load_samples, sample_images, samples_id
+from medaug.sampling import inference_scheduler, load_samples, sample_images, samples_id, sampling_network
 from medaug.tracking import tracked
 from pipelines.common import REPO_ROOT, default_ckpt, log, make_tracker, path, stage_main, tracking_uri
 
@@ -67,13 +67,14 @@ def filter_copies(cfg: DictConfig, images, labels, rows: list[dict], info: dict,
     if ckpt.id != info["checkpoint_id"]:
         raise ExportError(f"{ckpt.path} is not the checkpoint these samples came from; pass ckpt_path=")
     s = info["sample"]
-    net, names = ema_network(ckpt), ckpt.meta["class_names"]
+    net, names = sampling_network(ckpt, "cpu", use_ema=s.get("use_ema", True)), ckpt.meta["class_names"]
     train_x, _ = load_split(path(cfg.paths.prepared_dir), "train")
 
     def generate(want: torch.Tensor, first: int) -> torch.Tensor:
         sch = inference_scheduler(ckpt.config["scheduler"], s["sampler"], s["steps"])
         return sample_images(net, sch, want, ckpt.meta["image_shape"], guidance_scale=s["guidance_scale"],
-                             null_class=len(names), seed=s["seed"] + first, batch_size=s["batch_size"], eta=s["eta"])
+                             null_class=len(names), seed=s["seed"] + first, batch_size=s["batch_size"], eta=s["eta"],
+                             clip_x0=s.get("clip_x0", True))  # the settings the samples were made with
 
     new_x, new_y, source, new_scores = replace_copies(images, labels, keep, threshold, generate,
                                                       lambda imgs: pixel_copy_scores(imgs, train_x), x.max_rounds)
