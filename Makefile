@@ -16,11 +16,12 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 # Debian packages the tests use where they can: dicom3tools' dciodvfy validates every exported DICOM
-# file. Installed when missing, as root with apt; elsewhere those checks are skipped and say so.
-SYSDEPS := dicom3tools:dciodvfy
+# file; Orthanc with its DICOMweb plugin is the PACS the DICOMweb tests start. Installed when missing,
+# as root with apt; elsewhere those tests are skipped and say so. Each entry is package:command-or-file.
+SYSDEPS := dicom3tools:dciodvfy orthanc:Orthanc orthanc-dicomweb:/usr/share/orthanc/plugins/libOrthancDicomWeb.so
 sysdeps:
 	@for dep in $(SYSDEPS); do pkg=$${dep%%:*}; cmd=$${dep##*:}; \
-	  command -v $$cmd >/dev/null && continue; \
+	  { command -v $$cmd >/dev/null || test -e $$cmd; } && continue; \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    echo "installing $$pkg (for $$cmd)"; \
 	    (apt-get install -y -qq $$pkg >/dev/null 2>&1 || \
