@@ -420,3 +420,64 @@ def fit(
             result.step = done
             stop.check(done)
     return result
+
+
+def seed_all(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global generators (a run's model init and data order)."""
+    import random
+
+    import numpy as np
+
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def compile_mode_of(value, cuda: bool) -> str | None:
+    """``torch.compile`` mode for ``training.compile``: ``auto`` compiles (mode ``default``) on CUDA only,
+    ``true`` always, ``false`` never (None); any other string is a mode (``max-autotune``, ...)."""
+    return {"auto": "default" if cuda else None, False: None, True: "default"}.get(value, value)
+
+
+def resume_training(path: Path, net: nn.Module, ema: EMA, optimizer, *, image_shape: Sequence[int],
+                    class_names: Sequence[str], dataset: str, autoencoder_id: str | None, prepared: str | Path,
+                    trust: bool = False) -> tuple[int, str | None]:
+    """Restore weights, EMA, optimizer and RNG states from the checkpoint at ``path`` when there is one,
+    after checking it was trained on data of the same ``image_shape`` and ``class_names`` and in the same
+    space (``autoencoder_id``: the latents of that autoencoder; None: pixels). Warns when the prepared
+    dataset's fingerprint differs. Returns ``(start step, MLflow run id)``; ``(0, None)`` without a checkpoint.
+
+    Raises ValueError naming the checkpoint, the prepared folder and the fix when it does not fit."""
+    from .model import load_checkpoint, restore_training_state
+
+    if not path.exists():
+        return 0, None
+    ckpt = load_checkpoint(path, trust)
+    for key, now in (("image_shape", list(image_shape)), ("class_names", list(class_names))):
+        if list(ckpt.meta.get(key, [])) != now:
+            raise ValueError(f"{path} was trained with {key} {list(ckpt.meta.get(key, []))}, but "
+                             f"{prepared} has {now}; train afresh in another paths.train_dir (or name=), "
+                             "or prepare the data as before")
+    trained_on = ckpt.meta.get("latent", {}).get("autoencoder_id")  # None: pixel space
+    if trained_on != autoencoder_id:
+        def what(ae_id):
+            return f"the latents of autoencoder {ae_id}" if ae_id else "pixels"
+        raise ValueError(f"{path}: trained on {what(trained_on)}, but this run trains on {what(autoencoder_id)}; "
+                         "restore the autoencoder it was trained with, or train afresh in another paths.train_dir")
+    restore_training_state(ckpt, net, ema, optimizer)
+    if ckpt.meta.get("dataset") != dataset:
+        log.warning("resuming on a prepared dataset that differs from the checkpoint's")
+    log.info("resuming from %s at step %d", path, ckpt.step)
+    return ckpt.step, ckpt.meta.get("mlflow_run_id")
+
+
+def checkpoint_meta(info, mlflow_run_id: str | None, space=None) -> dict:
+    """What a checkpoint records of its prepared dataset ``info`` (classes, geometry, intensity window,
+    fingerprint, modality), its MLflow run and, for latent diffusion, its latent ``space``: all that
+    ``sample`` needs besides the weights and config."""
+    meta = dict(class_names=info.class_names, spatial_dims=info.spatial_dims, image_shape=info.image_shape,
+                window=info.window.as_dict(), affine=info.affine.tolist(), dataset=info.fingerprint,
+                mlflow_run_id=mlflow_run_id, modality=info.modality)
+    if space is not None:
+        meta["latent"] = space.meta()
+    return meta
