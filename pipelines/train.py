@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 from torch.nn.parallel import DistributedDataParallel
 
 from medaug.dataset import load_info, load_split
+from medaug.dp import private_training, train_patients
 from medaug.latent import cached_latents, latent_space_for_training
 from medaug.model import EMA, check_unet_input, load_checkpoint, network_from_spec, restore_training_state
 from medaug.runtime import process_group, switch
@@ -80,7 +81,11 @@ def _train(cfg: DictConfig, device: torch.device, rank: int, world: int) -> dict
             log.warning("resuming on a prepared dataset that differs from the checkpoint's")
         log.info("resuming from %s at step %d", resume_from, start_step)
 
-    compile_mode = {"auto": "default" if cuda else None, False: None, True: "default"}.get(t.compile, t.compile)
+    dp = private_training(net, config["training"].get("dp"), train_patients(info.root), expected_batch=t.batch_size,
+                          max_steps=t.max_steps, start_step=start_step, world_size=world, latent=space is not None,
+                          activation_checkpointing=t.activation_checkpointing)
+    auto = "default" if cuda and not dp else None  # Opacus's hooks do not compile
+    compile_mode = {"auto": auto, False: None, True: "default"}.get(t.compile, t.compile)
     channels_last = switch(t.channels_last, cuda) and info.spatial_dims == 2
     model = prepare_for_speed(net, channels_last=channels_last, compile_mode=compile_mode,
                               compile_cache=cfg.paths.compile_cache,
@@ -105,7 +110,8 @@ def _train(cfg: DictConfig, device: torch.device, rank: int, world: int) -> dict
         if space is not None:
             meta["latent"] = space.meta()
         result = fit(model, ema, optimizer, step, settings, start_step=start_step, ckpt_path=out_ckpt,
-                     checkpoint_payload=lambda: {"config": config, "meta": meta}, tracker=tracker)
+                     checkpoint_payload=lambda: {"config": config, "meta": {**meta, **(dp.meta() if dp else {})}},
+                     tracker=tracker, privacy=dp)
         if rank == 0:
             tracker.log_artifact(out_ckpt, "checkpoints")
     final = result.losses[-1][1] if result.losses else float("nan")
