@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import medaug
 from medaug.dataset import load_split
+from medaug.dp import describe
 from medaug.export import ExportError, export_dataset, export_modality, metrics_table
 from medaug.atomic import is_complete
 from medaug.model import load_checkpoint
@@ -124,6 +125,7 @@ def run(cfg: DictConfig) -> dict:
         intensity=f"training window [{window.lo:g}, {window.hi:g}] {window.unit}",
         class_counts=", ".join(f"{name}: {n}" for name, n in sorted(counts.items())),
         metrics=metrics_table(headline) if headline else "_not evaluated_",
+        differential_privacy=describe(info.get("dp")),
         deid=(f"gate policy `{deid.get('policy')}`" + (", PHI findings trusted by the user (see prepare's log)"
                                                        if deid.get("policy") == "trust" else "")
               if deid else "not recorded"),

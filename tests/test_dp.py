@@ -13,7 +13,7 @@ from monai.networks.schedulers import DDPMScheduler
 from medaug.dp import DPSettings, PrivateTraining, epsilon_of, patient_codes, poisson_patient_rows, private_training
 from medaug.model import load_checkpoint
 from medaug.training import StepNoise, diffusion_loss
-from pipelines import prepare, train
+from pipelines import export, prepare, sample, train
 
 from .conftest import TINY, compose_cfg
 
@@ -128,7 +128,7 @@ def test_refuses_what_it_cannot_make_private():
     assert private_training(tiny_unet(False), {"enabled": False}, ["a"], expected_batch=1, max_steps=1) is None
 
 
-def test_private_training_through_train_stores_epsilon_in_checkpoint(tmp_path):
+def test_private_training_through_train_stores_epsilon_in_checkpoint_samples_and_card(tmp_path, caplog):
     overrides = ["experiment=demo_2d", *TINY, "training.dp.enabled=true", "training.dp.target_epsilon=20",
                  "training.dp.noise_multiplicity=2"]
     prepare.run(compose_cfg("prepare", tmp_path, overrides))
@@ -138,3 +138,18 @@ def test_private_training_through_train_stores_epsilon_in_checkpoint(tmp_path):
     assert meta["unit"] == "patient" and meta["steps"] == 4 and meta["noise_multiplicity"] == 2
     assert 19.0 < meta["epsilon"] <= 20.0 + 1e-6 and meta["delta"] == pytest.approx(0.1 / meta["patients"])
     assert meta["epsilon"] == pytest.approx(epsilon_of(meta["noise_multiplier"], meta["sample_rate"], 4, meta["delta"]))
+    caplog.set_level("INFO", logger="medaug")
+    sample.run(compose_cfg("sample", tmp_path, overrides))
+    said = f"(ε = {meta['epsilon']:.2f}, δ = {meta['delta']:.2g}) per patient"
+    assert said in caplog.text                                          # sample prints the guarantee
+    export.run(compose_cfg("export", tmp_path, overrides))
+    card = (tmp_path / "export" / "DATA_CARD.md").read_text()
+    assert f"| differential privacy | {said}, DP-SGD with Opacus" in card
+
+
+def test_data_card_says_when_a_model_was_trained_without_privacy(tmp_path):
+    overrides = ["experiment=demo_2d", *TINY]
+    for stage in (prepare, train, sample, export):
+        stage.run(compose_cfg(stage.__name__.split(".")[-1], tmp_path, overrides))
+    card = (tmp_path / "export" / "DATA_CARD.md").read_text()
+    assert "| differential privacy | none (trained without differential privacy) |" in card
