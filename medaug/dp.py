@@ -88,23 +88,29 @@ def poisson_patient_rows(patient_of: torch.Tensor, rate: float, generator: torch
     return rows[drawn[patient_of[rows]]]
 
 
-def epsilon_of(noise_multiplier: float, sample_rate: float, steps: int, delta: float, accountant: str = "rdp") -> float:
-    """ε at ``delta`` after ``steps`` Poisson-subsampled Gaussian steps (Opacus's accountant)."""
+def epsilon_of(noise_multiplier: float, sample_rate: float, steps: int, delta: float, accountant: str = "rdp",
+               history: Sequence[Sequence[float]] = ()) -> float:
+    """ε at ``delta`` after ``steps`` Poisson-subsampled Gaussian steps (Opacus's accountant), composed with
+    earlier ``history`` segments ``(noise_multiplier, sample_rate, steps)`` (a resumed run's)."""
     from opacus.accountants import create_accountant
-    if steps <= 0:
+    segments = [(float(s), float(q), int(k)) for s, q, k in history if k > 0]
+    segments += [(noise_multiplier, sample_rate, steps)] if steps > 0 else []
+    if not segments:
         return 0.0
     acc = create_accountant(mechanism=accountant)
-    acc.history = [(noise_multiplier, sample_rate, steps)]
+    acc.history = segments
     return float(acc.get_epsilon(delta=delta))
 
 
 class PrivateTraining:
     """The private step :func:`medaug.training.fit` takes as ``privacy``: :meth:`rows` draws the step's items,
     :meth:`privatize` turns the per-sample gradients of the loss's backward into the noised, clipped mean in
-    ``p.grad``. ``expected_batch`` is the expected number of patients per step (``training.batch_size``)."""
+    ``p.grad``. ``expected_batch`` is the expected number of patients per step (``training.batch_size``).
+    A run resumed at ``start_step`` passes its checkpoint's ``meta["dp"]`` as ``prior``: its steps are composed
+    with the new ones (whose noise may differ), so ε stays the whole run's."""
 
     def __init__(self, net: nn.Module, patient_of: torch.Tensor, settings: DPSettings, *, expected_batch: int,
-                 max_steps: int, start_step: int = 0):
+                 max_steps: int, start_step: int = 0, prior: Mapping | None = None):
         from opacus import GradSampleModule
         s = settings
         self.num_patients = int(patient_of.max()) + 1 if patient_of.numel() else 0
@@ -132,7 +138,16 @@ class PrivateTraining:
                                                                sample_rate=self.sample_rate, steps=max_steps,
                                                                accountant=s.accountant))
         self.settings, self.delta, self.net, self.patient_of = s, delta, net, patient_of
-        self.steps = start_step
+        self.steps = self.start_step = start_step
+        self.history = [tuple(h) for h in (prior or {}).get("history", [])]
+        if sum(h[2] for h in self.history) != start_step:
+            raise ValueError(f"training.dp: the checkpoint at step {start_step} records "
+                             f"{sum(h[2] for h in self.history)} private steps (trained without training.dp?); "
+                             "train afresh in another paths.train_dir")
+        if self.history and (self.history[-1][1] != self.sample_rate or prior.get("delta") != delta):
+            raise ValueError(f"training.dp: resuming with another sampling rate or delta than the checkpoint's "
+                             f"(q {self.history[-1][1]:.3g} -> {self.sample_rate:.3g}, delta {prior.get('delta')} -> "
+                             f"{delta:g}); keep training.batch_size and training.dp.delta, or train afresh")
         self.grad_sampler = GradSampleModule(net, loss_reduction="mean")  # hooks on net's own layers
         self.params = [p for p in net.parameters() if p.requires_grad]
         log.info("DP training per patient: %d patients, q=%.3f, sigma=%.3f, C=%g, delta=%.2g, %d noises per example; "
@@ -179,8 +194,9 @@ class PrivateTraining:
 
     def epsilon(self, steps: int | None = None) -> float:
         """ε at :attr:`delta` after ``steps`` (default: the steps taken)."""
-        return epsilon_of(self.noise_multiplier, self.sample_rate, self.steps if steps is None else steps,
-                          self.delta, self.settings.accountant)
+        steps = self.steps if steps is None else steps
+        return epsilon_of(self.noise_multiplier, self.sample_rate, steps - self.start_step, self.delta,
+                          self.settings.accountant, self.history)
 
     def metrics(self) -> dict[str, float]:
         """What is logged at every log step: ε at δ after the steps taken."""
@@ -192,7 +208,10 @@ class PrivateTraining:
         return {"dp": dict(unit="patient", epsilon=self.epsilon(), delta=self.delta, steps=self.steps,
                            noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate,
                            patients=self.num_patients, max_grad_norm=s["max_grad_norm"],
-                           noise_multiplicity=s["noise_multiplicity"], accountant=s["accountant"])}
+                           noise_multiplicity=s["noise_multiplicity"], accountant=s["accountant"],
+                           history=[list(h) for h in self.history] + ([[self.noise_multiplier, self.sample_rate,
+                                                                        self.steps - self.start_step]]
+                                                                      if self.steps > self.start_step else []))}
 
 
 def describe(dp: Mapping | None) -> str:
@@ -206,7 +225,7 @@ def describe(dp: Mapping | None) -> str:
 
 def private_training(net: nn.Module, section: Mapping | None, patients: Sequence[str], *, expected_batch: int,
                      max_steps: int, start_step: int = 0, world_size: int = 1, latent: bool = False,
-                     activation_checkpointing: bool = False) -> PrivateTraining | None:
+                     activation_checkpointing: bool = False, prior: Mapping | None = None) -> PrivateTraining | None:
     """The :class:`PrivateTraining` of ``training.dp`` (``None`` when off), refusing what it cannot make private."""
     settings = DPSettings.from_config(section)
     if not settings.enabled:
@@ -218,4 +237,4 @@ def private_training(net: nn.Module, section: Mapping | None, patients: Sequence
         if bad:
             raise ValueError(f"training.dp.enabled=true does not support {why}")
     return PrivateTraining(net, patient_codes(patients), settings, expected_batch=expected_batch,
-                           max_steps=max_steps, start_step=start_step)
+                           max_steps=max_steps, start_step=start_step, prior=prior)

@@ -60,7 +60,7 @@ def _train(cfg: DictConfig, device: torch.device, rank: int, world: int) -> dict
 
     out_ckpt = path(cfg.paths.train_dir) / "checkpoints" / "last.pt"
     resume_from = default_ckpt(cfg)
-    start_step, run_id = 0, None
+    start_step, run_id, prior_dp = 0, None, None
     if resume_from.exists():
         ckpt = load_checkpoint(resume_from, cfg.trust_checkpoint)
         for key, now in (("image_shape", list(info.image_shape)), ("class_names", list(info.class_names))):
@@ -76,14 +76,14 @@ def _train(cfg: DictConfig, device: torch.device, rank: int, world: int) -> dict
             raise ValueError(f"{resume_from}: trained on {what(trained_on)}, but this run trains on {what(now)}; "
                              "restore the autoencoder it was trained with, or train afresh in another paths.train_dir")
         restore_training_state(ckpt, net, ema, optimizer)
-        start_step, run_id = ckpt.step, ckpt.meta.get("mlflow_run_id")
+        start_step, run_id, prior_dp = ckpt.step, ckpt.meta.get("mlflow_run_id"), ckpt.meta.get("dp")
         if ckpt.meta.get("dataset") != info.fingerprint:
             log.warning("resuming on a prepared dataset that differs from the checkpoint's")
         log.info("resuming from %s at step %d", resume_from, start_step)
 
     dp = private_training(net, config["training"].get("dp"), train_patients(info.root), expected_batch=t.batch_size,
                           max_steps=t.max_steps, start_step=start_step, world_size=world, latent=space is not None,
-                          activation_checkpointing=t.activation_checkpointing)
+                          activation_checkpointing=t.activation_checkpointing, prior=prior_dp)
     auto = "default" if cuda and not dp else None  # Opacus's hooks do not compile
     compile_mode = {"auto": auto, False: None, True: "default"}.get(t.compile, t.compile)
     channels_last = switch(t.channels_last, cuda) and info.spatial_dims == 2

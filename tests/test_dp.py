@@ -138,6 +138,18 @@ def test_private_training_through_train_stores_epsilon_in_checkpoint_samples_and
     assert meta["unit"] == "patient" and meta["steps"] == 4 and meta["noise_multiplicity"] == 2
     assert 19.0 < meta["epsilon"] <= 20.0 + 1e-6 and meta["delta"] == pytest.approx(0.1 / meta["patients"])
     assert meta["epsilon"] == pytest.approx(epsilon_of(meta["noise_multiplier"], meta["sample_rate"], 4, meta["delta"]))
+    assert meta["history"] == [[meta["noise_multiplier"], meta["sample_rate"], 4]]
+    resumed = train.run(compose_cfg("train", tmp_path, [*overrides, "training.max_steps=6"]))  # new sigma for 6
+    assert resumed["train/step"] == 6
+    both = load_checkpoint(tmp_path / "train" / "checkpoints" / "last.pt").meta["dp"]
+    assert [h[2] for h in both["history"]] == [4, 2] and both["history"][1][0] != meta["noise_multiplier"]
+    from opacus.accountants import RDPAccountant
+    acc = RDPAccountant()
+    for sigma, q, steps in both["history"]:
+        for _ in range(steps):
+            acc.step(noise_multiplier=sigma, sample_rate=q)
+    assert both["epsilon"] == pytest.approx(acc.get_epsilon(delta=both["delta"]), rel=1e-6) and both["steps"] == 6
+    meta = both
     caplog.set_level("INFO", logger="medaug")
     sample.run(compose_cfg("sample", tmp_path, overrides))
     said = f"(ε = {meta['epsilon']:.2f}, δ = {meta['delta']:.2g}) per patient"
@@ -153,3 +165,12 @@ def test_data_card_says_when_a_model_was_trained_without_privacy(tmp_path):
         stage.run(compose_cfg(stage.__name__.split(".")[-1], tmp_path, overrides))
     card = (tmp_path / "export" / "DATA_CARD.md").read_text()
     assert "| differential privacy | none (trained without differential privacy) |" in card
+
+
+def test_refuses_to_resume_a_run_trained_without_privacy_as_private(tmp_path):
+    overrides = ["experiment=demo_2d", *TINY]
+    prepare.run(compose_cfg("prepare", tmp_path, overrides))
+    train.run(compose_cfg("train", tmp_path, overrides))
+    with pytest.raises(ValueError, match="records 0 private steps"):
+        train.run(compose_cfg("train", tmp_path, [*overrides, "training.max_steps=6", "training.dp.enabled=true",
+                                                  "training.dp.noise_multiplier=1.0"]))
