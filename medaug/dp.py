@@ -148,7 +148,11 @@ class PrivateTraining:
             raise ValueError(f"training.dp: resuming with another sampling rate or delta than the checkpoint's "
                              f"(q {self.history[-1][1]:.3g} -> {self.sample_rate:.3g}, delta {prior.get('delta')} -> "
                              f"{delta:g}); keep training.batch_size and training.dp.delta, or train afresh")
-        self.grad_sampler = GradSampleModule(net, loss_reduction="mean")  # hooks on net's own layers
+        try:
+            self.grad_sampler = GradSampleModule(net, loss_reduction="mean")  # hooks on net's own layers
+        except NotImplementedError as e:  # e.g. BatchNorm: a patient's statistics leak into the others' gradients
+            raise ValueError(f"training.dp: {type(net).__name__} has layers Opacus cannot make private ({e}); "
+                             "use GroupNorm/LayerNorm networks such as MONAI's DiffusionModelUNet") from None
         self.params = [p for p in net.parameters() if p.requires_grad]
         log.info("DP training per patient: %d patients, q=%.3f, sigma=%.3f, C=%g, delta=%.2g, %d noises per example; "
                  "epsilon after %d steps: %.2f", self.num_patients, self.sample_rate, self.noise_multiplier,

@@ -174,3 +174,9 @@ def test_refuses_to_resume_a_run_trained_without_privacy_as_private(tmp_path):
     with pytest.raises(ValueError, match="records 0 private steps"):
         train.run(compose_cfg("train", tmp_path, [*overrides, "training.max_steps=6", "training.dp.enabled=true",
                                                   "training.dp.noise_multiplier=1.0"]))
+
+
+def test_refuses_a_network_opacus_cannot_make_private():
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2))
+    with pytest.raises(ValueError, match="Sequential has layers Opacus cannot make private.*BatchNorm2d"):
+        private_training(net, {"enabled": True, "noise_multiplier": 1.0}, ["a", "b"], expected_batch=1, max_steps=1)
