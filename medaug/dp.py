@@ -67,7 +67,7 @@ def patient_codes(patients: Sequence[str]) -> torch.Tensor:
 
 def train_patients(prepared_dir) -> list[str]:
     """The patient (pseudonym) of every train item of a prepared dataset, in :func:`load_split`'s row order."""
-    from .dataset import read_manifest
+    from .data import read_manifest
     return [r["patient"] for r in read_manifest(prepared_dir) if r["split"] == "train"]
 
 
