@@ -24,6 +24,7 @@ import torch
 
 import medaug
 from medaug.atomic import is_complete
+from medaug.dp import describe
 from medaug.export import ExportError, metrics_table
 from medaug.preprocessing import IntensityWindow
 from medaug.privacy import copy_filter, read_copy_scores
@@ -102,6 +103,7 @@ def card_fields(name: str, info: Mapping, rows: Sequence[Mapping], ev: Evaluatio
         intensity=f"training window [{window.lo:g}, {window.hi:g}] {window.unit}",
         class_counts=class_counts_text(rows),
         metrics=metrics_table(headline) if headline else "_not evaluated_",
+        differential_privacy=describe(info.get("dp")),
         deid=(f"gate policy `{deid.get('policy')}`" + (", PHI findings trusted by the user (see prepare's log)"
                                                        if deid.get("policy") == "trust" else "")
               if deid else "not recorded"),

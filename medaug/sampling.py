@@ -352,6 +352,7 @@ def sample_records(ckpt: Checkpoint, labels: torch.Tensor, settings: Mapping, sp
                 class_names=names, spatial_dims=meta["spatial_dims"], image_shape=meta["image_shape"],
                 window=meta["window"], affine=meta["affine"], dataset=meta.get("dataset"),
                 model=ckpt.config["model"]["_target_"], sample=dict(settings), modality=meta.get("modality"),
+                dp=meta.get("dp"),  # the differential-privacy guarantee (medaug.dp), None without
                 latent=None if space is None else {k: v for k, v in space.meta().items() if k != "autoencoder_path"})
     if space is not None:  # the data card names the model: say it is a latent diffusion model
         info["model"] += f" on the latents of AutoencoderKL {space.id} (scale factor {space.scale_factor:.4g})"

@@ -12,6 +12,7 @@ from omegaconf import DictConfig
 from torch.nn.parallel import DistributedDataParallel
 
 from medaug.data import load_info, load_split
+from medaug.dp import private_training, train_patients
 from medaug.latent import cached_latents, latent_space_for_training
 from medaug.model import EMA, check_unet_input, network_from_spec
 from medaug.runtime import process_group, switch
@@ -54,12 +55,16 @@ def _train(cfg: DictConfig, device: torch.device, rank: int, world: int) -> dict
     scheduler = network_from_spec(config["scheduler"])
 
     out_ckpt = path(cfg.paths.train_dir) / "checkpoints" / "last.pt"
-    start_step, run_id = resume_training(default_ckpt(cfg), net, ema, optimizer, image_shape=info.image_shape,
+    start_step, resumed = resume_training(default_ckpt(cfg), net, ema, optimizer, image_shape=info.image_shape,
                                          class_names=info.class_names, dataset=info.fingerprint,
                                          autoencoder_id=space.id if space is not None else None, prepared=info.root,
                                          trust=cfg.trust_checkpoint)
+    run_id = resumed.get("mlflow_run_id")
+    dp = private_training(net, config["training"].get("dp"), train_patients(info.root), expected_batch=t.batch_size,
+                          max_steps=t.max_steps, start_step=start_step, world_size=world, latent=space is not None,
+                          activation_checkpointing=t.activation_checkpointing, prior=resumed.get("dp"))
     channels_last = switch(t.channels_last, cuda) and info.spatial_dims == 2
-    model = prepare_for_speed(net, channels_last=channels_last, compile_mode=compile_mode_of(t.compile, cuda),
+    model = prepare_for_speed(net, channels_last=channels_last, compile_mode=compile_mode_of(t.compile, cuda, private=dp is not None),
                               compile_cache=cfg.paths.compile_cache,
                               activation_checkpointing=t.activation_checkpointing)
     if world > 1:
@@ -78,7 +83,8 @@ def _train(cfg: DictConfig, device: torch.device, rank: int, world: int) -> dict
             tracker.log_params({f"data.count.{s}": sum(c.values()) for s, c in info.counts.items()})
         meta = checkpoint_meta(info, tracker.run_id, space)
         result = fit(model, ema, optimizer, step, settings, start_step=start_step, ckpt_path=out_ckpt,
-                     checkpoint_payload=lambda: {"config": config, "meta": meta}, tracker=tracker)
+                     checkpoint_payload=lambda: {"config": config, "meta": {**meta, **(dp.meta() if dp else {})}},
+                     tracker=tracker, privacy=dp)
         if rank == 0:
             tracker.log_artifact(out_ckpt, "checkpoints")
     final = result.losses[-1][1] if result.losses else float("nan")

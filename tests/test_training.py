@@ -260,8 +260,9 @@ def test_resume_training_restores_and_refuses_other_data(tmp_path):
                                  "mlflow_run_id": "r1"})
     fresh = torch.nn.Linear(2, 2)
     kw = dict(image_shape=[8, 8], class_names=["a", "b"], dataset="fp", autoencoder_id=None, prepared=tmp_path)
-    assert resume_training(tmp_path / "none.pt", fresh, EMA(fresh, 0.9), None, **kw) == (0, None)
-    assert resume_training(ckpt, fresh, EMA(fresh, 0.9), None, **kw) == (7, "r1")
+    assert resume_training(tmp_path / "none.pt", fresh, EMA(fresh, 0.9), None, **kw) == (0, {})
+    step, meta = resume_training(ckpt, fresh, EMA(fresh, 0.9), None, **kw)
+    assert (step, meta["mlflow_run_id"]) == (7, "r1")
     assert torch.equal(fresh.weight, net.weight)
     with pytest.raises(ValueError, match=r"last.pt was trained with class_names \['a', 'b'\], but .* has \['a'\]"):
         resume_training(ckpt, fresh, EMA(fresh, 0.9), None, **{**kw, "class_names": ["a"]})
