@@ -64,8 +64,8 @@ def _train(cfg: DictConfig, device: torch.device, rank: int, world: int) -> dict
                           max_steps=t.max_steps, start_step=start_step, world_size=world, latent=space is not None,
                           activation_checkpointing=t.activation_checkpointing, prior=resumed.get("dp"))
     channels_last = switch(t.channels_last, cuda) and info.spatial_dims == 2
-    model = prepare_for_speed(net, channels_last=channels_last, compile_mode=compile_mode_of(t.compile, cuda, private=dp is not None),
-                              compile_cache=cfg.paths.compile_cache,
+    model = prepare_for_speed(net, channels_last=channels_last,
+                              compile_mode=compile_mode_of(t.compile, cuda, private=dp is not None), compile_cache=cfg.paths.compile_cache,
                               activation_checkpointing=t.activation_checkpointing)
     if world > 1:
         model = DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
