@@ -65,7 +65,8 @@ def _train(cfg: DictConfig, device: torch.device, rank: int, world: int) -> dict
                           activation_checkpointing=t.activation_checkpointing, prior=resumed.get("dp"))
     channels_last = switch(t.channels_last, cuda) and info.spatial_dims == 2
     model = prepare_for_speed(net, channels_last=channels_last,
-                              compile_mode=compile_mode_of(t.compile, cuda, private=dp is not None), compile_cache=cfg.paths.compile_cache,
+                              compile_mode=compile_mode_of(t.compile, cuda, private=dp is not None),
+                              compile_cache=cfg.paths.compile_cache,
                               activation_checkpointing=t.activation_checkpointing)
     if world > 1:
         model = DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
