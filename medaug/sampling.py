@@ -380,9 +380,10 @@ def save_grid(images: torch.Tensor, labels: torch.Tensor, class_names: Sequence[
 
 
 def save_samples(out_dir: str | Path, images: torch.Tensor, rows: Sequence[Mapping], info: Mapping,
-                 class_names: Sequence[str]) -> Path:
+                 class_names: Sequence[str], extra: Callable[[Path], None] | None = None) -> Path:
     """Write a samples folder atomically: ``samples.pt`` (images in [-1, 1], labels),
-    ``manifest.csv`` (one row per sample), ``info.json`` (provenance) and ``grid.png``."""
+    ``manifest.csv`` (one row per sample), ``info.json`` (provenance) and ``grid.png``;
+    ``extra(folder)`` writes more files into it before it is complete."""
     labels = torch.tensor([int(r["label"]) for r in rows], dtype=torch.long)
     with atomic_folder(out_dir) as tmp:
         torch.save({"images": images.float(), "labels": labels}, tmp / "samples.pt")
@@ -392,6 +393,8 @@ def save_samples(out_dir: str | Path, images: torch.Tensor, rows: Sequence[Mappi
             writer.writerows(rows)
         (tmp / "info.json").write_text(json.dumps(dict(info), indent=2))
         save_grid(images, labels, class_names, tmp / "grid.png")
+        if extra is not None:
+            extra(tmp)
     return Path(out_dir)
 
 

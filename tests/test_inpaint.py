@@ -89,3 +89,56 @@ def test_inpaint_refuses_bad_input():
         inpaint_images(net(2), inference_scheduler(SCHED, "dpmpp_2m", 2), images, masks, labels, **kw)
     with pytest.raises(ValueError, match="inpaint.jumps=0"):
         inpaint_images(net(2), sch, images, masks, labels, **{**kw, "jumps": 0})
+
+
+def test_inpaint_stage_keeps_geometry_and_every_outside_voxel_and_share_refuses_it(tmp_path):
+    import csv
+    import json
+
+    import nibabel as nib
+    import numpy as np
+
+    from medaug.dataset import load_split
+    from medaug.export import ExportError, export_dataset
+    from medaug.io import write_nifti
+    from medaug.sampling import load_samples
+    from pipelines import inpaint as inpaint_stage
+    from pipelines import prepare, train
+
+    from .conftest import TINY, WINDOW, compose_cfg
+
+    overrides = ["experiment=demo_2d", *TINY]
+    for stage in (prepare, train):
+        stage.run(compose_cfg(stage.__name__.split(".")[-1], tmp_path, overrides))
+    x, _ = load_split(tmp_path / "prepared", "train")
+    affine = np.diag([0.7, 0.8, 2.5, 1.0])
+    affine[:3, 3] = [-10.0, 5.0, 3.0]
+    hu = WINDOW.to_source(x[0, 0].numpy())[:, :, None] + 0.123  # the input in HU, with values no window round-trips
+    mask = np.zeros_like(hu)
+    mask[4:10, 5:11] = 1
+    write_nifti(tmp_path / "img.nii.gz", hu, affine)
+    write_nifti(tmp_path / "roi.nii.gz", mask, affine)
+    run = [*overrides, f"sample.inpaint.images=[{tmp_path}/img.nii.gz]", f"sample.inpaint.masks=[{tmp_path}/roi.nii.gz]",
+           "sample.inpaint.class_name=multi_lesion", "sample.inpaint.steps=4", "sample.inpaint.jumps=2",
+           "sample.inpaint.resample=2"]
+    result = inpaint_stage.run(compose_cfg("inpaint", tmp_path, run))
+    out = tmp_path / "inpaint"
+    assert result["inpainted"] == 1 and result["inpaint_dir"] == str(out)
+    img = nib.load(out / "nifti" / "inpaint-0000.nii.gz")
+    got = np.asarray(img.dataobj, dtype=np.float32)
+    assert got.shape == hu.shape and np.allclose(img.affine, affine)
+    assert np.array_equal(got[mask == 0], hu[mask == 0]) and not np.allclose(got[mask == 1], hu[mask == 1])
+    images, labels, rows, info = load_samples(out)
+    assert rows[0]["contains_real_patient"] == "True" and rows[0]["region_voxels"] == "36"
+    assert info["contains_real_patient"] is True and rows[0]["class_name"] == "multi_lesion"
+    assert "img.nii" not in json.dumps(info) + open(out / "manifest.csv").read()  # no input file names
+    assert "contain a real patient's image" in (out / "DATA_CARD.md").read_text()
+    assert (out / "picture.png").is_file()
+    again = inpaint_stage.run(compose_cfg("inpaint", tmp_path / "again", [*run, f"ckpt_path={tmp_path}/train/"
+                                                                               "checkpoints/last.pt"]))
+    assert torch.equal(load_samples(again["inpaint_dir"])[0], images)  # seeded
+    with pytest.raises(ExportError, match="contains_real_patient=true.*share profile refuses them"):
+        export_dataset(images, list(csv.DictReader(open(out / "manifest.csv"))), tmp_path / "export", window=WINDOW,
+                       affine=affine, card_fields={}, template=tmp_path / "none.md", profile="share")
+    with pytest.raises(ValueError, match="class_name='tumour'; choose one of"):
+        inpaint_stage.run(compose_cfg("inpaint", tmp_path, [*run, "sample.inpaint.class_name=tumour"]))
