@@ -143,3 +143,21 @@ def test_scheduler_rflow_sets_the_sampler_and_its_steps(tmp_path):
     ddpm = composed("sample", [f"paths.output_dir={tmp_path}"])
     assert (ddpm["sample"]["sampler"], ddpm["sample"]["steps"]) == ("dpmpp_2m_sde", 20)
     assert composed("sample", ["scheduler=rflow", f"paths.output_dir={tmp_path}"])["sample"]["steps"] == 30
+
+
+def test_train_and_sample_stages_with_rflow(tmp_path):
+    from medaug.model import load_checkpoint
+    from medaug.sampling import load_samples
+    from pipelines import prepare, sample, train
+
+    from .conftest import TINY, compose_cfg
+
+    overrides = ["experiment=demo_2d", *TINY, "scheduler=rflow"]
+    for stage in (prepare, train, sample):
+        stage.run(compose_cfg(stage.__name__.split(".")[-1], tmp_path, overrides))
+    ckpt = load_checkpoint(tmp_path / "train" / "checkpoints" / "last.pt")
+    assert ckpt.config["scheduler"]["_target_"].endswith("RFlowScheduler")
+    images, _, rows, info = load_samples(tmp_path / "samples")
+    assert images.shape[0] == 6 and rows[0]["sampler"] == "rflow" and info["sample"]["steps"] == 3
+    with pytest.raises(ValueError, match="sample.sampler=dpmpp_2m_sde is for DDPM-trained models"):
+        sample.run(compose_cfg("sample", tmp_path, ["experiment=demo_2d", *TINY]))

@@ -118,7 +118,8 @@ def test_inpaint_stage_keeps_geometry_and_every_outside_voxel_and_share_refuses_
     mask[4:10, 5:11] = 1
     write_nifti(tmp_path / "img.nii.gz", hu, affine)
     write_nifti(tmp_path / "roi.nii.gz", mask, affine)
-    run = [*overrides, f"sample.inpaint.images=[{tmp_path}/img.nii.gz]", f"sample.inpaint.masks=[{tmp_path}/roi.nii.gz]",
+    run = [*overrides, f"sample.inpaint.images=[{tmp_path}/img.nii.gz]",
+           f"sample.inpaint.masks=[{tmp_path}/roi.nii.gz]",
            "sample.inpaint.class_name=multi_lesion", "sample.inpaint.steps=4", "sample.inpaint.jumps=2",
            "sample.inpaint.resample=2"]
     result = inpaint_stage.run(compose_cfg("inpaint", tmp_path, run))
