@@ -75,7 +75,7 @@ def main() -> None:
     rows = {}
     for item in plan:
         sampler, steps = item.split(":")
-        net, which = nets["rflow" if sampler == "rflow" else ""]
+        net, which = nets.get("rflow", nets[""]) if sampler == "rflow" else nets[""]
         runs = []
         for seed in seeds:  # sample i starts from seed + i: keep seeds further apart than the sample count
             t0 = time.perf_counter()
