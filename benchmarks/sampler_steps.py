@@ -4,6 +4,14 @@ Run by hand after `make demo` (or any finished train stage):
 
     python benchmarks/sampler_steps.py --job outputs/demo_2d [--plan dpmpp_2m:10,dpmpp_2m:20,ddim:50,ddpm:1000]
 
+Rectified flow beside it: train a second job on the same data with the same budget and ``scheduler=rflow``,
+then give it as ``--rflow-job`` (its rows are ``rflow:<steps>``; the two checkpoints must share the dataset
+and the training steps):
+
+    medaug run experiment=demo_2d name=demo_2d_rflow scheduler=rflow
+    python benchmarks/sampler_steps.py --job outputs/demo_2d --rflow-job outputs/demo_2d_rflow \
+        --plan dpmpp_2m_sde:5,dpmpp_2m_sde:10,dpmpp_2m_sde:20,dpmpp_2m_sde:30,dpmpp_2m_sde:50,ddpm:1000
+
 For each sampler:steps pair it samples the same labels with the same seed from the job's
 checkpoint and scores them with the evaluate stage's metrics against the held-out real
 splits (val + test): Fréchet distance, precision and recall on the features of a classifier
@@ -40,11 +48,22 @@ def main() -> None:
     ap.add_argument("--per-class", type=int, default=16)
     ap.add_argument("--guidance", type=float, default=2.0)
     ap.add_argument("--seeds", default="1234,11234,21234", help="one run per seed; mean and sd reported")
+    ap.add_argument("--rflow-job", default=None, help="a job trained with scheduler=rflow on the same data and budget")
+    ap.add_argument("--rflow-plan", default="rflow:5,rflow:10,rflow:20,rflow:30,rflow:50")
     args = ap.parse_args()
     job = Path(args.job)
     ckpt = load_checkpoint(job / "train" / "checkpoints" / "last.pt")
     info = load_info(job / "prepared")
-    net = ema_network(ckpt)
+    nets = {"": (ema_network(ckpt), ckpt)}
+    plan = args.plan.split(",")
+    if args.rflow_job:
+        flow = load_checkpoint(Path(args.rflow_job) / "train" / "checkpoints" / "last.pt")
+        if (flow.meta.get("dataset"), flow.step) != (ckpt.meta.get("dataset"), ckpt.step):
+            raise SystemExit(f"{args.rflow_job}: trained {flow.step} steps on dataset {flow.meta.get('dataset')}, "
+                             f"{args.job}: {ckpt.step} on {ckpt.meta.get('dataset')}; give both the same data and "
+                             "budget")
+        nets["rflow"] = (ema_network(flow), flow)
+        plan += args.rflow_plan.split(",")
     train_x, train_y = load_split(info.root, "train")
     held = [load_split(info.root, split) for split in ("val", "test")]  # the evaluate stage's default
     test_x, test_y = torch.cat([h[0] for h in held]), torch.cat([h[1] for h in held])
@@ -54,18 +73,21 @@ def main() -> None:
     labels = labels_for_counts({c: args.per_class for c in range(info.num_classes)})
     seeds = [int(v) for v in args.seeds.split(",")]
     rows = {}
-    for item in args.plan.split(","):
+    for item in plan:
         sampler, steps = item.split(":")
+        net, which = nets.get("rflow", nets[""]) if sampler == "rflow" else nets[""]
         runs = []
         for seed in seeds:  # sample i starts from seed + i: keep seeds further apart than the sample count
             t0 = time.perf_counter()
-            x = sample_images(net, inference_scheduler(ckpt.config["scheduler"], sampler, int(steps)), labels,
+            x = sample_images(net, inference_scheduler(which.config["scheduler"], sampler, int(steps)), labels,
                               ckpt.meta["image_shape"], guidance_scale=args.guidance, null_class=info.num_classes,
                               seed=seed, batch_size=64, progress=False)
+            sampling_s = time.perf_counter() - t0  # the metrics below are not the sampler's time
             m = realism_metrics(clf, train_x, train_y, test_x, test_y, x, labels, info.class_names, seed=0)
             m.update({f"fidelity/{k}": v for k, v in fidelity_with_floor(real_feats, features(x), seed=0).items()})
-            runs.append({**{k: m[k] for k in KEYS}, "seconds": time.perf_counter() - t0})
-        rows[item] = {k: float(np.mean([r[k] for r in runs])) for k in (*KEYS, "seconds")}
+            runs.append({**{k: m[k] for k in KEYS}, "seconds": time.perf_counter() - t0,
+                         "s_per_sample": sampling_s / len(labels)})
+        rows[item] = {k: float(np.mean([r[k] for r in runs])) for k in (*KEYS, "seconds", "s_per_sample")}
         rows[item].update({f"{k}_sd": float(np.std([r[k] for r in runs], ddof=1)) if len(runs) > 1 else 0.0
                            for k in KEYS})
         print(item, rows[item], flush=True)
@@ -75,12 +97,13 @@ def main() -> None:
     out = ROOT / "benchmarks" / "results" / f"sampler-steps-{job.name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"checkpoint": ckpt.id, "training_steps": ckpt.step, "per_class": args.per_class,
+                               "rflow_checkpoint": nets["rflow"][1].id if "rflow" in nets else None,
                                "seeds": seeds,
                                "guidance_scale": args.guidance, "results": rows}, indent=1))
-    print(f"\n{'sampler:steps':16} " + " ".join(f"{k:>22}" for k in KEYS) + "  seconds")
+    print(f"\n{'sampler:steps':16} " + " ".join(f"{k:>22}" for k in KEYS) + "  s/sample")
     for item, r in rows.items():
         cells = [f"{r[k]:.4f}" + (f" ±{r[k + '_sd']:.4f}" if k + "_sd" in r else "") for k in KEYS]
-        print(f"{item:16} " + " ".join(f"{c:>22}" for c in cells) + f"  {r.get('seconds', 0):7.1f}")
+        print(f"{item:16} " + " ".join(f"{c:>22}" for c in cells) + f"  {r.get('s_per_sample', 0):8.4f}")
     print("written to", out)
 
 

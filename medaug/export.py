@@ -268,6 +268,10 @@ def export_dataset(
         raise ExportError(f"export.format={formats}; choose one or more of {list(FORMATS)}")
     if profile not in PROFILES:
         raise ExportError(f"export.profile={profile!r}; choose one of {list(PROFILES)}")
+    if profile == "share" and any(str(r.get("contains_real_patient", "")).lower() == "true" for r in rows):
+        raise ExportError("these images contain a real patient's image outside an inpainted region "
+                          "(contains_real_patient=true, from `medaug inpaint`): the share profile refuses them; "
+                          "export them with export.profile=augment for use where the source images may be used")
     if profile == "share" and archive not in ARCHIVES:
         raise ExportError(f"export.archive={archive!r}; choose one of {list(ARCHIVES)}")
     if len(images) != len(rows):

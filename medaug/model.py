@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from .atomic import atomic_file
+from .flow import flow_kwargs, is_flow
 
 FORMAT = 2  # 1: pickled config/meta/RNG objects (read only with trust); 2: tensors + plain values + JSON text
 # What a checkpoint's config may name as the network it is rebuilt with (module prefixes of nn.Module classes).
@@ -283,3 +284,12 @@ def restore_training_state(ckpt: Checkpoint, model: nn.Module, ema: EMA, optimiz
 def ema_network(ckpt: Checkpoint) -> nn.Module:
     """The EMA network of a checkpoint, rebuilt from its config, in eval mode (see :func:`checkpoint_network`)."""
     return checkpoint_network(ckpt, "ema")
+
+
+def build_scheduler(spec: Mapping):
+    """The training noise scheduler of a ``scheduler`` spec: a rectified flow (``scheduler=rflow``) checked key by
+    key (:func:`medaug.flow.flow_kwargs`: keys of DDPM-type schedulers are refused by name), anything else as its
+    ``_target_`` says."""
+    if is_flow(spec):
+        return locate(spec["_target_"])(**flow_kwargs(spec))
+    return network_from_spec(spec)

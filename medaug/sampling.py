@@ -39,6 +39,7 @@ from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, PNDMSchedule
 from torch import nn
 
 from .dpm_solver import DPMSolverPP2M, DPMSolverPP2MSDE
+from .flow import FLOW_SAMPLER, flow_clip_x0, flow_scheduler, is_flow
 from .atomic import atomic_folder, is_complete
 from .model import Checkpoint, checkpoint_network, file_id
 from .pictures import save_grid
@@ -74,8 +75,11 @@ def inference_scheduler(spec: Mapping, sampler: str = "ddim", steps: int = 50):
     ``eta=0``), ``pndm`` (pseudo linear multistep, PLMS), or the few-step DPM-Solver++ 2M
     samplers ``dpmpp_2m`` (ODE) and ``dpmpp_2m_sde`` (stochastic; see
     :mod:`medaug.dpm_solver`), none needing retraining; ``steps`` ≤ the training timesteps
-    (``pndm`` is for epsilon-predicting networks only).
+    (``pndm`` is for epsilon-predicting networks only). A rectified-flow ``spec`` (``scheduler=rflow``) takes
+    ``sampler=rflow`` only (Euler steps of the velocity, :mod:`medaug.flow`), and a DDPM-type one refuses it.
     """
+    if is_flow(spec) or sampler == FLOW_SAMPLER:
+        return _flow_inference_scheduler(spec, sampler, steps)
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler {sampler!r} unknown; choose one of {sorted(SAMPLERS)}")
     cls = SAMPLERS[sampler]
@@ -96,6 +100,21 @@ def inference_scheduler(spec: Mapping, sampler: str = "ddim", steps: int = 50):
                          "noise (epsilon) predictions, not for this v_prediction model; use dpmpp_2m_sde, dpmpp_2m "
                          "or ddim")
     scheduler.set_timesteps(steps)
+    return scheduler
+
+
+def _flow_inference_scheduler(spec: Mapping, sampler: str, steps: int):
+    if not is_flow(spec):
+        raise ValueError(f"sample.sampler={FLOW_SAMPLER} is for models trained with scheduler=rflow, but this one was "
+                         f"trained with {spec.get('_target_')}; choose one of {sorted(SAMPLERS)}")
+    if sampler != FLOW_SAMPLER:
+        raise ValueError(f"sample.sampler={sampler} is for DDPM-trained models; this model was trained with rectified "
+                         f"flow: set sample.sampler={FLOW_SAMPLER} (or add scheduler=rflow to the command, which sets "
+                         "it with its steps)")
+    scheduler = flow_scheduler(spec)
+    if not 1 <= steps <= scheduler.num_train_timesteps:
+        raise ValueError(f"steps={steps} must be between 1 and {scheduler.num_train_timesteps}")
+    scheduler.set_timesteps(steps, input_img_size_numel=scheduler.base_img_size_numel)  # sample_images sets the size
     return scheduler
 
 
@@ -241,12 +260,15 @@ def guided_eps(model: nn.Module, x: torch.Tensor, t: int, labels: torch.Tensor, 
 
 def clip_x0_of(scheduler, output: torch.Tensor, t: int, x: torch.Tensor) -> torch.Tensor:
     """The network ``output`` at timestep ``t`` (of the scheduler's ``prediction_type``) changed so that the
-    clean image it predicts, ``x0 = (x - sigma eps) / alpha``, lies in [-1, 1] (static thresholding).
+    clean image it predicts, ``x0 = (x - sigma eps) / alpha`` (a flow's: ``x + s v``), lies in [-1, 1] (static
+    thresholding).
 
     ``x`` and ``output``: ``(N, C, *spatial)``; the returned prediction has the same type and shape."""
+    kind = scheduler.prediction_type
+    if is_flow(scheduler):
+        return flow_clip_x0(scheduler, output, t, x)
     abar = float(scheduler.alphas_cumprod[int(t)])
     alpha, sigma = abar**0.5, (1 - abar) ** 0.5
-    kind = scheduler.prediction_type
     if kind == "sample":
         return output.clamp(-1, 1)
     x0 = (x - sigma * output) / alpha if kind == "epsilon" else alpha * x - sigma * output
@@ -283,10 +305,16 @@ def sample_images(
     (``clip=False`` for latents, which are not bounded). ``clip_x0``: clip the predicted clean image
     to [-1, 1] at every step (images only; see the module docstring).
 
-    The same ``seed``, labels and batch size give identical samples.
+    The same ``seed``, labels and batch size give identical samples. A rectified flow (:mod:`medaug.flow`) is
+    deterministic and takes no ``eta``.
     """
     device = next(model.parameters()).device
     steps = scheduler.num_inference_steps
+    flow = is_flow(scheduler)
+    if flow and eta != 0:
+        raise ValueError(f"sample.eta={eta} is DDIM's stochasticity and does not apply to a rectified flow; "
+                         "set sample.eta=0")
+    size = {"input_img_size_numel": int(np.prod(image_shape))} if flow else {}
     out = []
     n = len(labels)
     bar = progress_bar(total=n * len(scheduler.timesteps), desc="sample", unit="step", disable=not progress)
@@ -298,9 +326,9 @@ def sample_images(
         ).to(device)
         # multistep samplers (PNDM) keep history: reset it; timesteps stay on the CPU so that
         # reading them never waits for the GPU
-        scheduler.set_timesteps(steps)
+        scheduler.set_timesteps(steps, **size)
         step_kwargs = {"eta": eta} if isinstance(scheduler, DDIMScheduler) else {}
-        if not isinstance(scheduler, PNDMScheduler):  # PNDM is deterministic and takes no generator
+        if not isinstance(scheduler, PNDMScheduler) and not flow:  # PNDM and flows are deterministic
             step_kwargs["generator"] = torch.Generator(device=device).manual_seed(step_noise_seed(seed, start))
         for t in scheduler.timesteps:
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
@@ -315,9 +343,10 @@ def sample_images(
 
 
 def save_samples(out_dir: str | Path, images: torch.Tensor, rows: Sequence[Mapping], info: Mapping,
-                 class_names: Sequence[str]) -> Path:
+                 class_names: Sequence[str], extra: Callable[[Path], None] | None = None) -> Path:
     """Write a samples folder atomically: ``samples.pt`` (images in [-1, 1], labels),
-    ``manifest.csv`` (one row per sample), ``info.json`` (provenance) and ``grid.png``."""
+    ``manifest.csv`` (one row per sample), ``info.json`` (provenance) and ``grid.png``;
+    ``extra(folder)`` writes more files into it before it is complete."""
     labels = torch.tensor([int(r["label"]) for r in rows], dtype=torch.long)
     with atomic_folder(out_dir) as tmp:
         torch.save({"images": images.float(), "labels": labels}, tmp / "samples.pt")
@@ -327,6 +356,8 @@ def save_samples(out_dir: str | Path, images: torch.Tensor, rows: Sequence[Mappi
             writer.writerows(rows)
         (tmp / "info.json").write_text(json.dumps(dict(info), indent=2))
         save_grid(images, labels, class_names, tmp / "grid.png")
+        if extra is not None:
+            extra(tmp)
     return Path(out_dir)
 
 

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .flow import flow_timesteps, is_flow
 from .model import EMA, save_checkpoint
 from .progress import progress_bar
 from .tracking import Tracker, guarded
@@ -79,7 +80,7 @@ class StepNoise(NamedTuple):
     """The random draws of one training step, for a batch of N images."""
 
     noise: torch.Tensor      # (N, C, *spatial) fp32, standard normal
-    timesteps: torch.Tensor  # (N,) int64 in [0, num_train_timesteps)
+    timesteps: torch.Tensor  # (N,) int64 in [0, num_train_timesteps) (a flow's: as its sample_method draws them)
     drop: torch.Tensor       # (N,) bool: label replaced by the null class
 
 
@@ -92,11 +93,15 @@ def memory_format_of(ndim: int, channels_last: bool = True) -> torch.memory_form
 
 
 def draw_step_noise(shape: Sequence[int], num_train_timesteps: int, p_uncond: float,
-                    generator: torch.Generator) -> StepNoise:
-    """Noise, timesteps and label drops for a batch of ``shape`` (N, C, *spatial)."""
+                    generator: torch.Generator, scheduler=None) -> StepNoise:
+    """Noise, timesteps and label drops for a batch of ``shape`` (N, C, *spatial); the timesteps of a rectified
+    flow ``scheduler`` as it samples them (:func:`medaug.flow.flow_timesteps`), else uniform integers."""
     device = generator.device
     noise = torch.randn(tuple(shape), generator=generator, device=device, dtype=torch.float32)
-    t = torch.randint(0, num_train_timesteps, (shape[0],), generator=generator, device=device)
+    if is_flow(scheduler):
+        t = flow_timesteps(scheduler, shape, generator)
+    else:
+        t = torch.randint(0, num_train_timesteps, (shape[0],), generator=generator, device=device)
     drop = torch.rand(shape[0], generator=generator, device=device) < p_uncond
     return StepNoise(noise, t, drop)
 
@@ -143,7 +148,8 @@ def diffusion_loss(
 ) -> torch.Tensor:
     """Per-sample diffusion loss ``[N]`` for images ``x0`` (N, C, *spatial) in [-1, 1]: the MSE
     against what the scheduler's ``prediction_type`` names, the noise (``epsilon``), the velocity
-    ``alpha_t noise - sigma_t x0`` (``v_prediction``) or the clean image (``sample``).
+    ``alpha_t noise - sigma_t x0`` (``v_prediction``) or the clean image (``sample``); for a rectified flow
+    (``RFlowScheduler``) the velocity ``x0 - noise`` as MONAI defines it.
 
     Labels are replaced by ``null_class`` with probability ``p_uncond`` (classifier-free
     guidance training). The random draws come from ``draws`` or else from ``generator``.
@@ -152,7 +158,7 @@ def diffusion_loss(
     network runs under ``amp_dtype``.
     """
     if draws is None:
-        draws = draw_step_noise(x0.shape, scheduler.num_train_timesteps, p_uncond, generator)
+        draws = draw_step_noise(x0.shape, scheduler.num_train_timesteps, p_uncond, generator, scheduler)
     labels = torch.where(draws.drop, torch.full_like(labels, null_class), labels)
     x_t = scheduler.add_noise(original_samples=x0.float(), noise=draws.noise, timesteps=draws.timesteps)
     layout = memory_format_of(x0.ndim)
@@ -166,6 +172,8 @@ def diffusion_loss(
 def loss_target(scheduler, x0: torch.Tensor, draws: StepNoise) -> torch.Tensor:
     """What the network learns to predict under ``scheduler.prediction_type`` (see :func:`diffusion_loss`)."""
     kind = getattr(scheduler, "prediction_type", "epsilon")
+    if is_flow(scheduler):  # MONAI's RFlowScheduler: x_t = (1 - t/T) x0 + t/T noise, velocity x0 - noise
+        return x0 - draws.noise
     if kind == "epsilon":
         return draws.noise
     if kind == "v_prediction":
@@ -233,7 +241,7 @@ class DiffusionStep:
                            memory_format_of(self.images.ndim, self.channels_last))
         shape = (draw.global_batch, *self.images.shape[1:])
         draws = StepNoise(*(d[draw.mine] for d in draw_step_noise(shape, self.scheduler.num_train_timesteps,
-                                                                   self.p_uncond, draw.generator)))
+                                                                   self.p_uncond, draw.generator, self.scheduler)))
         loss = diffusion_loss(self.model, self.scheduler, x0, y, null_class=self.null_class, draws=draws,
                               amp_dtype=self.amp_dtype).mean()
         return StepLoss(loss, {f"{self.name}/loss": loss.detach()})

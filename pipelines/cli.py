@@ -6,7 +6,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-STAGES = ("run", "prepare", "train_autoencoder", "train", "sample", "evaluate", "export", "augment")
+STAGES = ("run", "prepare", "train_autoencoder", "train", "sample", "evaluate", "export", "augment", "inpaint")
 
 
 def main() -> None:

@@ -14,7 +14,8 @@ from torch.nn.parallel import DistributedDataParallel
 from medaug.data import load_info, load_split
 from medaug.dp import private_training, train_patients
 from medaug.latent import cached_latents, latent_space_for_training
-from medaug.model import EMA, check_unet_input, network_from_spec
+from medaug.flow import is_flow
+from medaug.model import EMA, build_scheduler, check_unet_input, network_from_spec
 from medaug.runtime import process_group, switch
 from medaug.tracking import flatten, guarded, tracked
 from medaug.training import (DiffusionStep, TrainSettings, checkpoint_meta, compile_mode_of, fit, prepare_for_speed,
@@ -36,8 +37,9 @@ def _train(cfg: DictConfig, device: torch.device, rank: int, world: int) -> dict
     t = cfg.training
     cuda = device.type == "cuda"
     config = container(cfg)
+    clips = config["scheduler"].get("clip_sample", not is_flow(config["scheduler"]))  # a flow clips nothing
     space = latent_space_for_training(config.get("latent"), info.root, device,  # None: pixel space
-                                      clip_sample=config["scheduler"].get("clip_sample", True),
+                                      clip_sample=clips,
                                       autoencoder=config.get("autoencoder"), make_tracker=lambda: make_tracker(cfg),
                                       run_name=f"{cfg.name}-autoencoder", trust=cfg.trust_checkpoint,
                                       amp_dtype=amp_dtype_of(cfg, device))
@@ -52,7 +54,7 @@ def _train(cfg: DictConfig, device: torch.device, rank: int, world: int) -> dict
     net = network_from_spec(config["model"]).to(device)
     ema = EMA(net, t.ema_decay)
     optimizer = instantiate(t.optimizer, **({"fused": True} if cuda else {}))(net.parameters())
-    scheduler = network_from_spec(config["scheduler"])
+    scheduler = build_scheduler(config["scheduler"])
 
     out_ckpt = path(cfg.paths.train_dir) / "checkpoints" / "last.pt"
     start_step, resumed = resume_training(default_ckpt(cfg), net, ema, optimizer, image_shape=info.image_shape,
