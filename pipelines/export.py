@@ -24,7 +24,7 @@ from medaug.preprocessing import IntensityWindow
 from medaug.privacy import copy_filter, pixel_copy_scores, read_copy_scores, replace_copies
 from medaug.sampling import inference_scheduler, load_samples, sample_images, samples_id, sampling_network
 from medaug.tracking import tracked
-from pipelines.common import REPO_ROOT, default_ckpt, log, make_tracker, path, stage_main, tracking_uri
+from pipelines.common import REPO_ROOT, container, default_ckpt, log, make_tracker, path, stage_main, tracking_uri
 
 
 PRIVACY_REPORTS = ("metrics.json", "privacy*.json", "privacy*.md", "report*.md", "report*.html")
@@ -148,7 +148,8 @@ def run(cfg: DictConfig) -> dict:
                          png_bits=x.png_bits, dicom_multiframe=x.dicom_multiframe, dataset_json=x.dataset_json,
                          privacy_scores=None if scores is None else list(scores), privacy_files=reports,
                          archive=x.archive, overwrite=x.overwrite,
-                         modality=export_modality(info.get("modality"), window))
+                         modality=export_modality(info.get("modality"), window),
+                         dicomweb=container(x.dicomweb) if x.get("dicomweb", {}).get("url") else None)
 
     tracker = make_tracker(cfg)
     with tracked(tracker, run_name=cfg.name, run_id=info.get("mlflow_run_id"), tags={"medaug.job": cfg.name}):

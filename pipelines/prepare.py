@@ -42,7 +42,8 @@ def check_shape_keys(data: DictConfig) -> None:
 def run(cfg: DictConfig) -> dict:
     data, opts = cfg.data, cfg.prepare
     check_shape_keys(data)
-    labels = path(data.labels)
+    web = container(data.dicomweb) if data.source == "dicomweb" else None
+    labels = path(data.labels) if data.labels else None
     if data.source == "demo" and not labels.exists():
         made = path(cfg.paths.raw_dir) / "labels.csv"  # where the phantoms' labels are written
         if labels != made:
@@ -61,7 +62,7 @@ def run(cfg: DictConfig) -> dict:
                            uneven_spacing=opts.uneven_spacing, volume_index=data.get("volume_index"),
                            crop=data.get("crop", "center"),
                            class_names=None if data.get("classes") is None else list(data.classes),
-                           dicom_root=path(data.dicom_root) if data.get("dicom_root") else None)
+                           dicom_root=path(data.dicom_root) if data.get("dicom_root") else None, dicomweb=web)
     s = info.summary
     log.info("prepared %s: %d patients, %d images (%d DICOM series), %d source slices -> %d %dD items, "
              "shape %s", info.root, s.get("patients", 0), s.get("images", 0), s.get("series", 0),

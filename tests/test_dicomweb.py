@@ -1,0 +1,149 @@
+"""DICOMweb ingest and export against a real Orthanc (tests/orthanc.py)."""
+
+from __future__ import annotations
+
+import csv
+import logging
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from medaug.dataset import prepare_dataset
+from medaug.deid import PHIError
+from medaug.dicomweb import ENV_PASSWORD, ENV_USER, DicomwebError, Server, fetch_series, store_export
+from medaug.phantoms import make_demo_dataset
+from tests.conftest import WINDOW
+from tests.orthanc import PASSWORD, USER, free_port
+
+
+@pytest.fixture
+def creds(monkeypatch):
+    monkeypatch.setenv(ENV_USER, USER)
+    monkeypatch.setenv(ENV_PASSWORD, PASSWORD)
+
+
+def upload(server, root: Path, **kw) -> list[dict]:
+    """Write all-DICOM phantoms under ``root``, store them in ``server``; rows (SeriesInstanceUID, label)."""
+    labels = make_demo_dataset(root, spatial_dims=kw.pop("spatial_dims", 2), n_per_class=kw.pop("n", 2),
+                               size=kw.pop("size", 16), dicom_every=1, seed=0)
+    rows, web = [], Server(server.dicomweb, retries=0)
+    for row in csv.DictReader(open(labels)):
+        files = sorted((root / row["path"]).glob("*.dcm"))
+        datasets = [pydicom.dcmread(f) for f in files]
+        for ds in datasets:
+            for k, v in kw.items():
+                setattr(ds, k, v)
+        web.client.store_instances(datasets)
+        rows.append(dict(SeriesInstanceUID=str(datasets[0].SeriesInstanceUID), label=row["label"],
+                         patient_id=row["patient_id"]))
+    return rows
+
+
+def write_csv(path: Path, rows: list[dict]) -> Path:
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def test_fetch_prepare_and_no_second_download(orthanc, creds, tmp_path, caplog):
+    orthanc.clear()
+    rows = upload(orthanc, tmp_path / "raw")
+    labels = write_csv(tmp_path / "series.csv", [{k: r[k] for k in ("SeriesInstanceUID", "label")} for r in rows])
+    web = dict(url=orthanc.dicomweb, cache_dir=tmp_path / "cache", retries=0)
+    with caplog.at_level(logging.DEBUG):
+        info = prepare_dataset(labels, tmp_path / "prepared", WINDOW, spatial_size=[16, 16, -1], spatial_dims=2,
+                               dicomweb=web)
+    assert info.summary["series"] == len(rows) == 6 and sorted(info.class_names) == sorted({r["label"] for r in rows})
+    local = list(csv.DictReader(open(tmp_path / "cache" / "labels.csv")))
+    assert [r["path"] for r in local] == [f"series/{r['SeriesInstanceUID']}/dicom" for r in rows]
+    assert all(r["patient_id"].startswith("pid_") for r in local)      # PatientID hashed, never copied
+    sent = orthanc.statistics()
+    mtimes = {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").rglob("*")}
+    # rerun: the cache answers; a dead URL proves no request is made for cached series given by UID
+    again = fetch_series(f"http://127.0.0.1:{free_port()}/dicom-web", labels, tmp_path / "cache", retries=0)
+    assert again == tmp_path / "cache" / "labels.csv"
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").rglob("*")} == mtimes
+    assert orthanc.statistics() == sent
+    text = caplog.text + "".join(p.read_text(errors="ignore") for p in (tmp_path / "prepared").rglob("*")
+                                 if p.is_file() and p.suffix != ".gz")
+    assert PASSWORD not in text
+
+
+def test_phi_on_server_refused_before_pixels(orthanc, creds, tmp_path):
+    orthanc.clear()
+    rows = upload(orthanc, tmp_path / "raw", n=1, PatientIdentityRemoved="NO", InstitutionName="St Elsewhere")
+    labels = write_csv(tmp_path / "series.csv", rows)
+    with pytest.raises(PHIError, match="InstitutionName"):
+        fetch_series(orthanc.dicomweb, labels, tmp_path / "cache", report_path=tmp_path / "report.csv", retries=0)
+    assert not (tmp_path / "cache" / "series").exists()               # nothing downloaded
+    assert "InstitutionName" in (tmp_path / "report.csv").read_text()
+
+
+def test_wrong_password_one_clear_line(orthanc, monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv(ENV_USER, USER)
+    monkeypatch.setenv(ENV_PASSWORD, "not-the-Password-42")
+    labels = write_csv(tmp_path / "s.csv", [dict(SeriesInstanceUID="1.2.3.4.5", label="a")])
+    with caplog.at_level(logging.DEBUG), pytest.raises(DicomwebError, match="refused the credentials") as err:
+        fetch_series(orthanc.dicomweb, labels, tmp_path / "cache", retries=0)
+    assert "\n" not in str(err.value) and "not-the-Password-42" not in str(err.value) + caplog.text
+
+
+def test_dead_port_retries_then_one_line(tmp_path):
+    labels = write_csv(tmp_path / "s.csv", [dict(SeriesInstanceUID="1.2.3.4.5", label="a")])
+    url = f"http://127.0.0.1:{free_port()}/dicom-web"
+    with pytest.raises(DicomwebError, match=r"not reachable .*connection refused.* after 3 tries") as err:
+        fetch_series(url, labels, tmp_path / "cache", retries=2, backoff_s=0.01)
+    assert "\n" not in str(err.value)
+
+
+def test_url_with_password_refused(tmp_path):
+    with pytest.raises(DicomwebError, match="holds a user name or password") as err:
+        Server("http://u:hunter2@127.0.0.1:1/dicom-web")
+    assert "hunter2" not in str(err.value)
+
+
+def test_killed_during_download_leaves_no_partial_series(orthanc, creds, tmp_path, monkeypatch):
+    orthanc.clear()
+    rows = upload(orthanc, tmp_path / "raw", n=1, spatial_dims=3, size=8)
+    labels = write_csv(tmp_path / "s.csv", rows[:1])
+    real = pydicom.Dataset.save_as
+    calls = []
+
+    def failing(self, *a, **kw):                  # the connection drops after 3 instances, on every try
+        calls.append(1)
+        if len(calls) % 4 == 0:
+            raise ConnectionError("connection reset")
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(pydicom.Dataset, "save_as", failing)
+    with pytest.raises(DicomwebError, match="not reachable"):
+        fetch_series(orthanc.dicomweb, labels, tmp_path / "cache", retries=1, backoff_s=0.01)
+    assert not any((tmp_path / "cache" / "series").iterdir())          # no half series in the cache
+    monkeypatch.setattr(pydicom.Dataset, "save_as", real)
+    fetch_series(orthanc.dicomweb, labels, tmp_path / "cache", retries=0)
+    folder = tmp_path / "cache" / "series" / rows[0]["SeriesInstanceUID"]
+    assert len(list(folder.glob("dicom/*.dcm"))) == 8 and (folder / "DONE").is_file()
+
+
+def test_store_export_once(orthanc, creds, tmp_path):
+    orthanc.clear()
+    from medaug.io import write_dicom_series
+    from medaug.export import dicom_header
+
+    out = tmp_path / "export"
+    affine = np.diag([2.0, 2.0, 3.0, 1.0])
+    write_dicom_series(out / "dicom" / "synth_00000_a", np.zeros((8, 8, 4), np.float32), affine,
+                       dicom_header("SYN00000", "a"))
+    first = store_export(out, orthanc.dicomweb, retries=0)
+    assert [s["sent"] for s in first["series"]] == [True] and orthanc.statistics()["CountInstances"] == 4
+    second = store_export(out, orthanc.dicomweb, retries=0)
+    assert [s["sent"] for s in second["series"]] == [False] and orthanc.statistics()["CountInstances"] == 4
+    web = Server(orthanc.dicomweb, retries=0)
+    s = first["series"][0]
+    back = list(web.client.iter_series(s["study_uid"], s["series_uid"]))
+    assert len(back) == 4 and "SYNTHETIC" in str(back[0].SeriesDescription)
+    assert [float(v) for v in back[0].PixelSpacing] == [2.0, 2.0]
