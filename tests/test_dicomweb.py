@@ -10,9 +10,10 @@ import numpy as np
 import pydicom
 import pytest
 
-from medaug.dataset import prepare_dataset
+from medaug.dataset import load_info, prepare_dataset
 from medaug.deid import PHIError
 from medaug.dicomweb import ENV_PASSWORD, ENV_USER, DicomwebError, Server, fetch_series, store_export
+from medaug.io import read_dicom_series
 from medaug.phantoms import make_demo_dataset
 from tests.conftest import WINDOW
 from tests.orthanc import PASSWORD, USER, free_port
@@ -147,3 +148,41 @@ def test_store_export_once(orthanc, creds, tmp_path):
     back = list(web.client.iter_series(s["study_uid"], s["series_uid"]))
     assert len(back) == 4 and "SYNTHETIC" in str(back[0].SeriesDescription)
     assert [float(v) for v in back[0].PixelSpacing] == [2.0, 2.0]
+
+
+def test_round_trip_prepare_train_export_back(orthanc, creds, tmp_path, capfd):
+    """Phantoms in Orthanc -> prepare from DICOMweb -> tiny train -> sample -> export with STOW-RS -> WADO-RS back."""
+    from pipelines import export, prepare, sample, train
+    from tests.conftest import TINY, compose_cfg
+
+    orthanc.clear()
+    rows = upload(orthanc, tmp_path / "pacs_src", n=4, size=16)
+    labels = write_csv(tmp_path / "series.csv", rows)
+    over = [*TINY, "data.source=dicomweb", f"data.labels={labels}", f"data.dicomweb.url={orthanc.dicomweb}",
+            "data.dicomweb.retries=0", "data.image_size=[16,16]", "export.format=[nifti,dicom]",
+            f"export.dicomweb.url={orthanc.dicomweb}", "export.copy_filter=false", "sample.num_per_class=1"]
+    before = orthanc.statistics()["CountSeries"]
+    prepare.run(compose_cfg("prepare", tmp_path, over))
+    assert load_info(tmp_path / "prepared").summary["series"] == 12
+    train.run(compose_cfg("train", tmp_path, over))
+    sample.run(compose_cfg("sample", tmp_path, over))
+    export.run(compose_cfg("export", tmp_path, over))
+    import json
+
+    record = json.loads((tmp_path / "export" / "dicomweb_stored.json").read_text())
+    assert len(record["series"]) == 3 and all(s["sent"] for s in record["series"])
+    assert orthanc.statistics()["CountSeries"] == before + 3
+    web = Server(orthanc.dicomweb, retries=0)
+    for s in record["series"]:
+        back = list(web.client.iter_series(s["study_uid"], s["series_uid"]))
+        folder = tmp_path / "back" / s["series_uid"]
+        folder.mkdir(parents=True)
+        for k, ds in enumerate(back):
+            ds.save_as(folder / f"{k}.dcm", enforce_file_format=True)
+        volume = read_dicom_series(sorted(folder.glob("*.dcm")))
+        assert volume.array.shape[:2] == (16, 16)
+        assert np.allclose(np.linalg.norm(volume.affine[:3, :3], axis=0)[:2], 4.0)   # the phantoms' 4 mm pixels
+        assert "SYNTHETIC" in str(back[0].SeriesDescription) and "SYNTHETIC" in str(back[0].ImageComments)
+    out, err = capfd.readouterr()
+    files = [p for p in tmp_path.rglob("*") if p.is_file() and "pacs_src" not in p.parts]
+    assert not any(PASSWORD.encode() in p.read_bytes() for p in files) and PASSWORD not in out + err
