@@ -34,6 +34,7 @@ def upload(server, root: Path, **kw) -> list[dict]:
         files = sorted((root / row["path"]).glob("*.dcm"))
         datasets = [pydicom.dcmread(f) for f in files]
         for ds in datasets:
+            ds.BodyPartExamined = row["label"].upper()[:16]
             for k, v in kw.items():
                 setattr(ds, k, v)
         web.client.store_instances(datasets)
@@ -72,6 +73,19 @@ def test_fetch_prepare_and_no_second_download(orthanc, creds, tmp_path, caplog):
     text = caplog.text + "".join(p.read_text(errors="ignore") for p in (tmp_path / "prepared").rglob("*")
                                  if p.is_file() and p.suffix != ".gz")
     assert PASSWORD not in text
+
+
+def test_query_with_label_column(orthanc, creds, tmp_path):
+    orthanc.clear()
+    rows = upload(orthanc, tmp_path / "raw", n=1)
+    labels = fetch_series(orthanc.dicomweb, None, tmp_path / "cache", query={"Modality": "CT"},
+                          label_column="BodyPartExamined", retries=0)
+    local = list(csv.DictReader(open(labels)))
+    assert sorted(r["label"] for r in local) == sorted(r["label"].upper()[:16] for r in rows)
+    assert {r["path"] for r in local} == {f"series/{r['SeriesInstanceUID']}/dicom" for r in rows}
+    with pytest.raises(DicomwebError, match="no series match"):
+        fetch_series(orthanc.dicomweb, None, tmp_path / "cache", query={"Modality": "MR"}, label_column="Modality",
+                     retries=0)
 
 
 def test_phi_on_server_refused_before_pixels(orthanc, creds, tmp_path):
@@ -186,3 +200,22 @@ def test_round_trip_prepare_train_export_back(orthanc, creds, tmp_path, capfd):
     out, err = capfd.readouterr()
     files = [p for p in tmp_path.rglob("*") if p.is_file() and "pacs_src" not in p.parts]
     assert not any(PASSWORD.encode() in p.read_bytes() for p in files) and PASSWORD not in out + err
+
+
+def test_stage_server_down_exit_2_one_line(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    labels = write_csv(tmp_path / "s.csv", [dict(SeriesInstanceUID="1.2.3.4.5", label="a")])
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), ENV_USER: USER,
+           ENV_PASSWORD: PASSWORD, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "pipelines.prepare", f"paths.output_dir={tmp_path / 'out'}", "tracking=none",
+           "data.source=dicomweb", f"data.labels={labels}", f"data.dicomweb.url=http://127.0.0.1:{free_port()}/x",
+           "data.dicomweb.retries=1", "data.dicomweb.backoff_s=0.01"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 2, done.stderr[-2000:]
+    lines = [ln for ln in (done.stdout + done.stderr).splitlines() if "not reachable" in ln]
+    assert len(lines) == 1 and "after 2 tries" in lines[0]
+    outputs = [p for p in (tmp_path / "out").rglob("*") if p.is_file()]
+    assert not any(PASSWORD in p.read_text(errors="ignore") for p in outputs) and PASSWORD not in done.stderr
