@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from medaug import runtime
-from medaug.dataset import DatasetError
+from medaug.data import DatasetError
 from medaug.export import ExportError
 from medaug.io import ImageReadError
 from medaug.tracking import MLflowTracker, NullTracker, TrackingUnavailable, check_server

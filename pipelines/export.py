@@ -16,7 +16,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 import medaug
-from medaug.dataset import load_split
+from medaug.data import load_split
 from medaug.export import ExportError, export_dataset, export_modality, metrics_table
 from medaug.atomic import is_complete
 from medaug.model import load_checkpoint

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from omegaconf import DictConfig, OmegaConf
 
-from medaug.dataset import prepare_dataset
+from medaug.data import prepare_dataset
 from medaug.phantoms import make_demo_dataset
 from medaug.preprocessing import IntensityWindow, PercentileNormalization
 from medaug.tracking import flatten, tracked

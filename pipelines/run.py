@@ -26,7 +26,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from medaug.dataset import load_info
+from medaug.data import load_info
 from medaug.atomic import atomic_file
 from medaug.model import load_checkpoint
 from medaug.runtime import distributed

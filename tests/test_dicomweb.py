@@ -10,7 +10,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from medaug.dataset import load_info, prepare_dataset
+from medaug.data import load_info, prepare_dataset
 from medaug.deid import PHIError
 from medaug.dicomweb import ENV_PASSWORD, ENV_USER, DicomwebError, Server, fetch_series, store_export
 from medaug.io import read_dicom_series

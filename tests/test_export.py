@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from pydicom.uid import UID
 
-from medaug.dataset import DatasetError, load_info, prepare_dataset
+from medaug.data import DatasetError, load_info, prepare_dataset
 from medaug.export import ExportError, archive_folder, export_dataset, png_planes, render_card
 from medaug.io import read_volume, write_dicom_series, write_nifti
 from medaug.preprocessing import IntensityWindow, PercentileNormalization
