@@ -55,6 +55,7 @@ import torch
 from PIL import Image
 
 from .atomic import atomic_file, atomic_folder
+from .dicomweb import store_export
 from .io import DICOM_SOP_CLASSES, write_dicom_multiframe, write_dicom_series, write_nifti
 from .preprocessing import IntensityWindow
 from .progress import progress_bar
@@ -246,6 +247,7 @@ def export_dataset(
     archive: str = "tar.gz",
     overwrite: bool = False,
     modality: str = "CT",
+    dicomweb: Mapping | None = None,
 ) -> Path:
     """Export ``images`` (N, 1, *spatial) in [-1, 1] with one manifest row per image.
 
@@ -261,6 +263,9 @@ def export_dataset(
     ``${units}`` say the modality and units.
     ``profile="share"`` also writes the archive and its checksum beside ``out_dir``.
     Refuses to replace an existing export unless ``overwrite``. Returns ``out_dir``.
+    ``dicomweb`` (``url``, optional ``netrc``, ``retries``, ``backoff_s``, ``timeout_s``): once the folder is
+    complete, store its DICOM series with STOW-RS (:func:`medaug.dicomweb.store_export`; UIDs recorded in
+    ``dicomweb_stored.json``; series the server holds already are not sent again).
     """
     out_dir = Path(out_dir)
     formats = list(dict.fromkeys(formats))
@@ -287,6 +292,8 @@ def export_dataset(
                           f"DICOM of {' or '.join(DICOM_SOP_CLASSES)} only; drop dicom from export.format"
                           + (" (or prepare and train again: this checkpoint records no modality)"
                              if modality == "unknown" else ""))
+    if dicomweb is not None and "dicom" not in formats:
+        raise ExportError(f"export.dicomweb.url is set but export.format={formats}; add dicom to export.format")
     if out_dir.exists() and not overwrite:
         raise ExportError(f"{out_dir}: already exists; pass export.overwrite=true or choose another paths.export_dir")
     keep = [True] * len(rows) if keep is None else [bool(k) for k in keep]
@@ -355,4 +362,6 @@ def export_dataset(
         write_checksums(tmp)
     if profile == "share":
         archive_folder(out_dir, archive)
+    if dicomweb is not None:
+        store_export(out_dir, **dicomweb)
     return out_dir

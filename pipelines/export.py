@@ -18,7 +18,7 @@ from medaug.regeneration import regenerate_copies
 from medaug.release import card_fields, class_counts_text, filter_copies, manifest_scores, read_evaluation
 from medaug.sampling import load_samples
 from medaug.tracking import tracked
-from pipelines.common import REPO_ROOT, default_ckpt, make_tracker, path, stage_main, tracking_uri
+from pipelines.common import REPO_ROOT, container, default_ckpt, make_tracker, path, stage_main, tracking_uri
 
 
 def run(cfg: DictConfig) -> dict:
@@ -43,7 +43,8 @@ def run(cfg: DictConfig) -> dict:
                          card_fields=card, template=template, formats=formats, profile=x.profile,
                          png_bits=x.png_bits, dicom_multiframe=x.dicom_multiframe, dataset_json=x.dataset_json,
                          privacy_scores=scores, privacy_files=ev.reports, archive=x.archive, overwrite=x.overwrite,
-                         modality=export_modality(info.get("modality"), window))
+                         modality=export_modality(info.get("modality"), window),
+                         dicomweb=container(x.dicomweb) if x.get("dicomweb", {}).get("url") else None)
 
     tracker = make_tracker(cfg)
     with tracked(tracker, run_name=cfg.name, run_id=info.get("mlflow_run_id"), tags={"medaug.job": cfg.name}):

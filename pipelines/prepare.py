@@ -29,7 +29,8 @@ def normalization_of(cfg: DictConfig):
 def run(cfg: DictConfig) -> dict:
     data, opts = cfg.data, cfg.prepare
     check_shape_keys(data.spatial_dims, data.get("image_size"), data.get("pixdim"))
-    labels = path(data.labels)
+    web = container(data.dicomweb) if data.source == "dicomweb" else None
+    labels = path(data.labels) if data.labels else None
     if data.source == "demo":
         demo = data.demo
         demo_labels(labels, path(cfg.paths.raw_dir), spatial_dims=data.spatial_dims, n_per_class=demo.n_per_class,
@@ -44,7 +45,7 @@ def run(cfg: DictConfig) -> dict:
                            uneven_spacing=opts.uneven_spacing, volume_index=data.get("volume_index"),
                            crop=data.get("crop", "center"),
                            class_names=None if data.get("classes") is None else list(data.classes),
-                           dicom_root=path(data.dicom_root) if data.get("dicom_root") else None)
+                           dicom_root=path(data.dicom_root) if data.get("dicom_root") else None, dicomweb=web)
     log_summary(info)
     summary = summary_metrics(info)
     tracker = make_tracker(OmegaConf.merge(cfg, {"tracking": {"experiment": f"{cfg.tracking.experiment}-prepare"}}))

@@ -55,3 +55,16 @@ def prepared_3d(tmp_path_factory) -> Path:
 @pytest.fixture(params=[2, 3], ids=["2d", "3d"])
 def prepared(request, prepared_2d, prepared_3d) -> Path:
     return prepared_2d if request.param == 2 else prepared_3d
+
+
+@pytest.fixture(scope="session")
+def orthanc(tmp_path_factory):
+    """A real Orthanc with DICOMweb on a free loopback port, basic auth on (tests/orthanc.py); stopped by PID."""
+    from tests.orthanc import missing, start_orthanc
+
+    why = missing()
+    if why:
+        pytest.skip(why)
+    server = start_orthanc(tmp_path_factory.mktemp("orthanc"))
+    yield server
+    server.stop()

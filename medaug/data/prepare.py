@@ -32,11 +32,12 @@ import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import nibabel as nib
 import numpy as np
 
+from ..dicomweb import fetch_series
 from ..deid import POLICIES, apply_policy, scan_headers
 from ..atomic import atomic_folder, is_complete
 from ..io import (DicomIndex, DicomSeries, index_dicom, is_nifti, read_dicom_series,
@@ -206,6 +207,7 @@ def prepare_dataset(
     class_names: Sequence[str] | None = None,
     dicom_root: str | Path | None = None,
     deid_report: str | Path | None = None,
+    dicomweb: Mapping | None = None,
 ) -> PreparedInfo:
     """Read every labelled image, pass the de-identification gate, preprocess and write the prepared dataset.
 
@@ -222,7 +224,15 @@ def prepare_dataset(
     A refusal by the gate raises :class:`medaug.deid.PHIError` in one line and lists every finding
     (file, tag, why; no values) in ``deid_report`` (default ``<out_dir's parent>/deid_report.csv``, beside
     the job's folders, never inside the prepared dataset or MLflow).
+
+    ``dicomweb`` (``url``, ``cache_dir``, optional ``query``, ``label_column``, ``netrc``, ``retries``,
+    ``backoff_s``, ``timeout_s``): first fetch the series that ``labels_csv`` names (or the query finds) from a
+    DICOMweb server into ``cache_dir`` (:func:`medaug.dicomweb.fetch_series`, gate before pixel data), then
+    prepare from that cache like from a folder.
     """
+    if dicomweb is not None:
+        report = Path(deid_report) if deid_report else Path(out_dir).parent / DEID_REPORT
+        labels_csv = fetch_series(labels=labels_csv, deid=deid, report_path=report, **dicomweb)
     labels_csv, out_dir = Path(labels_csv), Path(out_dir)
     root = _labels_root(labels_csv)
     dicom_root = Path(dicom_root) if dicom_root else None
