@@ -328,6 +328,7 @@ def fit(
     checkpoint_payload: Callable[[], dict] | None = None,
     tracker: Tracker | None = None,
     validate: Callable[[], dict] | None = None,
+    on_step: Callable[[int], None] | None = None,
 ) -> FitResult:
     """Train ``model`` from ``start_step`` to ``settings.max_steps`` on ``loss`` (e.g. :class:`DiffusionStep`,
     :class:`medaug.latent.AutoencoderStep`): at every step its loss backpropagates, gradients are clipped
@@ -340,6 +341,7 @@ def fit(
     ``log_every`` steps only, averaged over all ranks, and logged as ``loss.terms`` names them;
     ``validate()`` (rank 0, every ``val_every`` steps) returns metrics logged beside them. A
     tracker that fails (a tracking server gone away) is switched off with one warning; training goes on.
+    ``on_step(done)`` (rank 0) runs after every step, e.g. :func:`medaug.registry.preview_callback`.
     """
     tracker = guarded(tracker)
     device = next(model.parameters()).device
@@ -415,6 +417,8 @@ def fit(
                 metrics = validate()
                 result.val.append((done, metrics))
                 tracker.log_metrics(metrics, step=done)
+            if rank == 0 and on_step is not None:
+                on_step(done)
             if settings.ckpt_every and done % settings.ckpt_every == 0 and done < settings.max_steps:
                 checkpoint(done)
             result.step = done

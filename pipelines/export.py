@@ -22,6 +22,7 @@ from medaug.atomic import is_complete
 from medaug.model import load_checkpoint
 from medaug.preprocessing import IntensityWindow
 from medaug.privacy import copy_filter, pixel_copy_scores, read_copy_scores, replace_copies
+from medaug.registry import synthetic_entity
 from medaug.sampling import inference_scheduler, load_samples, sample_images, samples_id, sampling_network
 from medaug.tracking import tracked
 from pipelines.common import REPO_ROOT, default_ckpt, log, make_tracker, path, stage_main, tracking_uri
@@ -154,6 +155,7 @@ def run(cfg: DictConfig) -> dict:
     with tracked(tracker, run_name=cfg.name, run_id=info.get("mlflow_run_id"), tags={"medaug.job": cfg.name}):
         tracker.log_artifact(out / "DATA_CARD.md", "export")
         tracker.log_artifact(out / "manifest.csv", "export")
+        tracker.log_dataset(synthetic_entity(samples_id(samples_dir), info, len(rows)), "synthetic")
     result = {"export_dir": str(out), "samples": len(rows), "formats": formats, "mlflow_run_id": tracker.run_id,
               "mlflow_uri": getattr(tracker, "uri", None) or tracking_uri(cfg)}  # local store if the server was down
     if x.profile == "share":

@@ -17,6 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 from medaug.dataset import load_info, load_split
 from medaug.latent import cached_latents, latent_space_for_training
 from medaug.model import EMA, check_unet_input, load_checkpoint, network_from_spec, restore_training_state
+from medaug.registry import dataset_entity, preview_callback
 from medaug.runtime import process_group, switch
 from medaug.tracking import flatten, guarded, tracked
 from medaug.training import DiffusionStep, TrainSettings, fit, prepare_for_speed
@@ -104,10 +105,14 @@ def _train(cfg: DictConfig, device: torch.device, rank: int, world: int) -> dict
                     mlflow_run_id=tracker.run_id, modality=info.modality)
         if space is not None:
             meta["latent"] = space.meta()
+        tracker.log_dataset(dataset_entity(info, cfg.data.source), "training")
+        preview = preview_callback(tracker, ema, config["scheduler"], meta, t.get("preview_every"), space=space)
         result = fit(model, ema, optimizer, step, settings, start_step=start_step, ckpt_path=out_ckpt,
-                     checkpoint_payload=lambda: {"config": config, "meta": meta}, tracker=tracker)
+                     checkpoint_payload=lambda: {"config": config, "meta": meta}, tracker=tracker, on_step=preview)
         if rank == 0:
             tracker.log_artifact(out_ckpt, "checkpoints")
+            if cfg.tracking.get("register"):
+                tracker.register_model(cfg.tracking.register, out_ckpt)
     final = result.losses[-1][1] if result.losses else float("nan")
     if rank == 0:
         log.info("trained to step %d (loss %.4f); checkpoint %s", result.step, final, out_ckpt)
