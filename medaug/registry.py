@@ -46,17 +46,18 @@ def is_registry_uri(value: Any) -> bool:
 
 @contextmanager
 def _tracking_uri(uri: str):
-    """MLflow's fluent API pointed at ``uri`` for a block (the trackers use explicit clients)."""
+    """MLflow's fluent API pointed at ``uri`` for a block (the trackers use explicit clients); what was set
+    before (often nothing: the environment's default) is put back after it."""
     import mlflow
+    from mlflow.tracking import _model_registry, _tracking_service
 
-    before = mlflow.get_tracking_uri()
+    before = _tracking_service.utils._tracking_uri, _model_registry.utils._registry_uri
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     try:
         yield mlflow
     finally:
-        mlflow.set_tracking_uri(before)
-        mlflow.set_registry_uri(before)
+        _tracking_service.utils._tracking_uri, _model_registry.utils._registry_uri = before
 
 
 class Generator:
@@ -162,10 +163,11 @@ def register_generator(uri: str, run_id: str | None, name: str, checkpoint: str 
         if meta.get("latent"):
             artifacts["autoencoder"] = str(shutil.copy(meta["latent"]["autoencoder_path"], Path(tmp) / AUTOENCODER))
         signature, example = signature_and_example(meta["class_names"])
-        info = mlflow.pyfunc.log_model(name=ARTIFACT_PATH, python_model=_pyfunc_class()(), artifacts=artifacts,
-                                       signature=signature, input_example=example, run_id=run_id,
-                                       registered_model_name=name, pip_requirements=["medaug", "mlflow", "torch"],
-                                       tags={"medaug.dataset": meta.get("dataset", "")})
+        with mlflow.start_run(run_id=run_id):  # the run stays open: the stage ends it
+            info = mlflow.pyfunc.log_model(name=ARTIFACT_PATH, python_model=_pyfunc_class()(), artifacts=artifacts,
+                                           signature=signature, input_example=example, registered_model_name=name,
+                                           pip_requirements=["medaug", "mlflow", "torch"],
+                                           tags={"medaug.dataset": meta.get("dataset", "")})
         version = str(info.registered_model_version)
     log.info("registered the generator as models:/%s/%s", name, version)
     return version
