@@ -196,7 +196,21 @@ def checkpoint_file(model_uri: str, tracking_uri: str, cache_dir: str | Path) ->
     if not found.is_file():
         raise ValueError(f"ckpt_path={model_uri}: the registered model holds no {CHECKPOINT}; register a medaug "
                          "generator (tracking.register=<name>)")
-    return found
+    autoencoder = target / "artifacts" / AUTOENCODER
+    return _with_autoencoder(found, autoencoder) if autoencoder.is_file() else found
+
+
+def _with_autoencoder(checkpoint: Path, autoencoder: Path) -> Path:
+    """A latent generator's checkpoint whose meta names the autoencoder downloaded beside it (the path it was
+    trained with is on another machine); written once as ``local.pt`` next to it, read as data."""
+    local = checkpoint.with_name("local.pt")
+    if not local.is_file():
+        payload = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        meta = json.loads(payload["meta"]) if isinstance(payload["meta"], str) else dict(payload["meta"])
+        meta["latent"] = {**meta["latent"], "autoencoder_path": str(autoencoder.resolve())}
+        payload["meta"] = json.dumps(meta)
+        torch.save(payload, local)
+    return local
 
 
 # --- lineage
