@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from medaug.dataset import load_info, load_split
+from medaug.data import load_info, load_split
 from medaug.metrics import FeatureExtractor, fidelity_with_floor, realism_metrics, train_classifier
 from medaug.model import ema_network, load_checkpoint
 from medaug.sampling import inference_scheduler, labels_for_counts, sample_images

@@ -54,13 +54,14 @@ import torch
 from monai.data import Dataset
 from monai.transforms import Compose, LoadImaged, SqueezeDimd
 
-from .dataset import DatasetError, load_info, read_manifest
+from .data import DatasetError, load_info, read_manifest
 from .atomic import atomic_file, atomic_folder, is_complete
 from .io import write_nifti
 from .model import file_id, load_checkpoint
+from .pictures import save_grid
 from .progress import progress_bar
 from .sampling import (class_counts, generate_chunks, inference_scheduler, labels_for_counts, sample_images,
-                       samples_id, sampling_network, save_grid, shard_chunks)
+                       samples_id, sampling_network, shard_chunks)
 
 POLICIES = ("per_class", "balance", "ratio")
 MANIFEST_FIELDS = ["item_id", "path", "label", "class_name", "split", "synthetic", "patient", "seed",

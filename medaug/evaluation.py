@@ -28,7 +28,7 @@ from typing import NamedTuple
 
 import torch
 
-from .dataset import load_info, load_split, read_manifest
+from .data import load_info, load_split, read_manifest
 from .atomic import atomic_file, atomic_folder
 from .metrics import (FeatureExtractor, PlaneFeatureExtractor, fidelity_metrics, load_weights, make_classifier,
                             realism_metrics, slices_for_training, train_classifier, utility_metrics)

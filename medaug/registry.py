@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -52,12 +53,18 @@ def _tracking_uri(uri: str):
     from mlflow.tracking import _model_registry, _tracking_service
 
     before = _tracking_service.utils._tracking_uri, _model_registry.utils._registry_uri
+    env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}  # set_tracking_uri sets them
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     try:
         yield mlflow
     finally:
         _tracking_service.utils._tracking_uri, _model_registry.utils._registry_uri = before
+        for key, value in env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 class Generator:
@@ -216,7 +223,7 @@ def _with_autoencoder(checkpoint: Path, autoencoder: Path) -> Path:
 # --- lineage
 
 def dataset_entity(info, origin: str):
-    """The prepared dataset ``info`` (:class:`medaug.dataset.PreparedInfo`) as an MLflow dataset record: digest
+    """The prepared dataset ``info`` (:class:`medaug.data.PreparedInfo`) as an MLflow dataset record: digest
     its fingerprint, source :func:`dataset_source` (never a path), profile its per-split counts."""
     from mlflow.entities import Dataset
 
@@ -227,7 +234,7 @@ def dataset_entity(info, origin: str):
 
 
 def dataset_source(info, origin: str) -> dict:
-    """What may be said of where a prepared dataset (:class:`medaug.dataset.PreparedInfo`) came from: ``origin``
+    """What may be said of where a prepared dataset (:class:`medaug.data.PreparedInfo`) came from: ``origin``
     (the config's ``data.source``: demo, labels, dicomweb), the file format, modality, dimensions; no path."""
     summary = info.summary or {}
     return {"origin": str(origin), "format": "dicom" if summary.get("series") else "nifti",

@@ -24,7 +24,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from .metrics import KID_MIN_SAMPLES
-from .sampling import save_grid, views
+from .pictures import save_grid, views
 
 SYNTH_RGB, REAL_RGB, LINE_RGB = (214, 69, 65), (52, 120, 198), (30, 30, 30)
 

@@ -36,12 +36,12 @@ from typing import Callable, Iterable, Iterator, Mapping, NamedTuple, Sequence
 import numpy as np
 import torch
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, PNDMScheduler
-from PIL import Image
 from torch import nn
 
 from .dpm_solver import DPMSolverPP2M, DPMSolverPP2MSDE
 from .atomic import atomic_folder, is_complete
 from .model import Checkpoint, checkpoint_network, file_id
+from .pictures import save_grid
 from .progress import progress_bar
 from .training import prepare_for_speed
 
@@ -314,43 +314,6 @@ def sample_images(
     return torch.cat(out) if out else torch.empty(0, channels, *image_shape)
 
 
-def _to_uint8(image: torch.Tensor) -> np.ndarray:
-    return ((image.clamp(-1, 1) + 1) * 127.5).round().byte().numpy()
-
-
-def views(image: torch.Tensor) -> list[np.ndarray]:
-    """What a person looks at for one image (C, *spatial): the 2D image, or the three
-    mid-slices (axial, coronal, sagittal) of a 3D volume, as uint8, display-oriented."""
-    x = image[0]
-    if x.ndim == 2:
-        return [np.flipud(_to_uint8(x).T)]
-    cx, cy, cz = (s // 2 for s in x.shape)
-    return [np.flipud(_to_uint8(v).T) for v in (x[:, :, cz], x[:, cy, :], x[cx, :, :])]
-
-
-def save_grid(images: torch.Tensor, labels: torch.Tensor, class_names: Sequence[str], path: str | Path,
-              per_class: int = 8, min_tile: int = 96) -> Path:
-    """A PNG with one row per class (up to ``per_class`` samples each; 3D: three planes side by side),
-    small images enlarged (nearest neighbour) to at least ``min_tile`` pixels."""
-    rows = []
-    for c in range(len(class_names)):
-        tiles = [np.concatenate(views(img), axis=1) for img in images[labels == c][:per_class]]
-        if not tiles:
-            continue
-        pad = np.zeros_like(tiles[0])
-        tiles += [pad] * (per_class - len(tiles))
-        rows.append(np.concatenate([np.pad(t, 1) for t in tiles], axis=1))
-    if not rows:
-        raise ValueError("no images to draw")
-    grid = np.concatenate(rows, axis=0)
-    scale = max(1, -(-min_tile // min(images.shape[2:])))
-    grid = grid.repeat(scale, axis=0).repeat(scale, axis=1)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid).save(path)
-    return path
-
-
 def save_samples(out_dir: str | Path, images: torch.Tensor, rows: Sequence[Mapping], info: Mapping,
                  class_names: Sequence[str]) -> Path:
     """Write a samples folder atomically: ``samples.pt`` (images in [-1, 1], labels),
@@ -389,6 +352,7 @@ def sample_records(ckpt: Checkpoint, labels: torch.Tensor, settings: Mapping, sp
                 class_names=names, spatial_dims=meta["spatial_dims"], image_shape=meta["image_shape"],
                 window=meta["window"], affine=meta["affine"], dataset=meta.get("dataset"),
                 model=ckpt.config["model"]["_target_"], sample=dict(settings), modality=meta.get("modality"),
+                dp=meta.get("dp"),  # the differential-privacy guarantee (medaug.dp), None without
                 latent=None if space is None else {k: v for k, v in space.meta().items() if k != "autoencoder_path"})
     if space is not None:  # the data card names the model: say it is a latent diffusion model
         info["model"] += f" on the latents of AutoencoderKL {space.id} (scale factor {space.scale_factor:.4g})"

@@ -306,3 +306,51 @@ class MLflowTracker:
 
     def ui_command(self) -> str:
         return f"mlflow ui --backend-store-uri {self.uri}"
+
+
+# MLflow's own HTTP defaults (7 retries with backoff, 120 s timeout) wait minutes on a server gone away;
+# a user's environment variables win
+MLFLOW_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "60"}
+
+
+def local_tracking_uri(output_dir: str | Path) -> str:
+    """The job's own sqlite store, ``sqlite:///<output_dir>/mlflow.db``."""
+    return f"sqlite:///{Path(output_dir) / 'mlflow.db'}"
+
+
+def tracking_uri(uri: str | None, output_dir: str | Path) -> str:
+    """Where a job tracks: ``uri`` (``tracking.uri``), else ``MLFLOW_TRACKING_URI``, else the local store."""
+    import os
+
+    return uri or os.environ.get("MLFLOW_TRACKING_URI") or local_tracking_uri(output_dir)
+
+
+def make_tracker(backend: str, uri: str | None, experiment: str, output_dir: str | Path, *, on_error: str = "fail",
+                 logs: bool = True):
+    """The tracker of ``backend`` (``mlflow`` or ``none``; a :class:`NullTracker` when ``logs`` is False,
+    e.g. on a rank other than 0); a local MLflow store keeps artifacts in ``<output_dir>/mlartifacts``.
+
+    A tracking server is asked first, with a few seconds' timeout: when it does not answer,
+    ``on_error=fail`` raises :class:`TrackingUnavailable` naming the URI, and ``continue`` tracks to
+    the job's local sqlite store instead, saying so."""
+    import os
+
+    if backend == "none" or not logs:
+        return NullTracker()
+    if backend != "mlflow":
+        raise ValueError(f"tracking.backend={backend!r}; choose mlflow or none")
+    if on_error not in ("fail", "continue"):
+        raise ValueError(f"tracking.on_error={on_error!r}; choose fail or continue")
+    uri = tracking_uri(uri, output_dir)
+    if uri.startswith(("http://", "https://")):
+        for key, value in MLFLOW_HTTP_DEFAULTS.items():
+            os.environ.setdefault(key, value)
+        try:
+            check_server(uri)
+        except TrackingUnavailable as err:
+            if on_error == "fail":
+                raise
+            uri = local_tracking_uri(output_dir)
+            log.warning("%s; tracking to %s instead (tracking.on_error=continue)", str(err).split(";")[0], uri)
+    local = uri.startswith(("sqlite:", "file:")) or "://" not in uri
+    return MLflowTracker(uri, experiment, artifact_dir=Path(output_dir) / "mlartifacts" if local else None)

@@ -329,6 +329,7 @@ def fit(
     tracker: Tracker | None = None,
     validate: Callable[[], dict] | None = None,
     on_step: Callable[[int], None] | None = None,
+    privacy=None,
 ) -> FitResult:
     """Train ``model`` from ``start_step`` to ``settings.max_steps`` on ``loss`` (e.g. :class:`DiffusionStep`,
     :class:`medaug.latent.AutoencoderStep`): at every step its loss backpropagates, gradients are clipped
@@ -342,6 +343,10 @@ def fit(
     ``validate()`` (rank 0, every ``val_every`` steps) returns metrics logged beside them. A
     tracker that fails (a tracking server gone away) is switched off with one warning; training goes on.
     ``on_step(done)`` (rank 0) runs after every step, e.g. :func:`medaug.registry.preview_callback`.
+
+    ``privacy`` (a :class:`medaug.dp.PrivateTraining`) makes the steps differentially private: it draws each
+    step's rows (Poisson-sampled patients), replaces ``grad_clip`` by per-example clipping and noise, and its
+    ``privacy/epsilon`` is logged at every log step (one process only).
     """
     tracker = guarded(tracker)
     device = next(model.parameters()).device
@@ -366,7 +371,7 @@ def fit(
     data_gen = gen if images.device == device else torch.Generator(device=images.device)
     model.train()
     window: dict[str, torch.Tensor] = {}  # sums on the device, read on the host at log steps only
-    window_steps = 0
+    counts: dict[str, int] = {}            # steps that gave each term in the window
     bar = progress_bar(range(start_step, settings.max_steps), desc=loss.name, unit="step", initial=start_step,
                        total=settings.max_steps, disable=rank != 0)
     started = time.perf_counter()
@@ -377,11 +382,19 @@ def fit(
             gen.manual_seed(settings.seed * 1_000_003 + step)
             if data_gen is not gen:
                 data_gen.manual_seed(settings.seed * 1_000_003 + step)
-            rows = batch_rows(n, data_gen, mine)
-            out = loss(StepDraw(step, rows, batch_size * world, mine, gen, data_gen))
+            if privacy is None:
+                rows = batch_rows(n, data_gen, mine)
+                draw = StepDraw(step, rows, batch_size * world, mine, gen, data_gen)
+            else:  # a Poisson draw of patients: the batch may be of any size, empty included
+                rows = privacy.rows(data_gen)
+                draw = StepDraw(step, rows, len(rows), slice(None), gen, data_gen)
             optimizer.zero_grad(set_to_none=True)
-            out.loss.backward()
-            if settings.grad_clip:
+            out = loss(draw) if len(rows) else StepLoss(torch.zeros((), device=device), {})
+            if len(rows):
+                out.loss.backward()
+            if privacy is not None:
+                out = out._replace(terms={**out.terms, **privacy.privatize(step, len(rows), gen)})
+            elif settings.grad_clip:
                 nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
             optimizer.step()
             if (step + 1) % settings.ema_every == 0:
@@ -396,22 +409,25 @@ def fit(
                 tracker.log_metrics({f"{loss.name}/first_step_s": result.first_step_s}, step=step + 1)
             for key, value in terms.items():
                 window[key] = window.get(key, 0.0) + value.double()
-            window_steps += 1
+                counts[key] = counts.get(key, 0) + 1  # a term may be missing from a step (a private empty batch)
             done = step + 1
             if done % settings.log_every == 0 or done == settings.max_steps:
                 sums = torch.stack(list(window.values()))
                 if world > 1:  # the mean over all ranks, as one process with the global batch would see
                     torch.distributed.all_reduce(sums)
                     sums /= world
-                means = {k: float(v) / window_steps for k, v in zip(window, sums)}
+                means = {k: float(v) / counts[k] for k, v in zip(window, sums)}
+                means = {k: means[k] for k in sorted(means, key=lambda k: k.startswith("privacy/"))}  # loss first
                 key, value = next(iter(means.items()))
                 if not math.isfinite(value):
                     raise FloatingPointError(f"{key} became {value} at step {done}; lower {loss.lr_key}")
+                if privacy is not None:
+                    means.update(privacy.metrics())
                 result.losses.append((done, value))
                 result.terms.append((done, means))
                 tracker.log_metrics(means, step=done)
                 bar.set_postfix(loss=f"{value:.4f}")
-                window, window_steps = {}, 0
+                window, counts = {}, {}
             if rank == 0 and validate is not None and settings.val_every and done % settings.val_every == 0 \
                     and done < settings.max_steps:
                 metrics = validate()
@@ -424,3 +440,66 @@ def fit(
             result.step = done
             stop.check(done)
     return result
+
+
+def seed_all(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global generators (a run's model init and data order)."""
+    import random
+
+    import numpy as np
+
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def compile_mode_of(value, cuda: bool, private: bool = False) -> str | None:
+    """``torch.compile`` mode for ``training.compile``: ``auto`` compiles (mode ``default``) on CUDA only and
+    not under DP training (``private``: Opacus's hooks do not compile), ``true`` always, ``false`` never
+    (None); any other string is a mode (``max-autotune``, ...)."""
+    return {"auto": "default" if cuda and not private else None, False: None, True: "default"}.get(value, value)
+
+
+def resume_training(path: Path, net: nn.Module, ema: EMA, optimizer, *, image_shape: Sequence[int],
+                    class_names: Sequence[str], dataset: str, autoencoder_id: str | None, prepared: str | Path,
+                    trust: bool = False) -> tuple[int, dict]:
+    """Restore weights, EMA, optimizer and RNG states from the checkpoint at ``path`` when there is one,
+    after checking it was trained on data of the same ``image_shape`` and ``class_names`` and in the same
+    space (``autoencoder_id``: the latents of that autoencoder; None: pixels). Warns when the prepared
+    dataset's fingerprint differs. Returns ``(start step, the checkpoint's meta)`` (its MLflow run id, its DP
+    history, ...); ``(0, {})`` without a checkpoint.
+
+    Raises ValueError naming the checkpoint, the prepared folder and the fix when it does not fit."""
+    from .model import load_checkpoint, restore_training_state
+
+    if not path.exists():
+        return 0, {}
+    ckpt = load_checkpoint(path, trust)
+    for key, now in (("image_shape", list(image_shape)), ("class_names", list(class_names))):
+        if list(ckpt.meta.get(key, [])) != now:
+            raise ValueError(f"{path} was trained with {key} {list(ckpt.meta.get(key, []))}, but "
+                             f"{prepared} has {now}; train afresh in another paths.train_dir (or name=), "
+                             "or prepare the data as before")
+    trained_on = ckpt.meta.get("latent", {}).get("autoencoder_id")  # None: pixel space
+    if trained_on != autoencoder_id:
+        def what(ae_id):
+            return f"the latents of autoencoder {ae_id}" if ae_id else "pixels"
+        raise ValueError(f"{path}: trained on {what(trained_on)}, but this run trains on {what(autoencoder_id)}; "
+                         "restore the autoencoder it was trained with, or train afresh in another paths.train_dir")
+    restore_training_state(ckpt, net, ema, optimizer)
+    if ckpt.meta.get("dataset") != dataset:
+        log.warning("resuming on a prepared dataset that differs from the checkpoint's")
+    log.info("resuming from %s at step %d", path, ckpt.step)
+    return ckpt.step, ckpt.meta
+
+
+def checkpoint_meta(info, mlflow_run_id: str | None, space=None) -> dict:
+    """What a checkpoint records of its prepared dataset ``info`` (classes, geometry, intensity window,
+    fingerprint, modality), its MLflow run and, for latent diffusion, its latent ``space``: all that
+    ``sample`` needs besides the weights and config."""
+    meta = dict(class_names=info.class_names, spatial_dims=info.spatial_dims, image_shape=info.image_shape,
+                window=info.window.as_dict(), affine=info.affine.tolist(), dataset=info.fingerprint,
+                mlflow_run_id=mlflow_run_id, modality=info.modality)
+    if space is not None:
+        meta["latent"] = space.meta()
+    return meta

@@ -21,20 +21,17 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-from medaug import runtime
-from medaug.dataset import DatasetError
+from medaug import runtime, tracking
+from medaug.data import DatasetError
 from medaug.export import ExportError
 from medaug.io import ImageReadError
 from medaug.registry import checkpoint_file, is_registry_uri
-from medaug.tracking import MLflowTracker, NullTracker, TrackingUnavailable, check_server
+from medaug.tracking import TrackingUnavailable
 from medaug.training import Terminated
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO_ROOT / "conf"
 INPUT_ERRORS = (DatasetError, ExportError, ImageReadError, FileNotFoundError, ValueError, TrackingUnavailable)
-# MLflow's own HTTP defaults (7 retries with backoff, 120 s timeout) wait minutes on a server gone away;
-# a user's environment variables win
-MLFLOW_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "60"}
 log = logging.getLogger("medaug")
 
 
@@ -83,43 +80,16 @@ def amp_dtype_of(cfg: DictConfig, device: torch.device) -> torch.dtype | None:
     return runtime.amp_dtype_of(str(cfg.training.precision), device)
 
 
-def local_tracking_uri(cfg: DictConfig) -> str:
-    return f"sqlite:///{path(cfg.paths.output_dir) / 'mlflow.db'}"
-
-
 def tracking_uri(cfg: DictConfig) -> str:
-    return cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or local_tracking_uri(cfg)
+    return tracking.tracking_uri(cfg.tracking.uri, path(cfg.paths.output_dir))
 
 
 def make_tracker(cfg: DictConfig, any_rank: bool = False):
-    """The tracker the config asks for; a local MLflow store keeps artifacts beside it. Under torchrun
-    only rank 0 logs (every other rank gets a tracker that does nothing) unless ``any_rank``: for work
-    that one rank, whichever it is, finishes alone.
-
-    A tracking server is asked first, with a few seconds' timeout: when it does not answer,
-    ``tracking.on_error=fail`` (default) raises :class:`TrackingUnavailable` naming the URI, and
-    ``continue`` tracks to the job's local sqlite store instead, saying so."""
-    if cfg.tracking.backend == "none" or (runtime.distributed()[0] != 0 and not any_rank):
-        return NullTracker()
-    if cfg.tracking.backend != "mlflow":
-        raise ValueError(f"tracking.backend={cfg.tracking.backend!r}; choose mlflow or none")
-    on_error = cfg.tracking.get("on_error", "fail")
-    if on_error not in ("fail", "continue"):
-        raise ValueError(f"tracking.on_error={on_error!r}; choose fail or continue")
-    uri = tracking_uri(cfg)
-    if uri.startswith(("http://", "https://")):
-        for key, value in MLFLOW_HTTP_DEFAULTS.items():
-            os.environ.setdefault(key, value)
-        try:
-            check_server(uri)
-        except TrackingUnavailable as err:
-            if on_error == "fail":
-                raise
-            uri = local_tracking_uri(cfg)
-            log.warning("%s; tracking to %s instead (tracking.on_error=continue)", str(err).split(";")[0], uri)
-    local = uri.startswith(("sqlite:", "file:")) or "://" not in uri
-    artifact_dir = path(cfg.paths.output_dir) / "mlartifacts" if local else None
-    return MLflowTracker(uri, cfg.tracking.experiment, artifact_dir=artifact_dir)
+    """The tracker the config asks for (see :func:`medaug.tracking.make_tracker`). Under torchrun only rank 0
+    logs unless ``any_rank``: for work that one rank, whichever it is, finishes alone."""
+    t = cfg.tracking
+    return tracking.make_tracker(t.backend, t.uri, t.experiment, path(cfg.paths.output_dir),
+                                 on_error=t.get("on_error", "fail"), logs=any_rank or runtime.distributed()[0] == 0)
 
 
 def default_ckpt(cfg: DictConfig) -> Path:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
+from medaug.dp import describe
 from medaug.latent import latent_space_of
 from medaug.model import load_checkpoint
 from medaug.runtime import process_group
@@ -50,7 +51,7 @@ def run(cfg: DictConfig) -> dict:
     with tracked(tracker, run_name=cfg.name, run_id=info["mlflow_run_id"], tags={"medaug.job": cfg.name}):
         tracker.set_tags({f"sample.{k}": v for k, v in container(s).items()})
         tracker.log_artifact(out / "grid.png", "samples")
-    log.info("wrote %d samples (%s) to %s", len(labels), counts, out)
+    log.info("wrote %d samples (%s) to %s; differential privacy: %s", len(labels), counts, out, describe(info["dp"]))
     return {"samples": len(labels), "samples_dir": str(out)}
 
 

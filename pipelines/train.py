@@ -6,21 +6,20 @@
 
 from __future__ import annotations
 
-import random
-
-import numpy as np
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch.nn.parallel import DistributedDataParallel
 
-from medaug.dataset import load_info, load_split
+from medaug.data import load_info, load_split
+from medaug.dp import private_training, train_patients
 from medaug.latent import cached_latents, latent_space_for_training
-from medaug.model import EMA, check_unet_input, load_checkpoint, network_from_spec, restore_training_state
+from medaug.model import EMA, check_unet_input, network_from_spec
 from medaug.registry import dataset_entity, preview_callback
 from medaug.runtime import process_group, switch
 from medaug.tracking import flatten, guarded, tracked
-from medaug.training import DiffusionStep, TrainSettings, fit, prepare_for_speed
+from medaug.training import (DiffusionStep, TrainSettings, checkpoint_meta, compile_mode_of, fit, prepare_for_speed,
+                             resume_training, seed_all)
 from pipelines.common import amp_dtype_of, container, default_ckpt, device_of, log, make_tracker, path, stage_main
 
 
@@ -32,9 +31,7 @@ def run(cfg: DictConfig) -> dict:
 
 def _train(cfg: DictConfig, device: torch.device, rank: int, world: int) -> dict:
     tracker = make_tracker(cfg)  # first: a tracking server that does not answer stops the run in seconds
-    torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    random.seed(cfg.seed)
+    seed_all(cfg.seed)
     info = load_info(path(cfg.paths.prepared_dir))
     images, labels = load_split(info.root, "train")
     t = cfg.training
@@ -59,31 +56,17 @@ def _train(cfg: DictConfig, device: torch.device, rank: int, world: int) -> dict
     scheduler = network_from_spec(config["scheduler"])
 
     out_ckpt = path(cfg.paths.train_dir) / "checkpoints" / "last.pt"
-    resume_from = default_ckpt(cfg)
-    start_step, run_id = 0, None
-    if resume_from.exists():
-        ckpt = load_checkpoint(resume_from, cfg.trust_checkpoint)
-        for key, now in (("image_shape", list(info.image_shape)), ("class_names", list(info.class_names))):
-            if list(ckpt.meta.get(key, [])) != now:
-                raise ValueError(f"{resume_from} was trained with {key} {list(ckpt.meta.get(key, []))}, but "
-                                 f"{info.root} has {now}; train afresh in another paths.train_dir (or name=), "
-                                 "or prepare the data as before")
-        trained_on = ckpt.meta.get("latent", {}).get("autoencoder_id")  # None: pixel space
-        now = space.id if space is not None else None
-        if trained_on != now:
-            def what(ae_id):
-                return f"the latents of autoencoder {ae_id}" if ae_id else "pixels"
-            raise ValueError(f"{resume_from}: trained on {what(trained_on)}, but this run trains on {what(now)}; "
-                             "restore the autoencoder it was trained with, or train afresh in another paths.train_dir")
-        restore_training_state(ckpt, net, ema, optimizer)
-        start_step, run_id = ckpt.step, ckpt.meta.get("mlflow_run_id")
-        if ckpt.meta.get("dataset") != info.fingerprint:
-            log.warning("resuming on a prepared dataset that differs from the checkpoint's")
-        log.info("resuming from %s at step %d", resume_from, start_step)
-
-    compile_mode = {"auto": "default" if cuda else None, False: None, True: "default"}.get(t.compile, t.compile)
+    start_step, resumed = resume_training(default_ckpt(cfg), net, ema, optimizer, image_shape=info.image_shape,
+                                         class_names=info.class_names, dataset=info.fingerprint,
+                                         autoencoder_id=space.id if space is not None else None, prepared=info.root,
+                                         trust=cfg.trust_checkpoint)
+    run_id = resumed.get("mlflow_run_id")
+    dp = private_training(net, config["training"].get("dp"), train_patients(info.root), expected_batch=t.batch_size,
+                          max_steps=t.max_steps, start_step=start_step, world_size=world, latent=space is not None,
+                          activation_checkpointing=t.activation_checkpointing, prior=resumed.get("dp"))
     channels_last = switch(t.channels_last, cuda) and info.spatial_dims == 2
-    model = prepare_for_speed(net, channels_last=channels_last, compile_mode=compile_mode,
+    model = prepare_for_speed(net, channels_last=channels_last,
+                              compile_mode=compile_mode_of(t.compile, cuda, private=dp is not None),
                               compile_cache=cfg.paths.compile_cache,
                               activation_checkpointing=t.activation_checkpointing)
     if world > 1:
@@ -100,15 +83,12 @@ def _train(cfg: DictConfig, device: torch.device, rank: int, world: int) -> dict
         if start_step == 0:
             tracker.log_params(flatten({k: v for k, v in config.items() if k not in others}))
             tracker.log_params({f"data.count.{s}": sum(c.values()) for s, c in info.counts.items()})
-        meta = dict(class_names=info.class_names, spatial_dims=info.spatial_dims, image_shape=info.image_shape,
-                    window=info.window.as_dict(), affine=info.affine.tolist(), dataset=info.fingerprint,
-                    mlflow_run_id=tracker.run_id, modality=info.modality)
-        if space is not None:
-            meta["latent"] = space.meta()
+        meta = checkpoint_meta(info, tracker.run_id, space)
         tracker.log_dataset(dataset_entity(info, cfg.data.source), "training")
         preview = preview_callback(tracker, ema, config["scheduler"], meta, t.get("preview_every"), space=space)
         result = fit(model, ema, optimizer, step, settings, start_step=start_step, ckpt_path=out_ckpt,
-                     checkpoint_payload=lambda: {"config": config, "meta": meta}, tracker=tracker, on_step=preview)
+                     checkpoint_payload=lambda: {"config": config, "meta": {**meta, **(dp.meta() if dp else {})}},
+                     tracker=tracker, privacy=dp, on_step=preview)
         if rank == 0:
             tracker.log_artifact(out_ckpt, "checkpoints")
             if cfg.tracking.get("register"):

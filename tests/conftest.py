@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from medaug.dataset import prepare_dataset
+from medaug.data import prepare_dataset
 from medaug.phantoms import make_demo_dataset
 from medaug.preprocessing import IntensityWindow
 

@@ -15,7 +15,7 @@ from PIL import Image
 
 import medaug
 from medaug.augment import MixedDataset, augment, read_mixed_manifest, synthetic_counts
-from medaug.dataset import load_info, read_manifest
+from medaug.data import load_info, read_manifest
 from medaug.model import EMA, network_from_spec, save_checkpoint
 from pipelines import augment as augment_stage
 

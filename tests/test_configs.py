@@ -61,3 +61,13 @@ def test_prepare_given_another_stages_key_runs(tmp_path):
     summary = prepare.run(cfg)
     assert sum(v for k, v in summary.items() if k.startswith("data/train/")) > 0
     assert (tmp_path / "prepared" / "DONE").is_file()
+
+
+def test_check_shape_keys_wants_one_entry_per_axis():
+    from medaug.preparation import check_shape_keys
+
+    check_shape_keys(3, [8, 8, 8], None)
+    with pytest.raises(ValueError, match=r"data.pixdim=\[1.0, 1.0\] has 2 entries; data.spatial_dims=3 needs 3"):
+        check_shape_keys(3, [8, 8, 8], [1.0, 1.0])
+    with pytest.raises(ValueError, match="data.spatial_dims=4; choose 2 or 3"):
+        check_shape_keys(4, None, None)

@@ -9,7 +9,7 @@ import pydicom
 import pytest
 import torch
 
-from medaug.dataset import DatasetError, load_info, load_split, prepare_dataset, read_manifest, split_patients
+from medaug.data import DatasetError, load_info, load_split, prepare_dataset, read_manifest, split_patients
 from medaug.io import write_dicom_series, write_nifti
 from medaug.phantoms import make_demo_dataset
 from medaug.preprocessing import IntensityWindow, PercentileNormalization

@@ -11,7 +11,7 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 
-from medaug.dataset import DatasetError, prepare_dataset
+from medaug.data import DatasetError, prepare_dataset
 from medaug.deid import ALLOWED_META, PHIError, allowed_meta, apply_policy, scan_header
 from medaug.io import write_dicom_series
 from pipelines import prepare
@@ -132,7 +132,7 @@ def test_a_phi_folder_and_a_declared_clean_copy_with_one_series_uid_are_refused(
 def test_every_file_read_passes_the_gate_not_one_header_set_per_series_uid(tmp_path, monkeypatch):
     """The gate sees the headers of each entry's own files: with the duplicate check out of the way, a PHI
     folder listed before a declared-clean copy of its SeriesInstanceUID is still refused."""
-    from medaug import dataset
+    from medaug.data import prepare as dataset
 
     raw = tmp_path / "raw"
     uid = "1.2.826.0.1.3680043.8.498.1"

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from medaug.dataset import load_info, load_split, read_manifest
+from medaug.data import load_info, load_split, read_manifest
 from medaug.privacy import copy_filter, read_copy_scores
 from medaug.sampling import save_samples
 from pipelines import evaluate

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from pydicom.uid import UID
 
-from medaug.dataset import DatasetError, load_info, prepare_dataset
+from medaug.data import DatasetError, load_info, prepare_dataset
 from medaug.export import ExportError, archive_folder, export_dataset, png_planes, render_card
 from medaug.io import read_volume, write_dicom_series, write_nifti
 from medaug.preprocessing import IntensityWindow, PercentileNormalization
@@ -26,7 +26,8 @@ TEMPLATE = CONF_DIR.parent / "data_cards" / "TEMPLATE.md"
 CARD = dict(name="t", created="2026-01-01", medaug_version="0", checkpoint_id="abc", training_steps=5,
             model="M", dataset_fingerprint="f", mlflow_run_id="run-7f3a", sampler="ddim", guidance_scale=2, seed=1,
             spatial_dims=2, image_shape="8 × 8", spacing="2 × 2", intensity="HU", class_counts="a: 2",
-            metrics="| m | 1 |", privacy="not audited", deid="gate policy `refuse`")
+            metrics="| m | 1 |", privacy="not audited", deid="gate policy `refuse`",
+            differential_privacy="none")
 WINDOW = IntensityWindow(-160, 240)
 MR_WINDOW = IntensityWindow(20.0, 900.0, "MR a.u.")  # the median percentile window of MR training scans
 WINDOWS = {"CT": WINDOW, "MR": MR_WINDOW}

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import medaug.latent as latent
-from medaug.dataset import load_info, load_split
+from medaug.data import load_info, load_split
 from medaug.latent import (ENCODE_OVERLAP, AutoencoderSettings, AutoencoderStep, Optimizers, cache_file, cached_latents,
                            check_shape, check_tile, decode_latents, encode_mean, kl_loss, latent_space_for_training,
                            load_latent_space, reconstruction_metrics, train_autoencoder)
@@ -139,7 +139,7 @@ def test_latent_cache_written_once_and_reused(trained, prepared_3d, monkeypatch,
     assert path.is_file()  # written by train_autoencoder from the means it computed the scale factor on
     calls = []
     real_encode = latent.encode_mean
-    monkeypatch.setattr(latent, "encode_mean", lambda *a, **k: calls.append(1) or real_encode(*a, **k))
+    monkeypatch.setattr(latent.space, "encode_mean", lambda *a, **k: calls.append(1) or real_encode(*a, **k))
     z, y = cached_latents(space, prepared_3d, cache_dir)
     assert calls == [] and z.shape[1:] == (2, 6, 6, 6) and torch.equal(y, load_split(prepared_3d, "train")[1])
     fresh = tmp_path / "other_cache"
@@ -297,7 +297,7 @@ def test_ldm_job_end_to_end_keeps_image_geometry(tmp_path, monkeypatch):
     assert ckpt.meta["latent"]["latent_shape"] == [6, 6, 6] and ckpt.meta["image_shape"] == [12, 12, 12]
     assert ckpt.config["model"]["in_channels"] == ckpt.config["model"]["out_channels"] == 2
 
-    monkeypatch.setattr(latent, "encode_mean", lambda *a, **k: pytest.fail("re-encoded cached latents"))
+    monkeypatch.setattr(latent.space, "encode_mean", lambda *a, **k: pytest.fail("re-encoded cached latents"))
     assert train.run(compose_cfg("train", tmp_path, [*LDM, "training.max_steps=6"]))["train/step"] == 6
     sample.run(compose_cfg("sample", tmp_path, [*LDM, "sample.decode_tile=[4,4,4]"]))
     images, labels, _, info = load_samples(tmp_path / "samples")

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from medaug.dataset import load_split
+from medaug.data import load_split
 from medaug.metrics import (FeatureExtractor, PlaneFeatureExtractor, accuracy_per_class, cohen_kappa,
                             density_coverage, feature_metrics, fidelity_metrics, fidelity_with_floor,
                             frechet_distance, histogram_w1, in_batches, kernel_inception_distance, load_weights,

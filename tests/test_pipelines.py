@@ -228,7 +228,7 @@ def test_slurm_launcher_config_composes(tmp_path):
 
 
 def test_share_export_filters_planted_copies_and_regenerates(tmp_path):
-    from medaug.dataset import load_split
+    from medaug.data import load_split
     from medaug.sampling import save_samples
 
     overrides = ["experiment=demo_2d", *TINY, "evaluate.utility.seeds=[]"]

@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 import torch
 
-from medaug.dataset import load_info
+from medaug.data import load_info
 from medaug.sampling import load_samples
 from pipelines import prepare, sample, train
 

@@ -238,3 +238,33 @@ def test_sigterm_in_fit_finishes_the_step_saves_and_raises(tmp_path):
     for a, b in zip(ckpt.model.values(), net.state_dict().values()):  # the weights of exactly step 3
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is gone after fit
+
+
+def test_compile_mode_of_maps_the_config_switch():
+    from medaug.training import compile_mode_of
+
+    assert [compile_mode_of(v, cuda) for v, cuda in (("auto", True), ("auto", False), (True, False), (False, True))] \
+        == ["default", None, "default", None]
+    assert compile_mode_of("max-autotune", False) == "max-autotune"
+
+
+def test_resume_training_restores_and_refuses_other_data(tmp_path):
+    from medaug.model import EMA, save_checkpoint
+    from medaug.training import resume_training
+
+    net = torch.nn.Linear(2, 2)
+    ema = EMA(net, 0.9)
+    ckpt = save_checkpoint(tmp_path / "last.pt", model=net, ema=ema, optimizer=None, step=7,
+                           config={"model": {"_target_": "torch.nn.Linear"}},
+                           meta={"image_shape": [8, 8], "class_names": ["a", "b"], "dataset": "fp",
+                                 "mlflow_run_id": "r1"})
+    fresh = torch.nn.Linear(2, 2)
+    kw = dict(image_shape=[8, 8], class_names=["a", "b"], dataset="fp", autoencoder_id=None, prepared=tmp_path)
+    assert resume_training(tmp_path / "none.pt", fresh, EMA(fresh, 0.9), None, **kw) == (0, {})
+    step, meta = resume_training(ckpt, fresh, EMA(fresh, 0.9), None, **kw)
+    assert (step, meta["mlflow_run_id"]) == (7, "r1")
+    assert torch.equal(fresh.weight, net.weight)
+    with pytest.raises(ValueError, match=r"last.pt was trained with class_names \['a', 'b'\], but .* has \['a'\]"):
+        resume_training(ckpt, fresh, EMA(fresh, 0.9), None, **{**kw, "class_names": ["a"]})
+    with pytest.raises(ValueError, match="trained on pixels, but this run trains on the latents of autoencoder ae1"):
+        resume_training(ckpt, fresh, EMA(fresh, 0.9), None, **{**kw, "autoencoder_id": "ae1"})

@@ -30,20 +30,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
-import nibabel as nib
 import numpy as np
 import pydicom
 from pydicom.pixels.decoders.base import get_decoder
 from pydicom import uid as sop
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MediaStorageDirectoryStorage, generate_uid
+from pydicom.dataset import Dataset
+from pydicom.uid import MediaStorageDirectoryStorage
 
-from .atomic import atomic_file
-from .deid import allowed_meta
+from ..deid import allowed_meta
+from .nifti import read_nifti
+from .volume import ImageReadError, LPS_TO_RAS, UNEVEN_POLICIES, Volume, is_nifti
 
-LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
-UNEVEN_POLICIES = ("error", "resample")
 #: What to install for compressed pixel data pydicom cannot decode with what is present.
 DECODER_EXTRA = "pip install 'medaug[jpeg]'  (pylibjpeg, pylibjpeg-libjpeg, pylibjpeg-openjpeg, pylibjpeg-rle)"
 #: SOP classes read as images. Any other standard class (a segmentation, a dose grid, a report) is refused by
@@ -73,27 +70,6 @@ NOT_AN_IMAGE_FIX = {
 }
 
 
-class ImageReadError(ValueError):
-    """An input image that cannot be read as asked; the message names the file and the fix."""
-
-
-@dataclass
-class Volume:
-    """An image in source units with its geometry.
-
-    ``array``: ``(X, Y, Z)`` float32; ``affine``: 4x4 voxel → RAS mm; ``meta``: allow-listed basics.
-    """
-
-    array: np.ndarray
-    affine: np.ndarray
-    meta: dict = field(default_factory=dict)
-
-    @property
-    def spacing(self) -> tuple[float, float, float]:
-        """Voxel size in mm along the three array axes."""
-        return tuple(float(s) for s in np.linalg.norm(self.affine[:3, :3], axis=0))
-
-
 @dataclass
 class DicomSeries:
     """The files of one SeriesInstanceUID and their headers (read without pixel data)."""
@@ -117,10 +93,6 @@ class DicomIndex:
     @property
     def headers(self) -> dict[Path, Dataset]:
         return {f: h for s in self.series.values() for f, h in zip(s.files, s.headers)}
-
-
-def is_nifti(path: Path) -> bool:
-    return path.name.endswith(NIFTI_SUFFIXES)
 
 
 def _sop_class_problem(ds: Dataset) -> str | None:
@@ -256,51 +228,6 @@ def read_volume(
                              "or name the series by its SeriesInstanceUID in the labels file")
     (series,) = index.series.values()
     return read_dicom_series(series.files, source=path, uneven=uneven)
-
-
-def read_nifti(path: str | os.PathLike, volume_index: int | None = None) -> Volume:
-    """Read a 2D or 3D NIfTI image as ``(X, Y, Z)`` float32 with its affine.
-
-    A 4D image needs ``volume_index`` (which volume along the 4th axis to read).
-    """
-    path = Path(path)
-    try:
-        img = nib.load(str(path))
-        if getattr(img, "affine", None) is None:
-            kind = "a CIFTI-2 image" if isinstance(img, nib.Cifti2Image) else f"a {type(img).__name__}"
-            raise ImageReadError(f"{path}: {kind} ({'.'.join(path.name.split('.')[-2:])}) has no affine: it holds "
-                                 "surface or grayordinate data, not a volume; give a NIfTI volume")
-        shape = img.shape
-        if len(shape) == 4 and volume_index is not None:
-            if not -shape[3] <= volume_index < shape[3]:
-                raise ImageReadError(f"{path}: volume_index={volume_index} but the image has {shape[3]} volumes")
-            array = np.asarray(img.dataobj[..., volume_index], dtype=np.float32)
-        else:
-            array = np.asarray(img.dataobj, dtype=np.float32)
-    except ImageReadError:
-        raise
-    except Exception as err:  # nibabel raises several types for broken files
-        raise ImageReadError(f"{path}: not a readable NIfTI file ({err})") from err
-    if array.ndim == 2:
-        array = array[:, :, None]
-    if array.ndim == 4 and array.shape[3] == 1:
-        array = array[..., 0]
-    if array.ndim != 3:
-        raise ImageReadError(
-            f"{path}: NIfTI image has shape {array.shape}; medaug reads 2D or 3D images: set "
-            "data.volume_index=<k> to read volume k of a 4D image, or split it into one file per volume"
-        )
-    if not np.isfinite(array).all():
-        raise ImageReadError(f"{path}: image contains NaN or Inf values; fix or mask them before prepare")
-    affine = np.asarray(img.affine, dtype=np.float64)
-    if not np.isfinite(affine).all() or np.linalg.matrix_rank(affine[:3, :3]) < 3:
-        header = img.header
-        form = ("sform" if header.get("sform_code", 0) > 0 else "qform" if header.get("qform_code", 0) > 0
-                else "pixdim")
-        rows = "; ".join(" ".join(f"{v:g}" for v in row) for row in affine[:3])
-        raise ImageReadError(f"{path}: its affine (voxel → mm, from the {form}) is singular or not finite "
-                             f"[{rows}]; fix the header's sform/qform, e.g. nibabel's img.set_sform(affine, code=1)")
-    return Volume(array, affine, {"modality": "unknown"})
 
 
 @dataclass
@@ -470,266 +397,3 @@ def read_dicom_series(files: list[Path], source: Path | None = None, uneven: str
     lps[:3, 2] = slice_vec
     lps[:3, 3] = positions[0]
     return Volume(stack, LPS_TO_RAS @ lps, meta)
-
-
-def write_nifti(path: str | os.PathLike, array: np.ndarray, affine: np.ndarray, descrip: str = "") -> Path:
-    """Write ``array`` (X, Y[, Z]) with ``affine`` as NIfTI, atomically (temp file, then rename)."""
-    path = Path(path)
-    img = nib.Nifti1Image(np.asarray(array, dtype=np.float32), np.asarray(affine, dtype=np.float64))
-    img.header.set_xyzt_units("mm")
-    img.header.set_qform(img.affine, code=1)
-    img.header.set_sform(img.affine, code=1)
-    if descrip:
-        img.header["descrip"] = descrip.encode()[:79]
-    with atomic_file(path, suffix=".nii.gz" if path.name.endswith(".gz") else ".nii", clean=False) as tmp:
-        nib.save(img, str(tmp))
-    return path
-
-
-#: The SOP classes written per modality: (single-frame, enhanced multi-frame).
-DICOM_SOP_CLASSES = {"CT": (CTImageStorage, pydicom.uid.EnhancedCTImageStorage),
-                     "MR": (pydicom.uid.MRImageStorage, pydicom.uid.EnhancedMRImageStorage)}
-MR_UNITS = "MR signal, arbitrary units"
-
-
-def _int16_pixels(array: np.ndarray, whole_units: bool = True) -> tuple[np.ndarray, float]:
-    """Source values as int16 and the slope that maps them back (intercept 0).
-
-    ``whole_units`` (CT): whole HU, slope 1 unless the values exceed the int16 range. Otherwise
-    (MR, arbitrary units of any scale, e.g. z-scores): the largest magnitude maps to 32767.
-    """
-    max_abs = float(np.abs(array).max()) if array.size else 0.0
-    if whole_units:
-        slope = 1.0 if max_abs <= 32767 else max_abs / 32767
-    else:
-        slope = max_abs / 32767 if max_abs > 0 else 1.0
-    return np.round(np.asarray(array, dtype=np.float64) / slope).astype(np.int16), float(f"{slope:.8g}")
-
-
-def _new_dataset(sop_class: str, sop_uid: str) -> Dataset:
-    """An empty dataset with its file meta (explicit VR little endian) for one SOP instance."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class
-    meta.MediaStorageSOPInstanceUID = sop_uid
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    return ds
-
-
-def _item(**fields) -> Dataset:
-    item = Dataset()
-    for key, value in fields.items():
-        setattr(item, key, value)
-    return item
-
-
-def _sop_classes(modality: str) -> tuple[str, str]:
-    if modality not in DICOM_SOP_CLASSES:
-        raise ValueError(f"modality={modality!r}: medaug writes DICOM of {' or '.join(DICOM_SOP_CLASSES)} only")
-    return DICOM_SOP_CLASSES[modality]
-
-
-def _real_world_values(slope: float, units: str) -> Dataset:
-    """Real World Value Mapping item: stored value × ``slope`` = source value in ``units`` (arbitrary units)."""
-    return _item(RealWorldValueFirstValueMapped=-32768, RealWorldValueLastValueMapped=32767,
-                 RealWorldValueIntercept=0.0, RealWorldValueSlope=slope, LUTExplanation=units[:64], LUTLabel="MR_AU",
-                 MeasurementUnitsCodeSequence=[_item(CodeValue="[arb'U]", CodingSchemeDesignator="UCUM",
-                                                     CodeMeaning="arbitrary unit")])
-
-
-def _window_strings(window: tuple[float, float], scale: float = 1.0) -> tuple[str, str]:
-    """WindowCenter/WindowWidth strings of ``window`` (centre, width) divided by ``scale``."""
-    return f"{float(window[0]) / scale:.6g}", f"{max(float(window[1]), 1.0) / scale:.6g}"
-
-
-def write_dicom_series(
-    folder: str | os.PathLike,
-    array: np.ndarray,
-    affine: np.ndarray,
-    header: dict,
-    modality: str = "CT",
-    *,
-    window: tuple[float, float] | None = None,
-    file_name: str = "slice_{k:04d}.dcm",
-    units: str = "",
-) -> list[Path]:
-    """Write ``array`` (X, Y, Z) in source units as a CT or MR Image series, one file per slice, fresh UIDs.
-
-    Study, series, frame-of-reference and instance UIDs are generated (random, never
-    derived from anything). ``header`` holds the identifying and descriptive attributes
-    the caller chooses (e.g. ``PatientID``, ``PatientName``, ``SeriesDescription``) and
-    overrides the empty type-2 defaults; nothing else is copied from anywhere.
-    ``modality`` ``"CT"``: CT Image Storage, ``array`` in HU (``units`` ``"HU"`` or empty;
-    any other unit gets RescaleType ``US``), stored as whole HU with RescaleSlope/Intercept.
-    ``"MR"``: MR Image Storage; the MR Image IOD has no Modality LUT (no Rescale*, no HU), so
-    the values are scaled to the int16 range and a Real World Value Mapping (slope, unit
-    "arbitrary unit", ``units`` as its explanation) maps stored values back to the source.
-    ``window`` = (centre, width) in source units sets WindowCenter/WindowWidth (for MR in
-    stored values, as a viewer applies it). ``file_name`` is formatted with the slice index
-    ``k`` (a 2D image, Z = 1, can get a plain name). Laterality is left out (nothing says a
-    synthetic image is of a left or right part) and ImageLaterality is ``U``.
-    Geometry: ImagePositionPatient per slice, ImageOrientationPatient, PixelSpacing
-    (row, column spacing in mm) and SliceThickness come from ``affine`` (voxel → RAS mm).
-    Validated with dicom3tools' dciodvfy (no error, no warning).
-    """
-    sop_class = _sop_classes(modality)[0]
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    lps = np.linalg.inv(LPS_TO_RAS) @ np.asarray(affine, dtype=np.float64)
-    col_x, col_y, col_z = lps[:3, 0], lps[:3, 1], lps[:3, 2]
-    dx, dy, dz = (float(np.linalg.norm(v)) for v in (col_x, col_y, col_z))
-    iop = np.concatenate([col_x / dx, col_y / dy])
-
-    ct = modality == "CT"
-    stored, slope = _int16_pixels(array, whole_units=ct)
-
-    study_uid, series_uid, frame_uid = generate_uid(), generate_uid(), generate_uid()
-    type2 = dict(PatientName="", PatientID="", PatientBirthDate="", PatientSex="", StudyDate="", StudyTime="",
-                 ReferringPhysicianName="", StudyID="", AccessionNumber="", PositionReferenceIndicator="",
-                 Manufacturer="", AcquisitionNumber="")
-    if ct:
-        type2.update(KVP="")
-    else:  # the MR Image module: a research-mode (RM) sequence, no acquisition parameters to tell
-        type2.update(ScanningSequence="RM", SequenceVariant="NONE", ScanOptions="", MRAcquisitionType="",
-                     RepetitionTime="", EchoTime="", EchoTrainLength="")
-    paths = []
-    for k in range(array.shape[2]):
-        sop_uid = generate_uid()
-        ds = _new_dataset(sop_class, sop_uid)
-        ds.SOPClassUID = sop_class
-        ds.SOPInstanceUID = sop_uid
-        ds.StudyInstanceUID = study_uid
-        ds.SeriesInstanceUID = series_uid
-        ds.FrameOfReferenceUID = frame_uid
-        ds.Modality = modality
-        ds.SeriesNumber = 1
-        ds.InstanceNumber = k + 1
-        ds.ImageType = ["DERIVED", "SECONDARY", "AXIAL" if ct else "OTHER"]  # MR: value 3 from its defined terms
-        ds.ImageLaterality = "U"
-        ds.PatientPosition = "HFS"
-        for key, value in {**type2, **header}.items():
-            setattr(ds, key, value)
-        ds.ImageOrientationPatient = [float(f"{v:.6f}") for v in iop]
-        ds.ImagePositionPatient = [float(f"{v:.4f}") for v in lps[:3, 3] + k * col_z]
-        ds.PixelSpacing = [float(f"{dy:.6f}"), float(f"{dx:.6f}")]
-        ds.SliceThickness = float(f"{dz:.6f}")
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.Rows, ds.Columns = int(array.shape[1]), int(array.shape[0])
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
-        ds.PixelRepresentation = 1
-        if ct:
-            ds.RescaleSlope = f"{slope:.8g}"
-            ds.RescaleIntercept = "0"
-            ds.RescaleType = "HU" if units in ("", "HU") else "US"
-        else:
-            ds.RealWorldValueMappingSequence = [_real_world_values(slope, units or MR_UNITS)]
-        if window is not None:
-            ds.WindowCenter, ds.WindowWidth = _window_strings(window, 1.0 if ct else slope)
-        ds.PixelData = np.ascontiguousarray(stored[:, :, k].T).tobytes()
-        path = folder / file_name.format(k=k)
-        with atomic_file(path, clean=False) as tmp:
-            ds.save_as(tmp, enforce_file_format=True)
-        paths.append(path)
-    return paths
-
-
-def write_dicom_multiframe(
-    path: str | os.PathLike,
-    array: np.ndarray,
-    affine: np.ndarray,
-    header: dict,
-    modality: str = "CT",
-    *,
-    window: tuple[float, float] | None = None,
-    units: str = "",
-) -> Path:
-    """Write ``array`` (X, Y, Z) in source units as one Enhanced CT or Enhanced MR Image (multi-frame) file.
-
-    The same content as :func:`write_dicom_series` in one object: geometry, rescale and
-    window sit in the shared functional groups, each frame's ImagePositionPatient in its
-    per-frame group (dimension: position along the stack). ``header`` as there, less the
-    attributes this IOD does not hold. The enhanced IODs allow only PRIMARY as ImageType
-    value 2, so it is DERIVED\\PRIMARY\\VOLUME\\NONE. CT: RescaleType HU (whole HU). MR:
-    values scaled to the int16 range, RescaleType ``US`` (unspecified: MR signal has no
-    unit) and a Real World Value Mapping naming ``units``. ``window`` in source units.
-    Validated with dicom3tools' dciodvfy (no error, no warning).
-    """
-    import datetime
-
-    sop_class = _sop_classes(modality)[1]
-    ct = modality == "CT"
-    not_in_iod = {"DerivationDescription", "Laterality", "KVP", "AcquisitionNumber"}
-    path = Path(path)
-    lps = np.linalg.inv(LPS_TO_RAS) @ np.asarray(affine, dtype=np.float64)
-    col_x, col_y, col_z = lps[:3, 0], lps[:3, 1], lps[:3, 2]
-    dx, dy, dz = (float(np.linalg.norm(v)) for v in (col_x, col_y, col_z))
-    stored, slope = _int16_pixels(array, whole_units=ct)
-    now = datetime.datetime.now()
-
-    sop_uid, dim_uid = generate_uid(), generate_uid()
-    ds = _new_dataset(sop_class, sop_uid)
-    ds.SOPClassUID, ds.SOPInstanceUID = sop_class, sop_uid
-    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = generate_uid(), generate_uid(), generate_uid()
-    ds.Modality, ds.SeriesNumber, ds.InstanceNumber = modality, 1, 1
-    ds.ImageType = ["DERIVED", "PRIMARY", "VOLUME", "NONE"]  # the enhanced IODs allow only PRIMARY as value 2
-    defaults = dict(PatientName="", PatientID="", PatientBirthDate="", PatientSex="", StudyDate="", StudyTime="",
-                    ReferringPhysicianName="", StudyID="", AccessionNumber="",
-                    PositionReferenceIndicator="", Manufacturer="medaug", ManufacturerModelName="medaug",
-                    DeviceSerialNumber="none", SoftwareVersions="medaug", ContentDate=now.strftime("%Y%m%d"),
-                    ContentTime=now.strftime("%H%M%S"))
-    for key, value in {**defaults, **header}.items():
-        if key not in not_in_iod:
-            setattr(ds, key, value)
-    ds.PatientPosition = "HFS"
-    ds.PixelPresentation, ds.VolumetricProperties, ds.VolumeBasedCalculationTechnique = "MONOCHROME", "VOLUME", "NONE"
-    frame_type = dict(FrameType=list(ds.ImageType), PixelPresentation="MONOCHROME", VolumetricProperties="VOLUME",
-                      VolumeBasedCalculationTechnique="NONE")
-    if not ct:
-        ds.ComplexImageComponent, ds.AcquisitionContrast = "MAGNITUDE", "UNKNOWN"
-        ds.ApplicableSafetyStandardAgency = "IEC"  # required by dciodvfy even for DERIVED images; the usual one
-        frame_type.update(ComplexImageComponent="MAGNITUDE", AcquisitionContrast="UNKNOWN")
-    ds.ContentQualification = "RESEARCH"
-    ds.NumberOfFrames = int(array.shape[2])
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.Rows, ds.Columns = int(array.shape[1]), int(array.shape[0])
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
-    ds.PresentationLUTShape, ds.LossyImageCompression = "IDENTITY", "00"
-    ds.BurnedInAnnotation = ds.get("BurnedInAnnotation", "NO") or "NO"
-    ds.AcquisitionContextSequence = []
-    ds.DimensionOrganizationType = "3D"
-    ds.DimensionOrganizationSequence = [_item(DimensionOrganizationUID=dim_uid)]
-    ds.DimensionIndexSequence = [_item(DimensionOrganizationUID=dim_uid, DimensionIndexPointer=0x00200032,
-                                       FunctionalGroupPointer=0x00209113,
-                                       DimensionDescriptionLabel="Image Position (Patient)")]
-    shared = _item(
-        PixelMeasuresSequence=[_item(PixelSpacing=[float(f"{dy:.6f}"), float(f"{dx:.6f}")],
-                                     SliceThickness=float(f"{dz:.6f}"))],
-        PlaneOrientationSequence=[_item(ImageOrientationPatient=[float(f"{v:.6f}")
-                                                                 for v in np.concatenate([col_x / dx, col_y / dy])])],
-        PixelValueTransformationSequence=[_item(RescaleIntercept="0", RescaleSlope=f"{slope:.8g}",
-                                                RescaleType="HU" if ct and units in ("", "HU") else "US")],
-        FrameAnatomySequence=[_item(AnatomicRegionSequence=[_item(CodeValue="38266002", CodingSchemeDesignator="SCT",
-                                                                  CodeMeaning="Entire body")],
-                                    FrameLaterality="U")],
-    )
-    if ct:
-        shared.CTImageFrameTypeSequence = [_item(**frame_type)]
-        shared.IrradiationEventIdentificationSequence = [_item(IrradiationEventUID=generate_uid())]
-    else:
-        shared.MRImageFrameTypeSequence = [_item(**frame_type)]
-        shared.RealWorldValueMappingSequence = [_real_world_values(slope, units or MR_UNITS)]
-    if window is not None:
-        centre, width = _window_strings(window)
-        shared.FrameVOILUTSequence = [_item(WindowCenter=centre, WindowWidth=width)]
-    ds.SharedFunctionalGroupsSequence = [shared]
-    ds.PerFrameFunctionalGroupsSequence = [
-        _item(FrameContentSequence=[_item(DimensionIndexValues=[k + 1])],
-              PlanePositionSequence=[_item(ImagePositionPatient=[float(f"{v:.4f}") for v in lps[:3, 3] + k * col_z])])
-        for k in range(array.shape[2])
-    ]
-    ds.PixelData = np.ascontiguousarray(stored.transpose(2, 1, 0)).tobytes()  # frames of (rows, cols)
-    with atomic_file(path, clean=False) as tmp:
-        ds.save_as(tmp, enforce_file_format=True)
-    return path

@@ -1,0 +1,72 @@
+"""Replace samples the copy filter dropped by new samples of the same class that pass it.
+
+Sample's side of the copy filter: it loads the checkpoint the samples came from and the prepared
+training split (to score new candidates against), and samples again with the settings recorded in
+the samples' ``info.json``. Export hands it the filter's verdict and writes what comes back; export
+itself never reads the training split.
+
+Example::
+
+    new = regenerate_copies(images, labels, rows, keep, scores, threshold, sample_info=info,
+                            ckpt_path="job/train/checkpoints/last.pt", prepared_dir="job/prepared")
+    new.images.shape  # (N - new.short, 1, *spatial), in [-1, 1]
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping, NamedTuple, Sequence
+
+import numpy as np
+import torch
+
+from medaug.data import load_split
+from medaug.model import load_checkpoint
+from medaug.privacy import pixel_copy_scores, replace_copies
+from medaug.sampling import inference_scheduler, sample_images, sampling_network
+
+
+class Regenerated(NamedTuple):
+    """The kept samples followed by the accepted replacements: ``images`` (M, 1, *spatial) in [-1, 1],
+    their manifest ``rows`` (a replacement's row says ``replaces_copy``), copy ``scores`` (M,), and
+    ``short``: dropped samples that found no replacement in ``max_rounds`` rounds."""
+
+    images: torch.Tensor
+    rows: list[dict]
+    scores: np.ndarray
+    short: int
+    max_rounds: int
+
+
+def regenerate_copies(images: torch.Tensor, labels: torch.Tensor, rows: Sequence[dict], keep: np.ndarray,
+                      scores: np.ndarray, threshold: float, *, sample_info: Mapping, ckpt_path: str | Path,
+                      prepared_dir: str | Path, trust: bool = False, max_rounds: int = 5) -> Regenerated:
+    """Sample again for every sample with ``keep`` False (N,) until a candidate of its class scores at
+    most ``threshold`` (pixel-space correlation to the nearest training image, as the audit that gave
+    ``scores`` (N,)), at most ``max_rounds`` rounds. Candidates are sampled with the checkpoint at
+    ``ckpt_path`` (it must be the one ``sample_info["checkpoint_id"]`` names) and the sampler, guidance,
+    seed, EMA and clipping settings of ``sample_info["sample"]``; candidate k gets seed ``seed + N + k``.
+
+    Raises ValueError when the checkpoint is not the samples' one."""
+    ckpt = load_checkpoint(ckpt_path, trust)
+    if ckpt.id != sample_info["checkpoint_id"]:
+        raise ValueError(f"{ckpt.path} is not the checkpoint these samples came from; pass ckpt_path=")
+    s, names = sample_info["sample"], ckpt.meta["class_names"]
+    net = sampling_network(ckpt, "cpu", use_ema=s.get("use_ema", True))
+    train_x, _ = load_split(Path(prepared_dir), "train")
+
+    def generate(want: torch.Tensor, first: int) -> torch.Tensor:
+        sch = inference_scheduler(ckpt.config["scheduler"], s["sampler"], s["steps"])
+        return sample_images(net, sch, want, ckpt.meta["image_shape"], guidance_scale=s["guidance_scale"],
+                             null_class=len(names), seed=s["seed"] + first, batch_size=s["batch_size"], eta=s["eta"],
+                             clip_x0=s.get("clip_x0", True))  # the settings the samples were made with
+
+    new_x, new_y, source, new_scores = replace_copies(images, labels, keep, threshold, generate,
+                                                      lambda imgs: pixel_copy_scores(imgs, train_x), max_rounds)
+    new_rows = []
+    for src, y, sc in zip(source.tolist(), new_y.tolist(), new_scores.tolist()):
+        row = rows[src] if src < len(rows) else {**rows[0], "index": src, "label": y, "class_name": names[y],
+                                                    "seed": s["seed"] + src, "replaces_copy": True}
+        new_rows.append(row)
+    final_scores = np.where(np.isnan(new_scores), scores[source.clip(max=len(rows) - 1)], new_scores)
+    return Regenerated(new_x, new_rows, final_scores, len(rows) - len(new_rows), max_rounds)
