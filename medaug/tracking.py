@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Protocol
 
 log = logging.getLogger("medaug")
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")  # the MLflow 3 UI: model training, not GenAI
 
 PATH_KEYS = ("path", "dir", "root", "labels", "uri", "file")
 MAX_PARAM_LEN = 500
@@ -41,6 +42,9 @@ class Tracker(Protocol):
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None: ...
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
     def set_tags(self, tags: Mapping[str, Any]) -> None: ...
+    def log_image(self, path: str | Path, key: str, step: int) -> None: ...
+    def log_dataset(self, dataset: Any, context: str) -> None: ...
+    def register_model(self, name: str, checkpoint: str | Path) -> str | None: ...
     def end(self, status: str = "FINISHED") -> None: ...
 
 
@@ -64,6 +68,15 @@ class NullTracker:
 
     def set_tags(self, tags):
         pass
+
+    def log_image(self, path, key, step):
+        pass
+
+    def log_dataset(self, dataset, context):
+        pass
+
+    def register_model(self, name, checkpoint):
+        return None
 
     def end(self, status="FINISHED"):
         pass
@@ -147,6 +160,15 @@ class GuardedTracker:
     def set_tags(self, tags):
         self._call("set_tags", tags)
 
+    def log_image(self, path, key, step):
+        self._call("log_image", path, key, step)
+
+    def log_dataset(self, dataset, context):
+        self._call("log_dataset", dataset, context)
+
+    def register_model(self, name, checkpoint):
+        return self._call("register_model", name, checkpoint)
+
     def end(self, status="FINISHED"):
         self._call("end", status)
 
@@ -204,9 +226,12 @@ class MLflowTracker:
         found = self.client.get_experiment_by_name(experiment)
         if found is None:
             location = Path(artifact_dir).resolve().as_uri() if artifact_dir else None
-            self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
+            self.experiment_id = self.client.create_experiment(experiment, artifact_location=location,
+                                                               tags=dict([EXPERIMENT_KIND]))
         else:
             self.experiment_id = found.experiment_id
+            if found.tags.get(EXPERIMENT_KIND[0]) is None:
+                self.client.set_experiment_tag(self.experiment_id, *EXPERIMENT_KIND)
         self.run_id: str | None = None
 
     def start(self, run_name=None, run_id=None, tags=None):
@@ -253,6 +278,27 @@ class MLflowTracker:
         from mlflow.entities import RunTag
 
         self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)[:MAX_PARAM_LEN]) for k, v in tags.items()])
+
+    def log_image(self, path, key, step):
+        """A PNG at ``step`` under ``key``: the UI's image panel shows them in step order."""
+        from PIL import Image
+
+        with Image.open(path) as image:
+            self.client.log_image(self.run_id, image.copy(), key=key, step=int(step))
+
+    def log_dataset(self, dataset, context):
+        """``dataset`` (an ``mlflow.entities.Dataset``, see :func:`medaug.registry.dataset_entity`) as an input of
+        this run, tagged with its ``context`` (``training``, ``export``, ...)."""
+        from mlflow.entities import DatasetInput, InputTag
+
+        self.client.log_inputs(self.run_id, datasets=[DatasetInput(dataset, [InputTag("mlflow.data.context",
+                                                                                      context)])])
+
+    def register_model(self, name, checkpoint):
+        """Register ``checkpoint`` as the pyfunc generator ``name`` (see :mod:`medaug.registry`); its version."""
+        from medaug.registry import register_generator
+
+        return register_generator(self.uri, self.run_id, name, checkpoint)
 
     def end(self, status="FINISHED"):
         if self.run_id:

@@ -336,6 +336,7 @@ def fit(
     checkpoint_payload: Callable[[], dict] | None = None,
     tracker: Tracker | None = None,
     validate: Callable[[], dict] | None = None,
+    on_step: Callable[[int], None] | None = None,
     privacy=None,
 ) -> FitResult:
     """Train ``model`` from ``start_step`` to ``settings.max_steps`` on ``loss`` (e.g. :class:`DiffusionStep`,
@@ -349,6 +350,7 @@ def fit(
     ``log_every`` steps only, averaged over all ranks, and logged as ``loss.terms`` names them;
     ``validate()`` (rank 0, every ``val_every`` steps) returns metrics logged beside them. A
     tracker that fails (a tracking server gone away) is switched off with one warning; training goes on.
+    ``on_step(done)`` (rank 0) runs after every step, e.g. :func:`medaug.registry.preview_callback`.
 
     ``privacy`` (a :class:`medaug.dp.PrivateTraining`) makes the steps differentially private: it draws each
     step's rows (Poisson-sampled patients), replaces ``grad_clip`` by per-example clipping and noise, and its
@@ -439,6 +441,8 @@ def fit(
                 metrics = validate()
                 result.val.append((done, metrics))
                 tracker.log_metrics(metrics, step=done)
+            if rank == 0 and on_step is not None:
+                on_step(done)
             if settings.ckpt_every and done % settings.ckpt_every == 0 and done < settings.max_steps:
                 checkpoint(done)
             result.step = done

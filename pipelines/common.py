@@ -25,6 +25,7 @@ from medaug import runtime, tracking
 from medaug.data import DatasetError
 from medaug.export import ExportError
 from medaug.io import ImageReadError
+from medaug.registry import checkpoint_file, is_registry_uri
 from medaug.tracking import TrackingUnavailable
 from medaug.training import Terminated
 
@@ -92,4 +93,6 @@ def make_tracker(cfg: DictConfig, any_rank: bool = False):
 
 
 def default_ckpt(cfg: DictConfig) -> Path:
+    if is_registry_uri(cfg.get("ckpt_path")):  # models:/<name>/<version or @alias>: downloaded once
+        return checkpoint_file(cfg.ckpt_path, tracking_uri(cfg), path(cfg.paths.output_dir) / "registry")
     return path(cfg.ckpt_path) if cfg.get("ckpt_path") else path(cfg.paths.train_dir) / "checkpoints" / "last.pt"

@@ -14,9 +14,10 @@ from omegaconf import DictConfig, OmegaConf
 from medaug.export import ExportError, export_dataset, export_modality
 from medaug.job import job_summary
 from medaug.preprocessing import IntensityWindow
+from medaug.registry import synthetic_entity
 from medaug.regeneration import regenerate_copies
 from medaug.release import card_fields, class_counts_text, filter_copies, manifest_scores, read_evaluation
-from medaug.sampling import load_samples
+from medaug.sampling import load_samples, samples_id
 from medaug.tracking import tracked
 from pipelines.common import REPO_ROOT, container, default_ckpt, make_tracker, path, stage_main, tracking_uri
 
@@ -50,6 +51,7 @@ def run(cfg: DictConfig) -> dict:
     with tracked(tracker, run_name=cfg.name, run_id=info.get("mlflow_run_id"), tags={"medaug.job": cfg.name}):
         tracker.log_artifact(out / "DATA_CARD.md", "export")
         tracker.log_artifact(out / "manifest.csv", "export")
+        tracker.log_dataset(synthetic_entity(samples_id(samples_dir), info, len(rows)), "synthetic")
     result = {"export_dir": str(out), "samples": len(rows), "formats": formats, "mlflow_run_id": tracker.run_id,
               "mlflow_uri": getattr(tracker, "uri", None) or tracking_uri(cfg)}  # local store if the server was down
     if x.profile == "share":

@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from medaug.data import prepare_dataset
 from medaug.preparation import check_shape_keys, demo_labels, log_summary, summary_metrics
 from medaug.preprocessing import IntensityWindow, PercentileNormalization
+from medaug.registry import dataset_entity
 from medaug.tracking import flatten, tracked
 from pipelines.common import container, make_tracker, path, stage_main
 
@@ -55,6 +56,7 @@ def run(cfg: DictConfig) -> dict:
                                     if k in config} | {"dataset": info.fingerprint}))
         tracker.set_tags({"deid.policy": info.deid.get("policy"), "deid.findings": info.deid.get("findings", 0)})
         tracker.log_metrics(summary)
+        tracker.log_dataset(dataset_entity(info, data.source), "prepare")
         tracker.log_artifact(info.root / "dataset.json", "prepared")
         if (info.root / "deid_log.csv").exists():
             tracker.log_artifact(info.root / "deid_log.csv", "prepared")

@@ -13,8 +13,7 @@ from medaug.dp import describe
 from medaug.latent import latent_space_of
 from medaug.model import load_checkpoint
 from medaug.runtime import process_group
-from medaug.sampling import (class_counts, generate_sharded, inference_scheduler, labels_for_counts, sample_images,
-                             sample_records, sampling_network, save_samples)
+from medaug.sampling import class_counts, generate_sharded, inference_scheduler, labels_for_counts, sample_images, sample_records, sampling_network, save_samples
 from medaug.tracking import tracked
 from pipelines.common import amp_dtype_of, container, default_ckpt, device_of, log, make_tracker, path, stage_main
 

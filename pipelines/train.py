@@ -16,6 +16,7 @@ from medaug.dp import private_training, train_patients
 from medaug.latent import cached_latents, latent_space_for_training
 from medaug.flow import is_flow
 from medaug.model import EMA, build_scheduler, check_unet_input, network_from_spec
+from medaug.registry import dataset_entity, preview_callback
 from medaug.runtime import process_group, switch
 from medaug.tracking import flatten, guarded, tracked
 from medaug.training import (DiffusionStep, TrainSettings, checkpoint_meta, compile_mode_of, fit, prepare_for_speed,
@@ -85,11 +86,15 @@ def _train(cfg: DictConfig, device: torch.device, rank: int, world: int) -> dict
             tracker.log_params(flatten({k: v for k, v in config.items() if k not in others}))
             tracker.log_params({f"data.count.{s}": sum(c.values()) for s, c in info.counts.items()})
         meta = checkpoint_meta(info, tracker.run_id, space)
+        tracker.log_dataset(dataset_entity(info, cfg.data.source), "training")
+        preview = preview_callback(tracker, ema, config["scheduler"], meta, t.get("preview_every"), space=space)
         result = fit(model, ema, optimizer, step, settings, start_step=start_step, ckpt_path=out_ckpt,
                      checkpoint_payload=lambda: {"config": config, "meta": {**meta, **(dp.meta() if dp else {})}},
-                     tracker=tracker, privacy=dp)
+                     tracker=tracker, privacy=dp, on_step=preview)
         if rank == 0:
             tracker.log_artifact(out_ckpt, "checkpoints")
+            if cfg.tracking.get("register"):
+                tracker.register_model(cfg.tracking.register, out_ckpt)
     final = result.losses[-1][1] if result.losses else float("nan")
     if rank == 0:
         log.info("trained to step %d (loss %.4f); checkpoint %s", result.step, final, out_ckpt)

@@ -10,8 +10,7 @@ import pytest
 
 from medaug.deid import ALLOWED_META
 from medaug.atomic import atomic_file, atomic_folder, is_complete, temp_name
-from medaug.io import (ImageReadError, index_dicom, read_dicom_series, read_nifti, read_volume, write_dicom_series,
-                       write_nifti)
+from medaug.io import ImageReadError, index_dicom, read_dicom_series, read_nifti, read_volume, write_dicom_series, write_nifti
 
 
 def oblique_affine():

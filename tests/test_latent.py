@@ -12,9 +12,7 @@ import torch
 
 import medaug.latent as latent
 from medaug.data import load_info, load_split
-from medaug.latent import (ENCODE_OVERLAP, AutoencoderSettings, AutoencoderStep, Optimizers, cache_file, cached_latents,
-                           check_shape, check_tile, decode_latents, encode_mean, kl_loss, latent_space_for_training,
-                           load_latent_space, reconstruction_metrics, train_autoencoder)
+from medaug.latent import ENCODE_OVERLAP, AutoencoderSettings, AutoencoderStep, Optimizers, cache_file, cached_latents, check_shape, check_tile, decode_latents, encode_mean, kl_loss, latent_space_for_training, load_latent_space, reconstruction_metrics, train_autoencoder
 from medaug.model import EMA, load_checkpoint, network_from_spec
 from medaug.sampling import inference_scheduler, labels_for_counts, load_samples
 from medaug.training import fit

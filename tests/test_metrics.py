@@ -5,11 +5,7 @@ import pytest
 import torch
 
 from medaug.data import load_split
-from medaug.metrics import (FeatureExtractor, PlaneFeatureExtractor, accuracy_per_class, cohen_kappa,
-                            density_coverage, feature_metrics, fidelity_metrics, fidelity_with_floor,
-                            frechet_distance, histogram_w1, in_batches, kernel_inception_distance, load_weights,
-                            macro_auc, make_classifier, msssim_metric, pairwise_msssim, plane_slice, precision_recall,
-                            realism_metrics, slices_for_training, train_classifier, utility_metrics)
+from medaug.metrics import FeatureExtractor, PlaneFeatureExtractor, accuracy_per_class, cohen_kappa, density_coverage, feature_metrics, fidelity_metrics, fidelity_with_floor, frechet_distance, histogram_w1, in_batches, kernel_inception_distance, load_weights, macro_auc, make_classifier, msssim_metric, pairwise_msssim, plane_slice, precision_recall, realism_metrics, slices_for_training, train_classifier, utility_metrics
 
 from .test_privacy import phantoms
 

@@ -58,6 +58,9 @@ def test_stages_share_one_mlflow_run_in_local_store(tmp_path):
     assert {"train/loss", "fidelity/label_acc", "diversity/msssim/healthy"} <= set(run.data.metrics)
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"checkpoints", "samples", "evaluation", "export"} <= artifacts
+    inputs = {t.value: i.dataset for i in run.inputs.dataset_inputs for t in i.tags if t.key == "mlflow.data.context"}
+    assert set(inputs) == {"training", "synthetic"}  # lineage: the prepared set made the model made the synthetic set
+    assert json.loads(inputs["synthetic"].source)["trained_on"].startswith(inputs["training"].digest)
     assert (tmp_path / "mlartifacts").is_dir()
 
 

@@ -5,9 +5,7 @@ from monai.networks.schedulers import DDPMScheduler
 from PIL import Image
 
 from medaug.model import EMA, load_checkpoint, network_from_spec, save_checkpoint
-from medaug.sampling import (Chunk, class_counts, generate_chunks, generate_sharded, inference_scheduler,
-                             labels_for_counts, load_samples, sample_images, sampling_network, save_samples,
-                             shard_chunks)
+from medaug.sampling import Chunk, class_counts, generate_chunks, generate_sharded, inference_scheduler, labels_for_counts, load_samples, sample_images, sampling_network, save_samples, shard_chunks
 
 from .test_model import SPEC
 
