@@ -51,7 +51,8 @@ from omegaconf import OmegaConf
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from speed import peak_gib, reset_peak, sample_config, sync, time_sample, time_train  # noqa: E402
 
-from medaug.latent import AutoencoderSettings, AutoencoderStep, LatentSpace, Optimizers, check_shape, # noqa: E402                            decode_latents, encode_mean
+from medaug.latent import (  # noqa: E402
+    AutoencoderSettings, AutoencoderStep, LatentSpace, Optimizers, check_shape, decode_latents, encode_mean)
 from medaug.model import EMA, network_from_spec  # noqa: E402
 from medaug.sampling import inference_scheduler, labels_for_counts  # noqa: E402
 from medaug.training import draw_batch, fit, memory_format_of  # noqa: E402

@@ -38,7 +38,8 @@ from .io import Volume, read_nifti, write_nifti
 from .model import Checkpoint
 from .preprocessing import IntensityWindow
 from .progress import progress_bar
-from .sampling import clip_x0_of, guided_eps, sample_records, step_noise_seed, views
+from .pictures import views
+from .sampling import clip_x0_of, guided_eps, sample_records, step_noise_seed
 
 INPAINT_SAMPLERS = ("ddim", "ddpm", "rflow")  # single-step schedulers: multistep ones keep a history jumps break
 
