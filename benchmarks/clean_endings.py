@@ -24,8 +24,14 @@ from medaug.dpm_solver import DPMSolverPP2M
 from medaug.sampling import inference_scheduler, labels_for_counts, sample_images
 
 RESULTS = Path(__file__).resolve().parent / "results" / "clean-endings.json"
-SCHED = {"_target_": "monai.networks.schedulers.DDPMScheduler", "num_train_timesteps": 1000,
-         "schedule": "linear_beta", "beta_start": 1e-4, "beta_end": 0.02, "clip_sample": True}
+SCHED = {
+    "_target_": "monai.networks.schedulers.DDPMScheduler",
+    "num_train_timesteps": 1000,
+    "schedule": "linear_beta",
+    "beta_start": 1e-4,
+    "beta_end": 0.02,
+    "clip_sample": True,
+}
 
 
 def templates(classes=4, per_class=6, size=32, seed=0):
@@ -66,8 +72,12 @@ class ReferenceDenoiser(torch.nn.Module):
         w = torch.softmax(logp.masked_fill(~allowed, -math.inf), dim=1)
         x0 = (w[..., None, None, None] * (self.T[None] + self.M[None] * (a * self.s**2 / var) * d)).sum(1)
         eps = (x - a[:, 0] * x0) / sg[:, 0]
-        field = torch.stack([torch.randn(x.shape[1:], generator=torch.Generator().manual_seed(100 + i), dtype=x.dtype)
-                             for i in range(len(x))])
+        field = torch.stack(
+            [
+                torch.randn(x.shape[1:], generator=torch.Generator().manual_seed(100 + i), dtype=x.dtype)
+                for i in range(len(x))
+            ]
+        )
         err = torch.where(class_labels == self.null, self.null_err, self.err).view(-1, 1, 1, 1)
         return (eps + err * field).float()
 
@@ -81,9 +91,13 @@ def background(out, labels, T, M, Y) -> dict:
         v = x[M[k] == 0]
         rows.append(((v + 1).abs().mean().item(), v.std().item()))
     r = torch.tensor(rows)
-    return {"bg_mean_abs": round(r[:, 0].mean().item(), 5), "bg_std": round(r[:, 1].mean().item(), 5),
-            "grey_share": round((r[:, 0] > 0.05).double().mean().item(), 3),
-            "out_min": round(out.min().item(), 4), "out_max": round(out.max().item(), 4)}
+    return {
+        "bg_mean_abs": round(r[:, 0].mean().item(), 5),
+        "bg_std": round(r[:, 1].mean().item(), 5),
+        "grey_share": round((r[:, 0] > 0.05).double().mean().item(), 3),
+        "out_min": round(out.min().item(), 4),
+        "out_max": round(out.max().item(), 4),
+    }
 
 
 def main() -> None:
@@ -98,9 +112,17 @@ def main() -> None:
             for sampler, steps in [("dpmpp_2m_sde", 20), ("dpmpp_2m", 20), ("ddim", 20), ("pndm", 20), ("ddpm", 1000)]:
                 if sampler == "ddpm" and name != "exact":
                     continue
-                out = sample_images(ReferenceDenoiser(T, M, Y, eps_error=err, null_error=null_err),
-                                    inference_scheduler(SCHED, sampler, steps), labels, (32, 32), guidance_scale=w,
-                                    null_class=4, seed=0, progress=False, clip=False)  # unclamped output
+                out = sample_images(
+                    ReferenceDenoiser(T, M, Y, eps_error=err, null_error=null_err),
+                    inference_scheduler(SCHED, sampler, steps),
+                    labels,
+                    (32, 32),
+                    guidance_scale=w,
+                    null_class=4,
+                    seed=0,
+                    progress=False,
+                    clip=False,
+                )  # unclamped output
                 key = f"{name}/w{w:g}/{sampler}-{steps}"
                 rows[key] = background(out, labels, T, M, Y)
                 print(f"{key:36s} {rows[key]}", flush=True)

@@ -52,7 +52,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from speed import peak_gib, reset_peak, sample_config, sync, time_sample, time_train  # noqa: E402
 
 from medaug.latent import (  # noqa: E402
-    AutoencoderSettings, AutoencoderStep, LatentSpace, Optimizers, check_shape, decode_latents, encode_mean)
+    AutoencoderSettings,
+    AutoencoderStep,
+    LatentSpace,
+    Optimizers,
+    check_shape,
+    decode_latents,
+    encode_mean,
+)
 from medaug.model import EMA, network_from_spec  # noqa: E402
 from medaug.sampling import inference_scheduler, labels_for_counts  # noqa: E402
 from medaug.training import draw_batch, fit, memory_format_of  # noqa: E402
@@ -60,13 +67,36 @@ from medaug.training import draw_batch, fit, memory_format_of  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 BF16 = torch.bfloat16
 # the baseline's networks (monai_baseline.CONFIGS) and the 128³ one; --tiny swaps in small ones
-NET_128 = dict(spatial_dims=3, shape=(1, 128, 128, 128), batch=2, channels=(64, 128, 256, 256),
-               attention_levels=(False, False, False, True), num_res_blocks=1, num_head_channels=64)
-TINY = {"2d_tutorial_64": dict(spatial_dims=2, shape=(1, 16, 16), batch=4, channels=(32, 32, 64),
-                               attention_levels=(False, True, True), num_res_blocks=1, num_head_channels=32),
-        "3d_64": dict(spatial_dims=3, shape=(1, 8, 8, 8), batch=2, channels=(32, 32, 64),
-                      attention_levels=(False, False, True), num_res_blocks=1, num_head_channels=32),
-        "3d_128": dict(NET_128, shape=(1, 16, 16, 16), channels=(32, 32, 32, 32), num_head_channels=32)}
+NET_128 = dict(
+    spatial_dims=3,
+    shape=(1, 128, 128, 128),
+    batch=2,
+    channels=(64, 128, 256, 256),
+    attention_levels=(False, False, False, True),
+    num_res_blocks=1,
+    num_head_channels=64,
+)
+TINY = {
+    "2d_tutorial_64": dict(
+        spatial_dims=2,
+        shape=(1, 16, 16),
+        batch=4,
+        channels=(32, 32, 64),
+        attention_levels=(False, True, True),
+        num_res_blocks=1,
+        num_head_channels=32,
+    ),
+    "3d_64": dict(
+        spatial_dims=3,
+        shape=(1, 8, 8, 8),
+        batch=2,
+        channels=(32, 32, 64),
+        attention_levels=(False, False, True),
+        num_res_blocks=1,
+        num_head_channels=32,
+    ),
+    "3d_128": dict(NET_128, shape=(1, 16, 16, 16), channels=(32, 32, 32, 32), num_head_channels=32),
+}
 
 
 def load_baseline(path: str):
@@ -78,11 +108,19 @@ def load_baseline(path: str):
 
 def unet_spec(cfg: dict, **extra) -> dict:
     """medaug's spec of a baseline network (same layers; 4 classes + the null class, as the baseline's 5)."""
-    return {"_target_": "monai.networks.nets.DiffusionModelUNet", "spatial_dims": cfg["spatial_dims"],
-            "in_channels": 1, "out_channels": 1, "channels": list(cfg["channels"]),
-            "attention_levels": list(cfg["attention_levels"]), "num_res_blocks": cfg["num_res_blocks"],
-            "num_head_channels": cfg["num_head_channels"], "num_class_embeds": 5, "use_flash_attention": True,
-            **extra}
+    return {
+        "_target_": "monai.networks.nets.DiffusionModelUNet",
+        "spatial_dims": cfg["spatial_dims"],
+        "in_channels": 1,
+        "out_channels": 1,
+        "channels": list(cfg["channels"]),
+        "attention_levels": list(cfg["attention_levels"]),
+        "num_res_blocks": cfg["num_res_blocks"],
+        "num_head_channels": cfg["num_head_channels"],
+        "num_class_embeds": 5,
+        "use_flash_attention": True,
+        **extra,
+    }
 
 
 def ratio(res: dict, num: str, den: str, key: str = "img_per_s") -> float | None:
@@ -176,30 +214,72 @@ def train_section(b: Bench, name: str, layouts: tuple[bool, ...]) -> None:
     best = layouts[0]
     if len(layouts) > 1:  # eager, each layout: the faster one is compiled
         for cl in layouts:
-            b.measure(f"medaug_eager_cl{int(cl)}", time_train, spec, shape, batch, s, w, b.device, channels_last=cl,
-                      **fast)
+            b.measure(
+                f"medaug_eager_cl{int(cl)}", time_train, spec, shape, batch, s, w, b.device, channels_last=cl, **fast
+            )
         best = max(layouts, key=lambda cl: b.res[f"medaug_eager_cl{int(cl)}"].get("img_per_s", 0))
     default = dict(fast, channels_last=best, compile_mode="default" if b.cuda else None)
-    b.measure("medaug", time_train, spec, shape, batch, s, w, b.device,
-              profile=b.path.with_name(f"profile-{b.card}-{name}.txt"), **default)
+    b.measure(
+        "medaug",
+        time_train,
+        spec,
+        shape,
+        batch,
+        s,
+        w,
+        b.device,
+        profile=b.path.with_name(f"profile-{b.card}-{name}.txt"),
+        **default,
+    )
     for on_device in (True, False):  # cheap, and what the data-wait share needs: before the variants
-        b.measure(f"data_path_{'device' if on_device else 'host'}", time_data_path, shape, 50, batch, b.device,
-                  on_device)
-    b.measure("medaug_no_clip_no_ema", time_train, spec, shape, batch, s, w, b.device, grad_clip=None,
-              ema_every=10**9, **default)
+        b.measure(
+            f"data_path_{'device' if on_device else 'host'}", time_data_path, shape, 50, batch, b.device, on_device
+        )
+    b.measure(
+        "medaug_no_clip_no_ema",
+        time_train,
+        spec,
+        shape,
+        batch,
+        s,
+        w,
+        b.device,
+        grad_clip=None,
+        ema_every=10**9,
+        **default,
+    )
     b.measure("medaug_data_on_host", time_train, spec, shape, batch, s, w, b.device, data_on_device=False, **default)
     if b.cuda:
-        b.measure("medaug_reduce_overhead", time_train, spec, shape, batch, s, w, b.device,
-                  **dict(default, compile_mode="reduce-overhead"))
+        b.measure(
+            "medaug_reduce_overhead",
+            time_train,
+            spec,
+            shape,
+            batch,
+            s,
+            w,
+            b.device,
+            **dict(default, compile_mode="reduce-overhead"),
+        )
     step_ms = b.res["medaug"].get("step_ms")
     if step_ms:
         b.res["data_wait_share_upper_bound"] = {
-            where: b.res[f"data_path_{where}"].get("data_ms", float("nan")) / step_ms for where in ("device", "host")}
-    b.ratios(**{f"train_{k}_vs_fp16_amp": (k, "baseline_fp16_amp")
-                for k in ("medaug", "medaug_no_clip_no_ema", "medaug_data_on_host", "medaug_reduce_overhead",
-                          "baseline_bf16_flash_compile")},
-             train_medaug_vs_bf16_flash_compile=("medaug", "baseline_bf16_flash_compile"),
-             data_on_host_vs_device=("medaug_data_on_host", "medaug"))
+            where: b.res[f"data_path_{where}"].get("data_ms", float("nan")) / step_ms for where in ("device", "host")
+        }
+    b.ratios(
+        **{
+            f"train_{k}_vs_fp16_amp": (k, "baseline_fp16_amp")
+            for k in (
+                "medaug",
+                "medaug_no_clip_no_ema",
+                "medaug_data_on_host",
+                "medaug_reduce_overhead",
+                "baseline_bf16_flash_compile",
+            )
+        },
+        train_medaug_vs_bf16_flash_compile=("medaug", "baseline_bf16_flash_compile"),
+        data_on_host_vs_device=("medaug_data_on_host", "medaug"),
+    )
 
 
 def sample_section(b: Bench, name: str, channels_last: bool, batches: tuple[int, ...]) -> None:
@@ -208,25 +288,60 @@ def sample_section(b: Bench, name: str, channels_last: bool, batches: tuple[int,
     mode = "reduce-overhead" if b.cuda else None
     for batch in batches:
         b.baseline(f"baseline_ddim_fp32_b{batch}", "sample_rate", dict(cfg, batch=batch), "fp32", b.ddim)
-        b.measure(f"medaug_ddim_b{batch}", time_sample, spec, shape, batch, b.ddim, b.device,
-                  amp_dtype=BF16 if b.cuda else None, compile_mode=mode, channels_last=channels_last)
+        b.measure(
+            f"medaug_ddim_b{batch}",
+            time_sample,
+            spec,
+            shape,
+            batch,
+            b.ddim,
+            b.device,
+            amp_dtype=BF16 if b.cuda else None,
+            compile_mode=mode,
+            channels_last=channels_last,
+        )
         b.ratios(**{f"ddim_b{batch}_vs_fp32": (f"medaug_ddim_b{batch}", f"baseline_ddim_fp32_b{batch}")})
     batch = batches[0]
     few = 4 if b.tiny else 20  # the default sampler: as good at 20 steps as DDPM at 1000 on the demo
-    b.measure(f"medaug_dpmpp_2m_sde_{few}_b{batch}", time_sample, spec, shape, batch, few, b.device,
-              amp_dtype=BF16 if b.cuda else None, compile_mode=mode, channels_last=channels_last,
-              sampler="dpmpp_2m_sde")
-    b.ratios(**{f"dpmpp_2m_sde_{few}_vs_fp32_ddim_{b.ddim}": (f"medaug_dpmpp_2m_sde_{few}_b{batch}",
-                                                              f"baseline_ddim_fp32_b{batch}")})
+    b.measure(
+        f"medaug_dpmpp_2m_sde_{few}_b{batch}",
+        time_sample,
+        spec,
+        shape,
+        batch,
+        few,
+        b.device,
+        amp_dtype=BF16 if b.cuda else None,
+        compile_mode=mode,
+        channels_last=channels_last,
+        sampler="dpmpp_2m_sde",
+    )
+    b.ratios(
+        **{
+            f"dpmpp_2m_sde_{few}_vs_fp32_ddim_{b.ddim}": (
+                f"medaug_dpmpp_2m_sde_{few}_b{batch}",
+                f"baseline_ddim_fp32_b{batch}",
+            )
+        }
+    )
 
 
 def memory_section(b: Bench) -> None:
     cfg = b.config("3d_128")
     spec = unet_spec(cfg, norm_num_groups=32)
     for ckpt in (False, True):
-        b.measure(f"batch{cfg['batch']}_actckpt_{ckpt}", time_train, spec, cfg["shape"], cfg["batch"],
-                  2 if b.tiny else 4, 1, b.device, amp_dtype=BF16 if b.cuda else None,
-                  activation_checkpointing=ckpt)
+        b.measure(
+            f"batch{cfg['batch']}_actckpt_{ckpt}",
+            time_train,
+            spec,
+            cfg["shape"],
+            cfg["batch"],
+            2 if b.tiny else 4,
+            1,
+            b.device,
+            amp_dtype=BF16 if b.cuda else None,
+            activation_checkpointing=ckpt,
+        )
 
 
 def ldm_config(b: Bench) -> dict:
@@ -238,23 +353,46 @@ def latent_unet(config: dict) -> tuple[dict, tuple[int, ...]]:
     """The diffusion UNet spec of an LDM config on its latents, and the latent shape (C, *spatial)."""
     ae_spec = config["autoencoder"]["network"]
     channels = int(ae_spec["latent_channels"])
-    spec = {**config["model"], "spatial_dims": 3, "in_channels": channels, "out_channels": channels,
-            "num_class_embeds": 5}
+    spec = {
+        **config["model"],
+        "spatial_dims": 3,
+        "in_channels": channels,
+        "out_channels": channels,
+        "num_class_embeds": 5,
+    }
     return spec, (channels, *check_shape(config["data"]["image_size"], ae_spec))
 
 
-def time_autoencoder_train(config: dict, batch: int, steps: int, warmup: int, device: torch.device,
-                           amp_dtype, patch_size: list[int] | None = None) -> dict:
+def time_autoencoder_train(
+    config: dict,
+    batch: int,
+    steps: int,
+    warmup: int,
+    device: torch.device,
+    amp_dtype,
+    patch_size: list[int] | None = None,
+) -> dict:
     """s/step and peak memory of ``fit`` with the ``AutoencoderStep`` (adversarial loss on: the costliest phase),
     on whole images or on random crops of ``patch_size``."""
     section, shape = config["autoencoder"], config["data"]["image_size"]
     torch.manual_seed(0)
     ae = network_from_spec(section["network"]).to(device)
     disc = network_from_spec(section["discriminator"]).to(device) if section.get("discriminator") else None
-    opts = Optimizers(network_from_spec(section["optimizer"], params=ae.parameters()), disc,
-                      network_from_spec(section["disc_optimizer"], params=disc.parameters()) if disc else None)
-    settings = replace(AutoencoderSettings.from_section(section), batch_size=batch, adv_start=0, ckpt_every=0,
-                       log_every=10**9, val_every=0, amp_dtype=amp_dtype, patch_size=patch_size)
+    opts = Optimizers(
+        network_from_spec(section["optimizer"], params=ae.parameters()),
+        disc,
+        network_from_spec(section["disc_optimizer"], params=disc.parameters()) if disc else None,
+    )
+    settings = replace(
+        AutoencoderSettings.from_section(section),
+        batch_size=batch,
+        adv_start=0,
+        ckpt_every=0,
+        log_every=10**9,
+        val_every=0,
+        amp_dtype=amp_dtype,
+        patch_size=patch_size,
+    )
     images = torch.rand(batch * 2, 1, *shape) * 2 - 1
     ema = EMA(ae)
     step = AutoencoderStep(ae, images, settings, opts)
@@ -263,8 +401,14 @@ def time_autoencoder_train(config: dict, batch: int, steps: int, warmup: int, de
     t0 = time.perf_counter()
     fit(ae, ema, opts, step, replace(settings, max_steps=warmup + steps).train_settings(), start_step=warmup)
     sync(device)
-    return dict(s_per_step=(time.perf_counter() - t0) / steps, batch=batch, shape=list(shape),
-                patch_size=patch_size, peak_gib=peak_gib(device), adversarial=disc is not None)
+    return dict(
+        s_per_step=(time.perf_counter() - t0) / steps,
+        batch=batch,
+        shape=list(shape),
+        patch_size=patch_size,
+        peak_gib=peak_gib(device),
+        adversarial=disc is not None,
+    )
 
 
 def time_encode(config: dict, n: int, tile: list[int] | None, device: torch.device) -> dict:
@@ -293,8 +437,15 @@ def time_ldm_sample(config: dict, n: int, steps: int, device: torch.device, amp_
     space = LatentSpace(ae, 1.0, channels, latent_shape, Path("bench"), "bench")
     sch = inference_scheduler(config["scheduler"], s["sampler"], steps)
     labels = labels_for_counts({0: n})
-    kw = dict(tile=s.get("decode_tile"), guidance_scale=float(s["guidance_scale"]), null_class=4, seed=0,
-              batch_size=n, amp_dtype=amp_dtype, progress=False)
+    kw = dict(
+        tile=s.get("decode_tile"),
+        guidance_scale=float(s["guidance_scale"]),
+        null_class=4,
+        seed=0,
+        batch_size=n,
+        amp_dtype=amp_dtype,
+        progress=False,
+    )
     space.sample(unet, sch, labels[:1], **kw)  # warm-up (cuDNN autotuning)
     reset_peak(device)
     t0 = time.perf_counter()
@@ -305,20 +456,44 @@ def time_ldm_sample(config: dict, n: int, steps: int, device: torch.device, amp_
     t1 = time.perf_counter()
     decode_latents(ae, z, tile=s.get("decode_tile"), batch_size=n)
     sync(device)
-    return dict(s_per_image=total / n, decode_s_per_image=(time.perf_counter() - t1) / n, batch=n,
-                sampler=s["sampler"], steps=steps,
-                guidance_scale=kw["guidance_scale"], image_shape=list(images.shape[1:]), peak_gib=peak_gib(device))
+    return dict(
+        s_per_image=total / n,
+        decode_s_per_image=(time.perf_counter() - t1) / n,
+        batch=n,
+        sampler=s["sampler"],
+        steps=steps,
+        guidance_scale=kw["guidance_scale"],
+        image_shape=list(images.shape[1:]),
+        peak_gib=peak_gib(device),
+    )
 
 
 def ldm_section(b: Bench) -> None:
     config = ldm_config(b)
     amp = BF16 if b.cuda else None
     steps = 2 if b.tiny else 5
-    b.measure("autoencoder_train", time_autoencoder_train, config, config["autoencoder"]["batch_size"], steps, 1,
-              b.device, amp)
+    b.measure(
+        "autoencoder_train",
+        time_autoencoder_train,
+        config,
+        config["autoencoder"]["batch_size"],
+        steps,
+        1,
+        b.device,
+        amp,
+    )
     unet, latent_shape = latent_unet(config)
-    b.measure("latent_unet_train", time_train, unet, latent_shape, config["training"]["batch_size"], steps, 2,
-              b.device, amp_dtype=amp)
+    b.measure(
+        "latent_unet_train",
+        time_train,
+        unet,
+        latent_shape,
+        config["training"]["batch_size"],
+        steps,
+        2,
+        b.device,
+        amp_dtype=amp,
+    )
     sample_steps = 3 if b.tiny else config["sample"]["steps"]
     b.measure("ldm_sample", time_ldm_sample, config, config["sample"]["batch_size"], sample_steps, b.device, amp)
     pixel = dict(b.config("3d_64"), shape=(1, *config["data"]["image_size"]), batch=1)
@@ -333,8 +508,17 @@ def ldm_section(b: Bench) -> None:
         b.res.setdefault("ratios", {})["pixel_s_per_image_vs_ldm"] = b.res[pixel_key] / ldm
     b.save()
     patch = [12, 12, 12] if b.tiny else [64, 64, 64]  # volumes larger than the card: patch training, tiled encoding
-    b.measure("autoencoder_train_patch", time_autoencoder_train, config, config["autoencoder"]["batch_size"], steps,
-              1, b.device, amp, patch)
+    b.measure(
+        "autoencoder_train_patch",
+        time_autoencoder_train,
+        config,
+        config["autoencoder"]["batch_size"],
+        steps,
+        1,
+        b.device,
+        amp,
+        patch,
+    )
     for name, tile in (("encode_whole", None), ("encode_tiled", patch)):
         b.measure(name, time_encode, config, 2, tile, b.device)
 
@@ -354,7 +538,7 @@ def summary(out: Path) -> None:
     parts = sorted(p for p in out.glob("gpu-*-*.json") if p.stem.rsplit("-", 1)[-1] in SECTIONS)
     cards: dict[str, dict] = {}
     for p in parts:
-        card, section = p.stem[len("gpu-"):].rsplit("-", 1)
+        card, section = p.stem[len("gpu-") :].rsplit("-", 1)
         cards.setdefault(card, {})[section] = json.loads(p.read_text())
     for card, sections in cards.items():
         merged = out / f"gpu-{card}.json"

@@ -73,9 +73,19 @@ def main() -> None:
     masks = disc.expand(len(healthy), 1, *disc.shape).clone()
     target = info.class_names.index(args.class_name)
     t0 = time.perf_counter()
-    out = inpaint(ema_network(ckpt), inference_scheduler(spec, sampler, args.steps), healthy, masks,
-                  torch.full((len(healthy),), target), jumps=args.jumps, resample=args.resample,
-                  guidance_scale=args.guidance, null_class=info.num_classes, seed=args.seed, progress=False)
+    out = inpaint(
+        ema_network(ckpt),
+        inference_scheduler(spec, sampler, args.steps),
+        healthy,
+        masks,
+        torch.full((len(healthy),), target),
+        jumps=args.jumps,
+        resample=args.resample,
+        guidance_scale=args.guidance,
+        null_class=info.num_classes,
+        seed=args.seed,
+        progress=False,
+    )
     seconds = time.perf_counter() - t0
     clf = train_classifier(train_x, train_y, info.num_classes, steps=400, seed=0, progress=False)
     with torch.no_grad():
@@ -83,11 +93,22 @@ def main() -> None:
         real_acc = float((clf(test_x).argmax(1) == test_y).float().mean())
     band = seam_band(masks)
     seam = float(gradient(out)[band].mean() / gradient(healthy)[band].mean())
-    result = dict(checkpoint=ckpt.id, training_steps=ckpt.step, sampler=sampler, steps=args.steps, jumps=args.jumps,
-                  resample=args.resample, class_name=args.class_name, n=len(healthy), radius=args.radius,
-                  labelled_as_class=as_target, classifier_real_acc=real_acc, seam_ratio=seam,
-                  outside_identical=bool(torch.equal(out[~masks], healthy[~masks])),
-                  s_per_image=seconds / len(healthy))
+    result = dict(
+        checkpoint=ckpt.id,
+        training_steps=ckpt.step,
+        sampler=sampler,
+        steps=args.steps,
+        jumps=args.jumps,
+        resample=args.resample,
+        class_name=args.class_name,
+        n=len(healthy),
+        radius=args.radius,
+        labelled_as_class=as_target,
+        classifier_real_acc=real_acc,
+        seam_ratio=seam,
+        outside_identical=bool(torch.equal(out[~masks], healthy[~masks])),
+        s_per_image=seconds / len(healthy),
+    )
     print(json.dumps(result, indent=1))
     res = ROOT / "benchmarks" / "results"
     res.mkdir(parents=True, exist_ok=True)

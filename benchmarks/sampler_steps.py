@@ -43,8 +43,11 @@ KEYS = ("fidelity/fd", "fidelity/precision", "fidelity/recall", "fidelity/label_
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--job", default="outputs/demo_2d")
-    ap.add_argument("--plan", default="dpmpp_2m_sde:10,dpmpp_2m_sde:15,dpmpp_2m_sde:20,dpmpp_2m_sde:30,"
-                    "dpmpp_2m_sde:50,dpmpp_2m:10,dpmpp_2m:20,dpmpp_2m:50,pndm:20,ddim:20,ddim:50,ddpm:1000")
+    ap.add_argument(
+        "--plan",
+        default="dpmpp_2m_sde:10,dpmpp_2m_sde:15,dpmpp_2m_sde:20,dpmpp_2m_sde:30,"
+        "dpmpp_2m_sde:50,dpmpp_2m:10,dpmpp_2m:20,dpmpp_2m:50,pndm:20,ddim:20,ddim:50,ddpm:1000",
+    )
     ap.add_argument("--per-class", type=int, default=16)
     ap.add_argument("--guidance", type=float, default=2.0)
     ap.add_argument("--seeds", default="1234,11234,21234", help="one run per seed; mean and sd reported")
@@ -59,9 +62,11 @@ def main() -> None:
     if args.rflow_job:
         flow = load_checkpoint(Path(args.rflow_job) / "train" / "checkpoints" / "last.pt")
         if (flow.meta.get("dataset"), flow.step) != (ckpt.meta.get("dataset"), ckpt.step):
-            raise SystemExit(f"{args.rflow_job}: trained {flow.step} steps on dataset {flow.meta.get('dataset')}, "
-                             f"{args.job}: {ckpt.step} on {ckpt.meta.get('dataset')}; give both the same data and "
-                             "budget")
+            raise SystemExit(
+                f"{args.rflow_job}: trained {flow.step} steps on dataset {flow.meta.get('dataset')}, "
+                f"{args.job}: {ckpt.step} on {ckpt.meta.get('dataset')}; give both the same data and "
+                "budget"
+            )
         nets["rflow"] = (ema_network(flow), flow)
         plan += args.rflow_plan.split(",")
     train_x, train_y = load_split(info.root, "train")
@@ -79,27 +84,53 @@ def main() -> None:
         runs = []
         for seed in seeds:  # sample i starts from seed + i: keep seeds further apart than the sample count
             t0 = time.perf_counter()
-            x = sample_images(net, inference_scheduler(which.config["scheduler"], sampler, int(steps)), labels,
-                              ckpt.meta["image_shape"], guidance_scale=args.guidance, null_class=info.num_classes,
-                              seed=seed, batch_size=64, progress=False)
+            x = sample_images(
+                net,
+                inference_scheduler(which.config["scheduler"], sampler, int(steps)),
+                labels,
+                ckpt.meta["image_shape"],
+                guidance_scale=args.guidance,
+                null_class=info.num_classes,
+                seed=seed,
+                batch_size=64,
+                progress=False,
+            )
             sampling_s = time.perf_counter() - t0  # the metrics below are not the sampler's time
             m = realism_metrics(clf, train_x, train_y, test_x, test_y, x, labels, info.class_names, seed=0)
             m.update({f"fidelity/{k}": v for k, v in fidelity_with_floor(real_feats, features(x), seed=0).items()})
-            runs.append({**{k: m[k] for k in KEYS}, "seconds": time.perf_counter() - t0,
-                         "s_per_sample": sampling_s / len(labels)})
+            runs.append(
+                {
+                    **{k: m[k] for k in KEYS},
+                    "seconds": time.perf_counter() - t0,
+                    "s_per_sample": sampling_s / len(labels),
+                }
+            )
         rows[item] = {k: float(np.mean([r[k] for r in runs])) for k in (*KEYS, "seconds", "s_per_sample")}
-        rows[item].update({f"{k}_sd": float(np.std([r[k] for r in runs], ddof=1)) if len(runs) > 1 else 0.0
-                           for k in KEYS})
+        rows[item].update(
+            {f"{k}_sd": float(np.std([r[k] for r in runs], ddof=1)) if len(runs) > 1 else 0.0 for k in KEYS}
+        )
         print(item, rows[item], flush=True)
-    rows["real_reference"] = {"fidelity/label_acc": m["fidelity/label_acc_real"],
-                              "fidelity/hist_w1": m["fidelity/hist_w1_real"],
-                              **{k: m[f"{k}_floor"] for k in KEYS[:3]}}
+    rows["real_reference"] = {
+        "fidelity/label_acc": m["fidelity/label_acc_real"],
+        "fidelity/hist_w1": m["fidelity/hist_w1_real"],
+        **{k: m[f"{k}_floor"] for k in KEYS[:3]},
+    }
     out = ROOT / "benchmarks" / "results" / f"sampler-steps-{job.name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"checkpoint": ckpt.id, "training_steps": ckpt.step, "per_class": args.per_class,
-                               "rflow_checkpoint": nets["rflow"][1].id if "rflow" in nets else None,
-                               "seeds": seeds,
-                               "guidance_scale": args.guidance, "results": rows}, indent=1))
+    out.write_text(
+        json.dumps(
+            {
+                "checkpoint": ckpt.id,
+                "training_steps": ckpt.step,
+                "per_class": args.per_class,
+                "rflow_checkpoint": nets["rflow"][1].id if "rflow" in nets else None,
+                "seeds": seeds,
+                "guidance_scale": args.guidance,
+                "results": rows,
+            },
+            indent=1,
+        )
+    )
     print(f"\n{'sampler:steps':16} " + " ".join(f"{k:>22}" for k in KEYS) + "  s/sample")
     for item, r in rows.items():
         cells = [f"{r[k]:.4f}" + (f" ±{r[k + '_sd']:.4f}" if k + "_sd" in r else "") for k in KEYS]

@@ -50,10 +50,22 @@ def peak_gib(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
 
 
-def time_train(spec: dict, shape, batch: int, steps: int, warmup: int, device: torch.device,
-               amp_dtype=None, channels_last=False, compile_mode=None, activation_checkpointing=False,
-               ema_every: int = 1, grad_clip: float | None = 1.0, data_on_device: bool = True,
-               profile: Path | None = None) -> dict:
+def time_train(
+    spec: dict,
+    shape,
+    batch: int,
+    steps: int,
+    warmup: int,
+    device: torch.device,
+    amp_dtype=None,
+    channels_last=False,
+    compile_mode=None,
+    activation_checkpointing=False,
+    ema_every: int = 1,
+    grad_clip: float | None = 1.0,
+    data_on_device: bool = True,
+    profile: Path | None = None,
+) -> dict:
     """Images/s of medaug's fit loop (loss, backward, clip, AdamW, EMA) on random data, held on
     ``device`` or (``data_on_device=False``) in host memory, each batch copied over as training does.
 
@@ -65,14 +77,22 @@ def time_train(spec: dict, shape, batch: int, steps: int, warmup: int, device: t
     net = network_from_spec(spec).to(device)
     ema = EMA(net)
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4, **({"fused": True} if device.type == "cuda" else {}))
-    model = prepare_for_speed(net, channels_last=channels_last, compile_mode=compile_mode,
-                              activation_checkpointing=activation_checkpointing)
+    model = prepare_for_speed(
+        net, channels_last=channels_last, compile_mode=compile_mode, activation_checkpointing=activation_checkpointing
+    )
     images = torch.rand(max(batch, 64), *shape, device=device if data_on_device else "cpu") * 2 - 1
     labels = torch.randint(0, spec["num_class_embeds"] - 1, (images.shape[0],), device=images.device)
     settings = dict(batch_size=batch, log_every=10**9, ckpt_every=0, ema_every=ema_every, grad_clip=grad_clip)
     sch = DDPMScheduler(num_train_timesteps=1000)
-    step = DiffusionStep(model, sch, images, labels, null_class=spec["num_class_embeds"] - 1, amp_dtype=amp_dtype,
-                         channels_last=channels_last)
+    step = DiffusionStep(
+        model,
+        sch,
+        images,
+        labels,
+        null_class=spec["num_class_embeds"] - 1,
+        amp_dtype=amp_dtype,
+        channels_last=channels_last,
+    )
 
     def run(start: int, n: int) -> None:
         fit(model, ema, opt, step, TrainSettings(max_steps=start + n, **settings), start_step=start)
@@ -87,8 +107,9 @@ def time_train(spec: dict, shape, batch: int, steps: int, warmup: int, device: t
     queued = time.perf_counter() - t0
     sync(device)
     dt = time.perf_counter() - t0
-    out = dict(img_per_s=batch * steps / dt, step_ms=1000 * dt / steps, enqueue_ms=1000 * queued / steps,
-               warmup_s=warm_s)
+    out = dict(
+        img_per_s=batch * steps / dt, step_ms=1000 * dt / steps, enqueue_ms=1000 * queued / steps, warmup_s=warm_s
+    )
     if device.type == "cuda":
         out["peak_gib"] = peak_gib(device)
     if profile is not None:
@@ -112,25 +133,47 @@ def profile_steps(work, steps: int, device: torch.device, path: Path) -> dict:
         return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0)
 
     busy = sum(device_us(e) for e in events if e.device_type == DeviceType.CUDA)
-    blocking = {e.key: e.count for e in events
-                if "Synchronize" in e.key or e.key in ("cudaMemcpy", "aten::item", "aten::_local_scalar_dense")}
+    blocking = {
+        e.key: e.count
+        for e in events
+        if "Synchronize" in e.key or e.key in ("cudaMemcpy", "aten::item", "aten::_local_scalar_dense")
+    }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(events.table(sort_by="self_cpu_time_total", row_limit=30) + "\n\n"
-                    + (events.table(sort_by="self_device_time_total", row_limit=30) if device.type == "cuda" else ""))
+    path.write_text(
+        events.table(sort_by="self_cpu_time_total", row_limit=30)
+        + "\n\n"
+        + (events.table(sort_by="self_device_time_total", row_limit=30) if device.type == "cuda" else "")
+    )
     return dict(device_busy_ms=busy / 1000 / steps, host_blocking_calls=blocking)
 
 
-def time_sample(spec: dict, shape, batch: int, steps: int, device: torch.device, amp_dtype=None,
-                compile_mode=None, channels_last=False, sampler="ddim", guidance_scale=1.0) -> dict:
+def time_sample(
+    spec: dict,
+    shape,
+    batch: int,
+    steps: int,
+    device: torch.device,
+    amp_dtype=None,
+    compile_mode=None,
+    channels_last=False,
+    sampler="ddim",
+    guidance_scale=1.0,
+) -> dict:
     """Images/s of medaug's sampling loop (``steps`` denoising steps), after one warm-up batch."""
     torch.manual_seed(0)
     net = network_from_spec(spec).to(device).eval()
     model = prepare_for_speed(net, channels_last=channels_last, compile_mode=compile_mode)
     sch = inference_scheduler({"num_train_timesteps": 1000}, sampler, steps)
     labels = torch.arange(batch) % (spec["num_class_embeds"] - 1)
-    kw = dict(guidance_scale=guidance_scale, null_class=spec["num_class_embeds"] - 1, seed=0, batch_size=batch,
-              amp_dtype=amp_dtype, progress=False)
+    kw = dict(
+        guidance_scale=guidance_scale,
+        null_class=spec["num_class_embeds"] - 1,
+        seed=0,
+        batch_size=batch,
+        amp_dtype=amp_dtype,
+        progress=False,
+    )
     t0 = time.perf_counter()
     sample_images(model, sch, labels, shape[1:], **kw)
     sync(device)
@@ -145,8 +188,9 @@ def time_sample(spec: dict, shape, batch: int, steps: int, device: torch.device,
 def sample_config(experiment: str, *overrides: str):
     """The sample stage's config of ``experiment`` (it holds every section: model, data, training, sample...)."""
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose("sample", overrides=[f"experiment={experiment}", "paths.output_dir=/tmp/medaug-bench",
-                                            *overrides])
+        return compose(
+            "sample", overrides=[f"experiment={experiment}", "paths.output_dir=/tmp/medaug-bench", *overrides]
+        )
 
 
 def demo_setup(experiment: str) -> tuple[dict, tuple, int, int, str, int]:
@@ -168,20 +212,28 @@ def main() -> None:
     args = ap.parse_args()
     device = torch.device(args.device)
     cuda = device.type == "cuda"
-    results = {"device": torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu",
-               "threads": torch.get_num_threads(), "torch": torch.__version__}
+    results = {
+        "device": torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu",
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
     for exp in args.experiments.split(","):
         spec, shape, batch, sample_batch, sampler, steps = demo_setup(exp)
         plain = {**spec, "use_flash_attention": False}
         fast = {**spec, "use_flash_attention": True}
-        after = dict(amp_dtype=torch.bfloat16 if cuda else None, channels_last=cuda and len(shape) == 3,
-                     compile_mode="default" if cuda else None)
+        after = dict(
+            amp_dtype=torch.bfloat16 if cuda else None,
+            channels_last=cuda and len(shape) == 3,
+            compile_mode="default" if cuda else None,
+        )
         res = {
             "train_before": time_train(plain, shape, batch, args.steps, 3, device),
             "train_after": time_train(fast, shape, batch, args.steps, 3, device, **after),
             "sample_before": time_sample(plain, shape, sample_batch, args.sample_steps, device),
-            "sample_after": {**time_sample(fast, shape, sample_batch, steps, device, sampler=sampler, **after),
-                             "sampler": sampler},
+            "sample_after": {
+                **time_sample(fast, shape, sample_batch, steps, device, sampler=sampler, **after),
+                "sampler": sampler,
+            },
         }
         res["train_ratio"] = res["train_after"]["img_per_s"] / res["train_before"]["img_per_s"]
         res["sample_ratio"] = res["sample_after"]["img_per_s"] / res["sample_before"]["img_per_s"]

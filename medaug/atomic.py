@@ -52,7 +52,7 @@ def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
     for entry in path.parent.iterdir():
         if not entry.name.startswith(prefix):
             continue
-        pid = entry.name[len(prefix):].split(".", 1)[0]
+        pid = entry.name[len(prefix) :].split(".", 1)[0]
         if not pid.isdigit() or _pid_alive(int(pid)):
             continue
         if entry.is_dir() and not entry.is_symlink():
@@ -89,8 +89,9 @@ def atomic_folder(out_dir: str | os.PathLike):
 
 
 @contextmanager
-def atomic_file(path: str | os.PathLike, mode: int | None = None, suffix: str = "",
-                clean: bool = True) -> Iterator[Path]:
+def atomic_file(
+    path: str | os.PathLike, mode: int | None = None, suffix: str = "", clean: bool = True
+) -> Iterator[Path]:
     """Write a file under a temporary name beside ``path`` (:func:`temp_name` plus ``suffix``); on success
     rename it into place, so ``path`` is always either the old file or the complete new one.
 

@@ -60,12 +60,30 @@ from .io import write_nifti
 from .model import file_id, load_checkpoint
 from .pictures import save_grid
 from .progress import progress_bar
-from .sampling import (class_counts, generate_chunks, inference_scheduler, labels_for_counts, sample_images,
-                       samples_id, sampling_network, shard_chunks)
+from .sampling import (
+    class_counts,
+    generate_chunks,
+    inference_scheduler,
+    labels_for_counts,
+    sample_images,
+    samples_id,
+    sampling_network,
+    shard_chunks,
+)
 
 POLICIES = ("per_class", "balance", "ratio")
-MANIFEST_FIELDS = ["item_id", "path", "label", "class_name", "split", "synthetic", "patient", "seed",
-                   "guidance_scale", "checkpoint_id"]
+MANIFEST_FIELDS = [
+    "item_id",
+    "path",
+    "label",
+    "class_name",
+    "split",
+    "synthetic",
+    "patient",
+    "seed",
+    "guidance_scale",
+    "checkpoint_id",
+]
 PLAN_FORMAT = "medaug-augment/1"
 
 
@@ -120,8 +138,9 @@ class UtilityCheck(NamedTuple):
     negative: bool = False
 
 
-def check_utility(eval_dir: str | os.PathLike, samples_dir: str | os.PathLike, ckpt_path: str | os.PathLike,
-                  ignore: bool = False) -> UtilityCheck:
+def check_utility(
+    eval_dir: str | os.PathLike, samples_dir: str | os.PathLike, ckpt_path: str | os.PathLike, ignore: bool = False
+) -> UtilityCheck:
     """Read the augmentation gain of the evaluation in ``eval_dir`` if it is one of samples (in
     ``samples_dir``) of the checkpoint ``ckpt_path``; say what was found.
 
@@ -146,12 +165,15 @@ def check_utility(eval_dir: str | os.PathLike, samples_dir: str | os.PathLike, c
     low, high = gain - std, gain + std
     found = f"{GAIN_KEY}={gain:+.3f}, interval [{low:+.3f}, {high:+.3f}] (evaluation in {eval_dir})"
     if high < 0 and not ignore:
-        raise ValueError(f"synthetic images lowered held-out accuracy: {found}; augmenting with them would hurt a "
-                         "downstream model. Improve the model/samples and evaluate again, or set "
-                         "augment.ignore_utility=true to augment anyway")
+        raise ValueError(
+            f"synthetic images lowered held-out accuracy: {found}; augmenting with them would hurt a "
+            "downstream model. Improve the model/samples and evaluate again, or set "
+            "augment.ignore_utility=true to augment anyway"
+        )
     if high < 0:
-        return UtilityCheck(f"utility checked: negative gain {found}; augmenting anyway (augment.ignore_utility=true)",
-                            negative=True)
+        return UtilityCheck(
+            f"utility checked: negative gain {found}; augmenting anyway (augment.ignore_utility=true)", negative=True
+        )
     return UtilityCheck(f"utility checked: {found}")
 
 
@@ -171,8 +193,10 @@ def _check_folder(out_dir: Path, key: str, overwrite: bool) -> None:
     if not plan_file.is_file() and not overwrite:
         raise ValueError(f"{out_dir}: exists and is not an augment folder; choose another output folder")
     if not overwrite:
-        raise ValueError(f"{out_dir}: holds an augmentation made with other settings; "
-                         "pass overwrite (augment.overwrite=true) or choose another output folder")
+        raise ValueError(
+            f"{out_dir}: holds an augmentation made with other settings; "
+            "pass overwrite (augment.overwrite=true) or choose another output folder"
+        )
     shutil.rmtree(out_dir)
 
 
@@ -212,8 +236,10 @@ def augment(
     input, out_dir = Path(input), Path(out_dir)
     chunk_size = int(chunk_size or batch_size)
     if batch_size < 1 or chunk_size % batch_size:
-        raise ValueError(f"augment.chunk_size={chunk_size} must be a multiple of augment.batch_size={batch_size} "
-                         "(so every process draws the same batches)")
+        raise ValueError(
+            f"augment.chunk_size={chunk_size} must be a multiple of augment.batch_size={batch_size} "
+            "(so every process draws the same batches)"
+        )
     if not 0 <= rank < world_size:
         raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
     info = load_info(input)
@@ -223,14 +249,28 @@ def augment(
     ckpt = load_checkpoint(ckpt_path, trust_checkpoint)
     trained_on = (list(ckpt.meta["class_names"]), list(ckpt.meta["image_shape"]))
     if trained_on != (list(info.class_names), list(info.image_shape)):
-        raise ValueError(f"{ckpt_path}: trained on classes {trained_on[0]} of shape {trained_on[1]}, but {input} has "
-                         f"{info.class_names} of shape {info.image_shape}; use the matching checkpoint")
+        raise ValueError(
+            f"{ckpt_path}: trained on classes {trained_on[0]} of shape {trained_on[1]}, but {input} has "
+            f"{info.class_names} of shape {info.image_shape}; use the matching checkpoint"
+        )
     real_counts = {c: sum(r["class_name"] == c for r in real) for c in info.class_names}
     counts = synthetic_counts(real_counts, policy, num_per_class, ratio)
     labels = labels_for_counts(counts, info.class_names)
-    settings = dict(format=PLAN_FORMAT, dataset=info.fingerprint, split=split, checkpoint_id=ckpt.id, counts=counts,
-                    guidance_scale=float(guidance_scale), sampler=sampler, steps=int(steps), eta=float(eta),
-                    seed=int(seed), batch_size=int(batch_size), chunk_size=chunk_size, use_ema=bool(use_ema))
+    settings = dict(
+        format=PLAN_FORMAT,
+        dataset=info.fingerprint,
+        split=split,
+        checkpoint_id=ckpt.id,
+        counts=counts,
+        guidance_scale=float(guidance_scale),
+        sampler=sampler,
+        steps=int(steps),
+        eta=float(eta),
+        seed=int(seed),
+        batch_size=int(batch_size),
+        chunk_size=chunk_size,
+        use_ema=bool(use_ema),
+    )
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     result = AugmentResult(out_dir, len(real), counts)
     _check_folder(out_dir, key, overwrite)
@@ -239,14 +279,24 @@ def augment(
         return result
     (out_dir / "chunks").mkdir(parents=True, exist_ok=True)
     if not (out_dir / "plan.json").is_file():
-        _write_json(out_dir / "plan.json", dict(key=key, settings=settings, class_names=info.class_names,
-                                                spatial_dims=info.spatial_dims, image_shape=info.image_shape,
-                                                window=info.window.as_dict(), affine=info.affine.tolist()))
+        _write_json(
+            out_dir / "plan.json",
+            dict(
+                key=key,
+                settings=settings,
+                class_names=info.class_names,
+                spatial_dims=info.spatial_dims,
+                image_shape=info.image_shape,
+                window=info.window.as_dict(),
+                affine=info.affine.tolist(),
+            ),
+        )
 
     chunks = shard_chunks(len(labels), chunk_size)
     chunk_dir = lambda c: out_dir / "chunks" / f"chunk_{c:05d}"
-    mine = [ch for ch in shard_chunks(len(labels), chunk_size, rank, world_size)
-            if not is_complete(chunk_dir(ch.index))]
+    mine = [
+        ch for ch in shard_chunks(len(labels), chunk_size, rank, world_size) if not is_complete(chunk_dir(ch.index))
+    ]
     for ch in mine:  # half-written chunks of a killed run (only this rank writes chunk c)
         for stale in (out_dir / "chunks").glob(f".chunk_{ch.index:05d}.tmp*"):
             shutil.rmtree(stale, ignore_errors=True)
@@ -255,9 +305,19 @@ def augment(
         scheduler = inference_scheduler(ckpt.config["scheduler"], sampler, steps)
 
         def generate(y: torch.Tensor, first_seed: int) -> torch.Tensor:  # (n,) labels -> (n, 1, *image_shape)
-            return sample_images(net, scheduler, y, info.image_shape, guidance_scale=guidance_scale,
-                                 null_class=len(info.class_names), seed=first_seed, batch_size=batch_size,
-                                 eta=eta, amp_dtype=amp_dtype, progress=False)
+            return sample_images(
+                net,
+                scheduler,
+                y,
+                info.image_shape,
+                guidance_scale=guidance_scale,
+                null_class=len(info.class_names),
+                seed=first_seed,
+                batch_size=batch_size,
+                eta=eta,
+                amp_dtype=amp_dtype,
+                progress=False,
+            )
 
         bar = progress_bar(mine, desc=f"augment (rank {rank})", unit="chunk", disable=not progress)
         for (c, start, stop), images in generate_chunks(generate, labels, bar, seed):
@@ -268,11 +328,26 @@ def augment(
                     i = start + j
                     name = f"synth_{i:05d}_{info.class_names[label]}"
                     array = image[0].numpy()
-                    write_nifti(tmp / f"{name}.nii.gz", array[..., None] if array.ndim == 2 else array, info.affine,
-                                descrip=f"SYNTHETIC medaug {info.class_names[label]}")
-                    rows.append(dict(item_id=name, path=f"chunks/{chunk_dir(c).name}/{name}.nii.gz", label=label,
-                                     class_name=info.class_names[label], split=split, synthetic=True, patient="",
-                                     seed=seed + i, guidance_scale=float(guidance_scale), checkpoint_id=ckpt.id))
+                    write_nifti(
+                        tmp / f"{name}.nii.gz",
+                        array[..., None] if array.ndim == 2 else array,
+                        info.affine,
+                        descrip=f"SYNTHETIC medaug {info.class_names[label]}",
+                    )
+                    rows.append(
+                        dict(
+                            item_id=name,
+                            path=f"chunks/{chunk_dir(c).name}/{name}.nii.gz",
+                            label=label,
+                            class_name=info.class_names[label],
+                            split=split,
+                            synthetic=True,
+                            patient="",
+                            seed=seed + i,
+                            guidance_scale=float(guidance_scale),
+                            checkpoint_id=ckpt.id,
+                        )
+                    )
                 (tmp / "rows.json").write_text(json.dumps(rows, indent=2))
             result.generated += len(y)
             if on_chunk is not None:
@@ -285,9 +360,18 @@ def augment(
 
 def _finish(out_dir: Path, prepared: Path, real: list[dict], chunk_dirs: list[Path]) -> None:
     """Write ``manifest.csv`` (real rows first, paths relative to ``out_dir``), then ``DONE``."""
-    rows = [dict(item_id=r["item_id"], path=os.path.relpath(prepared.resolve() / r["path"], out_dir.resolve()),
-                 label=r["label"], class_name=r["class_name"], split=r["split"], synthetic=False, patient=r["patient"])
-            for r in real]
+    rows = [
+        dict(
+            item_id=r["item_id"],
+            path=os.path.relpath(prepared.resolve() / r["path"], out_dir.resolve()),
+            label=r["label"],
+            class_name=r["class_name"],
+            split=r["split"],
+            synthetic=False,
+            patient=r["patient"],
+        )
+        for r in real
+    ]
     for d in chunk_dirs:
         rows += json.loads((d / "rows.json").read_text())
     with atomic_file(out_dir / "manifest.csv") as tmp, open(tmp, "w", newline="") as fh:

@@ -62,41 +62,84 @@ _TEXT = "free text that may name the patient"
 
 #: Keyword → why it identifies someone (PS3.15 Annex E basic profile, non-UID attributes).
 PHI_ATTRIBUTES: dict[str, str] = {
-    "PatientName": _NAMES, "OtherPatientNames": _NAMES, "PatientBirthName": _NAMES,
-    "PatientMotherBirthName": _NAMES, "ReferringPhysicianName": _NAMES,
-    "PerformingPhysicianName": _NAMES, "NameOfPhysiciansReadingStudy": _NAMES,
-    "PhysiciansOfRecord": _NAMES, "RequestingPhysician": _NAMES, "OperatorsName": _NAMES,
-    "ScheduledPerformingPhysicianName": _NAMES, "ResponsiblePerson": _NAMES,
-    "PatientID": _IDS, "OtherPatientIDs": _IDS, "OtherPatientIDsSequence": _IDS,
-    "IssuerOfPatientID": _IDS, "MedicalRecordLocator": _IDS, "AccessionNumber": _IDS,
-    "StudyID": _IDS, "PatientInsurancePlanCodeSequence": _IDS, "MilitaryRank": _IDS,
-    "PerformedProcedureStepID": _IDS, "RequestedProcedureID": _IDS, "AdmissionID": _IDS,
+    "PatientName": _NAMES,
+    "OtherPatientNames": _NAMES,
+    "PatientBirthName": _NAMES,
+    "PatientMotherBirthName": _NAMES,
+    "ReferringPhysicianName": _NAMES,
+    "PerformingPhysicianName": _NAMES,
+    "NameOfPhysiciansReadingStudy": _NAMES,
+    "PhysiciansOfRecord": _NAMES,
+    "RequestingPhysician": _NAMES,
+    "OperatorsName": _NAMES,
+    "ScheduledPerformingPhysicianName": _NAMES,
+    "ResponsiblePerson": _NAMES,
+    "PatientID": _IDS,
+    "OtherPatientIDs": _IDS,
+    "OtherPatientIDsSequence": _IDS,
+    "IssuerOfPatientID": _IDS,
+    "MedicalRecordLocator": _IDS,
+    "AccessionNumber": _IDS,
+    "StudyID": _IDS,
+    "PatientInsurancePlanCodeSequence": _IDS,
+    "MilitaryRank": _IDS,
+    "PerformedProcedureStepID": _IDS,
+    "RequestedProcedureID": _IDS,
+    "AdmissionID": _IDS,
     "DeviceSerialNumber": _IDS,
-    "PatientBirthDate": "the patient's birth date", "PatientBirthTime": "the patient's birth time",
+    "PatientBirthDate": "the patient's birth date",
+    "PatientBirthTime": "the patient's birth time",
     "PatientAge": "the patient's age (basic profile: remove)",
-    "PatientAddress": "the patient's address", "PatientTelephoneNumbers": "the patient's phone number",
-    "RegionOfResidence": "the patient's address", "CountryOfResidence": "the patient's address",
+    "PatientAddress": "the patient's address",
+    "PatientTelephoneNumbers": "the patient's phone number",
+    "RegionOfResidence": "the patient's address",
+    "CountryOfResidence": "the patient's address",
     "ReferringPhysicianAddress": "a physician's address",
     "ReferringPhysicianTelephoneNumbers": "a physician's phone number",
-    "InstitutionName": _PLACE, "InstitutionAddress": _PLACE, "InstitutionalDepartmentName": _PLACE,
-    "InstitutionCodeSequence": _PLACE, "StationName": _PLACE,
-    "StudyDate": _DATES, "SeriesDate": _DATES, "AcquisitionDate": _DATES, "ContentDate": _DATES,
-    "OverlayDate": _DATES, "CurveDate": _DATES, "AcquisitionDateTime": _DATES, "StudyTime": _DATES,
-    "SeriesTime": _DATES, "AcquisitionTime": _DATES, "ContentTime": _DATES, "InstanceCreationDate": _DATES,
-    "PerformedProcedureStepStartDate": _DATES, "PerformedProcedureStepStartTime": _DATES,
-    "StudyDescription": _TEXT, "SeriesDescription": _TEXT, "ImageComments": _TEXT,
-    "PatientComments": _TEXT, "AdditionalPatientHistory": _TEXT, "RequestAttributesSequence": _TEXT,
-    "PerformedProcedureStepDescription": _TEXT, "AdmittingDiagnosesDescription": _TEXT,
-    "Occupation": _TEXT, "ProtocolName": _TEXT,
+    "InstitutionName": _PLACE,
+    "InstitutionAddress": _PLACE,
+    "InstitutionalDepartmentName": _PLACE,
+    "InstitutionCodeSequence": _PLACE,
+    "StationName": _PLACE,
+    "StudyDate": _DATES,
+    "SeriesDate": _DATES,
+    "AcquisitionDate": _DATES,
+    "ContentDate": _DATES,
+    "OverlayDate": _DATES,
+    "CurveDate": _DATES,
+    "AcquisitionDateTime": _DATES,
+    "StudyTime": _DATES,
+    "SeriesTime": _DATES,
+    "AcquisitionTime": _DATES,
+    "ContentTime": _DATES,
+    "InstanceCreationDate": _DATES,
+    "PerformedProcedureStepStartDate": _DATES,
+    "PerformedProcedureStepStartTime": _DATES,
+    "StudyDescription": _TEXT,
+    "SeriesDescription": _TEXT,
+    "ImageComments": _TEXT,
+    "PatientComments": _TEXT,
+    "AdditionalPatientHistory": _TEXT,
+    "RequestAttributesSequence": _TEXT,
+    "PerformedProcedureStepDescription": _TEXT,
+    "AdmittingDiagnosesDescription": _TEXT,
+    "Occupation": _TEXT,
+    "ProtocolName": _TEXT,
     # Overlays (60xx): a bitmap can hold burned-in text, and their labels and comments free text.
     "OverlayData": "overlay bitmap (may hold burned-in text; basic profile: remove)",
-    "OverlayComments": _TEXT, "OverlayLabel": _TEXT, "OverlayDescription": _TEXT,
+    "OverlayComments": _TEXT,
+    "OverlayLabel": _TEXT,
+    "OverlayDescription": _TEXT,
 }
 
 #: Header fields that may leave a header (into ``Volume.meta``): keyword → meta key.
 ALLOWED_META: dict[str, str] = {
-    "Modality": "modality", "KVP": "kvp", "MagneticFieldStrength": "field_strength_t",
-    "RepetitionTime": "tr_ms", "EchoTime": "te_ms", "SliceThickness": "slice_thickness_mm",
+    "Modality": "modality",
+    "KVP": "kvp",
+    "MagneticFieldStrength": "field_strength_t",
+    "RepetitionTime": "tr_ms",
+    "EchoTime": "te_ms",
+    "SliceThickness": "slice_thickness_mm",
 }
 
 
@@ -109,7 +152,7 @@ class Finding:
     """One offending attribute of one file: where, which tag, why; never its value."""
 
     file: Path
-    tag: str       # "(0010,0010) PatientName"
+    tag: str  # "(0010,0010) PatientName"
     reason: str
 
 
@@ -156,15 +199,26 @@ def scan_header(path: Path, ds: Dataset) -> list[Finding]:
             continue  # a de-identification tool declared these to be pseudonyms
         found.append(Finding(path, _tag_name(elem), reason))
     if str(ds.get("BurnedInAnnotation", "")).strip().upper() == "YES":
-        found.append(Finding(path, "(0028,0301) BurnedInAnnotation",
-                             "text burned into the pixels; stripping headers cannot remove it"))
+        found.append(
+            Finding(
+                path,
+                "(0028,0301) BurnedInAnnotation",
+                "text burned into the pixels; stripping headers cannot remove it",
+            )
+        )
     removed = str(ds.get("PatientIdentityRemoved", "")).strip().upper()
     if removed != "YES":
-        found.append(Finding(path, "(0012,0062) PatientIdentityRemoved",
-                             f"is {removed or 'absent'}: the file does not declare that identity was removed"))
+        found.append(
+            Finding(
+                path,
+                "(0012,0062) PatientIdentityRemoved",
+                f"is {removed or 'absent'}: the file does not declare that identity was removed",
+            )
+        )
     elif not declared:
-        found.append(Finding(path, "(0012,0063) DeidentificationMethod",
-                             "absent: PatientIdentityRemoved=YES without saying how"))
+        found.append(
+            Finding(path, "(0012,0063) DeidentificationMethod", "absent: PatientIdentityRemoved=YES without saying how")
+        )
     return found
 
 
@@ -191,8 +245,10 @@ def summarise(findings: list[Finding]) -> str:
     """One line: how many findings in how many files, and every tag involved (names only, in tag order)."""
     tags = sorted({f.tag for f in findings})
     files = len({f.file for f in findings})
-    return (f"{len(findings)} findings in {files} DICOM file{'s' * (files != 1)} "
-            f"(tags: {', '.join(dict.fromkeys(t.split(') ', 1)[-1] for t in tags))})")
+    return (
+        f"{len(findings)} findings in {files} DICOM file{'s' * (files != 1)} "
+        f"(tags: {', '.join(dict.fromkeys(t.split(') ', 1)[-1] for t in tags))})"
+    )
 
 
 def file_pseudonym(path: Path) -> str:
@@ -214,14 +270,17 @@ def apply_policy(findings: list[Finding], policy: str, report_path: str | Path |
         return [dict(file=file_pseudonym(f.file), tag=f.tag, reason=f.reason, action="trusted") for f in findings]
     blocking = findings if policy == "refuse" else [f for f in findings if "BurnedInAnnotation" in f.tag]
     if blocking:
-        fix = ("de-identify the files (PS3.15 basic profile), or set prepare.deid=strip to drop these "
-               "attributes and keep going, or prepare.deid=trust if you know the data is de-identified"
-               if policy == "refuse" else
-               "text burned into the pixels cannot be stripped; remove these files or set prepare.deid=trust")
+        fix = (
+            "de-identify the files (PS3.15 basic profile), or set prepare.deid=strip to drop these "
+            "attributes and keep going, or prepare.deid=trust if you know the data is de-identified"
+            if policy == "refuse"
+            else "text burned into the pixels cannot be stripped; remove these files or set prepare.deid=trust"
+        )
         where = f"; each file, tag and why (no values) in {write_report(blocking, report_path)}" if report_path else ""
         raise PHIError(f"de-identification gate ({policy}): {summarise(blocking)}{where}; {fix}")
-    return [dict(file=file_pseudonym(f.file), tag=f.tag, reason=f.reason, action="not read, not copied")
-            for f in findings]
+    return [
+        dict(file=file_pseudonym(f.file), tag=f.tag, reason=f.reason, action="not read, not copied") for f in findings
+    ]
 
 
 def allowed_meta(ds: Dataset) -> dict:

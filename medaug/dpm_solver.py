@@ -41,8 +41,14 @@ class DPMSolverPP2M(Scheduler):
 
     stochastic = False
 
-    def __init__(self, num_train_timesteps: int = 1000, schedule: str = "linear_beta",
-                 prediction_type: str = "epsilon", clip_sample: bool = True, **schedule_args) -> None:
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        schedule: str = "linear_beta",
+        prediction_type: str = "epsilon",
+        clip_sample: bool = True,
+        **schedule_args,
+    ) -> None:
         super().__init__(num_train_timesteps, schedule, **schedule_args)
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type {prediction_type!r} unknown; choose one of {PREDICTION_TYPES}")
@@ -84,13 +90,16 @@ class DPMSolverPP2M(Scheduler):
             x0 = model_output
         return x0.clamp(-1, 1) if self.clip_sample else x0
 
-    def step(self, model_output: torch.Tensor, timestep: int, sample: torch.Tensor,
-             generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def step(
+        self, model_output: torch.Tensor, timestep: int, sample: torch.Tensor, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """One step from ``timestep`` to the next of :attr:`timesteps`; returns ``(x_next, x0)``."""
         k, t = self._index, int(timestep)
         if self.num_inference_steps is None or k >= len(self.timesteps) or int(self.timesteps[k]) != t:
-            raise ValueError(f"timestep {t} is not next in this solver's timesteps; call set_timesteps(steps) "
-                             "before each batch and step through scheduler.timesteps in order")
+            raise ValueError(
+                f"timestep {t} is not next in this solver's timesteps; call set_timesteps(steps) "
+                "before each batch and step through scheduler.timesteps in order"
+            )
         x0 = self.predict_x0(model_output, t, sample)
         self._index += 1
         if k == len(self.timesteps) - 1:  # last step: to the clean image (sigma = 0), first order

@@ -30,8 +30,17 @@ import torch
 
 from .data import load_info, load_split, read_manifest
 from .atomic import atomic_file, atomic_folder
-from .metrics import (FeatureExtractor, PlaneFeatureExtractor, fidelity_metrics, load_weights, make_classifier,
-                            realism_metrics, slices_for_training, train_classifier, utility_metrics)
+from .metrics import (
+    FeatureExtractor,
+    PlaneFeatureExtractor,
+    fidelity_metrics,
+    load_weights,
+    make_classifier,
+    realism_metrics,
+    slices_for_training,
+    train_classifier,
+    utility_metrics,
+)
 from .model import network_from_spec
 from .privacy import PrivacyAudit, PrivacyFlags, privacy_audit, write_per_sample
 from .report import write_pictures, write_report
@@ -42,10 +51,10 @@ from .sampling import load_samples, samples_id
 class EncoderSettings:
     """Features for FD/KID/precision/recall/density/coverage and embedding-space privacy (``evaluate.encoder``)."""
 
-    weights: Path | None = None     # None: the classifier trained on the real train split
-    network: dict | None = None     # with weights: the network they belong to, {_target_: ..., **arguments}
-    channels: int = 1               # repeat the grey image to this many input channels
-    planes_25d: bool = True         # 3D only: also the 2.5D features (mid-plane slices through a 2D encoder)
+    weights: Path | None = None  # None: the classifier trained on the real train split
+    network: dict | None = None  # with weights: the network they belong to, {_target_: ..., **arguments}
+    channels: int = 1  # repeat the grey image to this many input channels
+    planes_25d: bool = True  # 3D only: also the 2.5D features (mid-plane slices through a 2D encoder)
 
 
 @dataclass(frozen=True)
@@ -61,8 +70,8 @@ class UtilitySettings:
 class PrivacySettings:
     """The memorisation audit (``evaluate.privacy``): copy-score space and threshold percentile, and the flags."""
 
-    space: str = "pixel"            # pixel | embedding
-    percentile: float = 95.0        # copy threshold = this percentile of held-out -> train highest correlations
+    space: str = "pixel"  # pixel | embedding
+    percentile: float = 95.0  # copy threshold = this percentile of held-out -> train highest correlations
     max_copy_rate: float = 0.10
     max_closer_share: float = 0.55
     min_dcr_ratio: float = 0.9
@@ -77,15 +86,15 @@ class PrivacySettings:
 class EvalSettings:
     """Everything :func:`evaluate` is told, one field per key of the ``evaluate`` config section."""
 
-    real_split: tuple[str, ...] = ("val", "test")   # held-out real split(s), concatenated
+    real_split: tuple[str, ...] = ("val", "test")  # held-out real split(s), concatenated
     classifier_steps: int = 400
-    n_pairs: int = 64               # random pairs per class for MS-SSIM diversity
+    n_pairs: int = 64  # random pairs per class for MS-SSIM diversity
     seed: int = 0
     encoder: EncoderSettings = field(default_factory=EncoderSettings)
-    fidelity: dict = field(default_factory=dict)    # fidelity_metrics keywords: pr_k, dc_k, kid_subsets, ...
+    fidelity: dict = field(default_factory=dict)  # fidelity_metrics keywords: pr_k, dc_k, kid_subsets, ...
     utility: UtilitySettings = field(default_factory=UtilitySettings)
     privacy: PrivacySettings = field(default_factory=PrivacySettings)
-    pairs_top: int = 16             # suspicious synthetic samples drawn beside their nearest training image
+    pairs_top: int = 16  # suspicious synthetic samples drawn beside their nearest training image
 
     @classmethod
     def from_dict(cls, section: dict) -> EvalSettings:
@@ -135,13 +144,13 @@ class EvalData:
     synth_y: torch.Tensor
     train_x: torch.Tensor
     train_y: torch.Tensor
-    test_x: torch.Tensor           # the held-out real images
+    test_x: torch.Tensor  # the held-out real images
     test_y: torch.Tensor
     class_names: list[str]
     spatial_dims: int
-    train_items: list[dict]        # manifest rows of the train split, in order
-    sample_index: list[int]        # the samples manifest's index of each synthetic image
-    info: dict                     # the samples' info.json
+    train_items: list[dict]  # manifest rows of the train split, in order
+    sample_index: list[int]  # the samples manifest's index of each synthetic image
+    info: dict  # the samples' info.json
 
 
 def held_out(root: Path, splits) -> tuple[torch.Tensor, torch.Tensor]:
@@ -150,8 +159,10 @@ def held_out(root: Path, splits) -> tuple[torch.Tensor, torch.Tensor]:
     parts = [load_split(root, s) for s in splits]
     x, y = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     if len(x) < 2:
-        raise ValueError(f"{root}: held-out split(s) {splits} hold {len(x)} images; at least 2 are needed "
-                         "(set evaluate.real_split=[val,test] or prepare with a larger split)")
+        raise ValueError(
+            f"{root}: held-out split(s) {splits} hold {len(x)} images; at least 2 are needed "
+            "(set evaluate.real_split=[val,test] or prepare with a larger split)"
+        )
     return x, y
 
 
@@ -167,8 +178,19 @@ def load_eval_data(samples_dir: Path, prepared_dir: Path, real_split) -> EvalDat
     test_x, test_y = held_out(prepared.root, real_split)
     train_items = [r for r in read_manifest(prepared.root) if r["split"] == "train"]
     sample_index = [int(r.get("index", i)) for i, r in enumerate(rows)]  # one manifest row per sample
-    return EvalData(synth_x, synth_y, train_x, train_y, test_x, test_y, names, prepared.spatial_dims, train_items,
-                    sample_index, info)
+    return EvalData(
+        synth_x,
+        synth_y,
+        train_x,
+        train_y,
+        test_x,
+        test_y,
+        names,
+        prepared.spatial_dims,
+        train_items,
+        sample_index,
+        info,
+    )
 
 
 def classifier_cache_dir(out_dir: str | os.PathLike) -> Path:
@@ -178,8 +200,16 @@ def classifier_cache_dir(out_dir: str | os.PathLike) -> Path:
     return out_dir.with_name(f"{out_dir.name}_classifiers")
 
 
-def cached_classifier(cache_dir: Path, images: torch.Tensor, labels: torch.Tensor, num_classes: int, steps: int,
-                      seed: int, device: torch.device, kind: str = "label") -> torch.nn.Module:
+def cached_classifier(
+    cache_dir: Path,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    steps: int,
+    seed: int,
+    device: torch.device,
+    kind: str = "label",
+) -> torch.nn.Module:
     """A classifier trained on ``images`` (N, 1, *spatial) / ``labels`` (N,), on ``device``, trained once per
     training set and setting and cached in ``cache_dir`` (``kind`` names it: ``label`` for the train images,
     ``slice`` for their 2D plane slices, the 2.5D encoder)."""
@@ -202,74 +232,133 @@ def encoder_of(settings: EvalSettings, clf: torch.nn.Module, device: torch.devic
     """The user's network and weights when ``settings.encoder.weights`` is set, else the real-trained ``clf``."""
     enc = settings.encoder
     if enc.weights is None:
-        return FeatureExtractor(clf, f"medaug DenseNet classifier trained on the real train split "
-                                     f"({settings.classifier_steps} steps, seed {settings.seed}), penultimate pooled "
-                                     "features")
+        return FeatureExtractor(
+            clf,
+            f"medaug DenseNet classifier trained on the real train split "
+            f"({settings.classifier_steps} steps, seed {settings.seed}), penultimate pooled "
+            "features",
+        )
     if not enc.network:
-        raise ValueError("evaluate.encoder.weights is set but evaluate.encoder.network is not; give the network's "
-                         "_target_ and arguments, e.g. {_target_: monai.networks.nets.DenseNet121, ...}")
+        raise ValueError(
+            "evaluate.encoder.weights is set but evaluate.encoder.network is not; give the network's "
+            "_target_ and arguments, e.g. {_target_: monai.networks.nets.DenseNet121, ...}"
+        )
     net = load_weights(network_from_spec(dict(enc.network)), enc.weights).to(device)
     digest = hashlib.sha256(enc.weights.read_bytes()).hexdigest()[:12] if enc.weights.is_file() else "?"
-    return FeatureExtractor(net, f"user encoder {enc.network['_target_']} (weights sha256 {digest}), penultimate "
-                                 "features", channels=int(enc.channels))
+    return FeatureExtractor(
+        net,
+        f"user encoder {enc.network['_target_']} (weights sha256 {digest}), penultimate features",
+        channels=int(enc.channels),
+    )
 
 
-def compute_metrics(data: EvalData, settings: EvalSettings, device: torch.device,
-                    cache_dir: Path) -> tuple[dict[str, float], PrivacyAudit, list[str]]:
+def compute_metrics(
+    data: EvalData, settings: EvalSettings, device: torch.device, cache_dir: Path
+) -> tuple[dict[str, float], PrivacyAudit, list[str]]:
     """Realism (label fidelity, diversity), fidelity (also 2.5D for volumes), privacy and utility metrics of
     ``data``; returns ``(metrics, privacy audit, feature extractor descriptions)``."""
     d, s, k, names = data, settings, len(data.class_names), data.class_names
     clf = cached_classifier(cache_dir, d.train_x, d.train_y, k, s.classifier_steps, s.seed, device)
     encoder = encoder_of(s, clf, device)
     extractors = [encoder.description]
-    metrics = realism_metrics(clf, d.train_x, d.train_y, d.test_x, d.test_y, d.synth_x, d.synth_y, names,
-                              n_pairs=s.n_pairs, seed=s.seed)
+    metrics = realism_metrics(
+        clf, d.train_x, d.train_y, d.test_x, d.test_y, d.synth_x, d.synth_y, names, n_pairs=s.n_pairs, seed=s.seed
+    )
     fkw = dict(s.fidelity, seed=s.seed)
     metrics.update(fidelity_metrics(encoder(d.test_x), d.test_y, encoder(d.synth_x), d.synth_y, names, **fkw))
     if d.spatial_dims == 3 and s.encoder.planes_25d:
         sx, sy = slices_for_training(d.train_x, d.train_y)
         clf2d = cached_classifier(cache_dir, sx, sy, k, s.classifier_steps, s.seed, device, kind="slice")
-        planes = PlaneFeatureExtractor(FeatureExtractor(clf2d, f"medaug 2D DenseNet trained on plane slices of the "
-                                                               f"real train volumes ({s.classifier_steps} steps)"))
+        planes = PlaneFeatureExtractor(
+            FeatureExtractor(
+                clf2d,
+                f"medaug 2D DenseNet trained on plane slices of the real train volumes ({s.classifier_steps} steps)",
+            )
+        )
         extractors.append(planes.description)
-        metrics.update(fidelity_metrics(planes(d.test_x), d.test_y, planes(d.synth_x), d.synth_y, names,
-                                        suffix="_25d", **fkw))
+        metrics.update(
+            fidelity_metrics(planes(d.test_x), d.test_y, planes(d.synth_x), d.synth_y, names, suffix="_25d", **fkw)
+        )
     p = s.privacy
-    audit = privacy_audit(d.synth_x, d.train_x, d.test_x, [r["patient"] for r in d.train_items], encoder,
-                          space=p.space, percentile=p.percentile, flags=p.flags, synth_labels=d.synth_y,
-                          class_names=names, seed=s.seed)
+    audit = privacy_audit(
+        d.synth_x,
+        d.train_x,
+        d.test_x,
+        [r["patient"] for r in d.train_items],
+        encoder,
+        space=p.space,
+        percentile=p.percentile,
+        flags=p.flags,
+        synth_labels=d.synth_y,
+        class_names=names,
+        seed=s.seed,
+    )
     metrics.update(audit.metrics)
     if s.utility.seeds:
-        metrics.update(utility_metrics(d.train_x, d.train_y, d.synth_x, d.synth_y, d.test_x, d.test_y, k,
-                                       seeds=list(s.utility.seeds), steps=s.utility.steps,
-                                       batch_size=s.utility.batch_size,
-                                       train_fn=partial(train_classifier, device=device)).metrics())
+        metrics.update(
+            utility_metrics(
+                d.train_x,
+                d.train_y,
+                d.synth_x,
+                d.synth_y,
+                d.test_x,
+                d.test_y,
+                k,
+                seeds=list(s.utility.seeds),
+                steps=s.utility.steps,
+                batch_size=s.utility.batch_size,
+                train_fn=partial(train_classifier, device=device),
+            ).metrics()
+        )
     return metrics, audit, extractors
 
 
-def write_eval_folder(out_dir: Path, data: EvalData, settings: EvalSettings, metrics: dict[str, float],
-                      privacy: dict, audit: PrivacyAudit, extractors: list[str]) -> Path:
+def write_eval_folder(
+    out_dir: Path,
+    data: EvalData,
+    settings: EvalSettings,
+    metrics: dict[str, float],
+    privacy: dict,
+    audit: PrivacyAudit,
+    extractors: list[str],
+) -> Path:
     """The evaluation folder, atomically: ``metrics.json``, ``privacy.json`` (``privacy``), ``per_sample.csv``,
     the pictures and ``report.md``. Returns ``out_dir``."""
     d, names = data, data.class_names
     with atomic_folder(out_dir) as tmp:
-        (tmp / "metrics.json").write_text(json.dumps({key: (v if math.isfinite(v) else None)
-                                                      for key, v in sorted(metrics.items())}, indent=2))
+        (tmp / "metrics.json").write_text(
+            json.dumps({key: (v if math.isfinite(v) else None) for key, v in sorted(metrics.items())}, indent=2)
+        )
         (tmp / "privacy.json").write_text(json.dumps(privacy, indent=2))
-        write_per_sample(tmp / "per_sample.csv", audit.scores, d.sample_index, d.synth_y.tolist(), names,
-                         d.train_items)
-        pictures = write_pictures(tmp, d.synth_x, d.synth_y, d.test_x, d.test_y, d.train_x, names, audit.scores,
-                                  settings.pairs_top)
+        write_per_sample(tmp / "per_sample.csv", audit.scores, d.sample_index, d.synth_y.tolist(), names, d.train_items)
+        pictures = write_pictures(
+            tmp, d.synth_x, d.synth_y, d.test_x, d.test_y, d.train_x, names, audit.scores, settings.pairs_top
+        )
         p = settings.privacy
-        write_report(tmp / "report.md", metrics, names, extractors, privacy, pictures,
-                     {"samples": f"{len(d.synth_x)} synthetic ({d.info.get('checkpoint_id', '?')}), "
-                                 f"{len(d.train_x)} real train, {len(d.test_x)} real held-out",
-                      "copy score space": f"{p.space} (threshold = {p.percentile}th percentile of held-out maxima)"})
+        write_report(
+            tmp / "report.md",
+            metrics,
+            names,
+            extractors,
+            privacy,
+            pictures,
+            {
+                "samples": f"{len(d.synth_x)} synthetic ({d.info.get('checkpoint_id', '?')}), "
+                f"{len(d.train_x)} real train, {len(d.test_x)} real held-out",
+                "copy score space": f"{p.space} (threshold = {p.percentile}th percentile of held-out maxima)",
+            },
+        )
     return Path(out_dir)
 
 
-def evaluate(samples_dir: str | os.PathLike, prepared_dir: str | os.PathLike, out_dir: str | os.PathLike,
-             settings: EvalSettings, device: torch.device, cache_dir: str | os.PathLike | None = None) -> EvalResult:
+def evaluate(
+    samples_dir: str | os.PathLike,
+    prepared_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    settings: EvalSettings,
+    device: torch.device,
+    cache_dir: str | os.PathLike | None = None,
+) -> EvalResult:
     """Evaluate the synthetic images of ``samples_dir`` against the real ones of ``prepared_dir`` and write the
     evaluation folder ``out_dir`` (see the module doc).
 

@@ -43,18 +43,26 @@ def flow_kwargs(spec: Mapping) -> dict:
     ``prediction_type: v_prediction`` and ``clip_sample: false``."""
     kwargs = {k: v for k, v in spec.items() if not k.startswith("_")}
     if kwargs.pop("prediction_type", "v_prediction") != "v_prediction":
-        raise ValueError(f"scheduler.prediction_type={spec['prediction_type']!r}: a rectified flow (RFlowScheduler) "
-                         "always predicts the velocity; drop the key or set it to v_prediction")
+        raise ValueError(
+            f"scheduler.prediction_type={spec['prediction_type']!r}: a rectified flow (RFlowScheduler) "
+            "always predicts the velocity; drop the key or set it to v_prediction"
+        )
     if kwargs.pop("clip_sample", False):
-        raise ValueError("scheduler.clip_sample=true does not apply to a rectified flow (RFlowScheduler clips "
-                         "nothing); drop it or set scheduler.clip_sample=false, and use sample.clip_x0 to clip images")
+        raise ValueError(
+            "scheduler.clip_sample=true does not apply to a rectified flow (RFlowScheduler clips "
+            "nothing); drop it or set scheduler.clip_sample=false, and use sample.clip_x0 to clip images"
+        )
     unknown = sorted(set(kwargs) - _ACCEPTED)
     if unknown:
-        raise ValueError(f"scheduler keys {unknown} do not apply to a rectified flow (RFlowScheduler); drop them "
-                         f"(accepted: {sorted(_ACCEPTED)})")
+        raise ValueError(
+            f"scheduler keys {unknown} do not apply to a rectified flow (RFlowScheduler); drop them "
+            f"(accepted: {sorted(_ACCEPTED)})"
+        )
     if not kwargs.get("use_discrete_timesteps", True):
-        raise ValueError("scheduler.use_discrete_timesteps=false: MONAI 1.6's RFlowScheduler.step rounds the next "
-                         "timestep to an integer (wrong step sizes); set scheduler.use_discrete_timesteps=true")
+        raise ValueError(
+            "scheduler.use_discrete_timesteps=false: MONAI 1.6's RFlowScheduler.step rounds the next "
+            "timestep to an integer (wrong step sizes); set scheduler.use_discrete_timesteps=true"
+        )
     return kwargs
 
 
@@ -63,13 +71,23 @@ class RFlow(RFlowScheduler):
     ``next_timestep`` is given: MONAI's default step of ``1 / steps`` is wrong for shifted
     (``use_timestep_transform``) or rounded timesteps."""
 
-    def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None,
-                      input_img_size_numel: int | None = None) -> None:
+    def set_timesteps(
+        self,
+        num_inference_steps: int,
+        device: str | torch.device | None = None,
+        input_img_size_numel: int | None = None,
+    ) -> None:
         super().set_timesteps(num_inference_steps, device, input_img_size_numel)
         self.next_timesteps = torch.cat([self.timesteps[1:], torch.zeros_like(self.timesteps[:1])])
 
-    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, next_timestep=None,
-             generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep,
+        sample: torch.Tensor,
+        next_timestep=None,
+        generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(x at next_timestep, predicted clean image)``; ``generator`` is accepted and unused (a flow's sampler
         is deterministic)."""
         if next_timestep is None:
@@ -102,8 +120,13 @@ def flow_timesteps(scheduler: RFlowScheduler, shape: Sequence[int], generator: t
         t = t.long()
     if scheduler.use_timestep_transform:
         numel = torch.prod(torch.tensor(shape[2:]))
-        t = timestep_transform(t, input_img_size_numel=numel, base_img_size_numel=scheduler.base_img_size_numel,
-                               num_train_timesteps=T, spatial_dim=len(shape) - 2)
+        t = timestep_transform(
+            t,
+            input_img_size_numel=numel,
+            base_img_size_numel=scheduler.base_img_size_numel,
+            num_train_timesteps=T,
+            spatial_dim=len(shape) - 2,
+        )
     return t
 
 

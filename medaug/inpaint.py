@@ -47,9 +47,11 @@ INPAINT_SAMPLERS = ("ddim", "ddpm", "rflow")  # single-step schedulers: multiste
 def check_inpaint_sampler(sampler: str) -> None:
     """Refuse samplers that keep a history of steps (PNDM, DPM-Solver++ 2M): RePaint's jumps back invalidate it."""
     if sampler not in INPAINT_SAMPLERS:
-        raise ValueError(f"inpaint.sampler={sampler} keeps a history of past steps, which RePaint's jumps back in time "
-                         f"invalidate; choose one of {list(INPAINT_SAMPLERS)} (ddim for DDPM-trained models, rflow "
-                         "for scheduler=rflow)")
+        raise ValueError(
+            f"inpaint.sampler={sampler} keeps a history of past steps, which RePaint's jumps back in time "
+            f"invalidate; choose one of {list(INPAINT_SAMPLERS)} (ddim for DDPM-trained models, rflow "
+            "for scheduler=rflow)"
+        )
 
 
 def _next_timesteps(scheduler) -> list[int]:
@@ -93,9 +95,23 @@ def repaint_schedule(n_steps: int, jumps: int, resample: int) -> list[tuple[str,
 
 
 @torch.no_grad()
-def inpaint_images(model: nn.Module, scheduler, images: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor, *,
-                   jumps: int, resample: int, guidance_scale: float, null_class: int, seed: int, batch_size: int = 16,
-                   clip: bool = True, clip_x0: bool = True, progress: bool = True) -> torch.Tensor:
+def inpaint_images(
+    model: nn.Module,
+    scheduler,
+    images: torch.Tensor,
+    masks: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    jumps: int,
+    resample: int,
+    guidance_scale: float,
+    null_class: int,
+    seed: int,
+    batch_size: int = 16,
+    clip: bool = True,
+    clip_x0: bool = True,
+    progress: bool = True,
+) -> torch.Tensor:
     """The ``images`` with their ``masks`` region regenerated under ``labels``, on the CPU.
 
     Args:
@@ -125,8 +141,12 @@ def inpaint_images(model: nn.Module, scheduler, images: torch.Tensor, masks: tor
     out = []
     for start in range(0, len(images), batch_size):
         x0, m, y = (v[start : start + batch_size].to(device) for v in (images.float(), masks, labels))
-        x = torch.stack([torch.randn(x0.shape[1:], generator=torch.Generator().manual_seed(seed + start + j))
-                         for j in range(len(x0))]).to(device)
+        x = torch.stack(
+            [
+                torch.randn(x0.shape[1:], generator=torch.Generator().manual_seed(seed + start + j))
+                for j in range(len(x0))
+            ]
+        ).to(device)
         size = {"input_img_size_numel": math.prod(x0.shape[2:])} if is_flow(scheduler) else {}
         scheduler.set_timesteps(steps, **size)
         ts, nxt = [int(t) for t in scheduler.timesteps], _next_timesteps(scheduler)
@@ -159,9 +179,18 @@ def latent_mask(masks: torch.Tensor, latent_shape: Sequence[int]) -> torch.Tenso
     return pool(masks.float(), tuple(latent_shape)) > 0
 
 
-def inpaint(model: nn.Module, scheduler, images: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor, *,
-            space=None, decode_tile: Sequence[int] | None = None, decode_overlap: float = 0.25,
-            **kwargs) -> torch.Tensor:
+def inpaint(
+    model: nn.Module,
+    scheduler,
+    images: torch.Tensor,
+    masks: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    space=None,
+    decode_tile: Sequence[int] | None = None,
+    decode_overlap: float = 0.25,
+    **kwargs,
+) -> torch.Tensor:
     """:func:`inpaint_images` on images ``(N, 1, *spatial)`` in [-1, 1], in pixel space (``space`` None) or on the
     latents of a :class:`medaug.latent.LatentSpace` (the region on the latent grid, :func:`latent_mask`; the
     decoded region pasted into the input). ``kwargs`` as :func:`inpaint_images`. Returns ``(N, 1, *spatial)``
@@ -176,8 +205,12 @@ def inpaint(model: nn.Module, scheduler, images: torch.Tensor, masks: torch.Tens
     return torch.where(masks, decoded, images.float())
 
 
-def read_inpaint_inputs(image_paths: Sequence[str | Path], mask_paths: Sequence[str | Path], image_shape: Sequence[int],
-                        window: IntensityWindow) -> tuple[torch.Tensor, torch.Tensor, list[Volume]]:
+def read_inpaint_inputs(
+    image_paths: Sequence[str | Path],
+    mask_paths: Sequence[str | Path],
+    image_shape: Sequence[int],
+    window: IntensityWindow,
+) -> tuple[torch.Tensor, torch.Tensor, list[Volume]]:
     """Real NIfTI images (source units, e.g. HU) and their region masks (nonzero: regenerate), one mask per image.
 
     Returns ``(images (N, 1, *image_shape) in [-1, 1] by window, masks (N, 1, *image_shape) bool, volumes)``, the
@@ -185,17 +218,24 @@ def read_inpaint_inputs(image_paths: Sequence[str | Path], mask_paths: Sequence[
     Raises ``ValueError`` naming the file when counts, shapes or an empty mask do not fit: the model only knows
     images of its training shape (prepare them as its training data was prepared)."""
     if not image_paths or len(image_paths) != len(mask_paths):
-        raise ValueError(f"{len(image_paths)} images and {len(mask_paths)} masks: give one region mask per image "
-                         "(sample.inpaint.images, sample.inpaint.masks)")
+        raise ValueError(
+            f"{len(image_paths)} images and {len(mask_paths)} masks: give one region mask per image "
+            "(sample.inpaint.images, sample.inpaint.masks)"
+        )
     images, masks, volumes = [], [], []
     for ip, mp in zip(image_paths, mask_paths):
         vol, mask = read_nifti(ip), read_nifti(mp).array
-        arr = vol.array.reshape(vol.array.shape[: len(image_shape)]) if vol.array.size == math.prod(image_shape) \
+        arr = (
+            vol.array.reshape(vol.array.shape[: len(image_shape)])
+            if vol.array.size == math.prod(image_shape)
             else vol.array
+        )
         if list(arr.shape) != list(image_shape):
-            raise ValueError(f"{ip}: shape {list(vol.array.shape)}, but the checkpoint's images are "
-                             f"{list(image_shape)}; prepare the image as the training data was (medaug prepare) "
-                             "and inpaint the prepared one")
+            raise ValueError(
+                f"{ip}: shape {list(vol.array.shape)}, but the checkpoint's images are "
+                f"{list(image_shape)}; prepare the image as the training data was (medaug prepare) "
+                "and inpaint the prepared one"
+            )
         if mask.size != arr.size:
             raise ValueError(f"{mp}: mask shape {list(mask.shape)} differs from its image {ip} {list(arr.shape)}")
         if not mask.any():
@@ -206,8 +246,14 @@ def read_inpaint_inputs(image_paths: Sequence[str | Path], mask_paths: Sequence[
     return torch.stack(images), torch.stack(masks), volumes
 
 
-def inpaint_records(ckpt: Checkpoint, labels: torch.Tensor, masks: torch.Tensor, settings: Mapping,
-                    affines: Sequence[np.ndarray], space=None) -> tuple[list[dict], dict]:
+def inpaint_records(
+    ckpt: Checkpoint,
+    labels: torch.Tensor,
+    masks: torch.Tensor,
+    settings: Mapping,
+    affines: Sequence[np.ndarray],
+    space=None,
+) -> tuple[list[dict], dict]:
     """:func:`medaug.sampling.sample_records` of inpainted images, saying that they are not synthetic: each row
     has ``contains_real_patient=True`` and its region's voxel count, ``info`` the same flag and the inputs'
     geometry (the first input's affine as ``affine``; every one in ``affines``). No file names (they may name a
@@ -215,18 +261,25 @@ def inpaint_records(ckpt: Checkpoint, labels: torch.Tensor, masks: torch.Tensor,
     rows, info = sample_records(ckpt, labels, settings, space)
     for row, m in zip(rows, masks):
         row.update(contains_real_patient=True, region_voxels=int(m.sum()))
-    info.update(contains_real_patient=True, affine=np.asarray(affines[0]).tolist(),
-                affines=[np.asarray(a).tolist() for a in affines], kind="inpainted",
-                note="real patient images with a region regenerated by the model (RePaint); everything outside "
-                     "the region is the patient's image: not for sharing outside the institution")
+    info.update(
+        contains_real_patient=True,
+        affine=np.asarray(affines[0]).tolist(),
+        affines=[np.asarray(a).tolist() for a in affines],
+        kind="inpainted",
+        note="real patient images with a region regenerated by the model (RePaint); everything outside "
+        "the region is the patient's image: not for sharing outside the institution",
+    )
     return rows, info
 
 
-def inpaint_picture(images: torch.Tensor, masks: torch.Tensor, outputs: torch.Tensor, path: str | Path,
-                    min_tile: int = 96) -> Path:
+def inpaint_picture(
+    images: torch.Tensor, masks: torch.Tensor, outputs: torch.Tensor, path: str | Path, min_tile: int = 96
+) -> Path:
     """A PNG with one row per image: input | mask | output (3D: three mid-planes each)."""
-    rows = [np.concatenate([np.concatenate(views(v), axis=1) for v in (x, m.float() * 2 - 1, y)], axis=1)
-            for x, m, y in zip(images, masks, outputs)]
+    rows = [
+        np.concatenate([np.concatenate(views(v), axis=1) for v in (x, m.float() * 2 - 1, y)], axis=1)
+        for x, m, y in zip(images, masks, outputs)
+    ]
     grid = np.concatenate([np.pad(r, 1) for r in rows], axis=0)
     scale = max(1, -(-min_tile // min(images.shape[2:])))
     path = Path(path)
@@ -234,16 +287,21 @@ def inpaint_picture(images: torch.Tensor, masks: torch.Tensor, outputs: torch.Te
     return path
 
 
-def write_inpainted_nifti(folder: Path, outputs: torch.Tensor, masks: torch.Tensor, volumes: Sequence[Volume],
-                          window: IntensityWindow) -> None:
+def write_inpainted_nifti(
+    folder: Path, outputs: torch.Tensor, masks: torch.Tensor, volumes: Sequence[Volume], window: IntensityWindow
+) -> None:
     """``folder/nifti/inpaint-NNNN.nii.gz`` per output: its input volume (source units, array shape, affine) with
     the region replaced by the output mapped back through ``window``; outside the region the input's values."""
     (folder / "nifti").mkdir()
     for i, (y, m, vol) in enumerate(zip(outputs, masks, volumes)):
         region = m[0].numpy().reshape(vol.array.shape)
         array = np.where(region, window.to_source(y[0].numpy()).reshape(vol.array.shape), vol.array)
-        write_nifti(folder / "nifti" / f"inpaint-{i:04d}.nii.gz", array, vol.affine,
-                    descrip="medaug inpainted: real image outside the region")
+        write_nifti(
+            folder / "nifti" / f"inpaint-{i:04d}.nii.gz",
+            array,
+            vol.affine,
+            descrip="medaug inpainted: real image outside the region",
+        )
 
 
 CARD = """# Inpainted images (medaug inpaint): NOT synthetic
@@ -262,10 +320,18 @@ checkpoint's intensity window {window}.
 def inpaint_card(info: Mapping, rows: Sequence[Mapping]) -> str:
     """The data card (DATA_CARD.md) of an inpainting output folder."""
     s = info["sample"]
-    return CARD.format(n=len(rows), voxels=sum(r["region_voxels"] for r in rows), ckpt=info["checkpoint_id"],
-                       sampler=s["sampler"], steps=s["steps"], jumps=s["jumps"], resample=s["resample"],
-                       guidance=s["guidance_scale"], classes=sorted({r["class_name"] for r in rows}),
-                       window=info["window"])
+    return CARD.format(
+        n=len(rows),
+        voxels=sum(r["region_voxels"] for r in rows),
+        ckpt=info["checkpoint_id"],
+        sampler=s["sampler"],
+        steps=s["steps"],
+        jumps=s["jumps"],
+        resample=s["resample"],
+        guidance=s["guidance_scale"],
+        classes=sorted({r["class_name"] for r in rows}),
+        window=info["window"],
+    )
 
 
 def default_inpaint_sampler(spec: Mapping, sampler: str | None) -> str:

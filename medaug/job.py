@@ -46,8 +46,11 @@ def stamp(target: Path) -> str | None:
 
 def stage_key(settings: Mapping, inputs: Mapping[str, Path], output: Path) -> str:
     """A hash of what a stage reads (its plain ``settings``, the versions of its ``inputs``) and where it writes."""
-    what = {"settings": dict(settings), "inputs": {name: [str(p), stamp(p)] for name, p in inputs.items()},
-            "output": str(output)}
+    what = {
+        "settings": dict(settings),
+        "inputs": {name: [str(p), stamp(p)] for name, p in inputs.items()},
+        "output": str(output),
+    }
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -129,8 +132,10 @@ def job_summary(result: Mapping, experiment: str, uri: str) -> str:
     dataset, its data card and sharing bundle, and the MLflow run (in ``experiment`` at ``uri``, unless the
     result names the store it fell back to) that tracked it."""
     out = Path(result["export_dir"])
-    lines = [f"\nSynthetic dataset : {out}  ({result['samples']} images)",
-             f"Data card         : {out / 'DATA_CARD.md'}"]
+    lines = [
+        f"\nSynthetic dataset : {out}  ({result['samples']} images)",
+        f"Data card         : {out / 'DATA_CARD.md'}",
+    ]
     if result.get("archive"):
         lines.append(f"Sharing bundle    : {result['archive']}  (checksum in {result['archive']}.sha256)")
     if result.get("mlflow_run_id"):

@@ -76,10 +76,11 @@ def check_unet_input(spec: Mapping, shape: Sequence[int], what: str = "image") -
     levels = len(spec.get("channels", ()))
     factor = 2 ** max(levels - 1, 0)
     if any(int(s) % factor for s in shape):
-        raise ValueError(f"model.channels={list(spec['channels'])} halves the {what} {levels - 1}x, so each axis of "
-                         f"the {what} shape {list(shape)} must divide by {factor}; set data.image_size to "
-                         f"multiples of {factor}"
-                         + (" times the autoencoder's compression" if what == "latent" else ""))
+        raise ValueError(
+            f"model.channels={list(spec['channels'])} halves the {what} {levels - 1}x, so each axis of "
+            f"the {what} shape {list(shape)} must divide by {factor}; set data.image_size to "
+            f"multiples of {factor}" + (" times the autoencoder's compression" if what == "latent" else "")
+        )
 
 
 class EMA:
@@ -120,9 +121,11 @@ def rng_state() -> dict:
     """The global generators' states as tensors and plain lists (loadable with ``weights_only=True``)."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     version, internal, gauss_next = random.getstate()
-    state = {"torch": torch.get_rng_state(),
-             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
-             "python": [version, list(internal), gauss_next]}
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
+        "python": [version, list(internal), gauss_next],
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -211,8 +214,10 @@ def load_checkpoint(path: str | Path, trust: bool = False) -> Checkpoint:
     """
     path = Path(path)
     if path.is_dir():
-        raise FileNotFoundError(f"{path}: is a folder; pass the checkpoint file in it as ckpt_path=<file.pt> "
-                                "(training writes train/checkpoints/last.pt)")
+        raise FileNotFoundError(
+            f"{path}: is a folder; pass the checkpoint file in it as ckpt_path=<file.pt> "
+            "(training writes train/checkpoints/last.pt)"
+        )
     if not path.is_file():
         raise FileNotFoundError(f"{path}: checkpoint not found; train first or pass ckpt_path=<file.pt>")
     try:
@@ -223,7 +228,8 @@ def load_checkpoint(path: str | Path, trust: bool = False) -> Checkpoint:
             what = f"pickled Python objects ({found.group(1)})" if found else "something other than tensors"
             raise UntrustedCheckpointError(
                 f"{path}: refused: it holds {what}, which can run code when loaded (an old-format medaug "
-                f"checkpoint, or a crafted file); retrain, or {TRUST_HINT}") from None
+                f"checkpoint, or a crafted file); retrain, or {TRUST_HINT}"
+            ) from None
         payload = _load_pickled(path)
     except Exception as err:
         raise ValueError(f"{path}: not a readable medaug checkpoint ({err})") from err
@@ -233,8 +239,18 @@ def load_checkpoint(path: str | Path, trust: bool = False) -> Checkpoint:
     if missing:
         raise ValueError(f"{path}: not a medaug checkpoint (missing {sorted(missing)})")
     config, meta = (json.loads(v) if isinstance(v, str) else v for v in (payload["config"], payload["meta"]))
-    return Checkpoint(path, file_id(path), payload["step"], payload["model"], payload["ema"],
-                      payload.get("optimizer"), payload.get("rng"), config, meta, trusted=trust)
+    return Checkpoint(
+        path,
+        file_id(path),
+        payload["step"],
+        payload["model"],
+        payload["ema"],
+        payload.get("optimizer"),
+        payload.get("rng"),
+        config,
+        meta,
+        trusted=trust,
+    )
 
 
 def _load_pickled(path: Path) -> dict:
@@ -251,12 +267,14 @@ def check_target(target, path: str | Path, key: str = "model._target_") -> None:
     allowed = isinstance(target, str) and target.startswith(ALLOWED_TARGETS)
     if allowed:
         obj = locate(target)
-        allowed = (inspect.isclass(obj) and issubclass(obj, nn.Module)
-                   and f"{obj.__module__}.".startswith(ALLOWED_TARGETS))
+        allowed = (
+            inspect.isclass(obj) and issubclass(obj, nn.Module) and f"{obj.__module__}.".startswith(ALLOWED_TARGETS)
+        )
     if not allowed:
         raise UntrustedCheckpointError(
             f"{path}: refused to build {key}={target!r} named by this checkpoint: only classes of "
-            f"{', '.join(p.rstrip('.') for p in ALLOWED_TARGETS)} are built from a file; {TRUST_HINT}")
+            f"{', '.join(p.rstrip('.') for p in ALLOWED_TARGETS)} are built from a file; {TRUST_HINT}"
+        )
 
 
 def checkpoint_network(ckpt: Checkpoint, weights: str = "ema") -> nn.Module:

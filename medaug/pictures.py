@@ -24,8 +24,14 @@ def views(image: torch.Tensor) -> list[np.ndarray]:
     return [np.flipud(_to_uint8(v).T) for v in (x[:, :, cz], x[:, cy, :], x[cx, :, :])]
 
 
-def save_grid(images: torch.Tensor, labels: torch.Tensor, class_names: Sequence[str], path: str | Path,
-              per_class: int = 8, min_tile: int = 96) -> Path:
+def save_grid(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    class_names: Sequence[str],
+    path: str | Path,
+    per_class: int = 8,
+    min_tile: int = 96,
+) -> Path:
     """A PNG with one row per class (up to ``per_class`` samples each; 3D: three planes side by side),
     small images enlarged (nearest neighbour) to at least ``min_tile`` pixels."""
     rows = []

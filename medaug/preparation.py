@@ -27,8 +27,10 @@ def check_shape_keys(spatial_dims: int, image_size: Sequence[int] | None, pixdim
     axes = "X, Y" if spatial_dims == 2 else "X, Y, Z"
     for key, value in (("image_size", image_size), ("pixdim", pixdim)):
         if value is not None and len(value) != spatial_dims:
-            raise ValueError(f"data.{key}={list(value)} has {len(value)} entries; data.spatial_dims={spatial_dims} "
-                             f"needs {spatial_dims} ({axes})")
+            raise ValueError(
+                f"data.{key}={list(value)} has {len(value)} entries; data.spatial_dims={spatial_dims} "
+                f"needs {spatial_dims} ({axes})"
+            )
 
 
 def demo_labels(labels: Path, raw_dir: Path, **phantoms) -> Path:
@@ -38,8 +40,10 @@ def demo_labels(labels: Path, raw_dir: Path, **phantoms) -> Path:
     if not labels.exists():
         made = raw_dir / "labels.csv"
         if labels != made:
-            raise FileNotFoundError(f"{labels}: labels file not found; for your own data add data=labels (the demo "
-                                    f"data source generates phantoms with their labels at {made})")
+            raise FileNotFoundError(
+                f"{labels}: labels file not found; for your own data add data=labels (the demo "
+                f"data source generates phantoms with their labels at {made})"
+            )
         make_demo_dataset(raw_dir, **phantoms)
     return labels
 
@@ -48,11 +52,21 @@ def log_summary(info) -> None:
     """What prepare prints of a prepared dataset: counts, classes, splits, the de-identification gate and the
     skipped files with why (file paths on the console only: they never reach outputs or MLflow)."""
     s = info.summary
-    log.info("prepared %s: %d patients, %d images (%d DICOM series), %d source slices -> %d %dD items, "
-             "shape %s", info.root, s.get("patients", 0), s.get("images", 0), s.get("series", 0),
-             s.get("source_slices", 0), s.get("items", 0), info.spatial_dims, info.image_shape)
-    log.info("  classes: %s", ", ".join(f"{i}={n} ({s.get('classes', {}).get(n, 0)})"
-                                        for i, n in enumerate(info.class_names)))
+    log.info(
+        "prepared %s: %d patients, %d images (%d DICOM series), %d source slices -> %d %dD items, shape %s",
+        info.root,
+        s.get("patients", 0),
+        s.get("images", 0),
+        s.get("series", 0),
+        s.get("source_slices", 0),
+        s.get("items", 0),
+        info.spatial_dims,
+        info.image_shape,
+    )
+    log.info(
+        "  classes: %s",
+        ", ".join(f"{i}={n} ({s.get('classes', {}).get(n, 0)})" for i, n in enumerate(info.class_names)),
+    )
     for split, counts in info.counts.items():
         log.info("  %-5s %s", split, counts)
     log.info("  de-identification: policy %s, %d findings", info.deid.get("policy"), info.deid.get("findings", 0))

@@ -22,8 +22,14 @@ from typing import NamedTuple, Sequence, Union
 import numpy as np
 import torch
 from monai.data import MetaTensor
-from monai.transforms import (Compose, CropForegroundd, Orientationd, ResizeWithPadOrCropd, ScaleIntensityRanged,
-                              Spacingd)
+from monai.transforms import (
+    Compose,
+    CropForegroundd,
+    Orientationd,
+    ResizeWithPadOrCropd,
+    ScaleIntensityRanged,
+    Spacingd,
+)
 
 from .io import Volume
 
@@ -123,17 +129,21 @@ def build_transform(
     image = keys[0]
     transforms = [Orientationd(keys=keys, axcodes="RAS", labels=None)]
     if pixdim is not None:
-        transforms.append(Spacingd(keys=keys, pixdim=tuple(pixdim), mode=["bilinear", "nearest"][: len(keys)],
-                                   padding_mode="border"))
-    transforms.append(ScaleIntensityRanged(keys=image, a_min=window.lo, a_max=window.hi, b_min=-1.0, b_max=1.0,
-                                           clip=True))
+        transforms.append(
+            Spacingd(keys=keys, pixdim=tuple(pixdim), mode=["bilinear", "nearest"][: len(keys)], padding_mode="border")
+        )
+    transforms.append(
+        ScaleIntensityRanged(keys=image, a_min=window.lo, a_max=window.hi, b_min=-1.0, b_max=1.0, clip=True)
+    )
     if crop == "foreground":
-        transforms.append(CropForegroundd(keys=keys, source_key=image, select_fn=_above_floor, margin=margin,
-                                          allow_smaller=True))
+        transforms.append(
+            CropForegroundd(keys=keys, source_key=image, select_fn=_above_floor, margin=margin, allow_smaller=True)
+        )
     transforms.append(ResizeWithPadOrCropd(keys=image, spatial_size=tuple(spatial_size), mode="constant", value=-1.0))
     if len(keys) > 1:
-        transforms.append(ResizeWithPadOrCropd(keys=keys[1:], spatial_size=tuple(spatial_size), mode="constant",
-                                               value=0))
+        transforms.append(
+            ResizeWithPadOrCropd(keys=keys[1:], spatial_size=tuple(spatial_size), mode="constant", value=0)
+        )
     return Compose(transforms)
 
 

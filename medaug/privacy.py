@@ -49,8 +49,9 @@ def standardise(x: torch.Tensor) -> torch.Tensor:
     return torch.where(norm > 1e-8, x / norm.clamp_min(1e-8), torch.zeros_like(x))
 
 
-def nearest_by_correlation(query: torch.Tensor, reference: torch.Tensor,
-                           chunk: int = 512) -> tuple[np.ndarray, np.ndarray]:
+def nearest_by_correlation(
+    query: torch.Tensor, reference: torch.Tensor, chunk: int = 512
+) -> tuple[np.ndarray, np.ndarray]:
     """For standardised ``query`` (N, D) and ``reference`` (M, D): each query row's highest correlation
     to a reference row and that row's index, ``((N,) float, (N,) int)``."""
     if len(reference) == 0:
@@ -65,7 +66,7 @@ def nearest_by_correlation(query: torch.Tensor, reference: torch.Tensor,
     return torch.cat(corr).double().numpy(), torch.cat(index).numpy()
 
 
-MAX_PIXELS = 32 ** 3
+MAX_PIXELS = 32**3
 
 
 def pixel_view(images: torch.Tensor, max_pixels: int = MAX_PIXELS) -> torch.Tensor:
@@ -129,8 +130,9 @@ class CopyScores:
 
 def _scores_from(reps_s: dict, reps_t: dict, reps_h: dict, space: str, percentile: float) -> CopyScores:
     if space not in reps_s:
-        raise ValueError(f"privacy space {space!r} not available; choose one of {sorted(reps_s)} "
-                         "(embedding needs an encoder)")
+        raise ValueError(
+            f"privacy space {space!r} not available; choose one of {sorted(reps_s)} (embedding needs an encoder)"
+        )
     if not 50 <= percentile < 100:
         raise ValueError(f"copy threshold percentile={percentile}; use a value in [50, 100), e.g. 95")
     corr, index, heldout = {}, {}, {}
@@ -140,8 +142,14 @@ def _scores_from(reps_s: dict, reps_t: dict, reps_h: dict, space: str, percentil
     return CopyScores(space, percentile, corr, index, heldout)
 
 
-def copy_scores(synth: torch.Tensor, train: torch.Tensor, heldout: torch.Tensor, encoder: Encoder | None = None,
-                space: str = "pixel", percentile: float = 95.0) -> CopyScores:
+def copy_scores(
+    synth: torch.Tensor,
+    train: torch.Tensor,
+    heldout: torch.Tensor,
+    encoder: Encoder | None = None,
+    space: str = "pixel",
+    percentile: float = 95.0,
+) -> CopyScores:
     """Nearest training neighbour of every synthetic image and the data-calibrated copy threshold.
 
     ``synth`` (N, 1, *spatial), ``train`` (M, 1, *spatial) and ``heldout`` (H, 1, *spatial) real
@@ -150,8 +158,9 @@ def copy_scores(synth: torch.Tensor, train: torch.Tensor, heldout: torch.Tensor,
     in [-1, 1], higher = more like a training image, and ``.threshold``: the
     ``percentile``-th percentile of the held-out maxima. Feed both to ``copy_filter``.
     """
-    return _scores_from(represent(synth, encoder), represent(train, encoder), represent(heldout, encoder),
-                        space, percentile)
+    return _scores_from(
+        represent(synth, encoder), represent(train, encoder), represent(heldout, encoder), space, percentile
+    )
 
 
 def copy_filter(scores: np.ndarray, threshold: float) -> np.ndarray:
@@ -164,20 +173,46 @@ def copy_filter(scores: np.ndarray, threshold: float) -> np.ndarray:
     return ~(scores > threshold)
 
 
-def write_per_sample(path: str | Path, scores: CopyScores, sample_index: Sequence[int], labels: Sequence[int],
-                     class_names: Sequence[str], train_items: Sequence[dict]) -> Path:
+def write_per_sample(
+    path: str | Path,
+    scores: CopyScores,
+    sample_index: Sequence[int],
+    labels: Sequence[int],
+    class_names: Sequence[str],
+    train_items: Sequence[dict],
+) -> Path:
     """``per_sample.csv``: one row per synthetic sample with its ``index`` (the samples manifest's),
     label, ``copy_score`` (``scores.score``), ``is_copy``, the nearest training item and its pseudonymous
     patient (``train_items``: manifest rows of the training split, in order) and the correlation per space."""
     path = Path(path)
     with open(path, "w", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["index", "label", "class_name", "copy_score", "is_copy", "nn_train_item", "nn_patient",
-                         *[f"corr_{sp}" for sp in scores.corr]])
+        writer.writerow(
+            [
+                "index",
+                "label",
+                "class_name",
+                "copy_score",
+                "is_copy",
+                "nn_train_item",
+                "nn_patient",
+                *[f"corr_{sp}" for sp in scores.corr],
+            ]
+        )
         for i, (index, y) in enumerate(zip(sample_index, labels)):
             nn = train_items[int(scores.nn_index[i])]
-            writer.writerow([int(index), int(y), class_names[int(y)], f"{scores.score[i]:.6f}", int(scores.is_copy[i]),
-                             nn["item_id"], nn["patient"], *[f"{scores.corr[sp][i]:.6f}" for sp in scores.corr]])
+            writer.writerow(
+                [
+                    int(index),
+                    int(y),
+                    class_names[int(y)],
+                    f"{scores.score[i]:.6f}",
+                    int(scores.is_copy[i]),
+                    nn["item_id"],
+                    nn["patient"],
+                    *[f"{scores.corr[sp][i]:.6f}" for sp in scores.corr],
+                ]
+            )
     return path
 
 
@@ -190,8 +225,9 @@ def read_copy_scores(eval_dir: str | Path) -> tuple[np.ndarray, np.ndarray, floa
     eval_dir = Path(eval_dir)
     per_sample, summary = eval_dir / "per_sample.csv", eval_dir / "privacy.json"
     if not per_sample.is_file() or not summary.is_file():
-        raise FileNotFoundError(f"{eval_dir}: no per_sample.csv/privacy.json; "
-                                "run `medaug evaluate` on these samples first")
+        raise FileNotFoundError(
+            f"{eval_dir}: no per_sample.csv/privacy.json; run `medaug evaluate` on these samples first"
+        )
     with open(per_sample, newline="") as fh:
         rows = list(csv.DictReader(fh))
     index = np.array([int(r["index"]) for r in rows], dtype=np.int64)
@@ -225,14 +261,22 @@ class PrivacyAudit:
 
     def summary(self) -> dict:
         """What ``privacy.json`` holds (no images, no patient identifiers)."""
-        return dict(verdict=self.verdict, reasons=self.reasons, checks=self.checks, space=self.scores.space,
-                    percentile=self.scores.percentile, threshold=self.scores.threshold,
-                    thresholds=self.scores.thresholds, flags=asdict(self.flags),
-                    metrics={k: (v if np.isfinite(v) else None) for k, v in self.metrics.items()})
+        return dict(
+            verdict=self.verdict,
+            reasons=self.reasons,
+            checks=self.checks,
+            space=self.scores.space,
+            percentile=self.scores.percentile,
+            threshold=self.scores.threshold,
+            thresholds=self.scores.thresholds,
+            flags=asdict(self.flags),
+            metrics={k: (v if np.isfinite(v) else None) for k, v in self.metrics.items()},
+        )
 
 
-def closer_to_train(reps_s: torch.Tensor, reps_t: torch.Tensor, reps_h: torch.Tensor, seed: int = 0,
-                    repeats: int = 10) -> tuple[float, float]:
+def closer_to_train(
+    reps_s: torch.Tensor, reps_t: torch.Tensor, reps_h: torch.Tensor, seed: int = 0, repeats: int = 10
+) -> tuple[float, float]:
     """Share of synthetic samples more correlated with a random training subset than with a held-out
     subset of the same size ``n = min(M, H)`` (ties count half), averaged over ``repeats`` random
     subsets, and its one-sided p-value against 0.5.
@@ -259,25 +303,39 @@ def closer_to_train(reps_s: torch.Tensor, reps_t: torch.Tensor, reps_h: torch.Te
     return share, float(ttest_1samp(wins, 0.5, alternative="greater").pvalue)
 
 
-def privacy_audit(synth: torch.Tensor, train: torch.Tensor, heldout: torch.Tensor, train_patients: Sequence[str],
-                  encoder: Encoder | None = None, space: str = "pixel", percentile: float = 95.0,
-                  flags: PrivacyFlags | None = None, synth_labels: torch.Tensor | None = None,
-                  class_names: Sequence[str] = (), seed: int = 0) -> PrivacyAudit:
+def privacy_audit(
+    synth: torch.Tensor,
+    train: torch.Tensor,
+    heldout: torch.Tensor,
+    train_patients: Sequence[str],
+    encoder: Encoder | None = None,
+    space: str = "pixel",
+    percentile: float = 95.0,
+    flags: PrivacyFlags | None = None,
+    synth_labels: torch.Tensor | None = None,
+    class_names: Sequence[str] = (),
+    seed: int = 0,
+) -> PrivacyAudit:
     """The memorisation audit of ``synth`` against ``train`` (pseudonymous patient of each training image
     in ``train_patients``), calibrated on ``heldout``; metrics, verdict and reasons (see module doc)."""
     flags = flags or PrivacyFlags()
     if len(train_patients) != len(train):
         raise ValueError(f"{len(train_patients)} patient ids for {len(train)} training images")
     if len(heldout) < 2:
-        raise ValueError(f"{len(heldout)} held-out real images; the copy threshold needs at least 2 "
-                         "(add a val/test split or set evaluate.real_split)")
+        raise ValueError(
+            f"{len(heldout)} held-out real images; the copy threshold needs at least 2 "
+            "(add a val/test split or set evaluate.real_split)"
+        )
     reps_s, reps_t, reps_h = represent(synth, encoder), represent(train, encoder), represent(heldout, encoder)
     scores = _scores_from(reps_s, reps_t, reps_h, space, percentile)
     copies = scores.is_copy
-    m: dict[str, float] = {"privacy/threshold": scores.threshold, "privacy/copy_rate": float(copies.mean()),
-                           "privacy/copies": float(copies.sum()),
-                           "privacy/nn_corr_max": float(scores.score.max()) if len(copies) else float("nan"),
-                           "privacy/nn_corr_median": float(np.median(scores.score)) if len(copies) else float("nan")}
+    m: dict[str, float] = {
+        "privacy/threshold": scores.threshold,
+        "privacy/copy_rate": float(copies.mean()),
+        "privacy/copies": float(copies.sum()),
+        "privacy/nn_corr_max": float(scores.score.max()) if len(copies) else float("nan"),
+        "privacy/nn_corr_median": float(np.median(scores.score)) if len(copies) else float("nan"),
+    }
     for s in scores.corr:
         m[f"privacy/threshold_{s}"] = scores.thresholds[s]
         m[f"privacy/copy_rate_{s}"] = float((scores.corr[s] > scores.thresholds[s]).mean())
@@ -297,14 +355,15 @@ def privacy_audit(synth: torch.Tensor, train: torch.Tensor, heldout: torch.Tenso
 
     fails, warns, checks = [], [], []
     rate = m["privacy/copy_rate"]
-    line = (f"copy rate {rate:.1%} (limit {flags.max_copy_rate:.0%}): {int(copies.sum())} of {len(copies)} synthetic "
-            f"samples correlate above {scores.threshold:.3f} ({space}) with a training image, "
-            f"{m['privacy/memorised_patients']:.0%} of training patients")
+    line = (
+        f"copy rate {rate:.1%} (limit {flags.max_copy_rate:.0%}): {int(copies.sum())} of {len(copies)} synthetic "
+        f"samples correlate above {scores.threshold:.3f} ({space}) with a training image, "
+        f"{m['privacy/memorised_patients']:.0%} of training patients"
+    )
     checks.append(line)
     if rate > flags.max_copy_rate:
         fails.append(line)
-    line = (f"closer-to-train share {share:.2f} (limit {flags.max_closer_share:.2f}, expected 0.5), "
-            f"p = {p:.3g}")
+    line = f"closer-to-train share {share:.2f} (limit {flags.max_closer_share:.2f}, expected 0.5), p = {p:.3g}"
     if share > flags.max_closer_share and p >= flags.alpha:
         line += f" (above the limit but not significant at alpha {flags.alpha} with {len(copies)} samples: no flag)"
     checks.append(line)

@@ -22,8 +22,8 @@ import tqdm.auto
 import tqdm.autonotebook
 import tqdm.std
 
-LOG_STEP = 0.1        # share of the total between two log lines
-LOG_INTERVAL = 60.0   # seconds: at most this long without a log line while the loop advances
+LOG_STEP = 0.1  # share of the total between two log lines
+LOG_INTERVAL = 60.0  # seconds: at most this long without a log line while the loop advances
 
 
 class LogLines(tqdm.std.tqdm):
@@ -50,8 +50,11 @@ class LogLines(tqdm.std.tqdm):
             return False
         if self.n == self._line_n:
             return True
-        if (self._line_t is None or (self.total and self.n >= self._next_n)
-                or self._time() - self._line_t >= self._log_interval):
+        if (
+            self._line_t is None
+            or (self.total and self.n >= self._next_n)
+            or self._time() - self._line_t >= self._log_interval
+        ):
             self._write_line()
         return True
 
@@ -74,8 +77,9 @@ def _is_terminal(stream) -> bool:
         return False
 
 
-def progress_bar(iterable: Iterable | None = None, *, log_step: float = LOG_STEP, log_interval: float = LOG_INTERVAL,
-             **kwargs) -> tqdm.std.tqdm:
+def progress_bar(
+    iterable: Iterable | None = None, *, log_step: float = LOG_STEP, log_interval: float = LOG_INTERVAL, **kwargs
+) -> tqdm.std.tqdm:
     """A progress bar over ``iterable`` (or ``total=`` updates) with tqdm's arguments: ``tqdm.auto.tqdm`` when
     ``file`` (default ``sys.stderr``) is a terminal or in a notebook; otherwise ``LogLines``, a line at each
     ``log_step`` share of the total (0.1: 10 %) or after ``log_interval`` seconds without one, and at the end."""

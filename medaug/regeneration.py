@@ -38,9 +38,20 @@ class Regenerated(NamedTuple):
     max_rounds: int
 
 
-def regenerate_copies(images: torch.Tensor, labels: torch.Tensor, rows: Sequence[dict], keep: np.ndarray,
-                      scores: np.ndarray, threshold: float, *, sample_info: Mapping, ckpt_path: str | Path,
-                      prepared_dir: str | Path, trust: bool = False, max_rounds: int = 5) -> Regenerated:
+def regenerate_copies(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    rows: Sequence[dict],
+    keep: np.ndarray,
+    scores: np.ndarray,
+    threshold: float,
+    *,
+    sample_info: Mapping,
+    ckpt_path: str | Path,
+    prepared_dir: str | Path,
+    trust: bool = False,
+    max_rounds: int = 5,
+) -> Regenerated:
     """Sample again for every sample with ``keep`` False (N,) until a candidate of its class scores at
     most ``threshold`` (pixel-space correlation to the nearest training image, as the audit that gave
     ``scores`` (N,)), at most ``max_rounds`` rounds. Candidates are sampled with the checkpoint at
@@ -57,16 +68,36 @@ def regenerate_copies(images: torch.Tensor, labels: torch.Tensor, rows: Sequence
 
     def generate(want: torch.Tensor, first: int) -> torch.Tensor:
         sch = inference_scheduler(ckpt.config["scheduler"], s["sampler"], s["steps"])
-        return sample_images(net, sch, want, ckpt.meta["image_shape"], guidance_scale=s["guidance_scale"],
-                             null_class=len(names), seed=s["seed"] + first, batch_size=s["batch_size"], eta=s["eta"],
-                             clip_x0=s.get("clip_x0", True))  # the settings the samples were made with
+        return sample_images(
+            net,
+            sch,
+            want,
+            ckpt.meta["image_shape"],
+            guidance_scale=s["guidance_scale"],
+            null_class=len(names),
+            seed=s["seed"] + first,
+            batch_size=s["batch_size"],
+            eta=s["eta"],
+            clip_x0=s.get("clip_x0", True),
+        )  # the settings the samples were made with
 
-    new_x, new_y, source, new_scores = replace_copies(images, labels, keep, threshold, generate,
-                                                      lambda imgs: pixel_copy_scores(imgs, train_x), max_rounds)
+    new_x, new_y, source, new_scores = replace_copies(
+        images, labels, keep, threshold, generate, lambda imgs: pixel_copy_scores(imgs, train_x), max_rounds
+    )
     new_rows = []
     for src, y, sc in zip(source.tolist(), new_y.tolist(), new_scores.tolist()):
-        row = rows[src] if src < len(rows) else {**rows[0], "index": src, "label": y, "class_name": names[y],
-                                                    "seed": s["seed"] + src, "replaces_copy": True}
+        row = (
+            rows[src]
+            if src < len(rows)
+            else {
+                **rows[0],
+                "index": src,
+                "label": y,
+                "class_name": names[y],
+                "seed": s["seed"] + src,
+                "replaces_copy": True,
+            }
+        )
         new_rows.append(row)
     final_scores = np.where(np.isnan(new_scores), scores[source.clip(max=len(rows) - 1)], new_scores)
     return Regenerated(new_x, new_rows, final_scores, len(rows) - len(new_rows), max_rounds)

@@ -84,8 +84,16 @@ class Generator:
         self.net = sampling_network(self.ckpt, device, use_ema=True)
         self.class_names = list(self.ckpt.meta["class_names"])
 
-    def sample(self, class_name: str, count: int, seed: int, guidance: float = 2.0, sampler: str = "ddim",
-               steps: int = 20, batch_size: int = 16) -> torch.Tensor:
+    def sample(
+        self,
+        class_name: str,
+        count: int,
+        seed: int,
+        guidance: float = 2.0,
+        sampler: str = "ddim",
+        steps: int = 20,
+        batch_size: int = 16,
+    ) -> torch.Tensor:
         """``count`` images ``(count, C, *spatial)`` in [-1, 1] of ``class_name``; image ``i`` from ``seed + i``
         exactly as ``medaug sample`` makes them (same seeds, same batch size)."""
         from medaug.sampling import generate_sharded, inference_scheduler, sample_images
@@ -100,8 +108,9 @@ class Generator:
 
         def generate(chunk, chunk_seed: int):
             if self.space is None:
-                return sample_images(self.net, scheduler, chunk, self.ckpt.meta["image_shape"], seed=chunk_seed,
-                                     progress=False, **kwargs)
+                return sample_images(
+                    self.net, scheduler, chunk, self.ckpt.meta["image_shape"], seed=chunk_seed, progress=False, **kwargs
+                )
             return self.space.sample(self.net, scheduler, chunk, seed=chunk_seed, progress=False, **kwargs)
 
         return generate_sharded(generate, labels, batch_size, int(seed))
@@ -133,9 +142,14 @@ def predict_table(generator: Generator, table, output_dir: str | Path | None = N
     out = []
     for req in table.to_dict(orient="records"):
         seed = int(req.get("seed", 0))
-        images = generator.sample(str(req["class"]), int(req["count"]), seed,
-                                  guidance=float(req.get("guidance", 2.0)), sampler=str(req.get("sampler", "ddim")),
-                                  steps=int(req.get("steps", 20)))
+        images = generator.sample(
+            str(req["class"]),
+            int(req["count"]),
+            seed,
+            guidance=float(req.get("guidance", 2.0)),
+            sampler=str(req.get("sampler", "ddim")),
+            steps=int(req.get("steps", 20)),
+        )
         for i, img in enumerate(images.numpy().astype(np.float32)):
             out.append({"class": str(req["class"]), "seed": seed, "index": i, "image": img})
             if output_dir:
@@ -150,12 +164,21 @@ def signature_and_example(class_names):
 
     import pandas as pd
 
-    inputs = Schema([ColSpec("string", "class"), ColSpec("long", "count"), ColSpec("long", "seed"),
-                     ColSpec("double", "guidance"), ColSpec("string", "sampler"), ColSpec("long", "steps")])
+    inputs = Schema(
+        [
+            ColSpec("string", "class"),
+            ColSpec("long", "count"),
+            ColSpec("long", "seed"),
+            ColSpec("double", "guidance"),
+            ColSpec("string", "sampler"),
+            ColSpec("long", "steps"),
+        ]
+    )
     outputs = Schema([ColSpec("string", "class"), ColSpec("long", "seed"), ColSpec("long", "index")])
     params = ParamSchema([ParamSpec("output_dir", "string", "")])
-    example = pd.DataFrame([{"class": class_names[0], "count": 1, "seed": 0, "guidance": 2.0, "sampler": "ddim",
-                             "steps": 2}])
+    example = pd.DataFrame(
+        [{"class": class_names[0], "count": 1, "seed": 0, "guidance": 2.0, "sampler": "ddim", "steps": 2}]
+    )
     return ModelSignature(inputs=inputs, outputs=outputs, params=params), example
 
 
@@ -171,10 +194,16 @@ def register_generator(uri: str, run_id: str | None, name: str, checkpoint: str 
             artifacts["autoencoder"] = str(shutil.copy(meta["latent"]["autoencoder_path"], Path(tmp) / AUTOENCODER))
         signature, example = signature_and_example(meta["class_names"])
         with mlflow.start_run(run_id=run_id):  # the run stays open: the stage ends it
-            info = mlflow.pyfunc.log_model(name=ARTIFACT_PATH, python_model=_pyfunc_class()(), artifacts=artifacts,
-                                           signature=signature, input_example=example, registered_model_name=name,
-                                           pip_requirements=["medaug", "mlflow", "torch"],
-                                           tags={"medaug.dataset": meta.get("dataset", "")})
+            info = mlflow.pyfunc.log_model(
+                name=ARTIFACT_PATH,
+                python_model=_pyfunc_class()(),
+                artifacts=artifacts,
+                signature=signature,
+                input_example=example,
+                registered_model_name=name,
+                pip_requirements=["medaug", "mlflow", "torch"],
+                tags={"medaug.dataset": meta.get("dataset", "")},
+            )
         version = str(info.registered_model_version)
     log.info("registered the generator as models:/%s/%s", name, version)
     return version
@@ -186,7 +215,7 @@ def checkpoint_file(model_uri: str, tracking_uri: str, cache_dir: str | Path) ->
     from mlflow.exceptions import MlflowException
 
     uri = model_uri.replace("/@", "@")
-    target = Path(cache_dir) / uri[len(REGISTRY_PREFIX):].replace("/", "_").replace("@", "_at_")
+    target = Path(cache_dir) / uri[len(REGISTRY_PREFIX) :].replace("/", "_").replace("@", "_at_")
     with _tracking_uri(tracking_uri) as mlflow:
         try:
             if not (target / "artifacts" / CHECKPOINT).is_file():  # an alias may move: always ask for it
@@ -197,12 +226,16 @@ def checkpoint_file(model_uri: str, tracking_uri: str, cache_dir: str | Path) ->
                 target.mkdir(parents=True)
                 mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(target))
         except MlflowException as err:
-            raise ValueError(f"ckpt_path={model_uri}: not found in the model registry at {tracking_uri} "
-                             f"({str(err).splitlines()[0][:200]})") from None
+            raise ValueError(
+                f"ckpt_path={model_uri}: not found in the model registry at {tracking_uri} "
+                f"({str(err).splitlines()[0][:200]})"
+            ) from None
     found = target / "artifacts" / CHECKPOINT
     if not found.is_file():
-        raise ValueError(f"ckpt_path={model_uri}: the registered model holds no {CHECKPOINT}; register a medaug "
-                         "generator (tracking.register=<name>)")
+        raise ValueError(
+            f"ckpt_path={model_uri}: the registered model holds no {CHECKPOINT}; register a medaug "
+            "generator (tracking.register=<name>)"
+        )
     autoencoder = target / "artifacts" / AUTOENCODER
     return _with_autoencoder(found, autoencoder) if autoencoder.is_file() else found
 
@@ -222,24 +255,33 @@ def _with_autoencoder(checkpoint: Path, autoencoder: Path) -> Path:
 
 # --- lineage
 
+
 def dataset_entity(info, origin: str):
     """The prepared dataset ``info`` (:class:`medaug.data.PreparedInfo`) as an MLflow dataset record: digest
     its fingerprint, source :func:`dataset_source` (never a path), profile its per-split counts."""
     from mlflow.entities import Dataset
 
     source = dataset_source(info, origin)
-    return Dataset(name=f"prepared-{origin}-{source['modality'].lower()}-{source['spatial_dims']}d",
-                   digest=str(info.fingerprint)[:36], source_type="medaug", source=json.dumps(source, sort_keys=True),
-                   profile=json.dumps({"counts": info.counts}, sort_keys=True))
+    return Dataset(
+        name=f"prepared-{origin}-{source['modality'].lower()}-{source['spatial_dims']}d",
+        digest=str(info.fingerprint)[:36],
+        source_type="medaug",
+        source=json.dumps(source, sort_keys=True),
+        profile=json.dumps({"counts": info.counts}, sort_keys=True),
+    )
 
 
 def dataset_source(info, origin: str) -> dict:
     """What may be said of where a prepared dataset (:class:`medaug.data.PreparedInfo`) came from: ``origin``
     (the config's ``data.source``: demo, labels, dicomweb), the file format, modality, dimensions; no path."""
     summary = info.summary or {}
-    return {"origin": str(origin), "format": "dicom" if summary.get("series") else "nifti",
-            "modality": str(info.modality or "unknown"), "spatial_dims": int(info.spatial_dims),
-            "classes": list(info.class_names)}
+    return {
+        "origin": str(origin),
+        "format": "dicom" if summary.get("series") else "nifti",
+        "modality": str(info.modality or "unknown"),
+        "spatial_dims": int(info.spatial_dims),
+        "classes": list(info.class_names),
+    }
 
 
 def synthetic_entity(samples_digest: str, info: Mapping, count: int):
@@ -247,16 +289,35 @@ def synthetic_entity(samples_digest: str, info: Mapping, count: int):
     fingerprint (``info["dataset"]``, the samples' info) and the checkpoint id; ``count`` images."""
     from mlflow.entities import Dataset
 
-    source = {"origin": "synthetic", "trained_on": str(info.get("dataset") or "unknown"),
-              "checkpoint_id": str(info.get("checkpoint_id", "")), "images": int(count)}
-    return Dataset(name=f"synthetic-{str(info.get('modality') or 'unknown').lower()}-{info.get('spatial_dims')}d",
-                   digest=str(samples_digest)[:36], source_type="medaug", source=json.dumps(source, sort_keys=True))
+    source = {
+        "origin": "synthetic",
+        "trained_on": str(info.get("dataset") or "unknown"),
+        "checkpoint_id": str(info.get("checkpoint_id", "")),
+        "images": int(count),
+    }
+    return Dataset(
+        name=f"synthetic-{str(info.get('modality') or 'unknown').lower()}-{info.get('spatial_dims')}d",
+        digest=str(samples_digest)[:36],
+        source_type="medaug",
+        source=json.dumps(source, sort_keys=True),
+    )
 
 
 # --- previews
 
-def preview_callback(tracker, ema, scheduler_spec: Mapping, meta: Mapping, every: int, *, space=None,
-                     per_class: int = 2, steps: int = 10, seed: int = 0) -> Callable[[int], None] | None:
+
+def preview_callback(
+    tracker,
+    ema,
+    scheduler_spec: Mapping,
+    meta: Mapping,
+    every: int,
+    *,
+    space=None,
+    per_class: int = 2,
+    steps: int = 10,
+    seed: int = 0,
+) -> Callable[[int], None] | None:
     """``callback(step)`` for :func:`medaug.training.fit`: every ``every`` steps a grid of ``per_class`` EMA samples
     per class (fixed seeds: the previews show the same noise being learnt) logged with ``log_image`` at ``step``
     under the key ``preview`` (``training.preview_every``; 0 or None: no previews, returns None)."""

@@ -54,14 +54,17 @@ def read_evaluation(eval_dir: str | Path, samples_dir: str | Path) -> Evaluation
     eval_dir = Path(eval_dir)
     complete = is_complete(eval_dir)
     if complete and json.loads((eval_dir / "privacy.json").read_text()).get("samples_id") != samples_id(samples_dir):
-        raise ExportError(f"{eval_dir} evaluated other samples than {samples_dir} (sampled or trained again since?); "
-                          "run `medaug evaluate` again, or set paths.eval_dir to these samples' evaluation")
+        raise ExportError(
+            f"{eval_dir} evaluated other samples than {samples_dir} (sampled or trained again since?); "
+            "run `medaug evaluate` again, or set paths.eval_dir to these samples' evaluation"
+        )
     metrics = json.loads((eval_dir / "metrics.json").read_text()) if complete else {}
     if not metrics:
         log.warning("no evaluation found in %s: the data card will have no metrics; run `medaug evaluate`", eval_dir)
     reports, verdict = privacy_inputs(eval_dir, metrics) if complete else ([], "not audited")
-    return Evaluation(eval_dir, complete, metrics, complete and (eval_dir / "per_sample.csv").is_file(), reports,
-                      verdict)
+    return Evaluation(
+        eval_dir, complete, metrics, complete and (eval_dir / "per_sample.csv").is_file(), reports, verdict
+    )
 
 
 def privacy_inputs(eval_dir: Path, metrics: dict) -> tuple[list[Path], str]:
@@ -88,26 +91,41 @@ def card_fields(name: str, info: Mapping, rows: Sequence[Mapping], ev: Evaluatio
     says "copy filter off" until :func:`filter_copies` replaces it."""
     meta = Path(prepared_dir) / "dataset.json"
     deid = json.loads(meta.read_text()).get("deid", {}) if meta.is_file() else {}
-    headline = {k: v for k, v in ev.metrics.items() if v is not None and k.count("/") == 1
-                and not k.endswith(("_std", "_code")) and "threshold" not in k}
+    headline = {
+        k: v
+        for k, v in ev.metrics.items()
+        if v is not None and k.count("/") == 1 and not k.endswith(("_std", "_code")) and "threshold" not in k
+    }
     window = IntensityWindow(**info["window"])
     spacing = np.linalg.norm(np.asarray(info["affine"])[:3, :3], axis=0)
     s = info["sample"]
     return dict(
-        name=name, created=dt.date.today().isoformat(), medaug_version=medaug.__version__,
-        checkpoint_id=info["checkpoint_id"], training_steps=info["checkpoint_step"], model=info["model"],
-        dataset_fingerprint=info.get("dataset") or "unknown", mlflow_run_id=info.get("mlflow_run_id") or "not tracked",
-        sampler=f"{s['sampler']}, {s['steps']} steps, eta {s['eta']}", guidance_scale=s["guidance_scale"],
-        seed=s["seed"], spatial_dims=info["spatial_dims"], image_shape=" × ".join(map(str, info["image_shape"])),
+        name=name,
+        created=dt.date.today().isoformat(),
+        medaug_version=medaug.__version__,
+        checkpoint_id=info["checkpoint_id"],
+        training_steps=info["checkpoint_step"],
+        model=info["model"],
+        dataset_fingerprint=info.get("dataset") or "unknown",
+        mlflow_run_id=info.get("mlflow_run_id") or "not tracked",
+        sampler=f"{s['sampler']}, {s['steps']} steps, eta {s['eta']}",
+        guidance_scale=s["guidance_scale"],
+        seed=s["seed"],
+        spatial_dims=info["spatial_dims"],
+        image_shape=" × ".join(map(str, info["image_shape"])),
         spacing=" × ".join(f"{v:.2f}" for v in spacing[: info["spatial_dims"]]),
         intensity=f"training window [{window.lo:g}, {window.hi:g}] {window.unit}",
         class_counts=class_counts_text(rows),
         metrics=metrics_table(headline) if headline else "_not evaluated_",
         differential_privacy=describe(info.get("dp")),
-        deid=(f"gate policy `{deid.get('policy')}`" + (", PHI findings trusted by the user (see prepare's log)"
-                                                       if deid.get("policy") == "trust" else "")
-              if deid else "not recorded"),
-        filtered="copy filter off", privacy=ev.verdict,
+        deid=(
+            f"gate policy `{deid.get('policy')}`"
+            + (", PHI findings trusted by the user (see prepare's log)" if deid.get("policy") == "trust" else "")
+            if deid
+            else "not recorded"
+        ),
+        filtered="copy filter off",
+        privacy=ev.verdict,
     )
 
 
@@ -142,8 +160,13 @@ class Filtered(NamedTuple):
     note: str
 
 
-def filter_copies(images: torch.Tensor, labels: torch.Tensor, rows: Sequence[dict], eval_dir: str | Path,
-                  regenerate: Callable | None = None) -> Filtered:
+def filter_copies(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    rows: Sequence[dict],
+    eval_dir: str | Path,
+    regenerate: Callable | None = None,
+) -> Filtered:
     """Drop the samples (N, 1, *spatial) whose copy score is above the audit's threshold and, when
     ``regenerate`` is given (:func:`medaug.regeneration.regenerate_copies` with its other arguments bound),
     replace them by new samples of the same class that pass it (needs an audit in pixel space)."""
@@ -156,12 +179,16 @@ def filter_copies(images: torch.Tensor, labels: torch.Tensor, rows: Sequence[dic
         return Filtered(images[torch.from_numpy(keep)], [r for r, k in zip(rows, keep) if k], scores[keep], note)
     space = json.loads((eval_dir / "privacy.json").read_text()).get("space")
     if space != "pixel":
-        raise ExportError(f"export.regenerate needs the audit in pixel space (it used {space!r}); "
-                          "set evaluate.privacy.space=pixel or export.regenerate=false")
+        raise ExportError(
+            f"export.regenerate needs the audit in pixel space (it used {space!r}); "
+            "set evaluate.privacy.space=pixel or export.regenerate=false"
+        )
     new = regenerate(images, labels, rows, keep, scores, threshold)
-    note = (f"copy filter on (threshold {threshold:.4f}): {dropped} of {len(rows)} samples dropped and "
-            f"{dropped - new.short} regenerated"
-            + (f"; {new.short} could not be replaced in {new.max_rounds} rounds" if new.short else ""))
+    note = (
+        f"copy filter on (threshold {threshold:.4f}): {dropped} of {len(rows)} samples dropped and "
+        f"{dropped - new.short} regenerated"
+        + (f"; {new.short} could not be replaced in {new.max_rounds} rounds" if new.short else "")
+    )
     if new.short:
         log.warning(note)
     return Filtered(new.images, new.rows, new.scores, note)

@@ -53,8 +53,17 @@ def side_by_side(left: str | Path, right: str | Path, out: str | Path, titles=("
     return out
 
 
-def nearest_pairs(synth: torch.Tensor, train: torch.Tensor, scores: np.ndarray, nn_index: np.ndarray,
-                  threshold: float, out: str | Path, top: int = 16, columns: int = 4, min_tile: int = 64) -> Path:
+def nearest_pairs(
+    synth: torch.Tensor,
+    train: torch.Tensor,
+    scores: np.ndarray,
+    nn_index: np.ndarray,
+    threshold: float,
+    out: str | Path,
+    top: int = 16,
+    columns: int = 4,
+    min_tile: int = 64,
+) -> Path:
     """The ``top`` synthetic samples with the highest ``scores`` (N,), each as [synthetic | nearest training
     image ``train[nn_index[i]]``] with ``r=<score>`` and ``COPY`` when above ``threshold``; 3D volumes show
     their three mid-planes. Images ``(N, 1, *spatial)`` in [-1, 1]."""
@@ -64,13 +73,23 @@ def nearest_pairs(synth: torch.Tensor, train: torch.Tensor, scores: np.ndarray, 
     scale = max(1, -(-min_tile // min(synth.shape[2:])))
     cells = []
     for i in order:
-        pair = np.concatenate([_tile(synth[i], scale), np.full((_tile(synth[i], scale).shape[0], 4), 255, np.uint8),
-                               _tile(train[int(nn_index[i])], scale)], axis=1)
+        pair = np.concatenate(
+            [
+                _tile(synth[i], scale),
+                np.full((_tile(synth[i], scale).shape[0], 4), 255, np.uint8),
+                _tile(train[int(nn_index[i])], scale),
+            ],
+            axis=1,
+        )
         cell = Image.new("RGB", (pair.shape[1] + 8, pair.shape[0] + 18), "white")
         cell.paste(Image.fromarray(pair).convert("RGB"), (4, 0))
         copy = scores[i] > threshold
-        _text(ImageDraw.Draw(cell), (4, pair.shape[0] + 3), f"#{i} r={scores[i]:.3f}{'  COPY' if copy else ''}",
-              SYNTH_RGB if copy else (0, 0, 0))
+        _text(
+            ImageDraw.Draw(cell),
+            (4, pair.shape[0] + 3),
+            f"#{i} r={scores[i]:.3f}{'  COPY' if copy else ''}",
+            SYNTH_RGB if copy else (0, 0, 0),
+        )
         cells.append(cell)
     w, h = cells[0].size
     rows = math.ceil(len(cells) / columns)
@@ -84,8 +103,9 @@ def nearest_pairs(synth: torch.Tensor, train: torch.Tensor, scores: np.ndarray, 
     return out
 
 
-def _histogram_panel(synth: np.ndarray, heldout: np.ndarray, threshold: float, title: str,
-                     size=(480, 200), bins: int = 30) -> Image.Image:
+def _histogram_panel(
+    synth: np.ndarray, heldout: np.ndarray, threshold: float, title: str, size=(480, 200), bins: int = 30
+) -> Image.Image:
     w, h = size
     left, bottom, top = 40, 28, 20
     lo = float(min(synth.min(initial=1.0), heldout.min(initial=1.0)))
@@ -121,12 +141,14 @@ def _histogram_panel(synth: np.ndarray, heldout: np.ndarray, threshold: float, t
     return img
 
 
-def score_histograms(synth: Mapping[str, np.ndarray], heldout: Mapping[str, np.ndarray],
-                     thresholds: Mapping[str, float], out: str | Path) -> Path:
+def score_histograms(
+    synth: Mapping[str, np.ndarray], heldout: Mapping[str, np.ndarray], thresholds: Mapping[str, float], out: str | Path
+) -> Path:
     """One panel per space (pixel, embedding): share of samples per bin of nearest-training correlation,
     synthetic (red) vs held-out real (blue), with the copy threshold."""
-    panels = [_histogram_panel(np.asarray(synth[s]), np.asarray(heldout[s]), thresholds[s], f"{s} space")
-              for s in synth]
+    panels = [
+        _histogram_panel(np.asarray(synth[s]), np.asarray(heldout[s]), thresholds[s], f"{s} space") for s in synth
+    ]
     canvas = Image.new("RGB", (panels[0].width, sum(p.height for p in panels)), "white")
     for k, p in enumerate(panels):
         canvas.paste(p, (0, k * p.height))
@@ -135,9 +157,17 @@ def score_histograms(synth: Mapping[str, np.ndarray], heldout: Mapping[str, np.n
     return out
 
 
-def write_pictures(folder: str | Path, synth: torch.Tensor, synth_y: torch.Tensor, real: torch.Tensor,
-                   real_y: torch.Tensor, train: torch.Tensor, class_names: Sequence[str], scores, top: int = 16
-                   ) -> dict[str, str]:
+def write_pictures(
+    folder: str | Path,
+    synth: torch.Tensor,
+    synth_y: torch.Tensor,
+    real: torch.Tensor,
+    real_y: torch.Tensor,
+    train: torch.Tensor,
+    class_names: Sequence[str],
+    scores,
+    top: int = 16,
+) -> dict[str, str]:
     """Every evaluation picture into ``folder``: class grids (synthetic, real, side by side), the ``top``
     nearest pairs and the score histograms of ``scores`` (``privacy.CopyScores``). Returns ``{caption: file}``."""
     folder = Path(folder)
@@ -146,9 +176,11 @@ def write_pictures(folder: str | Path, synth: torch.Tensor, synth_y: torch.Tenso
     side_by_side(folder / "synthetic_grid.png", folder / "real_grid.png", folder / "grids.png")
     nearest_pairs(synth, train, scores.score, scores.nn_index, scores.threshold, folder / "nearest_pairs.png", top=top)
     score_histograms(scores.corr, scores.heldout, scores.thresholds, folder / "nn_histograms.png")
-    return {"synthetic (left) beside held-out real (right), one row per class": "grids.png",
-            f"the {top} synthetic samples most like a training image": "nearest_pairs.png",
-            "nearest-training correlation, synthetic vs held-out": "nn_histograms.png"}
+    return {
+        "synthetic (left) beside held-out real (right), one row per class": "grids.png",
+        f"the {top} synthetic samples most like a training image": "nearest_pairs.png",
+        "nearest-training correlation, synthetic vs held-out": "nn_histograms.png",
+    }
 
 
 WEAK_KAPPA = 0.2  # Cohen's kappa below this is "slight" agreement (Landis and Koch, 1977)
@@ -160,8 +192,15 @@ def _fmt(v) -> str:
     return "0" if abs(v) < 1e-9 else f"{v:.4g}"
 
 
-def write_report(path: str | Path, metrics: Mapping[str, float], class_names: Sequence[str], extractors: Sequence[str],
-                 privacy: Mapping, images: Mapping[str, str], context: Mapping[str, str]) -> Path:
+def write_report(
+    path: str | Path,
+    metrics: Mapping[str, float],
+    class_names: Sequence[str],
+    extractors: Sequence[str],
+    privacy: Mapping,
+    images: Mapping[str, str],
+    context: Mapping[str, str],
+) -> Path:
     """The one-page ``report.md``: how the numbers were made, fidelity with floors, diversity, label
     fidelity, utility, the privacy verdict with its checks, and the pictures (``{caption: file}``)."""
     m = dict(metrics)
@@ -175,11 +214,14 @@ def write_report(path: str | Path, metrics: Mapping[str, float], class_names: Se
     lines += ["", "## Fidelity (synthetic vs held-out real; floor = real half vs real half, same size)", ""]
     kappa = m.get("fidelity/label_kappa_real")
     if kappa is not None and math.isfinite(kappa) and kappa < WEAK_KAPPA:
-        lines += [f"> **Weak classifier.** The classifier trained on the real train split barely tells the classes "
-                  f"apart on held-out real data (Cohen's kappa {_fmt(kappa)} < {WEAK_KAPPA}). Label fidelity says "
-                  "little then, and neither do the feature metrics below when that classifier is their encoder "
-                  "(the default). Raise `evaluate.classifier_steps` or set `evaluate.encoder.weights`, and look "
-                  "at the pictures.", ""]
+        lines += [
+            f"> **Weak classifier.** The classifier trained on the real train split barely tells the classes "
+            f"apart on held-out real data (Cohen's kappa {_fmt(kappa)} < {WEAK_KAPPA}). Label fidelity says "
+            "little then, and neither do the feature metrics below when that classifier is their encoder "
+            "(the default). Raise `evaluate.classifier_steps` or set `evaluate.encoder.weights`, and look "
+            "at the pictures.",
+            "",
+        ]
     lines += ["| metric | synthetic | real-vs-real floor | better |", "| --- | --- | --- | --- |"]
     better = dict(fd="lower", kid="lower", precision="higher", recall="higher", density="≈ 1", coverage="higher")
     for suffix in ("", "_25d"):
@@ -191,33 +233,63 @@ def write_report(path: str | Path, metrics: Mapping[str, float], class_names: Se
                     value += f" ± {_fmt(m.get(f'fidelity/kid_std{suffix}'))}" if value != "n/a" else ""
                     floor += f" ± {_fmt(m.get(f'fidelity/kid_std{suffix}_floor'))}" if floor != "n/a" else ""
                 lines.append(f"| `{key}` | {value} | {floor} | {how} |")
-    small = [f"`{k.replace('kid_too_small', 'kid', 1)}`" for k, v in m.items()
-             if k.startswith("fidelity/kid_too_small") and v == 1]
+    small = [
+        f"`{k.replace('kid_too_small', 'kid', 1)}`"
+        for k, v in m.items()
+        if k.startswith("fidelity/kid_too_small") and v == 1
+    ]
     if small:
-        lines += ["", f"> **KID left out** for {', '.join(small)}: a set there has fewer than {KID_MIN_SAMPLES} "
-                  "samples, too few for KID and its spread (NaN in `metrics.json`, `fidelity/kid_too_small...` = 1). "
-                  "Evaluate more samples or read FD and the pictures."]
-    lines += ["", "## Per class", "", "| class | FD (floor) | label acc (real) | MS-SSIM diversity synthetic (real) "
-              "| copy rate |", "| --- | --- | --- | --- | --- |"]
+        lines += [
+            "",
+            f"> **KID left out** for {', '.join(small)}: a set there has fewer than {KID_MIN_SAMPLES} "
+            "samples, too few for KID and its spread (NaN in `metrics.json`, `fidelity/kid_too_small...` = 1). "
+            "Evaluate more samples or read FD and the pictures.",
+        ]
+    lines += [
+        "",
+        "## Per class",
+        "",
+        "| class | FD (floor) | label acc (real) | MS-SSIM diversity synthetic (real) | copy rate |",
+        "| --- | --- | --- | --- | --- |",
+    ]
     for c in class_names:
-        lines.append(f"| {c} | {_fmt(m.get(f'fidelity/fd/{c}'))} ({_fmt(m.get(f'fidelity/fd_floor/{c}'))}) "
-                     f"| {_fmt(m.get(f'fidelity/label_acc/{c}'))} ({_fmt(m.get(f'fidelity/label_acc_real/{c}'))}) "
-                     f"| {_fmt(m.get(f'diversity/msssim/{c}'))} ({_fmt(m.get(f'diversity/msssim_real/{c}'))}) "
-                     f"| {_fmt(m.get(f'privacy/copy_rate/{c}'))} |")
-    lines += ["", f"Label fidelity overall: accuracy {_fmt(m.get('fidelity/label_acc'))} "
-              f"(held-out real {_fmt(m.get('fidelity/label_acc_real'))}), Cohen's kappa "
-              f"{_fmt(m.get('fidelity/label_kappa'))} (real {_fmt(m.get('fidelity/label_kappa_real'))}). "
-              "MS-SSIM near 1 means a collapsed class.", ""]
+        lines.append(
+            f"| {c} | {_fmt(m.get(f'fidelity/fd/{c}'))} ({_fmt(m.get(f'fidelity/fd_floor/{c}'))}) "
+            f"| {_fmt(m.get(f'fidelity/label_acc/{c}'))} ({_fmt(m.get(f'fidelity/label_acc_real/{c}'))}) "
+            f"| {_fmt(m.get(f'diversity/msssim/{c}'))} ({_fmt(m.get(f'diversity/msssim_real/{c}'))}) "
+            f"| {_fmt(m.get(f'privacy/copy_rate/{c}'))} |"
+        )
+    lines += [
+        "",
+        f"Label fidelity overall: accuracy {_fmt(m.get('fidelity/label_acc'))} "
+        f"(held-out real {_fmt(m.get('fidelity/label_acc_real'))}), Cohen's kappa "
+        f"{_fmt(m.get('fidelity/label_kappa'))} (real {_fmt(m.get('fidelity/label_kappa_real'))}). "
+        "MS-SSIM near 1 means a collapsed class.",
+        "",
+    ]
     if "utility/real_acc" in m:
-        lines += ["## Utility (classifier tested on held-out real, mean ± std over seeds)", "",
-                  "| trained on | accuracy | macro AUC |", "| --- | --- | --- |"]
-        for name, label in (("real", "real only"), ("tstr", "synthetic only (TSTR)"),
-                            ("augmented", "real + synthetic")):
-            lines.append(f"| {label} | {_fmt(m[f'utility/{name}_acc'])} ± {_fmt(m[f'utility/{name}_acc_std'])} "
-                         f"| {_fmt(m[f'utility/{name}_auc'])} ± {_fmt(m[f'utility/{name}_auc_std'])} |")
-        lines += ["", f"Augmentation gain: accuracy {_fmt(m['utility/aug_gain_acc'])} ± "
-                  f"{_fmt(m['utility/aug_gain_acc_std'])}, AUC {_fmt(m['utility/aug_gain_auc'])} ± "
-                  f"{_fmt(m['utility/aug_gain_auc_std'])}.", ""]
+        lines += [
+            "## Utility (classifier tested on held-out real, mean ± std over seeds)",
+            "",
+            "| trained on | accuracy | macro AUC |",
+            "| --- | --- | --- |",
+        ]
+        for name, label in (
+            ("real", "real only"),
+            ("tstr", "synthetic only (TSTR)"),
+            ("augmented", "real + synthetic"),
+        ):
+            lines.append(
+                f"| {label} | {_fmt(m[f'utility/{name}_acc'])} ± {_fmt(m[f'utility/{name}_acc_std'])} "
+                f"| {_fmt(m[f'utility/{name}_auc'])} ± {_fmt(m[f'utility/{name}_auc_std'])} |"
+            )
+        lines += [
+            "",
+            f"Augmentation gain: accuracy {_fmt(m['utility/aug_gain_acc'])} ± "
+            f"{_fmt(m['utility/aug_gain_acc_std'])}, AUC {_fmt(m['utility/aug_gain_auc'])} ± "
+            f"{_fmt(m['utility/aug_gain_auc_std'])}.",
+            "",
+        ]
     lines += ["## Pictures", ""] + [f"- {caption}: ![{caption}]({file})" for caption, file in images.items()]
     lines += ["", "All numbers: `metrics.json` (the same as in MLflow); per-sample copy scores: `per_sample.csv`."]
     path = Path(path)

@@ -24,8 +24,7 @@ PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 def distributed() -> tuple[int, int, int]:
     """``(rank, local_rank, world_size)`` that torchrun gave this process (its environment); (0, 0, 1)
     without torchrun. Known before the process group starts; :func:`rank_and_world` asks the group."""
-    return (int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)),
-            int(os.environ.get("WORLD_SIZE", 1)))
+    return (int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
 
 
 def rank_and_world() -> tuple[int, int]:

@@ -63,8 +63,13 @@ class DDIM(DDIMScheduler):
         self.timesteps = (k * self.num_train_timesteps / num_inference_steps).round().long() - 1
 
 
-SAMPLERS = {"ddpm": DDPMScheduler, "ddim": DDIM, "pndm": PNDMScheduler,
-            "dpmpp_2m": DPMSolverPP2M, "dpmpp_2m_sde": DPMSolverPP2MSDE}
+SAMPLERS = {
+    "ddpm": DDPMScheduler,
+    "ddim": DDIM,
+    "pndm": PNDMScheduler,
+    "dpmpp_2m": DPMSolverPP2M,
+    "dpmpp_2m_sde": DPMSolverPP2MSDE,
+}
 SCHEDULE_ARGS = {"beta_start", "beta_end", "sig_range"}  # passed through to MONAI's noise schedule functions
 
 
@@ -93,24 +98,32 @@ def inference_scheduler(spec: Mapping, sampler: str = "ddim", steps: int = 50):
     if not 1 <= steps <= total:
         raise ValueError(f"steps={steps} must be between 1 and {total}")
     if sampler == "ddpm" and steps != total:  # MONAI's DDPM step always goes from t to t - 1
-        raise ValueError(f"sampler=ddpm takes every one of the {total} training timesteps, not steps={steps}; set "
-                         f"steps={total}, or for fewer steps use ddim with eta=1 (ancestral) or dpmpp_2m_sde")
+        raise ValueError(
+            f"sampler=ddpm takes every one of the {total} training timesteps, not steps={steps}; set "
+            f"steps={total}, or for fewer steps use ddim with eta=1 (ancestral) or dpmpp_2m_sde"
+        )
     if sampler == "pndm" and scheduler.prediction_type == "v_prediction":
-        raise ValueError("sampler=pndm extrapolates the network's outputs over timesteps, which is only right for "
-                         "noise (epsilon) predictions, not for this v_prediction model; use dpmpp_2m_sde, dpmpp_2m "
-                         "or ddim")
+        raise ValueError(
+            "sampler=pndm extrapolates the network's outputs over timesteps, which is only right for "
+            "noise (epsilon) predictions, not for this v_prediction model; use dpmpp_2m_sde, dpmpp_2m "
+            "or ddim"
+        )
     scheduler.set_timesteps(steps)
     return scheduler
 
 
 def _flow_inference_scheduler(spec: Mapping, sampler: str, steps: int):
     if not is_flow(spec):
-        raise ValueError(f"sample.sampler={FLOW_SAMPLER} is for models trained with scheduler=rflow, but this one was "
-                         f"trained with {spec.get('_target_')}; choose one of {sorted(SAMPLERS)}")
+        raise ValueError(
+            f"sample.sampler={FLOW_SAMPLER} is for models trained with scheduler=rflow, but this one was "
+            f"trained with {spec.get('_target_')}; choose one of {sorted(SAMPLERS)}"
+        )
     if sampler != FLOW_SAMPLER:
-        raise ValueError(f"sample.sampler={sampler} is for DDPM-trained models; this model was trained with rectified "
-                         f"flow: set sample.sampler={FLOW_SAMPLER} (or add scheduler=rflow to the command, which sets "
-                         "it with its steps)")
+        raise ValueError(
+            f"sample.sampler={sampler} is for DDPM-trained models; this model was trained with rectified "
+            f"flow: set sample.sampler={FLOW_SAMPLER} (or add scheduler=rflow to the command, which sets "
+            "it with its steps)"
+        )
     scheduler = flow_scheduler(spec)
     if not 1 <= steps <= scheduler.num_train_timesteps:
         raise ValueError(f"steps={steps} must be between 1 and {scheduler.num_train_timesteps}")
@@ -118,8 +131,13 @@ def _flow_inference_scheduler(spec: Mapping, sampler: str, steps: int):
     return scheduler
 
 
-def class_counts(num_per_class: int | Mapping[str, int], class_names: Sequence[str], *,
-                 key: str = "sample.num_per_class", allow_empty: bool = False) -> dict[str, int]:
+def class_counts(
+    num_per_class: int | Mapping[str, int],
+    class_names: Sequence[str],
+    *,
+    key: str = "sample.num_per_class",
+    allow_empty: bool = False,
+) -> dict[str, int]:
     """How many samples each class gets, from one count for every class or a count per class name.
 
     Args:
@@ -161,8 +179,14 @@ def labels_for_counts(counts: Mapping, class_names: Sequence[str] | None = None)
     return torch.tensor([c for c, k in sorted(counts.items()) for _ in range(int(k))], dtype=torch.long)
 
 
-def sampling_network(ckpt: Checkpoint, device: str | torch.device, *, use_ema: bool = True, compile=False,
-                     compile_cache: str | Path | None = None) -> nn.Module:
+def sampling_network(
+    ckpt: Checkpoint,
+    device: str | torch.device,
+    *,
+    use_ema: bool = True,
+    compile=False,
+    compile_cache: str | Path | None = None,
+) -> nn.Module:
     """The network of ``ckpt`` ready to sample on ``device``, in eval mode.
 
     Args:
@@ -182,8 +206,9 @@ def sampling_network(ckpt: Checkpoint, device: str | torch.device, *, use_ema: b
     if device.type != "cuda":
         return net
     mode = {"auto": "reduce-overhead", False: None, True: "default"}.get(compile, compile)
-    return prepare_for_speed(net, channels_last=ckpt.meta["spatial_dims"] == 2, compile_mode=mode,
-                             compile_cache=compile_cache)
+    return prepare_for_speed(
+        net, channels_last=ckpt.meta["spatial_dims"] == 2, compile_mode=mode, compile_cache=compile_cache
+    )
 
 
 class Chunk(NamedTuple):
@@ -209,8 +234,9 @@ def shard_chunks(n: int, chunk_size: int, rank: int = 0, world: int = 1) -> list
 Generate = Callable[[torch.Tensor, int], torch.Tensor]  # (labels (n,), seed of the first) -> images (n, C, *spatial)
 
 
-def generate_chunks(generate: Generate, labels: torch.Tensor, chunks: Iterable[Chunk],
-                    seed: int) -> Iterator[tuple[Chunk, torch.Tensor]]:
+def generate_chunks(
+    generate: Generate, labels: torch.Tensor, chunks: Iterable[Chunk], seed: int
+) -> Iterator[tuple[Chunk, torch.Tensor]]:
     """``(chunk, generate(labels[start:stop], seed + start))`` for each chunk, one at a time.
 
     ``generate`` seeds sample ``j`` of its call from ``seed + j`` (as :func:`sample_images` does), so
@@ -219,8 +245,9 @@ def generate_chunks(generate: Generate, labels: torch.Tensor, chunks: Iterable[C
         yield chunk, generate(labels[chunk.start : chunk.stop], seed + chunk.start)
 
 
-def generate_sharded(generate: Generate, labels: torch.Tensor, chunk_size: int, seed: int, rank: int = 0,
-                     world: int = 1) -> torch.Tensor:
+def generate_sharded(
+    generate: Generate, labels: torch.Tensor, chunk_size: int, seed: int, rank: int = 0, world: int = 1
+) -> torch.Tensor:
     """All ``len(labels)`` images, made by ``world`` processes together: this one makes its
     :func:`shard_chunks` with :func:`generate_chunks`, and with ``world > 1`` (a started
     ``torch.distributed`` process group) every rank's chunks are gathered with ``all_gather_object``.
@@ -312,8 +339,9 @@ def sample_images(
     steps = scheduler.num_inference_steps
     flow = is_flow(scheduler)
     if flow and eta != 0:
-        raise ValueError(f"sample.eta={eta} is DDIM's stochasticity and does not apply to a rectified flow; "
-                         "set sample.eta=0")
+        raise ValueError(
+            f"sample.eta={eta} is DDIM's stochasticity and does not apply to a rectified flow; set sample.eta=0"
+        )
     size = {"input_img_size_numel": int(np.prod(image_shape))} if flow else {}
     out = []
     n = len(labels)
@@ -321,8 +349,10 @@ def sample_images(
     for start in range(0, n, batch_size):
         y = labels[start : start + batch_size].to(device)
         x = torch.stack(
-            [torch.randn(channels, *image_shape, generator=torch.Generator().manual_seed(seed + start + j))
-             for j in range(len(y))]
+            [
+                torch.randn(channels, *image_shape, generator=torch.Generator().manual_seed(seed + start + j))
+                for j in range(len(y))
+            ]
         ).to(device)
         # multistep samplers (PNDM) keep history: reset it; timesteps stay on the CPU so that
         # reading them never waits for the GPU
@@ -342,8 +372,14 @@ def sample_images(
     return torch.cat(out) if out else torch.empty(0, channels, *image_shape)
 
 
-def save_samples(out_dir: str | Path, images: torch.Tensor, rows: Sequence[Mapping], info: Mapping,
-                 class_names: Sequence[str], extra: Callable[[Path], None] | None = None) -> Path:
+def save_samples(
+    out_dir: str | Path,
+    images: torch.Tensor,
+    rows: Sequence[Mapping],
+    info: Mapping,
+    class_names: Sequence[str],
+    extra: Callable[[Path], None] | None = None,
+) -> Path:
     """Write a samples folder atomically: ``samples.pt`` (images in [-1, 1], labels),
     ``manifest.csv`` (one row per sample), ``info.json`` (provenance) and ``grid.png``;
     ``extra(folder)`` writes more files into it before it is complete."""
@@ -376,15 +412,35 @@ def sample_records(ckpt: Checkpoint, labels: torch.Tensor, settings: Mapping, sp
         and what a later stage needs (classes, geometry, window, model, dataset, no file paths).
     """
     meta, names = ckpt.meta, ckpt.meta["class_names"]
-    rows = [dict(index=i, label=int(y), class_name=names[int(y)], seed=settings["seed"] + i,
-                 guidance_scale=settings["guidance_scale"], sampler=settings["sampler"], steps=settings["steps"],
-                 checkpoint_id=ckpt.id) for i, y in enumerate(labels)]
-    info = dict(checkpoint_id=ckpt.id, checkpoint_step=ckpt.step, mlflow_run_id=meta.get("mlflow_run_id"),
-                class_names=names, spatial_dims=meta["spatial_dims"], image_shape=meta["image_shape"],
-                window=meta["window"], affine=meta["affine"], dataset=meta.get("dataset"),
-                model=ckpt.config["model"]["_target_"], sample=dict(settings), modality=meta.get("modality"),
-                dp=meta.get("dp"),  # the differential-privacy guarantee (medaug.dp), None without
-                latent=None if space is None else {k: v for k, v in space.meta().items() if k != "autoencoder_path"})
+    rows = [
+        dict(
+            index=i,
+            label=int(y),
+            class_name=names[int(y)],
+            seed=settings["seed"] + i,
+            guidance_scale=settings["guidance_scale"],
+            sampler=settings["sampler"],
+            steps=settings["steps"],
+            checkpoint_id=ckpt.id,
+        )
+        for i, y in enumerate(labels)
+    ]
+    info = dict(
+        checkpoint_id=ckpt.id,
+        checkpoint_step=ckpt.step,
+        mlflow_run_id=meta.get("mlflow_run_id"),
+        class_names=names,
+        spatial_dims=meta["spatial_dims"],
+        image_shape=meta["image_shape"],
+        window=meta["window"],
+        affine=meta["affine"],
+        dataset=meta.get("dataset"),
+        model=ckpt.config["model"]["_target_"],
+        sample=dict(settings),
+        modality=meta.get("modality"),
+        dp=meta.get("dp"),  # the differential-privacy guarantee (medaug.dp), None without
+        latent=None if space is None else {k: v for k, v in space.meta().items() if k != "autoencoder_path"},
+    )
     if space is not None:  # the data card names the model: say it is a latent diffusion model
         info["model"] += f" on the latents of AutoencoderKL {space.id} (scale factor {space.scale_factor:.4g})"
     return rows, info
@@ -401,8 +457,9 @@ def load_samples(samples_dir: str | Path) -> tuple[torch.Tensor, torch.Tensor, l
     """``(images, labels, manifest rows, info)`` of a complete samples folder."""
     samples_dir = Path(samples_dir)
     if not is_complete(samples_dir):
-        raise FileNotFoundError(f"{samples_dir}: no complete samples folder (no DONE marker); "
-                                "run `medaug sample` first")
+        raise FileNotFoundError(
+            f"{samples_dir}: no complete samples folder (no DONE marker); run `medaug sample` first"
+        )
     data = torch.load(samples_dir / "samples.pt", map_location="cpu")
     with open(samples_dir / "manifest.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))

@@ -36,8 +36,9 @@ MAX_PARAM_LEN = 500
 class Tracker(Protocol):
     run_id: str | None
 
-    def start(self, run_name: str | None = None, run_id: str | None = None,
-              tags: Mapping | None = None) -> str | None: ...
+    def start(
+        self, run_name: str | None = None, run_id: str | None = None, tags: Mapping | None = None
+    ) -> str | None: ...
     def log_params(self, params: Mapping[str, Any]) -> None: ...
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None: ...
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
@@ -112,9 +113,11 @@ def check_server(uri: str, timeout: float = 5.0) -> None:
         reason = getattr(err, "reason", err)
         if isinstance(reason, ssl.SSLError):  # it answered in TLS; certificates are MLflow's business
             return
-        raise TrackingUnavailable(f"tracking server {redacted(uri)} does not answer ({reason}); start it, fix "
-                                  "tracking.uri / MLFLOW_TRACKING_URI, or pass tracking.on_error=continue to "
-                                  "track to a local store") from None
+        raise TrackingUnavailable(
+            f"tracking server {redacted(uri)} does not answer ({reason}); start it, fix "
+            "tracking.uri / MLFLOW_TRACKING_URI, or pass tracking.on_error=continue to "
+            "track to a local store"
+        ) from None
 
 
 class GuardedTracker:
@@ -141,8 +144,12 @@ class GuardedTracker:
             return getattr(self.tracker, name)(*args, **kwargs)
         except Exception as err:
             self.failed = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
-            log.warning("tracking failed in %s (%s); the work goes on and its files are written, but nothing "
-                        "more is tracked in this run", name, self.failed)
+            log.warning(
+                "tracking failed in %s (%s); the work goes on and its files are written, but nothing "
+                "more is tracked in this run",
+                name,
+                self.failed,
+            )
             return None
 
     def start(self, run_name=None, run_id=None, tags=None):
@@ -181,8 +188,9 @@ def guarded(tracker) -> GuardedTracker:
 
 
 @contextmanager
-def tracked(tracker: Tracker, run_name: str | None = None, run_id: str | None = None,
-            tags: Mapping | None = None) -> Iterator[Tracker]:
+def tracked(
+    tracker: Tracker, run_name: str | None = None, run_id: str | None = None, tags: Mapping | None = None
+) -> Iterator[Tracker]:
     """The run of ``tracker`` around a block: started (``run_id`` reopened when the store has it), ended
     FINISHED when the block finishes and KILLED when anything escapes it (an error, Ctrl-C, SIGTERM's
     :class:`~medaug.training.Terminated`), which is raised on. A tracker that fails to end a killed run
@@ -194,8 +202,11 @@ def tracked(tracker: Tracker, run_name: str | None = None, run_id: str | None = 
         try:
             tracker.end("KILLED")
         except Exception as err:
-            log.warning("tracking could not end the run as KILLED (%s: %s)", type(err).__name__,
-                        str(err).splitlines()[0][:200] if str(err) else "")
+            log.warning(
+                "tracking could not end the run as KILLED (%s: %s)",
+                type(err).__name__,
+                str(err).splitlines()[0][:200] if str(err) else "",
+            )
         raise
     tracker.end()
 
@@ -226,8 +237,9 @@ class MLflowTracker:
         found = self.client.get_experiment_by_name(experiment)
         if found is None:
             location = Path(artifact_dir).resolve().as_uri() if artifact_dir else None
-            self.experiment_id = self.client.create_experiment(experiment, artifact_location=location,
-                                                               tags=dict([EXPERIMENT_KIND]))
+            self.experiment_id = self.client.create_experiment(
+                experiment, artifact_location=location, tags=dict([EXPERIMENT_KIND])
+            )
         else:
             self.experiment_id = found.experiment_id
             if found.tags.get(EXPERIMENT_KIND[0]) is None:
@@ -291,8 +303,9 @@ class MLflowTracker:
         this run, tagged with its ``context`` (``training``, ``export``, ...)."""
         from mlflow.entities import DatasetInput, InputTag
 
-        self.client.log_inputs(self.run_id, datasets=[DatasetInput(dataset, [InputTag("mlflow.data.context",
-                                                                                      context)])])
+        self.client.log_inputs(
+            self.run_id, datasets=[DatasetInput(dataset, [InputTag("mlflow.data.context", context)])]
+        )
 
     def register_model(self, name, checkpoint):
         """Register ``checkpoint`` as the pyfunc generator ``name`` (see :mod:`medaug.registry`); its version."""
@@ -325,8 +338,9 @@ def tracking_uri(uri: str | None, output_dir: str | Path) -> str:
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or local_tracking_uri(output_dir)
 
 
-def make_tracker(backend: str, uri: str | None, experiment: str, output_dir: str | Path, *, on_error: str = "fail",
-                 logs: bool = True):
+def make_tracker(
+    backend: str, uri: str | None, experiment: str, output_dir: str | Path, *, on_error: str = "fail", logs: bool = True
+):
     """The tracker of ``backend`` (``mlflow`` or ``none``; a :class:`NullTracker` when ``logs`` is False,
     e.g. on a rank other than 0); a local MLflow store keeps artifacts in ``<output_dir>/mlartifacts``.
 

@@ -65,8 +65,8 @@ class TrainSettings:
 class FitResult:
     step: int
     losses: list[tuple[int, float]] = field(default_factory=list)  # (step, mean loss over the log window)
-    terms: list[tuple[int, dict]] = field(default_factory=list)    # (step, mean of every logged term, loss first)
-    val: list[tuple[int, dict]] = field(default_factory=list)      # (step, what ``validate`` returned)
+    terms: list[tuple[int, dict]] = field(default_factory=list)  # (step, mean of every logged term, loss first)
+    val: list[tuple[int, dict]] = field(default_factory=list)  # (step, what ``validate`` returned)
     checkpoint: Path | None = None
     first_step_s: float | None = None  # wall time of the first step (torch.compile's warm-up when compiling)
 
@@ -79,9 +79,9 @@ def step_generator(seed: int, step: int, device: torch.device | str = "cpu") -> 
 class StepNoise(NamedTuple):
     """The random draws of one training step, for a batch of N images."""
 
-    noise: torch.Tensor      # (N, C, *spatial) fp32, standard normal
+    noise: torch.Tensor  # (N, C, *spatial) fp32, standard normal
     timesteps: torch.Tensor  # (N,) int64 in [0, num_train_timesteps) (a flow's: as its sample_method draws them)
-    drop: torch.Tensor       # (N,) bool: label replaced by the null class
+    drop: torch.Tensor  # (N,) bool: label replaced by the null class
 
 
 def memory_format_of(ndim: int, channels_last: bool = True) -> torch.memory_format:
@@ -92,8 +92,9 @@ def memory_format_of(ndim: int, channels_last: bool = True) -> torch.memory_form
     return {4: torch.channels_last, 5: torch.channels_last_3d}.get(ndim, torch.preserve_format)
 
 
-def draw_step_noise(shape: Sequence[int], num_train_timesteps: int, p_uncond: float,
-                    generator: torch.Generator, scheduler=None) -> StepNoise:
+def draw_step_noise(
+    shape: Sequence[int], num_train_timesteps: int, p_uncond: float, generator: torch.Generator, scheduler=None
+) -> StepNoise:
     """Noise, timesteps and label drops for a batch of ``shape`` (N, C, *spatial); the timesteps of a rectified
     flow ``scheduler`` as it samples them (:func:`medaug.flow.flow_timesteps`), else uniform integers."""
     device = generator.device
@@ -112,15 +113,26 @@ def batch_rows(n: int, generator: torch.Generator, rows: slice) -> torch.Tensor:
     return torch.randperm(n, generator=generator, device=generator.device)[rows]
 
 
-def draw_batch(images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator, rows: slice,
-               device: torch.device, memory_format: torch.memory_format = torch.preserve_format):
+def draw_batch(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    generator: torch.Generator,
+    rows: slice,
+    device: torch.device,
+    memory_format: torch.memory_format = torch.preserve_format,
+):
     """Rows ``rows`` of a random permutation of the training set (see :func:`batch_rows`), as ``(x0, y)``
     on ``device``. From host memory the batch is pinned first, so its copy to the GPU does not block the host."""
     return take_batch(images, labels, batch_rows(images.shape[0], generator, rows), device, memory_format)
 
 
-def take_batch(images: torch.Tensor, labels: torch.Tensor, idx: torch.Tensor, device: torch.device,
-               memory_format: torch.memory_format = torch.preserve_format) -> tuple[torch.Tensor, torch.Tensor]:
+def take_batch(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    idx: torch.Tensor,
+    device: torch.device,
+    memory_format: torch.memory_format = torch.preserve_format,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(images[idx], labels[idx])`` on ``device``, the images in ``memory_format``."""
     x0, y = to_device([images[idx], labels[idx]], device)
     return x0.to(memory_format=memory_format), y
@@ -190,10 +202,10 @@ class StepDraw(NamedTuple):
     process with an N-times larger batch."""
 
     step: int
-    rows: torch.Tensor               # (B,) int64 indices into the training set, on the data's device
-    global_batch: int                # B * world size
-    mine: slice                      # this rank's share of the global batch
-    generator: torch.Generator       # on the model's device
+    rows: torch.Tensor  # (B,) int64 indices into the training set, on the data's device
+    global_batch: int  # B * world size
+    mine: slice  # this rank's share of the global batch
+    generator: torch.Generator  # on the model's device
     data_generator: torch.Generator  # on the training set's device (``generator`` itself when they agree)
 
 
@@ -237,13 +249,21 @@ class DiffusionStep:
 
     def __call__(self, draw: StepDraw) -> StepLoss:
         device = draw.generator.device
-        x0, y = take_batch(self.images, self.labels, draw.rows, device,
-                           memory_format_of(self.images.ndim, self.channels_last))
+        x0, y = take_batch(
+            self.images, self.labels, draw.rows, device, memory_format_of(self.images.ndim, self.channels_last)
+        )
         shape = (draw.global_batch, *self.images.shape[1:])
-        draws = StepNoise(*(d[draw.mine] for d in draw_step_noise(shape, self.scheduler.num_train_timesteps,
-                                                                   self.p_uncond, draw.generator, self.scheduler)))
-        loss = diffusion_loss(self.model, self.scheduler, x0, y, null_class=self.null_class, draws=draws,
-                              amp_dtype=self.amp_dtype).mean()
+        draws = StepNoise(
+            *(
+                d[draw.mine]
+                for d in draw_step_noise(
+                    shape, self.scheduler.num_train_timesteps, self.p_uncond, draw.generator, self.scheduler
+                )
+            )
+        )
+        loss = diffusion_loss(
+            self.model, self.scheduler, x0, y, null_class=self.null_class, draws=draws, amp_dtype=self.amp_dtype
+        ).mean()
         return StepLoss(loss, {f"{self.name}/loss": loss.detach()})
 
 
@@ -260,8 +280,14 @@ def enable_activation_checkpointing(model: nn.Module) -> nn.Module:
     return model
 
 
-def prepare_for_speed(model: nn.Module, *, channels_last: bool = False, compile_mode: str | None = None,
-                      activation_checkpointing: bool = False, compile_cache: str | Path | None = None) -> nn.Module:
+def prepare_for_speed(
+    model: nn.Module,
+    *,
+    channels_last: bool = False,
+    compile_mode: str | None = None,
+    activation_checkpointing: bool = False,
+    compile_cache: str | Path | None = None,
+) -> nn.Module:
     """Apply the speed and memory switches to a network already on its device.
 
     ``channels_last`` stores the weights channels-last (``channels_last_3d`` for a 3D network).
@@ -278,8 +304,11 @@ def prepare_for_speed(model: nn.Module, *, channels_last: bool = False, compile_
     if compile_mode:  # shapes are fixed in training: static shapes avoid symbolic-shape recompiles
         if compile_cache is not None:
             os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(compile_cache).expanduser()))
-        log.info("torch.compile mode %s; kernel cache %s", compile_mode, os.environ.get("TORCHINDUCTOR_CACHE_DIR",
-                                                                                        "torch's default"))
+        log.info(
+            "torch.compile mode %s; kernel cache %s",
+            compile_mode,
+            os.environ.get("TORCHINDUCTOR_CACHE_DIR", "torch's default"),
+        )
         model = torch.compile(model, mode=None if compile_mode == "default" else compile_mode, dynamic=False)
     return model
 
@@ -379,9 +408,15 @@ def fit(
     data_gen = gen if images.device == device else torch.Generator(device=images.device)
     model.train()
     window: dict[str, torch.Tensor] = {}  # sums on the device, read on the host at log steps only
-    counts: dict[str, int] = {}            # steps that gave each term in the window
-    bar = progress_bar(range(start_step, settings.max_steps), desc=loss.name, unit="step", initial=start_step,
-                       total=settings.max_steps, disable=rank != 0)
+    counts: dict[str, int] = {}  # steps that gave each term in the window
+    bar = progress_bar(
+        range(start_step, settings.max_steps),
+        desc=loss.name,
+        unit="step",
+        initial=start_step,
+        total=settings.max_steps,
+        disable=rank != 0,
+    )
     started = time.perf_counter()
     with checkpoint_at_exit(checkpoint, result) as stop, bar:
         for step in bar:
@@ -412,8 +447,10 @@ def fit(
                 if cuda:
                     torch.cuda.synchronize(device)
                 result.first_step_s = time.perf_counter() - started
-                log.info("first training step took %.1f s (includes the torch.compile warm-up when compiling)",
-                         result.first_step_s)
+                log.info(
+                    "first training step took %.1f s (includes the torch.compile warm-up when compiling)",
+                    result.first_step_s,
+                )
                 tracker.log_metrics({f"{loss.name}/first_step_s": result.first_step_s}, step=step + 1)
             for key, value in terms.items():
                 window[key] = window.get(key, 0.0) + value.double()
@@ -436,8 +473,13 @@ def fit(
                 tracker.log_metrics(means, step=done)
                 bar.set_postfix(loss=f"{value:.4f}")
                 window, counts = {}, {}
-            if rank == 0 and validate is not None and settings.val_every and done % settings.val_every == 0 \
-                    and done < settings.max_steps:
+            if (
+                rank == 0
+                and validate is not None
+                and settings.val_every
+                and done % settings.val_every == 0
+                and done < settings.max_steps
+            ):
                 metrics = validate()
                 result.val.append((done, metrics))
                 tracker.log_metrics(metrics, step=done)
@@ -468,9 +510,19 @@ def compile_mode_of(value, cuda: bool, private: bool = False) -> str | None:
     return {"auto": "default" if cuda and not private else None, False: None, True: "default"}.get(value, value)
 
 
-def resume_training(path: Path, net: nn.Module, ema: EMA, optimizer, *, image_shape: Sequence[int],
-                    class_names: Sequence[str], dataset: str, autoencoder_id: str | None, prepared: str | Path,
-                    trust: bool = False) -> tuple[int, dict]:
+def resume_training(
+    path: Path,
+    net: nn.Module,
+    ema: EMA,
+    optimizer,
+    *,
+    image_shape: Sequence[int],
+    class_names: Sequence[str],
+    dataset: str,
+    autoencoder_id: str | None,
+    prepared: str | Path,
+    trust: bool = False,
+) -> tuple[int, dict]:
     """Restore weights, EMA, optimizer and RNG states from the checkpoint at ``path`` when there is one,
     after checking it was trained on data of the same ``image_shape`` and ``class_names`` and in the same
     space (``autoencoder_id``: the latents of that autoencoder; None: pixels). Warns when the prepared
@@ -485,15 +537,21 @@ def resume_training(path: Path, net: nn.Module, ema: EMA, optimizer, *, image_sh
     ckpt = load_checkpoint(path, trust)
     for key, now in (("image_shape", list(image_shape)), ("class_names", list(class_names))):
         if list(ckpt.meta.get(key, [])) != now:
-            raise ValueError(f"{path} was trained with {key} {list(ckpt.meta.get(key, []))}, but "
-                             f"{prepared} has {now}; train afresh in another paths.train_dir (or name=), "
-                             "or prepare the data as before")
+            raise ValueError(
+                f"{path} was trained with {key} {list(ckpt.meta.get(key, []))}, but "
+                f"{prepared} has {now}; train afresh in another paths.train_dir (or name=), "
+                "or prepare the data as before"
+            )
     trained_on = ckpt.meta.get("latent", {}).get("autoencoder_id")  # None: pixel space
     if trained_on != autoencoder_id:
+
         def what(ae_id):
             return f"the latents of autoencoder {ae_id}" if ae_id else "pixels"
-        raise ValueError(f"{path}: trained on {what(trained_on)}, but this run trains on {what(autoencoder_id)}; "
-                         "restore the autoencoder it was trained with, or train afresh in another paths.train_dir")
+
+        raise ValueError(
+            f"{path}: trained on {what(trained_on)}, but this run trains on {what(autoencoder_id)}; "
+            "restore the autoencoder it was trained with, or train afresh in another paths.train_dir"
+        )
     restore_training_state(ckpt, net, ema, optimizer)
     if ckpt.meta.get("dataset") != dataset:
         log.warning("resuming on a prepared dataset that differs from the checkpoint's")
@@ -505,9 +563,16 @@ def checkpoint_meta(info, mlflow_run_id: str | None, space=None) -> dict:
     """What a checkpoint records of its prepared dataset ``info`` (classes, geometry, intensity window,
     fingerprint, modality), its MLflow run and, for latent diffusion, its latent ``space``: all that
     ``sample`` needs besides the weights and config."""
-    meta = dict(class_names=info.class_names, spatial_dims=info.spatial_dims, image_shape=info.image_shape,
-                window=info.window.as_dict(), affine=info.affine.tolist(), dataset=info.fingerprint,
-                mlflow_run_id=mlflow_run_id, modality=info.modality)
+    meta = dict(
+        class_names=info.class_names,
+        spatial_dims=info.spatial_dims,
+        image_shape=info.image_shape,
+        window=info.window.as_dict(),
+        affine=info.affine.tolist(),
+        dataset=info.fingerprint,
+        mlflow_run_id=mlflow_run_id,
+        modality=info.modality,
+    )
     if space is not None:
         meta["latent"] = space.meta()
     return meta

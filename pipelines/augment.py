@@ -1,8 +1,8 @@
 """augment: prepared dataset + checkpoint → mixed real + synthetic manifest for a downstream trainer.
 
-    python -m pipelines.augment experiment=demo_2d augment.policy=balance
-    medaug augment input=outputs/demo_2d/prepared ckpt_path=last.pt augment.policy=ratio augment.ratio=0.5
-    torchrun --nproc_per_node 4 -m pipelines.augment experiment=demo_2d      # shards by sample index
+python -m pipelines.augment experiment=demo_2d augment.policy=balance
+medaug augment input=outputs/demo_2d/prepared ckpt_path=last.pt augment.policy=ratio augment.ratio=0.5
+torchrun --nproc_per_node 4 -m pipelines.augment experiment=demo_2d      # shards by sample index
 """
 
 from __future__ import annotations
@@ -25,8 +25,13 @@ def log_run(cfg: DictConfig, result: AugmentResult) -> None:
     tracker = make_tracker(cfg, any_rank=True)  # whichever rank wrote the manifest
     with tracked(tracker, run_name=f"{cfg.name}-augment", tags={"medaug.job": cfg.name}):
         tracker.set_tags(flatten(container(cfg.augment), "augment."))
-        tracker.log_metrics({"augment/real": result.real, "augment/synthetic": sum(result.synthetic.values()),
-                             **{f"augment/synthetic/{name}": n for name, n in result.synthetic.items()}})
+        tracker.log_metrics(
+            {
+                "augment/real": result.real,
+                "augment/synthetic": sum(result.synthetic.values()),
+                **{f"augment/synthetic/{name}": n for name, n in result.synthetic.items()},
+            }
+        )
         tracker.log_artifact(result.out_dir / "plan.json", "augment")
         with tempfile.TemporaryDirectory() as tmp:
             grid = save_synthetic_grid(result.out_dir, Path(tmp) / "synthetic_grid.png")
@@ -44,24 +49,57 @@ def run(cfg: DictConfig) -> dict:
     (log.warning if utility.negative else log.info)("%s", utility.note)
     device = device_of(cfg)  # cuda:LOCAL_RANK under torchrun
     num = container(a)["num_per_class"]  # an int or a plain {class_name: count}
-    result = augment(path(cfg.input), ckpt_path, path(cfg.output), policy=a.policy, num_per_class=num,
-                     ratio=a.ratio, split=a.split, guidance_scale=a.guidance_scale, sampler=a.sampler, steps=a.steps,
-                     eta=a.eta, seed=a.seed, batch_size=a.batch_size, chunk_size=a.chunk_size, use_ema=a.use_ema,
-                     rank=rank, world_size=world_size, device=device, amp_dtype=amp_dtype_of(cfg, device),
-                     overwrite=a.overwrite, trust_checkpoint=cfg.trust_checkpoint)
+    result = augment(
+        path(cfg.input),
+        ckpt_path,
+        path(cfg.output),
+        policy=a.policy,
+        num_per_class=num,
+        ratio=a.ratio,
+        split=a.split,
+        guidance_scale=a.guidance_scale,
+        sampler=a.sampler,
+        steps=a.steps,
+        eta=a.eta,
+        seed=a.seed,
+        batch_size=a.batch_size,
+        chunk_size=a.chunk_size,
+        use_ema=a.use_ema,
+        rank=rank,
+        world_size=world_size,
+        device=device,
+        amp_dtype=amp_dtype_of(cfg, device),
+        overwrite=a.overwrite,
+        trust_checkpoint=cfg.trust_checkpoint,
+    )
     total = sum(result.synthetic.values())
     if result.complete and result.generated:  # this call finished the folder; a rerun that does nothing logs nothing
         log_run(cfg, result)
     if result.complete and result.generated == 0:
         log.info("%s is up to date (%d real + %d synthetic items); nothing to do", result.out_dir, result.real, total)
     elif result.complete:
-        log.info("wrote %s: %d real + %d synthetic items %s", result.out_dir / "manifest.csv", result.real, total,
-                 result.synthetic)
+        log.info(
+            "wrote %s: %d real + %d synthetic items %s",
+            result.out_dir / "manifest.csv",
+            result.real,
+            total,
+            result.synthetic,
+        )
     else:
-        log.info("rank %d/%d generated %d samples; the last rank to finish writes the manifest",
-                 rank, world_size, result.generated)
-    return {"augment_dir": str(result.out_dir), "real": result.real, "synthetic": total,
-            "generated": result.generated, "complete": result.complete, "utility": utility.note}
+        log.info(
+            "rank %d/%d generated %d samples; the last rank to finish writes the manifest",
+            rank,
+            world_size,
+            result.generated,
+        )
+    return {
+        "augment_dir": str(result.out_dir),
+        "real": result.real,
+        "synthetic": total,
+        "generated": result.generated,
+        "complete": result.complete,
+        "utility": utility.note,
+    }
 
 
 main = stage_main("augment", run)

@@ -88,8 +88,14 @@ def make_tracker(cfg: DictConfig, any_rank: bool = False):
     """The tracker the config asks for (see :func:`medaug.tracking.make_tracker`). Under torchrun only rank 0
     logs unless ``any_rank``: for work that one rank, whichever it is, finishes alone."""
     t = cfg.tracking
-    return tracking.make_tracker(t.backend, t.uri, t.experiment, path(cfg.paths.output_dir),
-                                 on_error=t.get("on_error", "fail"), logs=any_rank or runtime.distributed()[0] == 0)
+    return tracking.make_tracker(
+        t.backend,
+        t.uri,
+        t.experiment,
+        path(cfg.paths.output_dir),
+        on_error=t.get("on_error", "fail"),
+        logs=any_rank or runtime.distributed()[0] == 0,
+    )
 
 
 def default_ckpt(cfg: DictConfig) -> Path:

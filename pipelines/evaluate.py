@@ -26,14 +26,20 @@ from pipelines.common import container, device_of, log, make_tracker, path, stag
 def run(cfg: DictConfig) -> dict:
     tracker = make_tracker(cfg)  # first: a tracking server that does not answer stops the stage in seconds
     section = container(cfg.evaluate)
-    result = evaluate(path(cfg.paths.samples_dir), path(cfg.paths.prepared_dir), path(cfg.paths.eval_dir),
-                      EvalSettings.from_dict(section), device_of(cfg))
+    result = evaluate(
+        path(cfg.paths.samples_dir),
+        path(cfg.paths.prepared_dir),
+        path(cfg.paths.eval_dir),
+        EvalSettings.from_dict(section),
+        device_of(cfg),
+    )
     tags = flatten(section, "evaluate.")
     if section["encoder"]["weights"]:
         tags["evaluate.encoder.weights"] = "<path>"
     with tracked(tracker, run_name=cfg.name, run_id=result.mlflow_run_id, tags={"medaug.job": cfg.name}):
-        tracker.set_tags(tags | {"evaluate.extractor": " | ".join(result.extractors),
-                                 "privacy.verdict": result.verdict})
+        tracker.set_tags(
+            tags | {"evaluate.extractor": " | ".join(result.extractors), "privacy.verdict": result.verdict}
+        )
         tracker.log_metrics({key: v for key, v in result.metrics.items() if math.isfinite(v)})
         for file in sorted(result.out_dir.iterdir()):
             if file.name != "DONE":

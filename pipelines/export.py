@@ -1,7 +1,7 @@
 """export: synthetic images → dataset folder (NIfTI / DICOM / PNG, manifest, data card, checksums).
 
-    python -m pipelines.export experiment=demo_2d
-    python -m pipelines.export experiment=demo_2d 'export.format=[nifti,dicom,png]' export.profile=share
+python -m pipelines.export experiment=demo_2d
+python -m pipelines.export experiment=demo_2d 'export.format=[nifti,dicom,png]' export.profile=share
 """
 
 from __future__ import annotations
@@ -32,28 +32,59 @@ def run(cfg: DictConfig) -> dict:
     scores = manifest_scores(ev, rows)
     if x.profile == "share" if x.copy_filter == "auto" else bool(x.copy_filter):
         if not ev.audited:
-            raise ExportError(f"{eval_dir}: the copy filter needs a privacy audit; run `medaug evaluate` first "
-                              "(or export.copy_filter=false to export unfiltered)")
-        regenerate = partial(regenerate_copies, sample_info=info, ckpt_path=default_ckpt(cfg), prepared_dir=prepared,
-                             trust=cfg.trust_checkpoint, max_rounds=x.max_rounds) if x.regenerate else None
+            raise ExportError(
+                f"{eval_dir}: the copy filter needs a privacy audit; run `medaug evaluate` first "
+                "(or export.copy_filter=false to export unfiltered)"
+            )
+        regenerate = (
+            partial(
+                regenerate_copies,
+                sample_info=info,
+                ckpt_path=default_ckpt(cfg),
+                prepared_dir=prepared,
+                trust=cfg.trust_checkpoint,
+                max_rounds=x.max_rounds,
+            )
+            if x.regenerate
+            else None
+        )
         images, rows, scores, card["filtered"] = filter_copies(images, labels, rows, eval_dir, regenerate)
         card["class_counts"], scores = class_counts_text(rows), list(scores)
     window = IntensityWindow(**info["window"])
     template = path(x.template) if x.template else REPO_ROOT / "data_cards" / "TEMPLATE.md"
-    out = export_dataset(images, rows, path(cfg.paths.export_dir), window=window, affine=np.asarray(info["affine"]),
-                         card_fields=card, template=template, formats=formats, profile=x.profile,
-                         png_bits=x.png_bits, dicom_multiframe=x.dicom_multiframe, dataset_json=x.dataset_json,
-                         privacy_scores=scores, privacy_files=ev.reports, archive=x.archive, overwrite=x.overwrite,
-                         modality=export_modality(info.get("modality"), window),
-                         dicomweb=container(x.dicomweb) if x.get("dicomweb", {}).get("url") else None)
+    out = export_dataset(
+        images,
+        rows,
+        path(cfg.paths.export_dir),
+        window=window,
+        affine=np.asarray(info["affine"]),
+        card_fields=card,
+        template=template,
+        formats=formats,
+        profile=x.profile,
+        png_bits=x.png_bits,
+        dicom_multiframe=x.dicom_multiframe,
+        dataset_json=x.dataset_json,
+        privacy_scores=scores,
+        privacy_files=ev.reports,
+        archive=x.archive,
+        overwrite=x.overwrite,
+        modality=export_modality(info.get("modality"), window),
+        dicomweb=container(x.dicomweb) if x.get("dicomweb", {}).get("url") else None,
+    )
 
     tracker = make_tracker(cfg)
     with tracked(tracker, run_name=cfg.name, run_id=info.get("mlflow_run_id"), tags={"medaug.job": cfg.name}):
         tracker.log_artifact(out / "DATA_CARD.md", "export")
         tracker.log_artifact(out / "manifest.csv", "export")
         tracker.log_dataset(synthetic_entity(samples_id(samples_dir), info, len(rows)), "synthetic")
-    result = {"export_dir": str(out), "samples": len(rows), "formats": formats, "mlflow_run_id": tracker.run_id,
-              "mlflow_uri": getattr(tracker, "uri", None) or tracking_uri(cfg)}  # local store if the server was down
+    result = {
+        "export_dir": str(out),
+        "samples": len(rows),
+        "formats": formats,
+        "mlflow_run_id": tracker.run_id,
+        "mlflow_uri": getattr(tracker, "uri", None) or tracking_uri(cfg),
+    }  # local store if the server was down
     if x.profile == "share":
         result["archive"] = str(out.with_name(f"{out.name}.{x.archive}"))
     print(job_summary(result, cfg.tracking.experiment, tracking_uri(cfg)))

@@ -12,8 +12,15 @@ from __future__ import annotations
 import torch
 from omegaconf import DictConfig
 
-from medaug.inpaint import (default_inpaint_sampler, inpaint, inpaint_card, inpaint_picture, inpaint_records,
-                            read_inpaint_inputs, write_inpainted_nifti)
+from medaug.inpaint import (
+    default_inpaint_sampler,
+    inpaint,
+    inpaint_card,
+    inpaint_picture,
+    inpaint_records,
+    read_inpaint_inputs,
+    write_inpainted_nifti,
+)
 from medaug.latent import latent_space_of
 from medaug.model import load_checkpoint
 from medaug.preprocessing import IntensityWindow
@@ -35,12 +42,29 @@ def run(cfg: DictConfig) -> dict:
     sampler = default_inpaint_sampler(ckpt.config["scheduler"], p["sampler"])
     net = sampling_network(ckpt, device, use_ema=s.use_ema)
     space = latent_space_of(ckpt.meta, device, cfg.trust_checkpoint)  # None: pixel space
-    outputs = inpaint(net, inference_scheduler(ckpt.config["scheduler"], sampler, p["steps"]), images, masks, labels,
-                      space=space, jumps=p["jumps"],
-                      resample=p["resample"], guidance_scale=s.guidance_scale, null_class=len(names), seed=s.seed,
-                      batch_size=s.batch_size, clip_x0=s.clip_x0, decode_tile=s.get("decode_tile"))
-    settings = {**{k: v for k, v in container(s).items() if k != "inpaint"}, **p, "sampler": sampler,  # no file names
-                "images": len(p["images"]), "masks": len(p["masks"])}
+    outputs = inpaint(
+        net,
+        inference_scheduler(ckpt.config["scheduler"], sampler, p["steps"]),
+        images,
+        masks,
+        labels,
+        space=space,
+        jumps=p["jumps"],
+        resample=p["resample"],
+        guidance_scale=s.guidance_scale,
+        null_class=len(names),
+        seed=s.seed,
+        batch_size=s.batch_size,
+        clip_x0=s.clip_x0,
+        decode_tile=s.get("decode_tile"),
+    )
+    settings = {
+        **{k: v for k, v in container(s).items() if k != "inpaint"},
+        **p,
+        "sampler": sampler,  # no file names
+        "images": len(p["images"]),
+        "masks": len(p["masks"]),
+    }
     rows, info = inpaint_records(ckpt, labels, masks, settings, [v.affine for v in volumes], space)
 
     def extra(folder):

@@ -34,26 +34,49 @@ def run(cfg: DictConfig) -> dict:
     labels = path(data.labels) if data.labels else None
     if data.source == "demo":
         demo = data.demo
-        demo_labels(labels, path(cfg.paths.raw_dir), spatial_dims=data.spatial_dims, n_per_class=demo.n_per_class,
-                    size=demo.size, spacing_mm=demo.spacing_mm, seed=demo.seed)
+        demo_labels(
+            labels,
+            path(cfg.paths.raw_dir),
+            spatial_dims=data.spatial_dims,
+            n_per_class=demo.n_per_class,
+            size=demo.size,
+            spacing_mm=demo.spacing_mm,
+            seed=demo.seed,
+        )
     flat = data.spatial_dims == 2
     spatial_size = list(data.image_size) + ([-1] if flat else [])
     pixdim = None if data.pixdim is None else list(data.pixdim) + ([0.0] if flat else [])
-    info = prepare_dataset(labels, path(cfg.paths.prepared_dir), normalization_of(cfg),
-                           spatial_size=spatial_size, spatial_dims=data.spatial_dims, pixdim=pixdim,
-                           split_fractions=list(data.split), slice_rule=data.slice_rule,
-                           slice_band=data.slice_band, seed=cfg.seed, deid=opts.deid, strict=opts.strict,
-                           uneven_spacing=opts.uneven_spacing, volume_index=data.get("volume_index"),
-                           crop=data.get("crop", "center"),
-                           class_names=None if data.get("classes") is None else list(data.classes),
-                           dicom_root=path(data.dicom_root) if data.get("dicom_root") else None, dicomweb=web)
+    info = prepare_dataset(
+        labels,
+        path(cfg.paths.prepared_dir),
+        normalization_of(cfg),
+        spatial_size=spatial_size,
+        spatial_dims=data.spatial_dims,
+        pixdim=pixdim,
+        split_fractions=list(data.split),
+        slice_rule=data.slice_rule,
+        slice_band=data.slice_band,
+        seed=cfg.seed,
+        deid=opts.deid,
+        strict=opts.strict,
+        uneven_spacing=opts.uneven_spacing,
+        volume_index=data.get("volume_index"),
+        crop=data.get("crop", "center"),
+        class_names=None if data.get("classes") is None else list(data.classes),
+        dicom_root=path(data.dicom_root) if data.get("dicom_root") else None,
+        dicomweb=web,
+    )
     log_summary(info)
     summary = summary_metrics(info)
     tracker = make_tracker(OmegaConf.merge(cfg, {"tracking": {"experiment": f"{cfg.tracking.experiment}-prepare"}}))
     with tracked(tracker, run_name=f"{cfg.name}-prepare", tags={"medaug.job": cfg.name, "medaug.stage": "prepare"}):
         config = container(cfg)
-        tracker.log_params(flatten({k: config[k] for k in ("data", "preprocess", "prepare", "seed")
-                                    if k in config} | {"dataset": info.fingerprint}))
+        tracker.log_params(
+            flatten(
+                {k: config[k] for k in ("data", "preprocess", "prepare", "seed") if k in config}
+                | {"dataset": info.fingerprint}
+            )
+        )
         tracker.set_tags({"deid.policy": info.deid.get("policy"), "deid.findings": info.deid.get("findings", 0)})
         tracker.log_metrics(summary)
         tracker.log_dataset(dataset_entity(info, data.source), "prepare")

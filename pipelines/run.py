@@ -28,32 +28,51 @@ READS = {
     "evaluate": (("evaluate", "training.device"), ("paths.prepared_dir", "paths.samples_dir")),
     "export": (("export", "name", "tracking"), ("paths.prepared_dir", "paths.samples_dir", "paths.eval_dir", "ckpt")),
 }
-WRITES = {"prepare": "paths.prepared_dir", "train": "ckpt", "sample": "paths.samples_dir",
-          "evaluate": "paths.eval_dir", "export": "paths.export_dir"}
+WRITES = {
+    "prepare": "paths.prepared_dir",
+    "train": "ckpt",
+    "sample": "paths.samples_dir",
+    "evaluate": "paths.eval_dir",
+    "export": "paths.export_dir",
+}
 
 
 def run(cfg: DictConfig) -> dict:
     """Run the job's stages in order; returns ``{"ran": [...], "skipped": [...], "results": {stage: result}}``."""
     if distributed()[2] > 1:
-        raise ValueError("medaug run runs a job in one process; under torchrun run the stages one by one "
-                         "(torchrun ... -m pipelines.train ..., then pipelines.sample ...)")
+        raise ValueError(
+            "medaug run runs a job in one process; under torchrun run the stages one by one "
+            "(torchrun ... -m pipelines.train ..., then pipelines.sample ...)"
+        )
 
     def target(name: str):
         return default_ckpt(cfg) if name == "ckpt" else path(OmegaConf.select(cfg, name))
 
     def key(stage: str) -> str:
         keys, inputs = READS[stage]
-        settings = {k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v := OmegaConf.select(cfg, k))
-                    else v for k in keys}
+        settings = {
+            k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v := OmegaConf.select(cfg, k)) else v
+            for k in keys
+        }
         return stage_key(settings, {name: target(name) for name in inputs}, target(WRITES[stage]))
 
-    stages = [JobStage(name, lambda name=name: importlib.import_module(f"pipelines.{name}").run(cfg),
-                       target(WRITES[name]), key=(lambda name=name: key(name)) if name in READS else None)
-              for name in WRITES]
-    stages[1] = stages[1]._replace(complete=lambda: trained(default_ckpt(cfg), path(cfg.paths.prepared_dir),
-                                                            cfg.training.max_steps, cfg.trust_checkpoint))
-    stages[4] = stages[4]._replace(summary=lambda result: print(job_summary(result, cfg.tracking.experiment,
-                                                                            tracking_uri(cfg))))
+    stages = [
+        JobStage(
+            name,
+            lambda name=name: importlib.import_module(f"pipelines.{name}").run(cfg),
+            target(WRITES[name]),
+            key=(lambda name=name: key(name)) if name in READS else None,
+        )
+        for name in WRITES
+    ]
+    stages[1] = stages[1]._replace(
+        complete=lambda: trained(
+            default_ckpt(cfg), path(cfg.paths.prepared_dir), cfg.training.max_steps, cfg.trust_checkpoint
+        )
+    )
+    stages[4] = stages[4]._replace(
+        summary=lambda result: print(job_summary(result, cfg.tracking.experiment, tracking_uri(cfg)))
+    )
     return run_stages(stages, Record(path(cfg.paths.output_dir) / "run.json"))
 
 

@@ -1,8 +1,8 @@
 """sample: checkpoint → synthetic images per class (seeded), with a grid in MLflow.
 
-    python -m pipelines.sample experiment=demo_2d sample.num_per_class=32 sample.guidance_scale=3
-    medaug sample ckpt_path=model.pt 'sample.num_per_class={healthy: 10, multi_lesion: 50}'
-    torchrun --nproc_per_node=4 -m pipelines.sample experiment=demo_2d     # batches shared out over 4 GPUs
+python -m pipelines.sample experiment=demo_2d sample.num_per_class=32 sample.guidance_scale=3
+medaug sample ckpt_path=model.pt 'sample.num_per_class={healthy: 10, multi_lesion: 50}'
+torchrun --nproc_per_node=4 -m pipelines.sample experiment=demo_2d     # batches shared out over 4 GPUs
 """
 
 from __future__ import annotations
@@ -13,7 +13,16 @@ from medaug.dp import describe
 from medaug.latent import latent_space_of
 from medaug.model import load_checkpoint
 from medaug.runtime import process_group
-from medaug.sampling import class_counts, generate_sharded, inference_scheduler, labels_for_counts, sample_images, sample_records, sampling_network, save_samples
+from medaug.sampling import (
+    class_counts,
+    generate_sharded,
+    inference_scheduler,
+    labels_for_counts,
+    sample_images,
+    sample_records,
+    sampling_network,
+    save_samples,
+)
 from medaug.tracking import tracked
 from pipelines.common import amp_dtype_of, container, default_ckpt, device_of, log, make_tracker, path, stage_main
 
@@ -28,17 +37,25 @@ def run(cfg: DictConfig) -> dict:
     counts = class_counts(settings["num_per_class"], class_names)
     labels = labels_for_counts(counts, class_names)
     scheduler = inference_scheduler(ckpt.config["scheduler"], s.sampler, s.steps)
-    kwargs = dict(guidance_scale=s.guidance_scale, null_class=len(class_names), batch_size=s.batch_size, eta=s.eta,
-                  clip_x0=s.clip_x0, amp_dtype=amp_dtype_of(cfg, device))
+    kwargs = dict(
+        guidance_scale=s.guidance_scale,
+        null_class=len(class_names),
+        batch_size=s.batch_size,
+        eta=s.eta,
+        clip_x0=s.clip_x0,
+        amp_dtype=amp_dtype_of(cfg, device),
+    )
     space = latent_space_of(ckpt.meta, device, cfg.trust_checkpoint)  # None: pixel space
 
     def generate(chunk, seed: int):  # labels (n,) -> images (n, 1, *image_shape) in [-1, 1]
         if space is None:
-            return sample_images(net, scheduler, chunk, ckpt.meta["image_shape"], seed=seed, progress=rank == 0,
-                                 **kwargs)
+            return sample_images(
+                net, scheduler, chunk, ckpt.meta["image_shape"], seed=seed, progress=rank == 0, **kwargs
+            )
         # latent diffusion: denoise latents, decode to image space (in tiles with sample.decode_tile)
-        return space.sample(net, scheduler, chunk, tile=s.get("decode_tile"), overlap=s.get("decode_overlap", 0.25),
-                            seed=seed, **kwargs)
+        return space.sample(
+            net, scheduler, chunk, tile=s.get("decode_tile"), overlap=s.get("decode_overlap", 0.25), seed=seed, **kwargs
+        )
 
     with process_group(device) as (rank, world):  # batches shared out, the same images for any number of ranks
         images = generate_sharded(generate, labels, s.batch_size, s.seed, rank, world)

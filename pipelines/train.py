@@ -1,7 +1,7 @@
 """train: prepared dataset → checkpoint + MLflow run (resumes from the last checkpoint).
 
-    python -m pipelines.train experiment=demo_2d
-    medaug train experiment=demo_2d training.max_steps=3000     # continue a finished run further
+python -m pipelines.train experiment=demo_2d
+medaug train experiment=demo_2d training.max_steps=3000     # continue a finished run further
 """
 
 from __future__ import annotations
@@ -19,8 +19,16 @@ from medaug.model import EMA, build_scheduler, check_unet_input, network_from_sp
 from medaug.registry import dataset_entity, preview_callback
 from medaug.runtime import process_group, switch
 from medaug.tracking import flatten, guarded, tracked
-from medaug.training import (DiffusionStep, TrainSettings, checkpoint_meta, compile_mode_of, fit, prepare_for_speed,
-                             resume_training, seed_all)
+from medaug.training import (
+    DiffusionStep,
+    TrainSettings,
+    checkpoint_meta,
+    compile_mode_of,
+    fit,
+    prepare_for_speed,
+    resume_training,
+    seed_all,
+)
 from pipelines.common import amp_dtype_of, container, default_ckpt, device_of, log, make_tracker, path, stage_main
 
 
@@ -39,11 +47,17 @@ def _train(cfg: DictConfig, device: torch.device, rank: int, world: int) -> dict
     cuda = device.type == "cuda"
     config = container(cfg)
     clips = config["scheduler"].get("clip_sample", not is_flow(config["scheduler"]))  # a flow clips nothing
-    space = latent_space_for_training(config.get("latent"), info.root, device,  # None: pixel space
-                                      clip_sample=clips,
-                                      autoencoder=config.get("autoencoder"), make_tracker=lambda: make_tracker(cfg),
-                                      run_name=f"{cfg.name}-autoencoder", trust=cfg.trust_checkpoint,
-                                      amp_dtype=amp_dtype_of(cfg, device))
+    space = latent_space_for_training(
+        config.get("latent"),
+        info.root,
+        device,  # None: pixel space
+        clip_sample=clips,
+        autoencoder=config.get("autoencoder"),
+        make_tracker=lambda: make_tracker(cfg),
+        run_name=f"{cfg.name}-autoencoder",
+        trust=cfg.trust_checkpoint,
+        amp_dtype=amp_dtype_of(cfg, device),
+    )
     if space is not None:  # latent diffusion: the UNet learns scaled autoencoder latents
         config["model"].update(in_channels=space.latent_channels, out_channels=space.latent_channels)
         latents, labels = cached_latents(space, info.root, config["latent"]["cache_dir"])
@@ -58,27 +72,63 @@ def _train(cfg: DictConfig, device: torch.device, rank: int, world: int) -> dict
     scheduler = build_scheduler(config["scheduler"])
 
     out_ckpt = path(cfg.paths.train_dir) / "checkpoints" / "last.pt"
-    start_step, resumed = resume_training(default_ckpt(cfg), net, ema, optimizer, image_shape=info.image_shape,
-                                         class_names=info.class_names, dataset=info.fingerprint,
-                                         autoencoder_id=space.id if space is not None else None, prepared=info.root,
-                                         trust=cfg.trust_checkpoint)
+    start_step, resumed = resume_training(
+        default_ckpt(cfg),
+        net,
+        ema,
+        optimizer,
+        image_shape=info.image_shape,
+        class_names=info.class_names,
+        dataset=info.fingerprint,
+        autoencoder_id=space.id if space is not None else None,
+        prepared=info.root,
+        trust=cfg.trust_checkpoint,
+    )
     run_id = resumed.get("mlflow_run_id")
-    dp = private_training(net, config["training"].get("dp"), train_patients(info.root), expected_batch=t.batch_size,
-                          max_steps=t.max_steps, start_step=start_step, world_size=world, latent=space is not None,
-                          activation_checkpointing=t.activation_checkpointing, prior=resumed.get("dp"))
+    dp = private_training(
+        net,
+        config["training"].get("dp"),
+        train_patients(info.root),
+        expected_batch=t.batch_size,
+        max_steps=t.max_steps,
+        start_step=start_step,
+        world_size=world,
+        latent=space is not None,
+        activation_checkpointing=t.activation_checkpointing,
+        prior=resumed.get("dp"),
+    )
     channels_last = switch(t.channels_last, cuda) and info.spatial_dims == 2
-    model = prepare_for_speed(net, channels_last=channels_last,
-                              compile_mode=compile_mode_of(t.compile, cuda, private=dp is not None),
-                              compile_cache=cfg.paths.compile_cache,
-                              activation_checkpointing=t.activation_checkpointing)
+    model = prepare_for_speed(
+        net,
+        channels_last=channels_last,
+        compile_mode=compile_mode_of(t.compile, cuda, private=dp is not None),
+        compile_cache=cfg.paths.compile_cache,
+        activation_checkpointing=t.activation_checkpointing,
+    )
     if world > 1:
         model = DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
 
-    settings = TrainSettings(max_steps=t.max_steps, batch_size=t.batch_size, grad_clip=t.grad_clip, seed=t.seed,
-                             ckpt_every=t.ckpt_every, log_every=t.log_every, ema_every=t.ema_every, rank=rank,
-                             world_size=world)
-    step = DiffusionStep(model, scheduler, images, labels, null_class=info.num_classes, p_uncond=t.p_uncond,
-                         amp_dtype=amp_dtype_of(cfg, device), channels_last=channels_last)
+    settings = TrainSettings(
+        max_steps=t.max_steps,
+        batch_size=t.batch_size,
+        grad_clip=t.grad_clip,
+        seed=t.seed,
+        ckpt_every=t.ckpt_every,
+        log_every=t.log_every,
+        ema_every=t.ema_every,
+        rank=rank,
+        world_size=world,
+    )
+    step = DiffusionStep(
+        model,
+        scheduler,
+        images,
+        labels,
+        null_class=info.num_classes,
+        p_uncond=t.p_uncond,
+        amp_dtype=amp_dtype_of(cfg, device),
+        channels_last=channels_last,
+    )
     others = ("prepare", "sample", "evaluate", "export", "augment", "input", "output")  # other stages' settings
     # from here on a tracking error is a warning: the training and its checkpoint go on
     with tracked(guarded(tracker), run_name=cfg.name, run_id=run_id, tags={"medaug.job": cfg.name}) as tracker:
@@ -88,9 +138,19 @@ def _train(cfg: DictConfig, device: torch.device, rank: int, world: int) -> dict
         meta = checkpoint_meta(info, tracker.run_id, space)
         tracker.log_dataset(dataset_entity(info, cfg.data.source), "training")
         preview = preview_callback(tracker, ema, config["scheduler"], meta, t.get("preview_every"), space=space)
-        result = fit(model, ema, optimizer, step, settings, start_step=start_step, ckpt_path=out_ckpt,
-                     checkpoint_payload=lambda: {"config": config, "meta": {**meta, **(dp.meta() if dp else {})}},
-                     tracker=tracker, privacy=dp, on_step=preview)
+        result = fit(
+            model,
+            ema,
+            optimizer,
+            step,
+            settings,
+            start_step=start_step,
+            ckpt_path=out_ckpt,
+            checkpoint_payload=lambda: {"config": config, "meta": {**meta, **(dp.meta() if dp else {})}},
+            tracker=tracker,
+            privacy=dp,
+            on_step=preview,
+        )
         if rank == 0:
             tracker.log_artifact(out_ckpt, "checkpoints")
             if cfg.tracking.get("register"):

@@ -28,12 +28,23 @@ def run(cfg: DictConfig) -> dict:
     random.seed(cfg.seed)
     device = device_of(cfg)
     with process_group(device):
-        result = train_autoencoder(container(cfg).get("autoencoder"), path(cfg.paths.prepared_dir),
-                                   path(cfg.latent.autoencoder_ckpt), path(cfg.latent.cache_dir), device=device,
-                                   amp_dtype=amp_dtype_of(cfg, device), tracker=make_tracker(cfg),
-                                   run_name=f"{cfg.name}-autoencoder", trust=cfg.trust_checkpoint)
-    return {"autoencoder/step": result.step, "autoencoder/scale_factor": result.scale_factor,
-            "checkpoint": str(result.path), **result.metrics}
+        result = train_autoencoder(
+            container(cfg).get("autoencoder"),
+            path(cfg.paths.prepared_dir),
+            path(cfg.latent.autoencoder_ckpt),
+            path(cfg.latent.cache_dir),
+            device=device,
+            amp_dtype=amp_dtype_of(cfg, device),
+            tracker=make_tracker(cfg),
+            run_name=f"{cfg.name}-autoencoder",
+            trust=cfg.trust_checkpoint,
+        )
+    return {
+        "autoencoder/step": result.step,
+        "autoencoder/scale_factor": result.scale_factor,
+        "checkpoint": str(result.path),
+        **result.metrics,
+    }
 
 
 main = stage_main("train_autoencoder", run)

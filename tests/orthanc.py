@@ -89,16 +89,27 @@ def start_orthanc(folder: Path, timeout: float = 30.0) -> Orthanc:
     (folder / "storage").mkdir(parents=True, exist_ok=True)
     port = free_port()
     config = {
-        "Name": "medaug-test", "HttpPort": port, "HttpServerEnabled": True, "DicomServerEnabled": False,
-        "RemoteAccessAllowed": False, "AuthenticationEnabled": True, "RegisteredUsers": {USER: PASSWORD},
-        "StorageDirectory": str(folder / "storage"), "IndexDirectory": str(folder / "storage"),
-        "Plugins": [str(DICOMWEB_PLUGIN)], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
-        "ExecuteLuaEnabled": False, "SaveJobs": False, "HttpThreadsCount": 4, "ConcurrentJobs": 1,
+        "Name": "medaug-test",
+        "HttpPort": port,
+        "HttpServerEnabled": True,
+        "DicomServerEnabled": False,
+        "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": True,
+        "RegisteredUsers": {USER: PASSWORD},
+        "StorageDirectory": str(folder / "storage"),
+        "IndexDirectory": str(folder / "storage"),
+        "Plugins": [str(DICOMWEB_PLUGIN)],
+        "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+        "ExecuteLuaEnabled": False,
+        "SaveJobs": False,
+        "HttpThreadsCount": 4,
+        "ConcurrentJobs": 1,
     }
     (folder / "orthanc.json").write_text(json.dumps(config, indent=2))
     log = open(folder / "orthanc.log", "w")
-    process = subprocess.Popen([str(ORTHANC), str(folder / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT,
-                               cwd=folder)
+    process = subprocess.Popen(
+        [str(ORTHANC), str(folder / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT, cwd=folder
+    )
     log.close()
     server = Orthanc(port, folder, process)
     deadline = time.monotonic() + timeout

@@ -27,18 +27,39 @@ FAST = dict(steps=2, batch_size=2, progress=False)
 
 def tiny_checkpoint(prepared, path):
     info = load_info(prepared)
-    spec = {"_target_": "monai.networks.nets.DiffusionModelUNet", "spatial_dims": info.spatial_dims,
-            "in_channels": 1, "out_channels": 1, "channels": [8, 8], "attention_levels": [False, False],
-            "num_res_blocks": 1, "num_head_channels": 8, "norm_num_groups": 8,
-            "num_class_embeds": info.num_classes + 1}
+    spec = {
+        "_target_": "monai.networks.nets.DiffusionModelUNet",
+        "spatial_dims": info.spatial_dims,
+        "in_channels": 1,
+        "out_channels": 1,
+        "channels": [8, 8],
+        "attention_levels": [False, False],
+        "num_res_blocks": 1,
+        "num_head_channels": 8,
+        "norm_num_groups": 8,
+        "num_class_embeds": info.num_classes + 1,
+    }
     torch.manual_seed(0)
     net = network_from_spec(spec)
-    scheduler = {"_target_": "monai.networks.schedulers.DDPMScheduler", "num_train_timesteps": 1000,
-                 "schedule": "linear_beta", "beta_start": 1e-4, "beta_end": 0.02, "clip_sample": True}
-    meta = dict(class_names=info.class_names, spatial_dims=info.spatial_dims, image_shape=info.image_shape,
-                window=info.window.as_dict(), affine=info.affine.tolist(), dataset=info.fingerprint)
-    return save_checkpoint(path, model=net, ema=EMA(net), optimizer=None, step=0,
-                           config={"model": spec, "scheduler": scheduler}, meta=meta)
+    scheduler = {
+        "_target_": "monai.networks.schedulers.DDPMScheduler",
+        "num_train_timesteps": 1000,
+        "schedule": "linear_beta",
+        "beta_start": 1e-4,
+        "beta_end": 0.02,
+        "clip_sample": True,
+    }
+    meta = dict(
+        class_names=info.class_names,
+        spatial_dims=info.spatial_dims,
+        image_shape=info.image_shape,
+        window=info.window.as_dict(),
+        affine=info.affine.tolist(),
+        dataset=info.fingerprint,
+    )
+    return save_checkpoint(
+        path, model=net, ema=EMA(net), optimizer=None, step=0, config={"model": spec, "scheduler": scheduler}, meta=meta
+    )
 
 
 @pytest.fixture(scope="module")
@@ -126,11 +147,24 @@ def test_interrupted_and_sharded_runs_equal_one_uninterrupted_run(prepared_2d, c
 
 @pytest.mark.slow
 def test_stage_killed_mid_way_resumes_to_the_same_result(prepared_2d, ckpt_2d, tmp_path):
-    args = [f"input={prepared_2d}", f"ckpt_path={ckpt_2d}", "tracking=none", f"paths.output_dir={tmp_path}",
-            "augment.policy=per_class", "augment.num_per_class=4", "augment.batch_size=1", "augment.steps=25"]
+    args = [
+        f"input={prepared_2d}",
+        f"ckpt_path={ckpt_2d}",
+        "tracking=none",
+        f"paths.output_dir={tmp_path}",
+        "augment.policy=per_class",
+        "augment.num_per_class=4",
+        "augment.batch_size=1",
+        "augment.steps=25",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-m", "pipelines.augment", *args, f"output={tmp_path}/killed"],
-                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipelines.augment", *args, f"output={tmp_path}/killed"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     first = tmp_path / "killed" / "chunks" / "chunk_00000" / "DONE"
     deadline = time.time() + 120
     while not first.exists() and proc.poll() is None and time.time() < deadline:
@@ -170,9 +204,19 @@ def test_mixed_dataset_trains_a_monai_classifier_for_one_step(prepared_2d, ckpt_
 def test_stage_logs_one_mlflow_run_with_counts_plan_and_grid(prepared_2d, ckpt_2d, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    cfg = compose_cfg("augment", tmp_path, [f"input={prepared_2d}", f"ckpt_path={ckpt_2d}", "tracking=mlflow",
-                                            "name=aug", "augment.policy=per_class", "augment.num_per_class=2",
-                                            "augment.steps=2"])
+    cfg = compose_cfg(
+        "augment",
+        tmp_path,
+        [
+            f"input={prepared_2d}",
+            f"ckpt_path={ckpt_2d}",
+            "tracking=mlflow",
+            "name=aug",
+            "augment.policy=per_class",
+            "augment.num_per_class=2",
+            "augment.steps=2",
+        ],
+    )
     augment_stage.run(cfg)
     augment_stage.run(cfg)  # nothing left to do: no second run
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -201,14 +245,30 @@ def test_3d_augment_and_dataset(prepared_3d, tmp_path):
 def test_callable_api_stage_and_light_import(prepared_2d, ckpt_2d, tmp_path):
     result = medaug.augment(prepared_2d, ckpt_2d, tmp_path / "api", policy="balance", **FAST)
     assert result.complete and callable(medaug.augment) and medaug.augment.MixedDataset is MixedDataset
-    cfg = compose_cfg("augment", tmp_path, [f"input={prepared_2d}", f"ckpt_path={ckpt_2d}", "tracking=none",
-                                            "augment.policy=per_class", "augment.num_per_class=1",
-                                            "augment.steps=2", "augment.rank=0", "augment.world_size=1"])
+    cfg = compose_cfg(
+        "augment",
+        tmp_path,
+        [
+            f"input={prepared_2d}",
+            f"ckpt_path={ckpt_2d}",
+            "tracking=none",
+            "augment.policy=per_class",
+            "augment.num_per_class=1",
+            "augment.steps=2",
+            "augment.rank=0",
+            "augment.world_size=1",
+        ],
+    )
     first, second = augment_stage.run(cfg), augment_stage.run(cfg)
     assert first == {**second, "generated": 3} and second["generated"] == 0 and second["synthetic"] == 3
     assert (tmp_path / "augment" / "manifest.csv").is_file()
-    probe = subprocess.run([sys.executable, "-c", "import sys, medaug; print('torch' in sys.modules)"],
-                           cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    probe = subprocess.run(
+        [sys.executable, "-c", "import sys, medaug; print('torch' in sys.modules)"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert probe.stdout.strip() == "False"
 
 
@@ -229,20 +289,38 @@ def evaluation(out, ckpt, gain, std, of_ckpt=True):
 
 
 def augment_cfg(prepared, ckpt, out, *extra):
-    return compose_cfg("augment", out, [f"input={prepared}", f"ckpt_path={ckpt}", "tracking=none",
-                                        "augment.policy=per_class", "augment.num_per_class=1", "augment.steps=2",
-                                        *extra])
+    return compose_cfg(
+        "augment",
+        out,
+        [
+            f"input={prepared}",
+            f"ckpt_path={ckpt}",
+            "tracking=none",
+            "augment.policy=per_class",
+            "augment.num_per_class=1",
+            "augment.steps=2",
+            *extra,
+        ],
+    )
 
 
 def test_negative_augmentation_gain_stops_the_stage_with_one_line(prepared_2d, ckpt_2d, tmp_path):
     evaluation(tmp_path, ckpt_2d, gain=-0.079, std=0.02)  # the 0.746 against 0.825
-    with pytest.raises(ValueError, match=r"utility/aug_gain_acc=-0\.079, interval \[-0\.099, -0\.059\].*"
-                                         r"augment\.ignore_utility=true"):
+    with pytest.raises(
+        ValueError,
+        match=r"utility/aug_gain_acc=-0\.079, interval \[-0\.099, -0\.059\].*"
+        r"augment\.ignore_utility=true",
+    ):
         augment_stage.run(augment_cfg(prepared_2d, ckpt_2d, tmp_path))
     assert not (tmp_path / "augment").exists()  # stopped before generating anything
     args = [f"input={prepared_2d}", f"ckpt_path={ckpt_2d}", "tracking=none", f"paths.output_dir={tmp_path}"]
-    r = subprocess.run([sys.executable, "-m", "pipelines.augment", *args], cwd=REPO, capture_output=True, text=True,
-                       env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
+    r = subprocess.run(
+        [sys.executable, "-m", "pipelines.augment", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)},
+    )
     errors = [line for line in r.stderr.splitlines() if "error" in line]
     assert r.returncode == 2 and len(errors) == 1 and "interval [-0.099, -0.059]" in errors[0], r.stderr[-2000:]
     assert "Traceback" not in r.stderr
@@ -263,8 +341,10 @@ def test_augment_proceeds_without_a_negative_evaluation_of_its_checkpoint(prepar
         evaluation(tmp_path, ckpt_2d, gain=-0.02 if case == "interval_holds_zero" else 0.05, std=0.03)
     result = augment_stage.run(augment_cfg(prepared_2d, ckpt_2d, tmp_path))
     assert result["complete"] and result["synthetic"] == 3
-    expected = {"none": "utility was not checked: no evaluation in",
-                "other_checkpoint": "utility was not checked: the evaluation in",
-                "interval_holds_zero": "utility checked: utility/aug_gain_acc=-0.020, interval [-0.050, +0.010]",
-                "positive": "utility checked: utility/aug_gain_acc=+0.050, interval [+0.020, +0.080]"}[case]
+    expected = {
+        "none": "utility was not checked: no evaluation in",
+        "other_checkpoint": "utility was not checked: the evaluation in",
+        "interval_holds_zero": "utility checked: utility/aug_gain_acc=-0.020, interval [-0.050, +0.010]",
+        "positive": "utility checked: utility/aug_gain_acc=+0.050, interval [+0.020, +0.080]",
+    }[case]
     assert result["utility"].startswith(expected), result["utility"]

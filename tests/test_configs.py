@@ -11,9 +11,17 @@ from .conftest import CONF_DIR, TINY
 
 JOB_STAGES = ("prepare", "train", "sample", "evaluate", "export", "augment")
 # one override of every stage's own settings, given to every stage
-EVERY_SECTION = ["prepare.strict=true", "latent.cache_dir=/tmp/latents", "ckpt_path=/tmp/last.pt",
-                 "sample.num_per_class=4", "evaluate.n_pairs=8", "export.format=[png]", "augment.ratio=0.5",
-                 "input=/tmp/in", "output=/tmp/out"]
+EVERY_SECTION = [
+    "prepare.strict=true",
+    "latent.cache_dir=/tmp/latents",
+    "ckpt_path=/tmp/last.pt",
+    "sample.num_per_class=4",
+    "evaluate.n_pairs=8",
+    "export.format=[png]",
+    "augment.ratio=0.5",
+    "input=/tmp/in",
+    "output=/tmp/out",
+]
 
 
 def composed(stage: str, overrides) -> dict:
@@ -44,8 +52,11 @@ def test_every_stage_composes_the_config_of_run(tmp_path, experiment):
 def test_stage_defaults_are_kept():
     """The defaults each stage had in its own primary config before the sections moved to base.yaml."""
     cfg = composed("run", [])
-    assert cfg["ckpt_path"] is None and cfg["latent"] == {"autoencoder_ckpt": None, "train_if_missing": False,
-                                                          "cache_dir": "outputs/default/latents"}
+    assert cfg["ckpt_path"] is None and cfg["latent"] == {
+        "autoencoder_ckpt": None,
+        "train_if_missing": False,
+        "cache_dir": "outputs/default/latents",
+    }
     assert cfg["prepare"] == {"deid": "refuse", "strict": False, "uneven_spacing": "error"}
     assert cfg["sample"]["num_per_class"] == 16 and cfg["sample"]["sampler"] == "dpmpp_2m_sde"
     assert cfg["evaluate"]["utility"]["steps"] == cfg["evaluate"]["classifier_steps"] == 400
@@ -56,8 +67,16 @@ def test_stage_defaults_are_kept():
 
 def test_prepare_given_another_stages_key_runs(tmp_path):
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="prepare", overrides=["experiment=demo_2d", *TINY, f"paths.output_dir={tmp_path}",
-                                                        "sample.num_per_class=4", "export.format=[png]"])
+        cfg = compose(
+            config_name="prepare",
+            overrides=[
+                "experiment=demo_2d",
+                *TINY,
+                f"paths.output_dir={tmp_path}",
+                "sample.num_per_class=4",
+                "export.format=[png]",
+            ],
+        )
     summary = prepare.run(cfg)
     assert sum(v for k, v in summary.items() if k.startswith("data/train/")) > 0
     assert (tmp_path / "prepared" / "DONE").is_file()

@@ -57,6 +57,7 @@ def test_second_prepare_reuses_cache_without_reading_dicom(tmp_path, monkeypatch
     args = dict(window=WINDOW, spatial_size=[8, 8, -1], spatial_dims=2)
     prepare_dataset(labels, tmp_path / "p", **args)
     stamp = (tmp_path / "p" / "DONE").stat().st_mtime_ns
+
     def no_reading(*a, **k):
         raise AssertionError("DICOM read on a cached run")
 
@@ -67,17 +68,21 @@ def test_second_prepare_reuses_cache_without_reading_dicom(tmp_path, monkeypatch
 
 def test_2d_slices_from_3d_volumes(tmp_path):
     labels = make_demo_dataset(tmp_path / "raw", spatial_dims=3, n_per_class=2, size=8)
-    info = prepare_dataset(labels, tmp_path / "p", WINDOW, spatial_size=[8, 8, -1], spatial_dims=2,
-                           slice_rule="central", slice_band=0.5)
+    info = prepare_dataset(
+        labels, tmp_path / "p", WINDOW, spatial_size=[8, 8, -1], spatial_dims=2, slice_rule="central", slice_band=0.5
+    )
     images, _ = load_split(tmp_path / "p", "train")
     assert info.image_shape == [8, 8]
     assert len(read_manifest(tmp_path / "p")) == 6 * 4  # 4 central slices of 8 per volume
 
 
-@pytest.mark.parametrize("problem, message", [
-    ("missing_file", "not found"),
-    ("empty_class", "no training images"),
-])
+@pytest.mark.parametrize(
+    "problem, message",
+    [
+        ("missing_file", "not found"),
+        ("empty_class", "no training images"),
+    ],
+)
 def test_bad_labels_are_refused(tmp_path, problem, message):
     labels = make_demo_dataset(tmp_path / "raw", spatial_dims=2, n_per_class=3, size=8)
     rows = list(csv.DictReader(open(labels)))
@@ -119,14 +124,22 @@ def test_folder_per_class_layout_mixes_nifti_and_dicom(tmp_path):
             volume = rng.normal(size=(6, 6, 2)) * 50 + 100 * c
             if p == 0:  # a patient folder with two DICOM series (files without extension)
                 for s in range(2):
-                    for f in write_dicom_series(tmp_path / "tmp" / f"{name}{s}", volume, np.eye(4),
-                                                _declared(f"{name}-p0")):
+                    for f in write_dicom_series(
+                        tmp_path / "tmp" / f"{name}{s}", volume, np.eye(4), _declared(f"{name}-p0")
+                    ):
                         (tmp_path / "raw" / name / f"{name}-p0").mkdir(parents=True, exist_ok=True)
                         f.rename(tmp_path / "raw" / name / f"{name}-p0" / f"s{s}_{f.stem}")
             else:
                 _nifti(tmp_path / "raw" / name / f"{name}-p{p}.nii.gz", volume)
-    info = prepare_dataset(tmp_path / "raw", tmp_path / "p", WINDOW, spatial_size=[6, 6, -1], spatial_dims=2,
-                           slice_rule="all", split_fractions=(0.34, 0.33, 0.33))
+    info = prepare_dataset(
+        tmp_path / "raw",
+        tmp_path / "p",
+        WINDOW,
+        spatial_size=[6, 6, -1],
+        spatial_dims=2,
+        slice_rule="all",
+        split_fractions=(0.34, 0.33, 0.33),
+    )
     rows = read_manifest(tmp_path / "p")
     assert info.class_names == ["benign", "malignant"]
     assert info.summary["patients"] == 6 and info.summary["series"] == 4 and info.summary["images"] == 8
@@ -144,51 +157,78 @@ def test_msd_and_nnunet_dataset_json_with_masks_and_nonempty_slices(tmp_path, fl
         if i % 2:  # odd cases: a tumour (label 2) in slices 2-3 and a little edema (1) in slice 2
             mask[1:3, 1:3, 2:4] = 2
             mask[0, 0, 2] = 1
-        else:      # even cases: edema only, in slice 1
+        else:  # even cases: edema only, in slice 1
             mask[0:2, 0:2, 1] = 1
         name = f"case_{i:03d}"
         image_rel = f"imagesTr/{name}_0000.nii.gz" if flavour == "nnunet" else f"imagesTr/{name}.nii.gz"
         _nifti(root / image_rel, image)
         _nifti(root / f"labelsTr/{name}.nii.gz", mask)
         entries.append({"image": f"./{image_rel}", "label": f"./labelsTr/{name}.nii.gz"})
-    meta = ({"labels": {"0": "background", "1": "edema", "2": "tumour"}, "training": entries} if flavour == "msd"
-            else {"labels": {"background": 0, "edema": 1, "tumour": 2}, "file_ending": ".nii.gz"})
+    meta = (
+        {"labels": {"0": "background", "1": "edema", "2": "tumour"}, "training": entries}
+        if flavour == "msd"
+        else {"labels": {"background": 0, "edema": 1, "tumour": 2}, "file_ending": ".nii.gz"}
+    )
     (root / "dataset.json").write_text(json.dumps(meta))
-    info = prepare_dataset(root / "dataset.json", tmp_path / "p", IntensityWindow(0, 500, "a.u."),
-                           spatial_size=[4, 4, -1], spatial_dims=2, slice_rule="nonempty",
-                           split_fractions=(0.34, 0.33, 0.33))
+    info = prepare_dataset(
+        root / "dataset.json",
+        tmp_path / "p",
+        IntensityWindow(0, 500, "a.u."),
+        spatial_size=[4, 4, -1],
+        spatial_dims=2,
+        slice_rule="nonempty",
+        split_fractions=(0.34, 0.33, 0.33),
+    )
     rows = read_manifest(tmp_path / "p")
-    assert info.class_names == ["edema", "tumour"]   # each case's class: its mask's label with most voxels
+    assert info.class_names == ["edema", "tumour"]  # each case's class: its mask's label with most voxels
     tumour = {r["patient"] for r in rows if r["class_name"] == "tumour"}
     assert tumour == {"patient_0002", "patient_0004", "patient_0006"}
-    assert len(rows) == 3 * 2 + 3 * 1                # only the slices where the mask is non-empty
-    if flavour == "msd":                             # an image listed twice is refused
-        (root / "dataset.json").write_text(json.dumps({**meta, "training": [*entries, {**entries[1], "image":
-                                                                                      entries[1]["image"][2:]}]}))
-        with pytest.raises(ValueError, match=r"training\[6\]: image 'imagesTr/case_001.nii.gz' is listed twice "
-                                             r"\(training\[1\] and training\[6\]\)"):
-            prepare_dataset(root / "dataset.json", tmp_path / "p2", IntensityWindow(0, 500, "a.u."),
-                            spatial_size=[4, 4, -1], spatial_dims=2, split_fractions=(0.34, 0.33, 0.33))
+    assert len(rows) == 3 * 2 + 3 * 1  # only the slices where the mask is non-empty
+    if flavour == "msd":  # an image listed twice is refused
+        (root / "dataset.json").write_text(
+            json.dumps({**meta, "training": [*entries, {**entries[1], "image": entries[1]["image"][2:]}]})
+        )
+        with pytest.raises(
+            ValueError,
+            match=r"training\[6\]: image 'imagesTr/case_001.nii.gz' is listed twice "
+            r"\(training\[1\] and training\[6\]\)",
+        ):
+            prepare_dataset(
+                root / "dataset.json",
+                tmp_path / "p2",
+                IntensityWindow(0, 500, "a.u."),
+                spatial_size=[4, 4, -1],
+                spatial_dims=2,
+                split_fractions=(0.34, 0.33, 0.33),
+            )
 
 
 def test_labels_row_may_name_a_series_uid_in_a_mixed_folder(tmp_path):
     rows = []
     (tmp_path / "raw" / "all").mkdir(parents=True)
     for i in range(6):  # six series with constant values 0, 10, ..., 50, all files in one folder
-        files = write_dicom_series(tmp_path / "tmp" / str(i), np.full((4, 4, 2), 10.0 * i), np.eye(4),
-                                   _declared(f"p{i}"))
+        files = write_dicom_series(
+            tmp_path / "tmp" / str(i), np.full((4, 4, 2), 10.0 * i), np.eye(4), _declared(f"p{i}")
+        )
         uid = pydicom.dcmread(files[0]).SeriesInstanceUID
         for f in files:
             f.rename(tmp_path / "raw" / "all" / f"{i}_{f.name}")
         rows.append({"series_uid": uid, "patient_id": f"p{i}", "label": "ab"[i % 2]})
     labels = _write_csv(tmp_path / "raw" / "labels.csv", rows)
-    info = prepare_dataset(labels, tmp_path / "p", IntensityWindow(0, 50, "a.u."), spatial_size=[4, 4, -1],
-                           spatial_dims=2, slice_rule="all", split_fractions=(0.34, 0.33, 0.33))
+    info = prepare_dataset(
+        labels,
+        tmp_path / "p",
+        IntensityWindow(0, 50, "a.u."),
+        spatial_size=[4, 4, -1],
+        spatial_dims=2,
+        slice_rule="all",
+        split_fractions=(0.34, 0.33, 0.33),
+    )
     assert info.summary["series"] == 6 and len(read_manifest(tmp_path / "p")) == 12
     images, classes = load_split(tmp_path / "p", "train")
     series_index = torch.round((images.mean(dim=(1, 2, 3)) + 1) / 2 * 5).long()  # back to i from 10 * i
-    assert torch.equal(series_index % 2, classes)      # each series got the label of its own row
-    assert "1.2." not in (tmp_path / "p" / "manifest.csv").read_text()   # UIDs never reach the manifest
+    assert torch.equal(series_index % 2, classes)  # each series got the label of its own row
+    assert "1.2." not in (tmp_path / "p" / "manifest.csv").read_text()  # UIDs never reach the manifest
 
 
 def _bad_input(tmp_path, problem):
@@ -215,7 +255,7 @@ def _bad_input(tmp_path, problem):
         return raw / "empty", kwargs
     elif problem == "no_class_folders":
         return raw, kwargs
-    elif problem == "slices_in_class_folder":   # data.labels names a folder of series folders
+    elif problem == "slices_in_class_folder":  # data.labels names a folder of series folders
         for name in ("series_a", "series_b"):
             write_dicom_series(raw / "study" / name, np.zeros((4, 4, 3)), np.eye(4), _declared("p0"))
         return raw / "study", kwargs
@@ -247,7 +287,7 @@ def _bad_input(tmp_path, problem):
             row["split"] = ""
     elif problem == "duplicate_row":
         rows.append(dict(rows[2], path="./img2.nii.gz"))
-    elif problem == "mixed_spacing":      # half 0.7x0.7x5 mm, half 1.5x1.5x3 mm
+    elif problem == "mixed_spacing":  # half 0.7x0.7x5 mm, half 1.5x1.5x3 mm
         for i in range(6):
             spacing = [0.7, 0.7, 5, 1] if i < 3 else [1.5, 1.5, 3, 1]
             _nifti(raw / f"img{i}.nii.gz", np.random.default_rng(i).normal(size=(4, 4, 3)), np.diag(spacing))
@@ -266,9 +306,9 @@ BAD_INPUTS = {
     "nan": r"img0.nii.gz: image contains NaN or Inf",
     "no_images": r"empty: folder with no images",
     "no_class_folders": r"raw: the folder-per-class layout needs one sub-folder per class; found image files directly "
-                        r"in it \(e.g. img0.nii.gz\).*labels CSV",
+    r"in it \(e.g. img0.nii.gz\).*labels CSV",
     "slices_in_class_folder": r"study/series_a: slice_0000.dcm and slice_0001.dcm are slices of one DICOM series; "
-                              r"each patient's series must be in its own folder inside the class folder",
+    r"each patient's series must be in its own folder inside the class folder",
     "one_slice_3d": r"labels.csv:2: a single-slice image cannot train a 3D model",
     "uneven": r"raw/s: uneven slice spacing.*prepare.uneven_spacing=resample",
     "mixed_orientation": r"raw/s: slices have different orientations",
@@ -291,16 +331,25 @@ def test_bad_input_is_refused_with_file_and_fix_and_leaves_nothing(tmp_path, pro
     args.update(kwargs)
     with pytest.raises(ValueError, match=BAD_INPUTS[problem]):
         prepare_dataset(labels, tmp_path / "p", **args)
-    left = {"raw", "deid_report.csv"} if problem == "phi" else {"raw"}   # the gate's report, beside the job
-    assert {p.name for p in tmp_path.iterdir()} == left   # no prepared folder, no temp folder
+    left = {"raw", "deid_report.csv"} if problem == "phi" else {"raw"}  # the gate's report, beside the job
+    assert {p.name for p in tmp_path.iterdir()} == left  # no prepared folder, no temp folder
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("problem", ["missing_file", "uneven"])
 def test_bad_input_exits_2_from_the_cli(tmp_path, problem):
     labels, _ = _bad_input(tmp_path, problem)
-    r = _cli(["pipelines.prepare", "data=labels", f"data.labels={labels}", "data.image_size=[4,4]",
-              "tracking=none", f"paths.output_dir={tmp_path}/job"], REPO)
+    r = _cli(
+        [
+            "pipelines.prepare",
+            "data=labels",
+            f"data.labels={labels}",
+            "data.image_size=[4,4]",
+            "tracking=none",
+            f"paths.output_dir={tmp_path}/job",
+        ],
+        REPO,
+    )
     assert r.returncode == 2
     assert r.stderr.strip().splitlines()[-1].startswith("medaug prepare: error: ")
     assert re.search(BAD_INPUTS[problem], r.stderr) and "Traceback" not in r.stderr
@@ -309,7 +358,7 @@ def test_bad_input_exits_2_from_the_cli(tmp_path, problem):
 
 def test_slice_thickness_may_differ_in_2d_but_needs_a_pixdim_in_3d(tmp_path):
     raw, rows = tmp_path / "raw", []
-    for i in range(6):   # x spacing within 1 %, slice thickness 2 or 3 mm
+    for i in range(6):  # x spacing within 1 %, slice thickness 2 or 3 mm
         spacing = [1.0 + 0.005 * (i % 2), 1.0, 2.0 + i % 2, 1.0]
         _nifti(raw / f"img{i}.nii.gz", np.random.default_rng(i).normal(size=(4, 4, 4)), np.diag(spacing))
         rows.append({"path": f"img{i}.nii.gz", "patient_id": f"p{i}", "label": "ab"[i % 2]})
@@ -325,7 +374,7 @@ def test_slice_thickness_may_differ_in_2d_but_needs_a_pixdim_in_3d(tmp_path):
 
 def test_a_class_with_no_held_out_patient_and_a_single_class_are_warned_about(tmp_path, caplog):
     raw, rows = tmp_path / "raw", []
-    for i in range(7):   # classes a and b with 3 patients each, class c with one
+    for i in range(7):  # classes a and b with 3 patients each, class c with one
         _nifti(raw / f"img{i}.nii.gz", np.random.default_rng(i).normal(size=(4, 4, 3)))
         rows.append({"path": f"img{i}.nii.gz", "patient_id": f"p{i}", "label": "c" if i == 6 else "ab"[i % 2]})
     args = dict(window=WINDOW, spatial_size=[4, 4, -1], spatial_dims=2, split_fractions=(0.34, 0.33, 0.33))
@@ -347,23 +396,38 @@ def test_labels_csv_saved_by_excel_with_bom_and_spaces_after_commas(tmp_path):
         _nifti(raw / f"img{i}.nii.gz", np.random.default_rng(i).normal(size=(4, 4, 3)))
         lines.append(f"img{i}.nii.gz, p{i}, {'ab'[i % 2]}")
     (raw / "labels.csv").write_text("\r\n".join(lines) + "\r\n", encoding="utf-8-sig")
-    info = prepare_dataset(raw / "labels.csv", tmp_path / "p", WINDOW, spatial_size=[4, 4, -1], spatial_dims=2,
-                           split_fractions=(0.34, 0.33, 0.33))
+    info = prepare_dataset(
+        raw / "labels.csv",
+        tmp_path / "p",
+        WINDOW,
+        spatial_size=[4, 4, -1],
+        spatial_dims=2,
+        split_fractions=(0.34, 0.33, 0.33),
+    )
     assert info.class_names == ["a", "b"] and info.summary["patients"] == 6
 
 
 def test_uneven_series_can_be_resampled_by_config(tmp_path):
     labels, _ = _bad_input(tmp_path, "uneven")
-    info = prepare_dataset(labels, tmp_path / "p", WINDOW, spatial_size=[4, 4, -1], spatial_dims=2,
-                           slice_rule="all", split_fractions=(0.34, 0.33, 0.33), uneven_spacing="resample")
-    assert info.summary["source_slices"] == 5 * 3 + 4   # the gap is filled: 4 slices again
+    info = prepare_dataset(
+        labels,
+        tmp_path / "p",
+        WINDOW,
+        spatial_size=[4, 4, -1],
+        spatial_dims=2,
+        slice_rule="all",
+        split_fractions=(0.34, 0.33, 0.33),
+        uneven_spacing="resample",
+    )
+    assert info.summary["source_slices"] == 5 * 3 + 4  # the gap is filled: 4 slices again
 
 
 def test_non_image_files_are_skipped_and_summarised(tmp_path):
     labels, _ = _bad_input(tmp_path, "non_dicom_strict")
     with pytest.warns(UserWarning, match="skipping .*README"):
-        info = prepare_dataset(labels, tmp_path / "p", WINDOW, spatial_size=[4, 4, -1], spatial_dims=2,
-                               split_fractions=(0.34, 0.33, 0.33))
+        info = prepare_dataset(
+            labels, tmp_path / "p", WINDOW, spatial_size=[4, 4, -1], spatial_dims=2, split_fractions=(0.34, 0.33, 0.33)
+        )
     assert info.summary["skipped_files"] == 1 and info.summary["skipped_why"] == {"not a readable DICOM file": 1}
     assert info.skipped[0][0].endswith("README")
     assert "README" not in (tmp_path / "p" / "dataset.json").read_text()
@@ -397,8 +461,15 @@ def test_mr_percentile_dataset_stores_each_window_and_the_median_for_export(tmp_
         _nifti(raw / f"mr{i}.nii.gz", array)
         rows.append({"path": f"mr{i}.nii.gz", "patient_id": f"p{i}", "label": "ab"[i % 2]})
     labels = _write_csv(raw / "labels.csv", rows)
-    info = prepare_dataset(labels, tmp_path / "p", PercentileNormalization(0, 100), spatial_size=[6, 6, -1],
-                           spatial_dims=2, slice_rule="all", split_fractions=(0.34, 0.33, 0.33))
+    info = prepare_dataset(
+        labels,
+        tmp_path / "p",
+        PercentileNormalization(0, 100),
+        spatial_size=[6, 6, -1],
+        spatial_dims=2,
+        slice_rule="all",
+        split_fractions=(0.34, 0.33, 0.33),
+    )
     manifest = read_manifest(tmp_path / "p")
     lows = sorted({float(r["source_lo"]) for r in manifest})
     assert lows == pytest.approx([100.0 * k for k in range(1, 7)])  # one window per scan
@@ -411,8 +482,17 @@ def test_mr_percentile_dataset_stores_each_window_and_the_median_for_export(tmp_
 
 def test_prepare_stage_prints_the_summary(tmp_path, caplog):
     labels, _ = _bad_input(tmp_path, "non_dicom_strict")
-    cfg = compose_cfg("prepare", tmp_path / "job", ["data=labels", f"data.labels={labels}", "data.image_size=[4,4]",
-                                                     "data.split=[0.34,0.33,0.33]", "tracking=none"])
+    cfg = compose_cfg(
+        "prepare",
+        tmp_path / "job",
+        [
+            "data=labels",
+            f"data.labels={labels}",
+            "data.image_size=[4,4]",
+            "data.split=[0.34,0.33,0.33]",
+            "tracking=none",
+        ],
+    )
     with caplog.at_level(logging.INFO, logger="medaug"), pytest.warns(UserWarning, match="skipping"):
         result = prepare.run(cfg)
     text = caplog.text
@@ -439,15 +519,22 @@ def test_non_image_dicom_object_is_refused_alone_naming_its_sop_class_and_skippe
     shutil.copy(seg, raw / "seg.dcm")
     args = dict(window=WINDOW, spatial_size=[4, 4, -1], spatial_dims=2, split_fractions=(0.34, 0.33, 0.33))
     rows[0]["path"] = "seg.dcm"
-    with pytest.warns(UserWarning), pytest.raises(
-            DatasetError, match=r"labels.csv:2: .*seg.dcm holds no readable image \(Segmentation Storage is not an "
-                                r"image; give it as the mask of its image, converted to a NIfTI label map"):
+    with (
+        pytest.warns(UserWarning),
+        pytest.raises(
+            DatasetError,
+            match=r"labels.csv:2: .*seg.dcm holds no readable image \(Segmentation Storage is not an "
+            r"image; give it as the mask of its image, converted to a NIfTI label map",
+        ),
+    ):
         prepare_dataset(_write_csv(raw / "labels.csv", rows), tmp_path / "p", **args)
     assert not (tmp_path / "p").exists()
     rows[0]["path"] = "ct"
     with pytest.warns(UserWarning, match=r"skipping .*ct/seg.dcm: Segmentation Storage is not an image"):
         info = prepare_dataset(_write_csv(raw / "labels.csv", rows), tmp_path / "p", **args)
     assert info.summary["images"] == 6 and [Path(f).name for f, _ in info.skipped] == ["seg.dcm"]
-    assert list(info.summary["skipped_why"]) == ["Segmentation Storage is not an image; give it as the mask of its "
-                                                 "image, converted to a NIfTI label map on the image's grid, e.g. "
-                                                 "with dcmqi's segimage2itkimage"]
+    assert list(info.summary["skipped_why"]) == [
+        "Segmentation Storage is not an image; give it as the mask of its "
+        "image, converted to a NIfTI label map on the image's grid, e.g. "
+        "with dcmqi's segimage2itkimage"
+    ]

@@ -27,8 +27,14 @@ def creds(monkeypatch):
 
 def upload(server, root: Path, **kw) -> list[dict]:
     """Write all-DICOM phantoms under ``root``, store them in ``server``; rows (SeriesInstanceUID, label)."""
-    labels = make_demo_dataset(root, spatial_dims=kw.pop("spatial_dims", 2), n_per_class=kw.pop("n", 2),
-                               size=kw.pop("size", 16), dicom_every=1, seed=0)
+    labels = make_demo_dataset(
+        root,
+        spatial_dims=kw.pop("spatial_dims", 2),
+        n_per_class=kw.pop("n", 2),
+        size=kw.pop("size", 16),
+        dicom_every=1,
+        seed=0,
+    )
     rows, web = [], Server(server.dicomweb, retries=0)
     for row in csv.DictReader(open(labels)):
         files = sorted((root / row["path"]).glob("*.dcm"))
@@ -38,8 +44,9 @@ def upload(server, root: Path, **kw) -> list[dict]:
             for k, v in kw.items():
                 setattr(ds, k, v)
         web.client.store_instances(datasets)
-        rows.append(dict(SeriesInstanceUID=str(datasets[0].SeriesInstanceUID), label=row["label"],
-                         patient_id=row["patient_id"]))
+        rows.append(
+            dict(SeriesInstanceUID=str(datasets[0].SeriesInstanceUID), label=row["label"], patient_id=row["patient_id"])
+        )
     return rows
 
 
@@ -57,12 +64,13 @@ def test_fetch_prepare_and_no_second_download(orthanc, creds, tmp_path, caplog):
     labels = write_csv(tmp_path / "series.csv", [{k: r[k] for k in ("SeriesInstanceUID", "label")} for r in rows])
     web = dict(url=orthanc.dicomweb, cache_dir=tmp_path / "cache", retries=0)
     with caplog.at_level(logging.DEBUG):
-        info = prepare_dataset(labels, tmp_path / "prepared", WINDOW, spatial_size=[16, 16, -1], spatial_dims=2,
-                               dicomweb=web)
+        info = prepare_dataset(
+            labels, tmp_path / "prepared", WINDOW, spatial_size=[16, 16, -1], spatial_dims=2, dicomweb=web
+        )
     assert info.summary["series"] == len(rows) == 6 and sorted(info.class_names) == sorted({r["label"] for r in rows})
     local = list(csv.DictReader(open(tmp_path / "cache" / "labels.csv")))
     assert [r["path"] for r in local] == [f"series/{r['SeriesInstanceUID']}/dicom" for r in rows]
-    assert all(r["patient_id"].startswith("pid_") for r in local)      # PatientID hashed, never copied
+    assert all(r["patient_id"].startswith("pid_") for r in local)  # PatientID hashed, never copied
     sent = orthanc.statistics()
     mtimes = {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").rglob("*")}
     # rerun: the cache answers; a dead URL proves no request is made for cached series given by UID
@@ -70,22 +78,25 @@ def test_fetch_prepare_and_no_second_download(orthanc, creds, tmp_path, caplog):
     assert again == tmp_path / "cache" / "labels.csv"
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").rglob("*")} == mtimes
     assert orthanc.statistics() == sent
-    text = caplog.text + "".join(p.read_text(errors="ignore") for p in (tmp_path / "prepared").rglob("*")
-                                 if p.is_file() and p.suffix != ".gz")
+    text = caplog.text + "".join(
+        p.read_text(errors="ignore") for p in (tmp_path / "prepared").rglob("*") if p.is_file() and p.suffix != ".gz"
+    )
     assert PASSWORD not in text
 
 
 def test_query_with_label_column(orthanc, creds, tmp_path):
     orthanc.clear()
     rows = upload(orthanc, tmp_path / "raw", n=1)
-    labels = fetch_series(orthanc.dicomweb, None, tmp_path / "cache", query={"Modality": "CT"},
-                          label_column="BodyPartExamined", retries=0)
+    labels = fetch_series(
+        orthanc.dicomweb, None, tmp_path / "cache", query={"Modality": "CT"}, label_column="BodyPartExamined", retries=0
+    )
     local = list(csv.DictReader(open(labels)))
     assert sorted(r["label"] for r in local) == sorted(r["label"].upper()[:16] for r in rows)
     assert {r["path"] for r in local} == {f"series/{r['SeriesInstanceUID']}/dicom" for r in rows}
     with pytest.raises(DicomwebError, match="no series match"):
-        fetch_series(orthanc.dicomweb, None, tmp_path / "cache", query={"Modality": "MR"}, label_column="Modality",
-                     retries=0)
+        fetch_series(
+            orthanc.dicomweb, None, tmp_path / "cache", query={"Modality": "MR"}, label_column="Modality", retries=0
+        )
 
 
 def test_phi_on_server_refused_before_pixels(orthanc, creds, tmp_path):
@@ -94,7 +105,7 @@ def test_phi_on_server_refused_before_pixels(orthanc, creds, tmp_path):
     labels = write_csv(tmp_path / "series.csv", rows)
     with pytest.raises(PHIError, match="InstitutionName"):
         fetch_series(orthanc.dicomweb, labels, tmp_path / "cache", report_path=tmp_path / "report.csv", retries=0)
-    assert not (tmp_path / "cache" / "series").exists()               # nothing downloaded
+    assert not (tmp_path / "cache" / "series").exists()  # nothing downloaded
     assert "InstitutionName" in (tmp_path / "report.csv").read_text()
 
 
@@ -128,7 +139,7 @@ def test_killed_during_download_leaves_no_partial_series(orthanc, creds, tmp_pat
     real = pydicom.Dataset.save_as
     calls = []
 
-    def failing(self, *a, **kw):                  # the connection drops after 3 instances, on every try
+    def failing(self, *a, **kw):  # the connection drops after 3 instances, on every try
         calls.append(1)
         if len(calls) % 4 == 0:
             raise ConnectionError("connection reset")
@@ -137,7 +148,7 @@ def test_killed_during_download_leaves_no_partial_series(orthanc, creds, tmp_pat
     monkeypatch.setattr(pydicom.Dataset, "save_as", failing)
     with pytest.raises(DicomwebError, match="not reachable"):
         fetch_series(orthanc.dicomweb, labels, tmp_path / "cache", retries=1, backoff_s=0.01)
-    assert not any((tmp_path / "cache" / "series").iterdir())          # no half series in the cache
+    assert not any((tmp_path / "cache" / "series").iterdir())  # no half series in the cache
     monkeypatch.setattr(pydicom.Dataset, "save_as", real)
     fetch_series(orthanc.dicomweb, labels, tmp_path / "cache", retries=0)
     folder = tmp_path / "cache" / "series" / rows[0]["SeriesInstanceUID"]
@@ -151,8 +162,9 @@ def test_store_export_once(orthanc, creds, tmp_path):
 
     out = tmp_path / "export"
     affine = np.diag([2.0, 2.0, 3.0, 1.0])
-    write_dicom_series(out / "dicom" / "synth_00000_a", np.zeros((8, 8, 4), np.float32), affine,
-                       dicom_header("SYN00000", "a"))
+    write_dicom_series(
+        out / "dicom" / "synth_00000_a", np.zeros((8, 8, 4), np.float32), affine, dicom_header("SYN00000", "a")
+    )
     first = store_export(out, orthanc.dicomweb, retries=0)
     assert [s["sent"] for s in first["series"]] == [True] and orthanc.statistics()["CountInstances"] == 4
     second = store_export(out, orthanc.dicomweb, retries=0)
@@ -172,9 +184,18 @@ def test_round_trip_prepare_train_export_back(orthanc, creds, tmp_path, capfd):
     orthanc.clear()
     rows = upload(orthanc, tmp_path / "pacs_src", n=4, size=16)
     labels = write_csv(tmp_path / "series.csv", rows)
-    over = [*TINY, "data.source=dicomweb", f"data.labels={labels}", f"data.dicomweb.url={orthanc.dicomweb}",
-            "data.dicomweb.retries=0", "data.image_size=[16,16]", "export.format=[nifti,dicom]",
-            f"export.dicomweb.url={orthanc.dicomweb}", "export.copy_filter=false", "sample.num_per_class=1"]
+    over = [
+        *TINY,
+        "data.source=dicomweb",
+        f"data.labels={labels}",
+        f"data.dicomweb.url={orthanc.dicomweb}",
+        "data.dicomweb.retries=0",
+        "data.image_size=[16,16]",
+        "export.format=[nifti,dicom]",
+        f"export.dicomweb.url={orthanc.dicomweb}",
+        "export.copy_filter=false",
+        "sample.num_per_class=1",
+    ]
     before = orthanc.statistics()["CountSeries"]
     prepare.run(compose_cfg("prepare", tmp_path, over))
     assert load_info(tmp_path / "prepared").summary["series"] == 12
@@ -195,7 +216,7 @@ def test_round_trip_prepare_train_export_back(orthanc, creds, tmp_path, capfd):
             ds.save_as(folder / f"{k}.dcm", enforce_file_format=True)
         volume = read_dicom_series(sorted(folder.glob("*.dcm")))
         assert volume.array.shape[:2] == (16, 16)
-        assert np.allclose(np.linalg.norm(volume.affine[:3, :3], axis=0)[:2], 4.0)   # the phantoms' 4 mm pixels
+        assert np.allclose(np.linalg.norm(volume.affine[:3, :3], axis=0)[:2], 4.0)  # the phantoms' 4 mm pixels
         assert "SYNTHETIC" in str(back[0].SeriesDescription) and "SYNTHETIC" in str(back[0].ImageComments)
     out, err = capfd.readouterr()
     files = [p for p in tmp_path.rglob("*") if p.is_file() and "pacs_src" not in p.parts]
@@ -208,11 +229,25 @@ def test_stage_server_down_exit_2_one_line(tmp_path):
     import sys
 
     labels = write_csv(tmp_path / "s.csv", [dict(SeriesInstanceUID="1.2.3.4.5", label="a")])
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), ENV_USER: USER,
-           ENV_PASSWORD: PASSWORD, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "pipelines.prepare", f"paths.output_dir={tmp_path / 'out'}", "tracking=none",
-           "data.source=dicomweb", f"data.labels={labels}", f"data.dicomweb.url=http://127.0.0.1:{free_port()}/x",
-           "data.dicomweb.retries=1", "data.dicomweb.backoff_s=0.01"]
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+        ENV_USER: USER,
+        ENV_PASSWORD: PASSWORD,
+        "OMP_NUM_THREADS": "1",
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipelines.prepare",
+        f"paths.output_dir={tmp_path / 'out'}",
+        "tracking=none",
+        "data.source=dicomweb",
+        f"data.labels={labels}",
+        f"data.dicomweb.url=http://127.0.0.1:{free_port()}/x",
+        "data.dicomweb.retries=1",
+        "data.dicomweb.backoff_s=0.01",
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 2, done.stderr[-2000:]
     lines = [ln for ln in (done.stdout + done.stderr).splitlines() if "not reachable" in ln]

@@ -14,8 +14,12 @@ import torch
 from medaug.dpm_solver import DPMSolverPP2M, DPMSolverPP2MSDE
 from medaug.sampling import inference_scheduler, sample_images
 
-SCHED = {"_target_": "monai.networks.schedulers.DDPMScheduler", "num_train_timesteps": 1000,
-         "schedule": "linear_beta", "clip_sample": False}
+SCHED = {
+    "_target_": "monai.networks.schedulers.DDPMScheduler",
+    "num_train_timesteps": 1000,
+    "schedule": "linear_beta",
+    "clip_sample": False,
+}
 
 
 class GaussianOracle(torch.nn.Module):
@@ -44,11 +48,20 @@ def exact_ode_sample(x_T: torch.Tensor, mu: float, s: float) -> torch.Tensor:
     return mu + s * (x_T.double() - abar.sqrt() * mu) / (abar * s**2 + 1 - abar).sqrt()
 
 
-def run(sampler: str, steps: int, mu: float, s: float, shape=(16, 16), n=2, seed=0, spec=SCHED,
-        prediction_type="epsilon") -> torch.Tensor:
-    return sample_images(GaussianOracle(mu, s, prediction_type), inference_scheduler(spec, sampler, steps),
-                         torch.zeros(n, dtype=torch.long), shape, guidance_scale=1.0, null_class=1, seed=seed,
-                         progress=False, clip=False).double()
+def run(
+    sampler: str, steps: int, mu: float, s: float, shape=(16, 16), n=2, seed=0, spec=SCHED, prediction_type="epsilon"
+) -> torch.Tensor:
+    return sample_images(
+        GaussianOracle(mu, s, prediction_type),
+        inference_scheduler(spec, sampler, steps),
+        torch.zeros(n, dtype=torch.long),
+        shape,
+        guidance_scale=1.0,
+        null_class=1,
+        seed=seed,
+        progress=False,
+        clip=False,
+    ).double()
 
 
 def start_noise(n=2, shape=(16, 16), seed=0) -> torch.Tensor:
@@ -140,8 +153,9 @@ def test_misuse_is_reported():
     assert math.isfinite(solver.step(x, int(solver.timesteps[0]), x)[0].sum().item())
 
 
-@pytest.mark.parametrize("sampler,steps", [("ddpm", 1000), ("ddim", 20), ("pndm", 20), ("dpmpp_2m", 20),
-                                           ("dpmpp_2m_sde", 20)])
+@pytest.mark.parametrize(
+    "sampler,steps", [("ddpm", 1000), ("ddim", 20), ("pndm", 20), ("dpmpp_2m", 20), ("dpmpp_2m_sde", 20)]
+)
 def test_every_sampler_ends_on_the_clean_image(sampler, steps):
     """Background data (every pixel exactly -1): the last step must land on the denoised image, not on
     the noise of timestep 0 (PNDM used to stop at sigma = 0.01: |x + 1| ~ 0.008)."""
@@ -178,6 +192,7 @@ def test_guided_clean_image_is_clipped_at_every_step(sampler):
     out = sample_images(guided, sch, torch.zeros(2, dtype=torch.long), (8, 8), **kw)
     assert len(seen) == 10 and min(seen) > -1 - 1e-3, seen  # x0 = -1.5 before it was clipped
     torch.testing.assert_close(out, torch.full_like(out, -1.0), atol=1e-3, rtol=0)
-    free = sample_images(guided, inference_scheduler(SCHED, sampler, 10), torch.zeros(2, dtype=torch.long), (8, 8),
-                         clip=False, **kw)  # latents: not clipped
+    free = sample_images(
+        guided, inference_scheduler(SCHED, sampler, 10), torch.zeros(2, dtype=torch.long), (8, 8), clip=False, **kw
+    )  # latents: not clipped
     torch.testing.assert_close(free, torch.full_like(free, -1.5), atol=1e-3, rtol=0)

@@ -23,11 +23,28 @@ from medaug.preprocessing import IntensityWindow, PercentileNormalization
 from .conftest import CONF_DIR
 
 TEMPLATE = CONF_DIR.parent / "data_cards" / "TEMPLATE.md"
-CARD = dict(name="t", created="2026-01-01", medaug_version="0", checkpoint_id="abc", training_steps=5,
-            model="M", dataset_fingerprint="f", mlflow_run_id="run-7f3a", sampler="ddim", guidance_scale=2, seed=1,
-            spatial_dims=2, image_shape="8 × 8", spacing="2 × 2", intensity="HU", class_counts="a: 2",
-            metrics="| m | 1 |", privacy="not audited", deid="gate policy `refuse`",
-            differential_privacy="none")
+CARD = dict(
+    name="t",
+    created="2026-01-01",
+    medaug_version="0",
+    checkpoint_id="abc",
+    training_steps=5,
+    model="M",
+    dataset_fingerprint="f",
+    mlflow_run_id="run-7f3a",
+    sampler="ddim",
+    guidance_scale=2,
+    seed=1,
+    spatial_dims=2,
+    image_shape="8 × 8",
+    spacing="2 × 2",
+    intensity="HU",
+    class_counts="a: 2",
+    metrics="| m | 1 |",
+    privacy="not audited",
+    deid="gate policy `refuse`",
+    differential_privacy="none",
+)
 WINDOW = IntensityWindow(-160, 240)
 MR_WINDOW = IntensityWindow(20.0, 900.0, "MR a.u.")  # the median percentile window of MR training scans
 WINDOWS = {"CT": WINDOW, "MR": MR_WINDOW}
@@ -37,62 +54,192 @@ AFFINE = np.array([[0.8, 0, 0, -40.0], [0, 0.7 * _C, -2.5 * _S, 12.5], [0, 0.7 *
 
 # Every attribute a medaug DICOM file may hold (file meta included); anything else is a leak.
 DICOM_ALLOWED = {
-    "FileMetaInformationGroupLength", "FileMetaInformationVersion", "MediaStorageSOPClassUID",
-    "MediaStorageSOPInstanceUID", "TransferSyntaxUID", "ImplementationClassUID", "ImplementationVersionName",
-    "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID",
-    "Modality", "SeriesNumber", "InstanceNumber", "ImageType", "PatientPosition",
-    "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "PatientIdentityRemoved", "DeidentificationMethod",
-    "StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber", "StudyDescription",
-    "SeriesDescription", "ImageComments", "DerivationDescription", "BurnedInAnnotation", "Manufacturer",
-    "Laterality", "ImageLaterality", "ContentDate", "ContentTime", "PositionReferenceIndicator", "KVP",
+    "FileMetaInformationGroupLength",
+    "FileMetaInformationVersion",
+    "MediaStorageSOPClassUID",
+    "MediaStorageSOPInstanceUID",
+    "TransferSyntaxUID",
+    "ImplementationClassUID",
+    "ImplementationVersionName",
+    "SOPClassUID",
+    "SOPInstanceUID",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "FrameOfReferenceUID",
+    "Modality",
+    "SeriesNumber",
+    "InstanceNumber",
+    "ImageType",
+    "PatientPosition",
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "PatientIdentityRemoved",
+    "DeidentificationMethod",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "StudyID",
+    "AccessionNumber",
+    "StudyDescription",
+    "SeriesDescription",
+    "ImageComments",
+    "DerivationDescription",
+    "BurnedInAnnotation",
+    "Manufacturer",
+    "Laterality",
+    "ImageLaterality",
+    "ContentDate",
+    "ContentTime",
+    "PositionReferenceIndicator",
+    "KVP",
     "AcquisitionNumber",
-    "ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing", "SliceThickness",
-    "SamplesPerPixel", "PhotometricInterpretation", "Rows", "Columns", "BitsAllocated", "BitsStored", "HighBit",
-    "PixelRepresentation", "RescaleSlope", "RescaleIntercept", "RescaleType", "WindowCenter", "WindowWidth",
+    "ImageOrientationPatient",
+    "ImagePositionPatient",
+    "PixelSpacing",
+    "SliceThickness",
+    "SamplesPerPixel",
+    "PhotometricInterpretation",
+    "Rows",
+    "Columns",
+    "BitsAllocated",
+    "BitsStored",
+    "HighBit",
+    "PixelRepresentation",
+    "RescaleSlope",
+    "RescaleIntercept",
+    "RescaleType",
+    "WindowCenter",
+    "WindowWidth",
     "PixelData",
 }
 # The Enhanced CT option adds its functional groups, dimensions and equipment attributes.
 ENHANCED_ALLOWED = DICOM_ALLOWED - {"Laterality", "KVP", "AcquisitionNumber", "DerivationDescription"} | {
-    "NumberOfFrames", "ManufacturerModelName", "DeviceSerialNumber", "SoftwareVersions", "ContentQualification",
-    "PixelPresentation", "VolumetricProperties", "VolumeBasedCalculationTechnique", "PresentationLUTShape",
-    "LossyImageCompression", "AcquisitionContextSequence", "DimensionOrganizationType",
-    "DimensionOrganizationSequence", "DimensionOrganizationUID", "DimensionIndexSequence", "DimensionIndexPointer",
-    "FunctionalGroupPointer", "DimensionDescriptionLabel", "SharedFunctionalGroupsSequence",
-    "PerFrameFunctionalGroupsSequence", "PixelMeasuresSequence", "PlaneOrientationSequence", "PlanePositionSequence",
-    "PixelValueTransformationSequence", "FrameVOILUTSequence", "CTImageFrameTypeSequence", "FrameType",
-    "FrameAnatomySequence", "AnatomicRegionSequence", "CodeValue", "CodingSchemeDesignator", "CodeMeaning",
-    "FrameLaterality", "IrradiationEventIdentificationSequence", "IrradiationEventUID", "FrameContentSequence",
+    "NumberOfFrames",
+    "ManufacturerModelName",
+    "DeviceSerialNumber",
+    "SoftwareVersions",
+    "ContentQualification",
+    "PixelPresentation",
+    "VolumetricProperties",
+    "VolumeBasedCalculationTechnique",
+    "PresentationLUTShape",
+    "LossyImageCompression",
+    "AcquisitionContextSequence",
+    "DimensionOrganizationType",
+    "DimensionOrganizationSequence",
+    "DimensionOrganizationUID",
+    "DimensionIndexSequence",
+    "DimensionIndexPointer",
+    "FunctionalGroupPointer",
+    "DimensionDescriptionLabel",
+    "SharedFunctionalGroupsSequence",
+    "PerFrameFunctionalGroupsSequence",
+    "PixelMeasuresSequence",
+    "PlaneOrientationSequence",
+    "PlanePositionSequence",
+    "PixelValueTransformationSequence",
+    "FrameVOILUTSequence",
+    "CTImageFrameTypeSequence",
+    "FrameType",
+    "FrameAnatomySequence",
+    "AnatomicRegionSequence",
+    "CodeValue",
+    "CodingSchemeDesignator",
+    "CodeMeaning",
+    "FrameLaterality",
+    "IrradiationEventIdentificationSequence",
+    "IrradiationEventUID",
+    "FrameContentSequence",
     "DimensionIndexValues",
 }
 # MR Image: no CT attributes, no Modality LUT (the IOD has none: Rescale* would be non-standard); the MR Image
 # module's type 1/2 attributes, and a Real World Value Mapping from stored values to the source units.
 MR_ALLOWED = DICOM_ALLOWED - {"KVP", "RescaleSlope", "RescaleIntercept", "RescaleType"} | {
-    "ScanningSequence", "SequenceVariant", "ScanOptions", "MRAcquisitionType", "RepetitionTime", "EchoTime",
-    "EchoTrainLength", "RealWorldValueMappingSequence",
+    "ScanningSequence",
+    "SequenceVariant",
+    "ScanOptions",
+    "MRAcquisitionType",
+    "RepetitionTime",
+    "EchoTime",
+    "EchoTrainLength",
+    "RealWorldValueMappingSequence",
 }
-ENHANCED_MR_ALLOWED = ENHANCED_ALLOWED - {"CTImageFrameTypeSequence", "IrradiationEventIdentificationSequence",
-                                          "IrradiationEventUID"} | {
-    "MRImageFrameTypeSequence", "ComplexImageComponent", "AcquisitionContrast", "RealWorldValueMappingSequence",
-    "RealWorldValueFirstValueMapped", "RealWorldValueLastValueMapped", "RealWorldValueSlope",
-    "RealWorldValueIntercept", "LUTExplanation", "LUTLabel", "MeasurementUnitsCodeSequence", "RescaleType",
+ENHANCED_MR_ALLOWED = ENHANCED_ALLOWED - {
+    "CTImageFrameTypeSequence",
+    "IrradiationEventIdentificationSequence",
+    "IrradiationEventUID",
+} | {
+    "MRImageFrameTypeSequence",
+    "ComplexImageComponent",
+    "AcquisitionContrast",
+    "RealWorldValueMappingSequence",
+    "RealWorldValueFirstValueMapped",
+    "RealWorldValueLastValueMapped",
+    "RealWorldValueSlope",
+    "RealWorldValueIntercept",
+    "LUTExplanation",
+    "LUTLabel",
+    "MeasurementUnitsCodeSequence",
+    "RescaleType",
     "ApplicableSafetyStandardAgency",
 }
 # Type 1 and 2 attributes of the CT Image IOD's modules (patient, study, series, frame of
 # reference, equipment, image, plane, pixel, CT image, SOP common).
 CT_REQUIRED = {
-    "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID", "StudyDate", "StudyTime",
-    "ReferringPhysicianName", "StudyID", "AccessionNumber", "Modality", "SeriesInstanceUID", "SeriesNumber",
-    "FrameOfReferenceUID", "PositionReferenceIndicator", "Manufacturer", "InstanceNumber", "PixelSpacing",
-    "ImageOrientationPatient", "ImagePositionPatient", "SliceThickness", "SamplesPerPixel",
-    "PhotometricInterpretation", "Rows", "Columns", "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation",
-    "PixelData", "ImageType", "RescaleIntercept", "RescaleSlope", "KVP", "AcquisitionNumber", "SOPClassUID",
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyInstanceUID",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "StudyID",
+    "AccessionNumber",
+    "Modality",
+    "SeriesInstanceUID",
+    "SeriesNumber",
+    "FrameOfReferenceUID",
+    "PositionReferenceIndicator",
+    "Manufacturer",
+    "InstanceNumber",
+    "PixelSpacing",
+    "ImageOrientationPatient",
+    "ImagePositionPatient",
+    "SliceThickness",
+    "SamplesPerPixel",
+    "PhotometricInterpretation",
+    "Rows",
+    "Columns",
+    "BitsAllocated",
+    "BitsStored",
+    "HighBit",
+    "PixelRepresentation",
+    "PixelData",
+    "ImageType",
+    "RescaleIntercept",
+    "RescaleSlope",
+    "KVP",
+    "AcquisitionNumber",
+    "SOPClassUID",
     "SOPInstanceUID",
 }
 
 
 def _rows(n):
-    return [{"index": i, "label": i % 2, "class_name": "ab"[i % 2], "seed": 10 + i, "guidance_scale": 2.0,
-             "checkpoint_id": "abc"} for i in range(n)]
+    return [
+        {
+            "index": i,
+            "label": i % 2,
+            "class_name": "ab"[i % 2],
+            "seed": 10 + i,
+            "guidance_scale": 2.0,
+            "checkpoint_id": "abc",
+        }
+        for i in range(n)
+    ]
 
 
 def _images(n, spatial_dims, size=8):
@@ -290,8 +437,15 @@ def test_keep_drops_samples_and_privacy_scores_fill_the_column(tmp_path):
 def test_share_bundle_is_one_archive_without_provenance(tmp_path, archive):
     report = tmp_path / "privacy_report.md"
     report.write_text("# privacy: pass\n")
-    out = _export(tmp_path, _images(2, 3), formats=["nifti", "dicom", "png"], profile="share", archive=archive,
-                  dataset_json=True, privacy_files=[report])
+    out = _export(
+        tmp_path,
+        _images(2, 3),
+        formats=["nifti", "dicom", "png"],
+        profile="share",
+        archive=archive,
+        dataset_json=True,
+        privacy_files=[report],
+    )
     bundle = tmp_path / f"e.{archive}"
     digest, name = (tmp_path / f"e.{archive}.sha256").read_text().split()
     assert name == bundle.name and digest == hashlib.sha256(bundle.read_bytes()).hexdigest()
@@ -326,17 +480,32 @@ def test_export_refuses_to_overwrite_and_leaves_no_partial(tmp_path):
     rows = [{"label": 0, "class_name": "a", "seed": 0, "checkpoint_id": "x"}]
     (tmp_path / "e").mkdir()
     with pytest.raises(ExportError, match="already exists"):
-        export_dataset(torch.zeros(1, 1, 4, 4), rows, tmp_path / "e", window=window, affine=affine,
-                       card_fields=CARD, template=TEMPLATE)
+        export_dataset(
+            torch.zeros(1, 1, 4, 4),
+            rows,
+            tmp_path / "e",
+            window=window,
+            affine=affine,
+            card_fields=CARD,
+            template=TEMPLATE,
+        )
     with pytest.raises(ExportError, match="placeholder"):
-        export_dataset(torch.zeros(1, 1, 4, 4), rows, tmp_path / "f", window=window, affine=affine,
-                       card_fields={}, template=TEMPLATE)
+        export_dataset(
+            torch.zeros(1, 1, 4, 4),
+            rows,
+            tmp_path / "f",
+            window=window,
+            affine=affine,
+            card_fields={},
+            template=TEMPLATE,
+        )
     assert not (tmp_path / "f").exists() and [p.name for p in tmp_path.iterdir()] == ["e"]
 
 
 def test_render_card_fills_every_placeholder():
-    text = render_card(TEMPLATE, {**CARD, "num_samples": 2, "files": "NIfTI", "filtered": "none", "modality": "CT",
-                                  "units": "HU"})
+    text = render_card(
+        TEMPLATE, {**CARD, "num_samples": 2, "files": "NIfTI", "filtered": "none", "modality": "CT", "units": "HU"}
+    )
     assert "${" not in text and "| m | 1 |" in text
 
 
@@ -349,22 +518,49 @@ def test_export_stage_writes_every_format_and_the_share_bundle(tmp_path, modalit
     from .conftest import compose_cfg
 
     images = _images(3, 2)
-    rows = [dict(index=i, label=i % 2, class_name="ab"[i % 2], seed=5 + i, guidance_scale=2.0, sampler="ddim",
-                 steps=3, checkpoint_id="abc") for i in range(3)]
-    info = dict(checkpoint_id="abc", checkpoint_step=4, mlflow_run_id="run-7f3a", class_names=["a", "b"],
-                spatial_dims=2, image_shape=[8, 8], window=WINDOWS[modality or "CT"].as_dict(), affine=AFFINE.tolist(),
-                dataset="fp", model="M", sample=dict(sampler="ddim", steps=3, eta=0.0, guidance_scale=2.0, seed=5))
+    rows = [
+        dict(
+            index=i,
+            label=i % 2,
+            class_name="ab"[i % 2],
+            seed=5 + i,
+            guidance_scale=2.0,
+            sampler="ddim",
+            steps=3,
+            checkpoint_id="abc",
+        )
+        for i in range(3)
+    ]
+    info = dict(
+        checkpoint_id="abc",
+        checkpoint_step=4,
+        mlflow_run_id="run-7f3a",
+        class_names=["a", "b"],
+        spatial_dims=2,
+        image_shape=[8, 8],
+        window=WINDOWS[modality or "CT"].as_dict(),
+        affine=AFFINE.tolist(),
+        dataset="fp",
+        model="M",
+        sample=dict(sampler="ddim", steps=3, eta=0.0, guidance_scale=2.0, seed=5),
+    )
     if modality:
         info["modality"] = modality
     save_samples(tmp_path / "samples", images, rows, info, ["a", "b"])
     with atomic_folder(tmp_path / "eval") as ev:
         (ev / "metrics.json").write_text(json.dumps({"fidelity/label_acc": 0.5, "privacy/copy_rate": 0.0}))
         (ev / "per_sample.csv").write_text("index,copy_score\n0,0.25\n1,0.3\n2,0.5\n")
-        (ev / "privacy.json").write_text(json.dumps({"threshold": 0.9, "space": "pixel", "verdict": "pass",
-                                                     "samples_id": samples_id(tmp_path / "samples")}))
+        (ev / "privacy.json").write_text(
+            json.dumps(
+                {"threshold": 0.9, "space": "pixel", "verdict": "pass", "samples_id": samples_id(tmp_path / "samples")}
+            )
+        )
         (ev / "report.md").write_text("![neighbour](data:image/png;base64,AAAA)\n")  # embeds pixels: never copied
-    cfg = compose_cfg("export", tmp_path, ["tracking=none", "export.format=[nifti,dicom,png]",
-                                           "export.profile=share", "export.dataset_json=true"])
+    cfg = compose_cfg(
+        "export",
+        tmp_path,
+        ["tracking=none", "export.format=[nifti,dicom,png]", "export.profile=share", "export.dataset_json=true"],
+    )
     result = export_stage.run(cfg)
     out = tmp_path / "export"
     assert result["formats"] == ["nifti", "dicom", "png"] and result["archive"] == str(tmp_path / "export.tar.gz")
@@ -378,7 +574,8 @@ def test_export_stage_writes_every_format_and_the_share_bundle(tmp_path, modalit
     assert all((out / m["dicom"]).is_file() and (out / m["png"]).is_file() for m in manifest)
     ds = pydicom.dcmread(out / manifest[0]["dicom"])
     assert ds.Modality == (modality or "CT") and json.loads((out / "dataset.json").read_text())["modality"] == {
-        "0": modality or "CT"}
+        "0": modality or "CT"
+    }
 
 
 @pytest.mark.parametrize("modality, units", [("CT", "HU"), ("MR", "MR signal, arbitrary units, percentile-normalised")])
@@ -405,8 +602,9 @@ def test_export_modality_falls_back_for_old_checkpoints_and_refuses_what_it_cann
         _export(tmp_path, _images(1, 2), formats=["dicom"], modality="PT", window=IntensityWindow(0, 10, "SUV"))
     with pytest.raises(ExportError, match="'unknown'.*prepare and train again"):
         _export(tmp_path, _images(1, 2), formats=["dicom"], modality="unknown", window=IntensityWindow(0, 1, "a.u."))
-    out = _export(tmp_path, _images(1, 2), name="pt", formats=["nifti"], modality="PT",
-                  window=IntensityWindow(0, 10, "SUV"))
+    out = _export(
+        tmp_path, _images(1, 2), name="pt", formats=["nifti"], modality="PT", window=IntensityWindow(0, 10, "SUV")
+    )
     assert "SUV" in (out / "DATA_CARD.md").read_text()
 
 
@@ -430,11 +628,16 @@ def test_prepare_records_the_modality_from_headers_or_the_normalisation(tmp_path
     # DICOM headers say it: an MR series next to a CT series is refused
     raw = tmp_path / "dicom"
     for i, modality in enumerate(["MR", "MR", "CT", "MR"]):
-        write_dicom_series(raw / f"s{i}", np.arange(64.0).reshape(8, 8, 1) + 10 * i, np.eye(4),
-                           {"PatientID": f"p{i}", "PatientIdentityRemoved": "YES",
-                            "DeidentificationMethod": "test corpus"}, modality)
-    (raw / "labels.csv").write_text("path,patient_id,label\n" + "\n".join(f"s{i},p{i},{'ab'[i % 2]}"
-                                                                           for i in range(4)) + "\n")
+        write_dicom_series(
+            raw / f"s{i}",
+            np.arange(64.0).reshape(8, 8, 1) + 10 * i,
+            np.eye(4),
+            {"PatientID": f"p{i}", "PatientIdentityRemoved": "YES", "DeidentificationMethod": "test corpus"},
+            modality,
+        )
+    (raw / "labels.csv").write_text(
+        "path,patient_id,label\n" + "\n".join(f"s{i},p{i},{'ab'[i % 2]}" for i in range(4)) + "\n"
+    )
     with pytest.raises(DatasetError, match=r"mixed modalities.*CT.*MR.*one modality per dataset"):
         prepare_dataset(raw / "labels.csv", tmp_path / "mixed", PercentileNormalization(), **kw)
     assert not (tmp_path / "mixed").exists()
@@ -453,10 +656,24 @@ def test_mr_modality_flows_from_prepare_through_train_and_sample_to_the_dicom(tm
     from .conftest import TINY, compose_cfg
 
     labels = _mr_nifti_cases(tmp_path / "raw", n=4, size=16)
-    prepare_dataset(labels, tmp_path / "prepared", PercentileNormalization(), spatial_size=[16, 16, -1],
-                    spatial_dims=2, split_fractions=(0.5, 0.5, 0.0))
-    overrides = ["experiment=demo_2d", *TINY, "training.max_steps=1", "sample.num_per_class=1", "sample.steps=1",
-                 f"paths.prepared_dir={tmp_path}/prepared", "export.format=[nifti,dicom]", "export.copy_filter=false"]
+    prepare_dataset(
+        labels,
+        tmp_path / "prepared",
+        PercentileNormalization(),
+        spatial_size=[16, 16, -1],
+        spatial_dims=2,
+        split_fractions=(0.5, 0.5, 0.0),
+    )
+    overrides = [
+        "experiment=demo_2d",
+        *TINY,
+        "training.max_steps=1",
+        "sample.num_per_class=1",
+        "sample.steps=1",
+        f"paths.prepared_dir={tmp_path}/prepared",
+        "export.format=[nifti,dicom]",
+        "export.copy_filter=false",
+    ]
     for stage in (train_stage, sample_stage, export_stage):
         stage.run(compose_cfg(stage.__name__.split(".")[-1], tmp_path, overrides))
     manifest = _manifest(tmp_path / "export")

@@ -66,9 +66,22 @@ def prepared_job(tmp_path_factory) -> Path:
 def start_training(out: Path, prepared: Path) -> subprocess.Popen:
     """`python -m pipelines.train` that would run for a long time, on the CPU, one thread."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    return subprocess.Popen([sys.executable, "-m", "pipelines.train", f"paths.output_dir={out}",
-                             f"paths.prepared_dir={prepared}", *TRAIN, "training.max_steps=100000"],
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "pipelines.train",
+            f"paths.output_dir={out}",
+            f"paths.prepared_dir={prepared}",
+            *TRAIN,
+            "training.max_steps=100000",
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
@@ -130,9 +143,23 @@ def test_dead_tracking_server_stops_train_in_seconds_naming_the_uri(tmp_path, pr
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
     started = time.monotonic()
-    r = subprocess.run([sys.executable, "-m", "pipelines.train", f"paths.output_dir={tmp_path}",
-                        f"paths.prepared_dir={prepared_job}", *TRAIN, "tracking=mlflow", f"tracking.uri={uri}"],
-                       cwd=REPO, env=env, capture_output=True, text=True, timeout=120)  # before: hung > 120 s
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipelines.train",
+            f"paths.output_dir={tmp_path}",
+            f"paths.prepared_dir={prepared_job}",
+            *TRAIN,
+            "tracking=mlflow",
+            f"tracking.uri={uri}",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )  # before: hung > 120 s
     took = time.monotonic() - started
     assert r.returncode == 2, r.stderr[-2000:]
     lines = r.stderr.strip().splitlines()
@@ -159,8 +186,11 @@ def test_dead_tracking_server_with_on_error_continue_tracks_locally(tmp_path, ca
     from pipelines.common import make_tracker
 
     uri = f"http://127.0.0.1:{closed_port()}"
-    cfg = compose_cfg("train", tmp_path, ["experiment=demo_2d", "tracking=mlflow", f"tracking.uri={uri}",
-                                          "tracking.on_error=continue"])
+    cfg = compose_cfg(
+        "train",
+        tmp_path,
+        ["experiment=demo_2d", "tracking=mlflow", f"tracking.uri={uri}", "tracking.on_error=continue"],
+    )
     tracker = make_tracker(cfg)
     assert tracker.uri == f"sqlite:///{tmp_path / 'mlflow.db'}" and (tmp_path / "mlflow.db").is_file()
     assert any(uri in r.getMessage() and str(tmp_path / "mlflow.db") in r.getMessage() for r in caplog.records)

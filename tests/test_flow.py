@@ -13,8 +13,14 @@ from medaug.training import DiffusionStep, StepDraw, diffusion_loss, draw_step_n
 
 from .test_configs import composed
 
-FLOW = {"_target_": "monai.networks.schedulers.RFlowScheduler", "num_train_timesteps": 1000,
-        "use_discrete_timesteps": True, "sample_method": "uniform", "_sampler": "rflow", "_steps": 30}
+FLOW = {
+    "_target_": "monai.networks.schedulers.RFlowScheduler",
+    "num_train_timesteps": 1000,
+    "use_discrete_timesteps": True,
+    "sample_method": "uniform",
+    "_sampler": "rflow",
+    "_steps": 30,
+}
 
 
 class GaussianVelocity(nn.Module):
@@ -36,8 +42,19 @@ class GaussianVelocity(nn.Module):
 def test_sampler_with_the_exact_velocity_returns_the_datas_std(spatial_dims):
     sch = inference_scheduler(FLOW, "rflow", 200)  # Euler: 0.487 at 50 steps, 0.498 at 200, 0.501 at 1000
     shape = (8, 8) if spatial_dims == 2 else (4, 4, 4)
-    x = sample_images(GaussianVelocity([0.5, 1.0]), sch, labels_for_counts({0: 2000}), shape, guidance_scale=1.0,
-                      null_class=1, seed=0, batch_size=500, progress=False, clip=False, clip_x0=False)
+    x = sample_images(
+        GaussianVelocity([0.5, 1.0]),
+        sch,
+        labels_for_counts({0: 2000}),
+        shape,
+        guidance_scale=1.0,
+        null_class=1,
+        seed=0,
+        batch_size=500,
+        progress=False,
+        clip=False,
+        clip_x0=False,
+    )
     assert x.shape == (2000, 1, *shape)
     assert abs(x.std().item() - 0.5) < 0.01, x.std()
     assert abs(x.mean().item()) < 0.01
@@ -48,8 +65,12 @@ def test_guidance_with_rflow():
     step (checked against a hand-written Euler loop of MONAI's step)."""
     kw = dict(null_class=1, seed=3, batch_size=1000, progress=False, clip=False, clip_x0=False)
     net, labels = GaussianVelocity([0.5, 1.0]), labels_for_counts({0: 1000})
-    stds = {w: sample_images(net, inference_scheduler(FLOW, "rflow", 200), labels, (8, 8), guidance_scale=w,
-                             **kw).std().item() for w in (0.0, 1.0)}
+    stds = {
+        w: sample_images(net, inference_scheduler(FLOW, "rflow", 200), labels, (8, 8), guidance_scale=w, **kw)
+        .std()
+        .item()
+        for w in (0.0, 1.0)
+    }
     assert abs(stds[0.0] - 1.0) < 0.02 and abs(stds[1.0] - 0.5) < 0.02, stds
     sch = inference_scheduler(FLOW, "rflow", 10)
     got = sample_images(net, sch, labels[:4], (8, 8), guidance_scale=2.0, **kw)
@@ -121,8 +142,17 @@ def test_options_that_do_not_apply_to_a_flow_are_refused_by_name():
     with pytest.raises(ValueError, match="sample.sampler=rflow is for models trained with scheduler=rflow"):
         inference_scheduler({"_target_": "monai.networks.schedulers.DDPMScheduler"}, "rflow", 20)
     with pytest.raises(ValueError, match="sample.eta=0.5 .* set sample.eta=0"):
-        sample_images(Recorder(), inference_scheduler(FLOW, "rflow", 2), torch.zeros(1, dtype=torch.long), (4, 4),
-                      guidance_scale=1.0, null_class=1, seed=0, eta=0.5, progress=False)
+        sample_images(
+            Recorder(),
+            inference_scheduler(FLOW, "rflow", 2),
+            torch.zeros(1, dtype=torch.long),
+            (4, 4),
+            guidance_scale=1.0,
+            null_class=1,
+            seed=0,
+            eta=0.5,
+            progress=False,
+        )
     with pytest.raises(ValueError, match=r"scheduler keys \['beta_start'\] do not apply to a rectified flow"):
         build_scheduler({**FLOW, "beta_start": 0.1})
     with pytest.raises(ValueError, match="scheduler.clip_sample=true does not apply"):
@@ -132,8 +162,9 @@ def test_options_that_do_not_apply_to_a_flow_are_refused_by_name():
     with pytest.raises(ValueError, match="use_discrete_timesteps=false"):
         build_scheduler({**FLOW, "use_discrete_timesteps": False})
     # what an experiment written for ddpm sets and that agrees with a flow is accepted
-    assert isinstance(build_scheduler({**FLOW, "prediction_type": "v_prediction", "clip_sample": False}),
-                      RFlowScheduler)
+    assert isinstance(
+        build_scheduler({**FLOW, "prediction_type": "v_prediction", "clip_sample": False}), RFlowScheduler
+    )
 
 
 def test_scheduler_rflow_sets_the_sampler_and_its_steps(tmp_path):

@@ -48,7 +48,7 @@ def test_cuda_sampling_is_seeded():
 def test_evaluation_classifier_trains_on_the_gpu_and_answers_on_the_cpu():
     x = torch.rand(24, 1, 16, 16) * 2 - 1
     y = torch.arange(24) % 2
-    x[y == 1, :, 4:12, 4:12] = 1.0                  # class 1: a bright square
+    x[y == 1, :, 4:12, 4:12] = 1.0  # class 1: a bright square
     clf = train_classifier(x, y, 2, steps=60, seed=0, progress=False, device="cuda")
     assert next(clf.parameters()).device.type == "cuda"
     probs = predict_proba(clf, x)

@@ -33,8 +33,10 @@ def case(spatial_dims, n=3, size=8):
 def test_outside_the_region_is_the_input_and_a_seed_gives_one_output(spatial_dims, sampler, spec, steps):
     images, masks, labels = case(spatial_dims)
     kw = dict(jumps=2, resample=2, guidance_scale=2.0, null_class=3, batch_size=2, progress=False)
-    run = [inpaint(net(spatial_dims), inference_scheduler(spec, sampler, steps), images, masks, labels, seed=s, **kw)
-           for s in (5, 5, 6)]
+    run = [
+        inpaint(net(spatial_dims), inference_scheduler(spec, sampler, steps), images, masks, labels, seed=s, **kw)
+        for s in (5, 5, 6)
+    ]
     assert run[0].shape == images.shape and run[0].min() >= -1 and run[0].max() <= 1
     assert torch.equal(run[0][~masks], images[~masks])  # every voxel outside the region, bit for bit
     assert torch.equal(run[0], run[1])
@@ -43,9 +45,11 @@ def test_outside_the_region_is_the_input_and_a_seed_gives_one_output(spatial_dim
 
 def test_repaint_schedule_runs_each_block_resample_times_and_jumps_back_to_its_start():
     plan = repaint_schedule(5, jumps=2, resample=3)
-    assert plan == [("step", 0), ("step", 1), ("back", 1)] * 2 + [("step", 0), ("step", 1)] + \
-        [("step", 2), ("step", 3), ("back", 3)] * 2 + [("step", 2), ("step", 3)] + [("step", 4), ("back", 4)] * 2 + \
-        [("step", 4)]
+    assert plan == [("step", 0), ("step", 1), ("back", 1)] * 2 + [("step", 0), ("step", 1)] + [
+        ("step", 2),
+        ("step", 3),
+        ("back", 3),
+    ] * 2 + [("step", 2), ("step", 3)] + [("step", 4), ("back", 4)] * 2 + [("step", 4)]
     assert repaint_schedule(3, jumps=10, resample=1) == [("step", 0), ("step", 1), ("step", 2)]
 
 
@@ -55,6 +59,7 @@ def test_renoise_gives_the_marginal_of_the_later_timestep(spec, sampler):
     sch = inference_scheduler(spec, sampler, 4)
     t_from, t_to = int(sch.timesteps[-1]), int(sch.timesteps[0])
     from medaug.inpaint import _coefficients
+
     (a0, b0), (a1, b1) = _coefficients(sch, t_from), _coefficients(sch, t_to)
     g = torch.Generator().manual_seed(0)
     x = a0 + b0 * torch.randn(200_000, generator=g)
@@ -73,8 +78,20 @@ def test_latent_inpainting_regenerates_the_region_on_the_latent_grid(spatial_dim
     seen = []
     model = net(spatial_dims, UNET)
     model.register_forward_pre_hook(lambda m, args, kwargs: seen.append(tuple(args[0].shape)), with_kwargs=True)
-    out = inpaint(model, inference_scheduler({**SCHED, "clip_sample": False}, "ddim", 3), images, masks, labels,
-                  space=space, jumps=1, resample=2, guidance_scale=1.0, null_class=3, seed=0, progress=False)
+    out = inpaint(
+        model,
+        inference_scheduler({**SCHED, "clip_sample": False}, "ddim", 3),
+        images,
+        masks,
+        labels,
+        space=space,
+        jumps=1,
+        resample=2,
+        guidance_scale=1.0,
+        null_class=3,
+        seed=0,
+        progress=False,
+    )
     assert seen and set(seen) == {(3, 2, *[4] * spatial_dims)}  # the UNet ran on latents
     assert out.shape == images.shape and torch.equal(out[~masks], images[~masks])
 
@@ -118,10 +135,15 @@ def test_inpaint_stage_keeps_geometry_and_every_outside_voxel_and_share_refuses_
     mask[4:10, 5:11] = 1
     write_nifti(tmp_path / "img.nii.gz", hu, affine)
     write_nifti(tmp_path / "roi.nii.gz", mask, affine)
-    run = [*overrides, f"sample.inpaint.images=[{tmp_path}/img.nii.gz]",
-           f"sample.inpaint.masks=[{tmp_path}/roi.nii.gz]",
-           "sample.inpaint.class_name=multi_lesion", "sample.inpaint.steps=4", "sample.inpaint.jumps=2",
-           "sample.inpaint.resample=2"]
+    run = [
+        *overrides,
+        f"sample.inpaint.images=[{tmp_path}/img.nii.gz]",
+        f"sample.inpaint.masks=[{tmp_path}/roi.nii.gz]",
+        "sample.inpaint.class_name=multi_lesion",
+        "sample.inpaint.steps=4",
+        "sample.inpaint.jumps=2",
+        "sample.inpaint.resample=2",
+    ]
     result = inpaint_stage.run(compose_cfg("inpaint", tmp_path, run))
     out = tmp_path / "inpaint"
     assert result["inpainted"] == 1 and result["inpaint_dir"] == str(out)
@@ -135,11 +157,20 @@ def test_inpaint_stage_keeps_geometry_and_every_outside_voxel_and_share_refuses_
     assert "img.nii" not in json.dumps(info) + open(out / "manifest.csv").read()  # no input file names
     assert "contain a real patient's image" in (out / "DATA_CARD.md").read_text()
     assert (out / "picture.png").is_file()
-    again = inpaint_stage.run(compose_cfg("inpaint", tmp_path / "again", [*run, f"ckpt_path={tmp_path}/train/"
-                                                                               "checkpoints/last.pt"]))
+    again = inpaint_stage.run(
+        compose_cfg("inpaint", tmp_path / "again", [*run, f"ckpt_path={tmp_path}/train/checkpoints/last.pt"])
+    )
     assert torch.equal(load_samples(again["inpaint_dir"])[0], images)  # seeded
     with pytest.raises(ExportError, match="contains_real_patient=true.*share profile refuses them"):
-        export_dataset(images, list(csv.DictReader(open(out / "manifest.csv"))), tmp_path / "export", window=WINDOW,
-                       affine=affine, card_fields={}, template=tmp_path / "none.md", profile="share")
+        export_dataset(
+            images,
+            list(csv.DictReader(open(out / "manifest.csv"))),
+            tmp_path / "export",
+            window=WINDOW,
+            affine=affine,
+            card_fields={},
+            template=tmp_path / "none.md",
+            profile="share",
+        )
     with pytest.raises(ValueError, match="class_name='tumour'; choose one of"):
         inpaint_stage.run(compose_cfg("inpaint", tmp_path, [*run, "sample.inpaint.class_name=tumour"]))

@@ -10,7 +10,15 @@ import pytest
 
 from medaug.deid import ALLOWED_META
 from medaug.atomic import atomic_file, atomic_folder, is_complete, temp_name
-from medaug.io import ImageReadError, index_dicom, read_dicom_series, read_nifti, read_volume, write_dicom_series, write_nifti
+from medaug.io import (
+    ImageReadError,
+    index_dicom,
+    read_dicom_series,
+    read_nifti,
+    read_volume,
+    write_dicom_series,
+    write_nifti,
+)
 
 
 def oblique_affine():
@@ -97,7 +105,7 @@ def test_pydicom_shipped_ct_reads_in_hu():
     vol = read_volume(get_testdata_file("CT_small.dcm"))
     assert vol.array.shape == (128, 128, 1)
     assert vol.meta["modality"] == "CT" and set(vol.meta) <= set(ALLOWED_META.values())
-    assert -1100 < vol.array.min() < vol.array.max() < 3100   # HU, after rescale
+    assert -1100 < vol.array.min() < vol.array.max() < 3100  # HU, after rescale
     assert vol.spacing[:2] == pytest.approx((0.661468, 0.661468), abs=1e-5)
 
 
@@ -111,7 +119,6 @@ def test_atomic_folder_leaves_nothing_on_failure(tmp_path):
     with atomic_folder(tmp_path / "out") as tmp:
         (tmp / "full.txt").write_text("x")
     assert is_complete(tmp_path / "out") and (tmp_path / "out" / "full.txt").exists()
-
 
 
 def test_atomic_file_replaces_on_success_and_leaves_the_old_file_on_error(tmp_path):
@@ -259,8 +266,10 @@ def test_compressed_pixel_data_without_decoder_names_syntax_and_extra():
     with pytest.raises(ImageReadError, match=r"JPEG-LS Lossless.*pip install 'medaug\[jpeg\]'"):
         read_volume(PYDICOM_FILES / "MR_small_jpeg_ls_lossless.dcm")
     # JPEG 2000 lossless decodes with what is installed and equals the uncompressed file
-    np.testing.assert_array_equal(read_volume(PYDICOM_FILES / "MR_small_jp2klossless.dcm").array,
-                                  read_volume(PYDICOM_FILES / "MR_small.dcm").array)
+    np.testing.assert_array_equal(
+        read_volume(PYDICOM_FILES / "MR_small_jp2klossless.dcm").array,
+        read_volume(PYDICOM_FILES / "MR_small.dcm").array,
+    )
 
 
 def test_truncated_and_non_dicom_files_are_skipped_or_refused_when_strict(tmp_path):
@@ -304,7 +313,7 @@ def test_pydicom_shipped_ct_series_is_ordered_by_position():
     folder = PYDICOM_FILES / "dicomdirtests" / "98892001" / "CT5N"
     vol = read_volume(folder)
     assert vol.array.shape == (16, 16, 5) and vol.meta["modality"] == "CT"
-    np.testing.assert_allclose(vol.affine[:3, 2], [0, 0, 2.5], atol=1e-4)        # ascending along +S
+    np.testing.assert_allclose(vol.affine[:3, 2], [0, 0, 2.5], atol=1e-4)  # ascending along +S
     np.testing.assert_allclose(vol.affine[:3, 3], [72.2, 143.0, -1.2375], atol=1e-3)  # LPS → RAS origin
     by_z = sorted(folder.iterdir(), key=lambda f: float(pydicom.dcmread(f).ImagePositionPatient[2]))
     first = pydicom.dcmread(by_z[0])
@@ -352,13 +361,16 @@ def _as_sop_class(src: Path, dst: Path, sop_class: str, pixels: bool = True, in_
     return dst
 
 
-@pytest.mark.parametrize("name, fix", [
-    ("liver_1frame.dcm", r"Segmentation Storage is not an image; give it as the mask of its image"),
-    ("rtdose.dcm", r"RT Dose Storage is not an image.*remove it"),
-    ("rtdose_1frame.dcm", r"RT Dose Storage is not an image"),
-    ("test-SR.dcm", r"Comprehensive SR Storage is not an image; a structured report.*remove it"),
-    ("rtplan.dcm", r"RT Plan Storage is not an image.*remove it"),
-])
+@pytest.mark.parametrize(
+    "name, fix",
+    [
+        ("liver_1frame.dcm", r"Segmentation Storage is not an image; give it as the mask of its image"),
+        ("rtdose.dcm", r"RT Dose Storage is not an image.*remove it"),
+        ("rtdose_1frame.dcm", r"RT Dose Storage is not an image"),
+        ("test-SR.dcm", r"Comprehensive SR Storage is not an image; a structured report.*remove it"),
+        ("rtplan.dcm", r"RT Plan Storage is not an image.*remove it"),
+    ],
+)
 def test_pydicom_shipped_non_image_objects_are_refused_by_sop_class(name, fix):
     """Before: the SEG and the 1-frame dose read as images; the 15-frame dose said 'all 15 slices share one
     position (duplicate files...)'; SR and plan said only 'no pixel data'."""
@@ -366,17 +378,32 @@ def test_pydicom_shipped_non_image_objects_are_refused_by_sop_class(name, fix):
         read_volume(PYDICOM_FILES / name)
 
 
-@pytest.mark.parametrize("sop_class, pixels, fix", [
-    (pydicom.uid.RTStructureSetStorage, False, r"RT Structure Set Storage is not an image; convert its contours "
-                                               r"to a label map"),
-    (pydicom.uid.GrayscaleSoftcopyPresentationStateStorage, False,
-     r"Grayscale Softcopy Presentation State Storage is not an image; it holds display settings.*remove it"),
-    (pydicom.uid.KeyObjectSelectionDocumentStorage, False, r"Key Object Selection Document Storage is not an image"),
-    (pydicom.uid.SegmentationStorage, True, r"Segmentation Storage is not an image"),
-])
+@pytest.mark.parametrize(
+    "sop_class, pixels, fix",
+    [
+        (
+            pydicom.uid.RTStructureSetStorage,
+            False,
+            r"RT Structure Set Storage is not an image; convert its contours "
+            r"to a label map",
+        ),
+        (
+            pydicom.uid.GrayscaleSoftcopyPresentationStateStorage,
+            False,
+            r"Grayscale Softcopy Presentation State Storage is not an image; it holds display settings.*remove it",
+        ),
+        (
+            pydicom.uid.KeyObjectSelectionDocumentStorage,
+            False,
+            r"Key Object Selection Document Storage is not an image",
+        ),
+        (pydicom.uid.SegmentationStorage, True, r"Segmentation Storage is not an image"),
+    ],
+)
 @pytest.mark.parametrize("in_meta_only", [False, True], ids=["SOPClassUID", "MediaStorageSOPClassUID"])
-def test_non_image_sop_class_is_skipped_beside_its_series_and_refused_alone(tmp_path, sop_class, pixels, fix,
-                                                                            in_meta_only):
+def test_non_image_sop_class_is_skipped_beside_its_series_and_refused_alone(
+    tmp_path, sop_class, pixels, fix, in_meta_only
+):
     hu = np.zeros((4, 4, 3), np.float32)
     files = write_dicom_series(tmp_path / "s", hu, np.eye(4), {})
     odd = _as_sop_class(files[0], tmp_path / "s" / "object", sop_class, pixels, in_meta_only)
@@ -384,9 +411,11 @@ def test_non_image_sop_class_is_skipped_beside_its_series_and_refused_alone(tmp_
         index = index_dicom(tmp_path / "s")
     assert [(p.name, bool(re.search(fix, why))) for p, why in index.skipped] == [("object", True)]
     with pytest.warns(UserWarning, match=fix):
-        assert read_volume(tmp_path / "s").array.shape == (4, 4, 3)      # the series beside it is not blocked
-    with pytest.warns(UserWarning), pytest.raises(ImageReadError, match=f"object: no readable DICOM image found "
-                                                                        f"\\({fix}"):
+        assert read_volume(tmp_path / "s").array.shape == (4, 4, 3)  # the series beside it is not blocked
+    with (
+        pytest.warns(UserWarning),
+        pytest.raises(ImageReadError, match=f"object: no readable DICOM image found \\({fix}"),
+    ):
         read_volume(odd)
     with pytest.raises(ImageReadError, match=f"object: {fix}.*prepare.strict") as refused:
         read_volume(tmp_path / "s", strict=True)
@@ -397,8 +426,12 @@ def test_non_image_sop_class_is_skipped_beside_its_series_and_refused_alone(tmp_
 
 def test_image_storage_classes_and_files_without_sop_class_are_read(tmp_path):
     files = write_dicom_series(tmp_path / "s", np.zeros((4, 4, 1)), np.eye(4), {})
-    for sop_class in (pydicom.uid.MRImageStorage, pydicom.uid.SecondaryCaptureImageStorage,
-                      pydicom.uid.PositronEmissionTomographyImageStorage, "1.2.3.4.5.6.7"):  # the last: private
+    for sop_class in (
+        pydicom.uid.MRImageStorage,
+        pydicom.uid.SecondaryCaptureImageStorage,
+        pydicom.uid.PositronEmissionTomographyImageStorage,
+        "1.2.3.4.5.6.7",
+    ):  # the last: private
         _as_sop_class(files[0], tmp_path / "one.dcm", sop_class)
         assert read_volume(tmp_path / "one.dcm").array.shape == (4, 4, 1)
     ds = pydicom.dcmread(files[0])
@@ -416,11 +449,15 @@ def test_cifti_file_without_affine_is_refused_in_one_line():
         read_volume(NIBABEL_DATA / "row_major.dconn.nii")
 
 
-@pytest.mark.parametrize("srow", [
-    dict(srow_x=[0, 0, 0, 0], srow_y=[0, 0, 0, 0], srow_z=[0, 0, 1, 0]),    # zero column and rows
-    dict(srow_y=[0, 0, 0, 0]),
-    dict(srow_z=[0, 0, np.nan, 0]),
-], ids=["zero-column", "zero-row", "nan"])
+@pytest.mark.parametrize(
+    "srow",
+    [
+        dict(srow_x=[0, 0, 0, 0], srow_y=[0, 0, 0, 0], srow_z=[0, 0, 1, 0]),  # zero column and rows
+        dict(srow_y=[0, 0, 0, 0]),
+        dict(srow_z=[0, 0, np.nan, 0]),
+    ],
+    ids=["zero-column", "zero-row", "nan"],
+)
 def test_nifti_with_singular_affine_is_refused_naming_the_header_field(tmp_path, srow):
     """Before: read, and MONAI raised a RuntimeError traceback in preprocessing. (A zero pixdim nibabel itself
     sets to 1, and a qform is a rotation times zooms: only an sform can be singular.)"""
@@ -431,8 +468,11 @@ def test_nifti_with_singular_affine_is_refused_naming_the_header_field(tmp_path,
     nib.save(nib.Nifti1Image(np.ones((3, 3, 3), np.float32), None, hdr), tmp_path / "flat.nii.gz")
     affine = nib.load(tmp_path / "flat.nii.gz").affine
     assert not np.isfinite(affine).all() or np.linalg.matrix_rank(affine[:3, :3]) < 3
-    with pytest.raises(ImageReadError, match=r"flat.nii.gz: its affine \(voxel → mm, from the sform\) is singular "
-                                             r"or not finite.*fix the header's sform/qform"):
+    with pytest.raises(
+        ImageReadError,
+        match=r"flat.nii.gz: its affine \(voxel → mm, from the sform\) is singular "
+        r"or not finite.*fix the header's sform/qform",
+    ):
         read_volume(tmp_path / "flat.nii.gz")
 
 
@@ -444,12 +484,16 @@ def _with_header(src: Path, dst: Path, **changes) -> Path:
     return dst
 
 
-@pytest.mark.parametrize("changes, why", [
-    (dict(Rows=3), r"pixel data holds 48 bytes but Rows × Columns × frames \(3 × 4 × 1\) at 16 bits need 24"),
-    (dict(Rows=7), r"pixel data holds 48 bytes but Rows × Columns × frames \(7 × 4 × 1\) at 16 bits need 56"),
-    (dict(NumberOfFrames=2), r"pixel data holds 48 bytes but .*\(6 × 4 × 2\) at 16 bits need 96"),
-    ("long", r"pixel data holds 96 bytes but .*\(6 × 4 × 1\) at 16 bits need 48"),
-], ids=["half-the-rows", "more-rows", "more-frames", "longer-pixel-data"])
+@pytest.mark.parametrize(
+    "changes, why",
+    [
+        (dict(Rows=3), r"pixel data holds 48 bytes but Rows × Columns × frames \(3 × 4 × 1\) at 16 bits need 24"),
+        (dict(Rows=7), r"pixel data holds 48 bytes but Rows × Columns × frames \(7 × 4 × 1\) at 16 bits need 56"),
+        (dict(NumberOfFrames=2), r"pixel data holds 48 bytes but .*\(6 × 4 × 2\) at 16 bits need 96"),
+        ("long", r"pixel data holds 96 bytes but .*\(6 × 4 × 1\) at 16 bits need 48"),
+    ],
+    ids=["half-the-rows", "more-rows", "more-frames", "longer-pixel-data"],
+)
 def test_dicom_whose_rows_and_columns_disagree_with_its_pixel_data_is_named(tmp_path, changes, why):
     """Before: half the rows or twice the pixel data raised 'cannot reshape array of size 48 into shape (1,6,4)'
     naming no file (pydicom returns the excess as extra frames); more rows or frames said 'truncated'."""
@@ -466,26 +510,36 @@ def test_dicom_whose_rows_and_columns_disagree_with_its_pixel_data_is_named(tmp_
 def test_pixel_data_longer_by_less_than_a_frame_is_read_as_padding_with_a_warning(tmp_path):
     """pydicom's MR_small_padded.dcm has one row (128 bytes) of trailing padding; a Rows one too small looks the
     same. Before: both read silently (the second a sheared image)."""
-    with pytest.warns(UserWarning, match=r"MR_small_padded.dcm: pixel data holds 128 bytes more than .*64 × 64 × 1.* "
-                                         r"read as padding; if the image looks sheared, check Rows and Columns"):
+    with pytest.warns(
+        UserWarning,
+        match=r"MR_small_padded.dcm: pixel data holds 128 bytes more than .*64 × 64 × 1.* "
+        r"read as padding; if the image looks sheared, check Rows and Columns",
+    ):
         assert read_volume(PYDICOM_FILES / "MR_small_padded.dcm").array.shape == (64, 64, 1)
     (src,) = write_dicom_series(tmp_path / "s", np.zeros((4, 6, 1)), np.eye(4), {})
     with pytest.warns(UserWarning, match=r"bad.dcm: pixel data holds 8 bytes more than"):
         assert read_volume(_with_header(src, tmp_path / "bad.dcm", Rows=5)).array.shape == (4, 5, 1)
 
 
-@pytest.mark.parametrize("name, changes, counted", [
-    ("MR_small_jp2klossless.dcm", dict(Rows=32), r"32 × 64 × 1"),
-    ("MR_small_RLE.dcm", dict(Rows=65), r"65 × 64 × 1"),
-    ("MR_small_RLE.dcm", dict(NumberOfFrames=2), r"64 × 64 × 2"),
-])
-def test_compressed_frames_that_rows_and_columns_do_not_describe_are_not_blamed_on_decoders(tmp_path, name, changes,
-                                                                                          counted):
+@pytest.mark.parametrize(
+    "name, changes, counted",
+    [
+        ("MR_small_jp2klossless.dcm", dict(Rows=32), r"32 × 64 × 1"),
+        ("MR_small_RLE.dcm", dict(Rows=65), r"65 × 64 × 1"),
+        ("MR_small_RLE.dcm", dict(NumberOfFrames=2), r"64 × 64 × 2"),
+    ],
+)
+def test_compressed_frames_that_rows_and_columns_do_not_describe_are_not_blamed_on_decoders(
+    tmp_path, name, changes, counted
+):
     """Before: 'no installed decoder handles it; install the decoders', though the decoder is installed."""
     bad = _with_header(PYDICOM_FILES / name, tmp_path / "bad.dcm", **changes)
-    with pytest.raises(ImageReadError, match=r"bad.dcm: pixel data compressed as '.*' could not be decoded \(.+\); "
-                                             f"if Rows × Columns × frames \\({counted}\\) are right, install more "
-                                             r"decoders: pip install 'medaug\[jpeg\]'"):
+    with pytest.raises(
+        ImageReadError,
+        match=r"bad.dcm: pixel data compressed as '.*' could not be decoded \(.+\); "
+        f"if Rows × Columns × frames \\({counted}\\) are right, install more "
+        r"decoders: pip install 'medaug\[jpeg\]'",
+    ):
         read_volume(bad)
 
 

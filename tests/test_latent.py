@@ -12,7 +12,23 @@ import torch
 
 import medaug.latent as latent
 from medaug.data import load_info, load_split
-from medaug.latent import ENCODE_OVERLAP, AutoencoderSettings, AutoencoderStep, Optimizers, cache_file, cached_latents, check_shape, check_tile, decode_latents, encode_mean, kl_loss, latent_space_for_training, load_latent_space, reconstruction_metrics, train_autoencoder
+from medaug.latent import (
+    ENCODE_OVERLAP,
+    AutoencoderSettings,
+    AutoencoderStep,
+    Optimizers,
+    cache_file,
+    cached_latents,
+    check_shape,
+    check_tile,
+    decode_latents,
+    encode_mean,
+    kl_loss,
+    latent_space_for_training,
+    load_latent_space,
+    reconstruction_metrics,
+    train_autoencoder,
+)
 from medaug.model import EMA, load_checkpoint, network_from_spec
 from medaug.sampling import inference_scheduler, labels_for_counts, load_samples
 from medaug.training import fit
@@ -20,22 +36,60 @@ from pipelines import export, prepare, sample, train, train_autoencoder as train
 
 from .conftest import CONF_DIR, TINY, compose_cfg
 
-AE = {"_target_": "monai.networks.nets.AutoencoderKL", "in_channels": 1, "out_channels": 1, "channels": [8, 8],
-      "latent_channels": 2, "num_res_blocks": 1, "attention_levels": [False, False], "norm_num_groups": 4,
-      "with_encoder_nonlocal_attn": False, "with_decoder_nonlocal_attn": False}
-UNET = {"_target_": "monai.networks.nets.DiffusionModelUNet", "in_channels": 2, "out_channels": 2,
-        "channels": [8, 8], "attention_levels": [False, False], "num_res_blocks": 1, "num_head_channels": 8,
-        "norm_num_groups": 8, "num_class_embeds": 4}
-SCHED = {"_target_": "monai.networks.schedulers.DDPMScheduler", "num_train_timesteps": 100,
-         "schedule": "linear_beta", "clip_sample": False}
-SECTION = {"network": {**AE, "spatial_dims": 3}, "discriminator": None,
-           "optimizer": {"_target_": "torch.optim.Adam", "lr": 1e-3},
-           "disc_optimizer": {"_target_": "torch.optim.Adam", "lr": 1e-3},
-           "kl_weight": 1e-6, "adv_weight": 0.01, "adv_start": 0, "max_steps": 3, "batch_size": 4, "ema_decay": 0.9,
-           "ckpt_every": 0, "log_every": 1, "val_every": 0, "seed": 0}
+AE = {
+    "_target_": "monai.networks.nets.AutoencoderKL",
+    "in_channels": 1,
+    "out_channels": 1,
+    "channels": [8, 8],
+    "latent_channels": 2,
+    "num_res_blocks": 1,
+    "attention_levels": [False, False],
+    "norm_num_groups": 4,
+    "with_encoder_nonlocal_attn": False,
+    "with_decoder_nonlocal_attn": False,
+}
+UNET = {
+    "_target_": "monai.networks.nets.DiffusionModelUNet",
+    "in_channels": 2,
+    "out_channels": 2,
+    "channels": [8, 8],
+    "attention_levels": [False, False],
+    "num_res_blocks": 1,
+    "num_head_channels": 8,
+    "norm_num_groups": 8,
+    "num_class_embeds": 4,
+}
+SCHED = {
+    "_target_": "monai.networks.schedulers.DDPMScheduler",
+    "num_train_timesteps": 100,
+    "schedule": "linear_beta",
+    "clip_sample": False,
+}
+SECTION = {
+    "network": {**AE, "spatial_dims": 3},
+    "discriminator": None,
+    "optimizer": {"_target_": "torch.optim.Adam", "lr": 1e-3},
+    "disc_optimizer": {"_target_": "torch.optim.Adam", "lr": 1e-3},
+    "kl_weight": 1e-6,
+    "adv_weight": 0.01,
+    "adv_start": 0,
+    "max_steps": 3,
+    "batch_size": 4,
+    "ema_decay": 0.9,
+    "ckpt_every": 0,
+    "log_every": 1,
+    "val_every": 0,
+    "seed": 0,
+}
 REPO = CONF_DIR.parent
-LDM = ["experiment=ldm_3d_demo", *TINY, "autoencoder=kl_tiny", "autoencoder.max_steps=4", "data.demo.size=12",
-       "data.image_size=[12,12,12]"]
+LDM = [
+    "experiment=ldm_3d_demo",
+    *TINY,
+    "autoencoder=kl_tiny",
+    "autoencoder.max_steps=4",
+    "data.demo.size=12",
+    "data.image_size=[12,12,12]",
+]
 
 
 def autoencoder(spatial_dims):
@@ -53,10 +107,20 @@ def blobs(spatial_dims, n=8, size=8):
 
 def fit_ae(ae, ema, opts, images, settings, val_images=None, **kwargs):
     """The autoencoder trained by ``training.fit`` as ``train_autoencoder`` trains it."""
-    validate = None if val_images is None else \
-        (lambda: reconstruction_metrics(ema.model, val_images, settings.batch_size, settings.encode_tile)[0])
-    return fit(ae, ema, opts, AutoencoderStep(ae, images, settings, opts), settings.train_settings(),
-               validate=validate, **kwargs)
+    validate = (
+        None
+        if val_images is None
+        else (lambda: reconstruction_metrics(ema.model, val_images, settings.batch_size, settings.encode_tile)[0])
+    )
+    return fit(
+        ae,
+        ema,
+        opts,
+        AutoencoderStep(ae, images, settings, opts),
+        settings.train_settings(),
+        validate=validate,
+        **kwargs,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -100,8 +164,16 @@ def test_fit_learns_and_switches_adversarial_on_after_warm_up():
     for _ in range(2):
         ae = autoencoder(2).train()
         torch.manual_seed(1)
-        disc = network_from_spec({"_target_": "monai.networks.nets.PatchDiscriminator", "spatial_dims": 2,
-                                  "in_channels": 1, "channels": 8, "num_layers_d": 1, "norm": "INSTANCE"})
+        disc = network_from_spec(
+            {
+                "_target_": "monai.networks.nets.PatchDiscriminator",
+                "spatial_dims": 2,
+                "in_channels": 1,
+                "channels": 8,
+                "num_layers_d": 1,
+                "norm": "INSTANCE",
+            }
+        )
         opts = Optimizers(torch.optim.Adam(ae.parameters(), 3e-3), disc, torch.optim.Adam(disc.parameters(), 1e-3))
         settings = AutoencoderSettings(max_steps=24, batch_size=8, adv_start=18, log_every=6, val_every=12)
         runs.append(fit_ae(ae, EMA(ae, 0.9), opts, x, settings, val_images=x[:2]))
@@ -235,14 +307,28 @@ def test_crops_come_from_their_corners_and_patch_training_is_seeded():
     runs = []
     for _ in range(2):
         ae = autoencoder(2).train()
-        settings = AutoencoderSettings(max_steps=4, batch_size=2, log_every=2, patch_size=[8, 8], encode_tile=[8, 8],
-                                       val_every=2)
-        runs.append(fit_ae(ae, EMA(ae, 0.9), Optimizers(torch.optim.Adam(ae.parameters(), 1e-3)), images,
-                           settings, val_images=images[:2]))
+        settings = AutoencoderSettings(
+            max_steps=4, batch_size=2, log_every=2, patch_size=[8, 8], encode_tile=[8, 8], val_every=2
+        )
+        runs.append(
+            fit_ae(
+                ae,
+                EMA(ae, 0.9),
+                Optimizers(torch.optim.Adam(ae.parameters(), 1e-3)),
+                images,
+                settings,
+                val_images=images[:2],
+            )
+        )
     assert runs[0].terms == runs[1].terms and [s for s, _ in runs[0].val] == [2]
     with pytest.raises(ValueError, match="patch_size"):
-        fit_ae(ae, EMA(ae), Optimizers(torch.optim.Adam(ae.parameters())), images,
-               AutoencoderSettings(max_steps=1, patch_size=[32, 8]))
+        fit_ae(
+            ae,
+            EMA(ae),
+            Optimizers(torch.optim.Adam(ae.parameters())),
+            images,
+            AutoencoderSettings(max_steps=1, patch_size=[32, 8]),
+        )
 
 
 def test_autoencoder_on_patches_records_its_encode_tile(prepared_3d, tmp_path):
@@ -257,16 +343,20 @@ def test_autoencoder_on_patches_records_its_encode_tile(prepared_3d, tmp_path):
     cached, _ = cached_latents(space, prepared_3d, tmp_path / "latents")
     torch.testing.assert_close(cached * space.scale_factor, space.encode(images))  # the cache was encoded in tiles
     assert not torch.allclose(cached, encode_mean(space.autoencoder, images), atol=1e-3)  # whole volumes differ
-    deep = {"_target_": "monai.networks.nets.PatchDiscriminator", "spatial_dims": 3, "in_channels": 1,
-            "channels": 8, "num_layers_d": 2, "norm": "INSTANCE"}  # 8³ shrinks to 1³: instance norm has nothing
+    deep = {
+        "_target_": "monai.networks.nets.PatchDiscriminator",
+        "spatial_dims": 3,
+        "in_channels": 1,
+        "channels": 8,
+        "num_layers_d": 2,
+        "norm": "INSTANCE",
+    }  # 8³ shrinks to 1³: instance norm has nothing
     with pytest.raises(ValueError, match="num_layers_d=2.*raise autoencoder.patch_size"):
-        train_autoencoder({**section, "discriminator": deep}, prepared_3d, tmp_path / "deep.pt",
-                          tmp_path / "latents")
+        train_autoencoder({**section, "discriminator": deep}, prepared_3d, tmp_path / "deep.pt", tmp_path / "latents")
     assert not (tmp_path / "deep.pt").exists()
     for key, bad in (("patch_size", [7, 7, 7]), ("encode_tile", [16, 16, 16]), ("patch_size", [8, 8])):
         with pytest.raises(ValueError, match=f"autoencoder.{key}"):
-            train_autoencoder({**SECTION, key: bad}, prepared_3d, tmp_path / f"{key}.pt",
-                              tmp_path / "latents")
+            train_autoencoder({**SECTION, key: bad}, prepared_3d, tmp_path / f"{key}.pt", tmp_path / "latents")
 
 
 def test_latent_training_needs_unclipped_scheduler_and_a_finished_autoencoder(trained, tmp_path):
@@ -279,8 +369,9 @@ def test_latent_training_needs_unclipped_scheduler_and_a_finished_autoencoder(tr
     assert space.latent_channels == 2 and space.id == result.id
     assert latent_section == {"autoencoder_ckpt": str(result.path)}  # read, not changed
     with pytest.raises(FileNotFoundError, match="train_autoencoder"):
-        latent_space_for_training({"autoencoder_ckpt": str(tmp_path / "missing.pt")}, None, torch.device("cpu"),
-                                  clip_sample=False)
+        latent_space_for_training(
+            {"autoencoder_ckpt": str(tmp_path / "missing.pt")}, None, torch.device("cpu"), clip_sample=False
+        )
     with pytest.raises(ValueError, match="not the one"):
         load_latent_space(result.path, expect_id="0123456789ab")
 
@@ -324,8 +415,9 @@ def test_train_autoencoder_stage_needs_an_autoencoder(tmp_path):
     prepare.run(compose_cfg("prepare", tmp_path, overrides))
     with pytest.raises(ValueError, match="autoencoder=kl_small"):
         train_autoencoder_stage.run(compose_cfg("train_autoencoder", tmp_path, overrides))
-    out = train_autoencoder_stage.run(compose_cfg("train_autoencoder", tmp_path,
-                                                  [*overrides, "autoencoder=kl_tiny", "autoencoder.max_steps=2"]))
+    out = train_autoencoder_stage.run(
+        compose_cfg("train_autoencoder", tmp_path, [*overrides, "autoencoder=kl_tiny", "autoencoder.max_steps=2"])
+    )
     assert out["autoencoder/step"] == 2 and out["autoencoder/scale_factor"] > 0
 
 
@@ -343,8 +435,16 @@ def test_ct128_experiment_composes_for_one_gpu(tmp_path):
 def test_bf16_autocast_training_with_discriminator_stays_finite_in_3d():
     x = blobs(3, n=4)
     ae = autoencoder(3).train()
-    disc = network_from_spec({"_target_": "monai.networks.nets.PatchDiscriminator", "spatial_dims": 3,
-                              "in_channels": 1, "channels": 8, "num_layers_d": 1, "norm": "INSTANCE"})
+    disc = network_from_spec(
+        {
+            "_target_": "monai.networks.nets.PatchDiscriminator",
+            "spatial_dims": 3,
+            "in_channels": 1,
+            "channels": 8,
+            "num_layers_d": 1,
+            "norm": "INSTANCE",
+        }
+    )
     opts = Optimizers(torch.optim.Adam(ae.parameters(), 1e-3), disc, torch.optim.Adam(disc.parameters(), 1e-3))
     settings = AutoencoderSettings(max_steps=4, batch_size=4, log_every=2, adv_start=2, amp_dtype=torch.bfloat16)
     result = fit_ae(ae, EMA(ae), opts, x, settings)
@@ -357,21 +457,48 @@ def test_bf16_autocast_training_with_discriminator_stays_finite_in_3d():
 def test_ldm_training_on_two_cpu_ranks_matches_one_process_with_double_batch(tmp_path):
     """torchrun, 2 gloo ranks: the autoencoder (adversarial loss on from step 1, DDP discriminator), the
     latents the ranks encode together, and the UNet on them equal one process with the doubled batch."""
-    disc = "{_target_:monai.networks.nets.PatchDiscriminator,spatial_dims:3,in_channels:1,channels:8,num_layers_d:1," \
-           "norm:INSTANCE}"
-    common = [*LDM, f"paths.output_dir={tmp_path}", "training.max_steps=3", "autoencoder.max_steps=3",
-              "training.grad_clip=null",
-              f"autoencoder.discriminator={disc}", "autoencoder.adv_start=1", "autoencoder.log_every=1"]
+    disc = (
+        "{_target_:monai.networks.nets.PatchDiscriminator,spatial_dims:3,in_channels:1,channels:8,num_layers_d:1,"
+        "norm:INSTANCE}"
+    )
+    common = [
+        *LDM,
+        f"paths.output_dir={tmp_path}",
+        "training.max_steps=3",
+        "autoencoder.max_steps=3",
+        "training.grad_clip=null",
+        f"autoencoder.discriminator={disc}",
+        "autoencoder.adv_start=1",
+        "autoencoder.log_every=1",
+    ]
     prepare.run(compose_cfg("prepare", tmp_path, common))
 
     def job(name):
-        return [f"paths.train_dir={tmp_path}/{name}", f"latent.cache_dir={tmp_path}/{name}/latents",
-                f"latent.autoencoder_ckpt={tmp_path}/{name}/ae.pt"]
+        return [
+            f"paths.train_dir={tmp_path}/{name}",
+            f"latent.cache_dir={tmp_path}/{name}/latents",
+            f"latent.autoencoder_ckpt={tmp_path}/{name}/ae.pt",
+        ]
 
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        "-m", "pipelines.train", *common, "training.batch_size=2", *job("ddp")],
-                       cwd=REPO, capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "pipelines.train",
+            *common,
+            "training.batch_size=2",
+            *job("ddp"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     train.run(compose_cfg("train", tmp_path, [*common, "training.batch_size=4", *job("one")]))
 
@@ -387,8 +514,9 @@ def test_ldm_training_on_two_cpu_ranks_matches_one_process_with_double_batch(tmp
         torch.testing.assert_close(ae_ddp.optimizer["discriminator"][name], w, atol=1e-4, rtol=1e-3)
     assert ae_ddp.meta["scale_factor"] == pytest.approx(ae_one.meta["scale_factor"], rel=1e-4)
     cached = [torch.load(next((tmp_path / name / "latents").rglob("train.pt"))) for name in ("ddp", "one")]
-    assert cached[0]["latents"].shape[0] == sum(load_info(tmp_path / "prepared").counts["train"].values()) and \
-        torch.equal(cached[0]["labels"], cached[1]["labels"])
+    assert cached[0]["latents"].shape[0] == sum(
+        load_info(tmp_path / "prepared").counts["train"].values()
+    ) and torch.equal(cached[0]["labels"], cached[1]["labels"])
     torch.testing.assert_close(cached[0]["latents"], cached[1]["latents"], atol=1e-4, rtol=1e-3)
 
     unet_ddp, unet_one = (load_checkpoint(tmp_path / name / "checkpoints" / "last.pt") for name in ("ddp", "one"))
@@ -415,8 +543,16 @@ def test_sigterm_stops_autoencoder_training_with_a_checkpoint_and_a_failing_trac
     ema, opts = EMA(ae, 0.9), Optimizers(torch.optim.Adam(ae.parameters(), 1e-3))
     payload = lambda: {"config": {"model": {**AE, "spatial_dims": 2}}, "meta": {"kind": "autoencoder"}}  # noqa: E731
     with pytest.raises(Terminated, match="after step 1"):
-        fit_ae(ae, ema, opts, x, AutoencoderSettings(max_steps=50, batch_size=4, log_every=1, ckpt_every=0),
-               ckpt_path=tmp_path / "ae.pt", checkpoint_payload=payload, tracker=Tracker())
+        fit_ae(
+            ae,
+            ema,
+            opts,
+            x,
+            AutoencoderSettings(max_steps=50, batch_size=4, log_every=1, ckpt_every=0),
+            ckpt_path=tmp_path / "ae.pt",
+            checkpoint_payload=payload,
+            tracker=Tracker(),
+        )
     ckpt = load_checkpoint(tmp_path / "ae.pt")
     assert ckpt.step == 1 and ckpt.meta == {"kind": "autoencoder"}  # the tracking error did not stop it first
     for a, b in zip(ckpt.model.values(), ae.state_dict().values()):  # the weights of exactly step 1
@@ -433,15 +569,22 @@ def test_autoencoder_killed_at_a_checkpoint_resumes_to_the_weights_of_an_uninter
     from medaug.training import Terminated
 
     x = blobs(2, n=8, size=16)
-    settings = AutoencoderSettings(max_steps=6, batch_size=4, adv_start=2, log_every=1, ckpt_every=3,
-                                   patch_size=[8, 8])
+    settings = AutoencoderSettings(max_steps=6, batch_size=4, adv_start=2, log_every=1, ckpt_every=3, patch_size=[8, 8])
     payload = lambda: {"config": {"model": {**AE, "spatial_dims": 2}}, "meta": {"kind": "autoencoder"}}  # noqa: E731
 
     def fresh():
         ae = autoencoder(2).train()
         torch.manual_seed(1)
-        disc = network_from_spec({"_target_": "monai.networks.nets.PatchDiscriminator", "spatial_dims": 2,
-                                  "in_channels": 1, "channels": 8, "num_layers_d": 1, "norm": "INSTANCE"})
+        disc = network_from_spec(
+            {
+                "_target_": "monai.networks.nets.PatchDiscriminator",
+                "spatial_dims": 2,
+                "in_channels": 1,
+                "channels": 8,
+                "num_layers_d": 1,
+                "norm": "INSTANCE",
+            }
+        )
         opts = Optimizers(torch.optim.Adam(ae.parameters(), 3e-3), disc, torch.optim.Adam(disc.parameters(), 1e-3))
         return ae, EMA(ae, 0.9), opts
 
@@ -456,14 +599,23 @@ def test_autoencoder_killed_at_a_checkpoint_resumes_to_the_weights_of_an_uninter
     straight = fit_ae(ae, ema, opts, x, settings, ckpt_path=tmp_path / "straight.pt", checkpoint_payload=payload)
     ae2, ema2, opts2 = fresh()
     with pytest.raises(Terminated, match="after step 3"):
-        fit_ae(ae2, ema2, opts2, x, settings, ckpt_path=tmp_path / "ae.pt", checkpoint_payload=payload,
-               tracker=KillsAfter3())
+        fit_ae(
+            ae2,
+            ema2,
+            opts2,
+            x,
+            settings,
+            ckpt_path=tmp_path / "ae.pt",
+            checkpoint_payload=payload,
+            tracker=KillsAfter3(),
+        )
     ae2, ema2, opts2 = fresh()
     ckpt = load_checkpoint(tmp_path / "ae.pt")
     assert ckpt.step == 3
     restore_training_state(ckpt, ae2, ema2, opts2)
-    resumed = fit_ae(ae2, ema2, opts2, x, settings, start_step=3, ckpt_path=tmp_path / "ae.pt",
-                     checkpoint_payload=payload)
+    resumed = fit_ae(
+        ae2, ema2, opts2, x, settings, start_step=3, ckpt_path=tmp_path / "ae.pt", checkpoint_payload=payload
+    )
     assert [s for s, _ in resumed.terms] == [4, 5, 6] and resumed.terms == straight.terms[3:]
     assert "autoencoder/disc" in resumed.terms[0][1]
     a, b = load_checkpoint(tmp_path / "straight.pt"), load_checkpoint(tmp_path / "ae.pt")

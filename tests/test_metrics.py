@@ -5,7 +5,31 @@ import pytest
 import torch
 
 from medaug.data import load_split
-from medaug.metrics import FeatureExtractor, PlaneFeatureExtractor, accuracy_per_class, cohen_kappa, density_coverage, feature_metrics, fidelity_metrics, fidelity_with_floor, frechet_distance, histogram_w1, in_batches, kernel_inception_distance, load_weights, macro_auc, make_classifier, msssim_metric, pairwise_msssim, plane_slice, precision_recall, realism_metrics, slices_for_training, train_classifier, utility_metrics
+from medaug.metrics import (
+    FeatureExtractor,
+    PlaneFeatureExtractor,
+    accuracy_per_class,
+    cohen_kappa,
+    density_coverage,
+    feature_metrics,
+    fidelity_metrics,
+    fidelity_with_floor,
+    frechet_distance,
+    histogram_w1,
+    in_batches,
+    kernel_inception_distance,
+    load_weights,
+    macro_auc,
+    make_classifier,
+    msssim_metric,
+    pairwise_msssim,
+    plane_slice,
+    precision_recall,
+    realism_metrics,
+    slices_for_training,
+    train_classifier,
+    utility_metrics,
+)
 
 from .test_privacy import phantoms
 
@@ -43,7 +67,7 @@ def test_realism_metrics_rank_real_above_noise(prepared_2d):
     names = ["healthy", "multi_lesion", "single_lesion"]
     real = realism_metrics(clf, tx, ty, vx, vy, tx, ty, names, n_pairs=8)
     noise = realism_metrics(clf, tx, ty, vx, vy, torch.rand_like(tx) * 2 - 1, ty, names, n_pairs=8)
-    assert real["fidelity/label_acc"] > 0.8            # the classifier learned the training split
+    assert real["fidelity/label_acc"] > 0.8  # the classifier learned the training split
     assert noise["fidelity/hist_w1"] > 5 * real["fidelity/hist_w1"]
     assert noise["diversity/msssim/healthy"] < real["diversity/msssim/healthy"]
     assert {"fidelity/label_acc_real", "fidelity/hist_w1_real", "diversity/msssim_real/healthy"} <= set(real)
@@ -75,7 +99,7 @@ def test_precision_recall_density_coverage_on_planted_sets():
     density, coverage = density_coverage(real, gaussian(200, seed=2))
     assert 0.7 < density < 1.3 and coverage > 0.9
     assert density_coverage(real, real + 100) == (0.0, 0.0)
-    one_mode = real[:1].repeat(200, 1)       # every fake sample the same real point: high precision, no recall
+    one_mode = real[:1].repeat(200, 1)  # every fake sample the same real point: high precision, no recall
     p, r = precision_recall(real, one_mode)
     assert p == 1.0 and r < 0.05 and density_coverage(real, one_mode)[1] < 0.05
 
@@ -92,7 +116,7 @@ def test_floor_uses_disjoint_equal_halves_and_matches_real():
 def test_cohen_kappa_and_macro_auc():
     y = torch.tensor([0, 0, 1, 1, 2, 2])
     assert cohen_kappa(y, y, 3) == 1.0
-    assert cohen_kappa(torch.ones_like(y), y, 3) == pytest.approx(0.0)   # everything in one class: chance
+    assert cohen_kappa(torch.ones_like(y), y, 3) == pytest.approx(0.0)  # everything in one class: chance
     probs = np.eye(3)[y.numpy()]
     assert macro_auc(probs, y.numpy()) == 1.0 and macro_auc(1 - probs, y.numpy()) == 0.0
     assert macro_auc(np.full((6, 3), 1 / 3), y.numpy()) == 0.5
@@ -103,7 +127,7 @@ def test_feature_extractor_takes_penultimate_pooled_features():
     net = make_classifier((16, 16), 3)
     feats = FeatureExtractor(net, "t")(torch.rand(5, 1, 16, 16) * 2 - 1)
     assert feats.shape == (5, net.class_layers.out.in_features) and feats.dtype == torch.float64
-    conv = torch.nn.Conv3d(1, 4, 3)   # no Linear layer: output averaged over space
+    conv = torch.nn.Conv3d(1, 4, 3)  # no Linear layer: output averaged over space
     assert FeatureExtractor(conv, "c", channels=1)(torch.rand(2, 1, 6, 6, 6)).shape == (2, 4)
 
 
@@ -116,7 +140,7 @@ def test_in_batches_keeps_order_and_returns_cpu_float_results():
 
 def test_plane_slices_and_25d_features():
     vol = torch.zeros(2, 1, 8, 6, 4)
-    vol[:, :, 4] = 1.0                              # the mid sagittal slice is bright
+    vol[:, :, 4] = 1.0  # the mid sagittal slice is bright
     s = plane_slice(vol, 0)
     assert s.shape == (2, 1, 8, 8) and s[0, 0, 1:7, 2:6].eq(1).all() and s[0, 0, 0].eq(-1).all()
     x, y = slices_for_training(vol, torch.tensor([0, 2]))
@@ -186,7 +210,7 @@ def test_planted_noise_and_collapsed_class_against_real():
     assert fake["fidelity/density"] < 0.2 and fake["fidelity/coverage"] < 0.5 < real["fidelity/coverage"]
     assert fake["fidelity/kid"] > 10 * max(real["fidelity/kid"], real["fidelity/kid_floor"], 0.01)
     m = realism_metrics(clf, tx, ty, hx, hy, noise, vy, names, n_pairs=16)
-    assert abs(m["fidelity/label_kappa"]) < 0.2 and m["fidelity/label_acc"] < 0.5   # noise: chance level
+    assert abs(m["fidelity/label_kappa"]) < 0.2 and m["fidelity/label_acc"] < 0.5  # noise: chance level
     assert m["fidelity/label_kappa_real"] > 0.7 and m["fidelity/label_acc_real"] > 0.8
     m = realism_metrics(clf, tx, ty, hx, hy, collapsed, vy, names, n_pairs=16)
     assert m["diversity/msssim/single_lesion"] > 0.99 > m["diversity/msssim_real/single_lesion"] + 0.1
@@ -199,7 +223,7 @@ def test_feature_extractor_leaves_the_network_usable_as_a_classifier():
     x = torch.rand(4, 1, 16, 16)
     before = enc(x)
     held = len(enc._captured)
-    logits = [net(x) for _ in range(3)]              # running the classifier does not feed the extractor
+    logits = [net(x) for _ in range(3)]  # running the classifier does not feed the extractor
     assert logits[0].shape == (4, 3) and len(enc._captured) == held == 1 and torch.equal(enc(x), before)
 
 
@@ -208,14 +232,15 @@ def test_kid_spread_is_real_when_sets_are_smaller_than_the_subset_size():
     a, b = gaussian(40, seed=1), gaussian(40, shift=0.3, seed=2)
     kid, std = kernel_inception_distance(a, b, n_subsets=50, subset_size=100)
     assert std > 0.05 and std > 0.1 * abs(kid)
-    out = fidelity_with_floor(gaussian(80, seed=3), a, kid_subsets=50, kid_subset_size=100)   # the demo's shape
+    out = fidelity_with_floor(gaussian(80, seed=3), a, kid_subsets=50, kid_subset_size=100)  # the demo's shape
     assert out["kid_std"] > 0.05 and out["kid_std_floor"] > 0.05 and out["kid_too_small"] == 0.0
 
 
 def test_kid_is_unbiased_on_average_for_small_draws_of_one_distribution():
     same = [kernel_inception_distance(gaussian(40, seed=s), gaussian(40, seed=100 + s), 20)[0] for s in range(30)]
-    far = [kernel_inception_distance(gaussian(40, seed=s), gaussian(40, shift=0.5, seed=100 + s), 20)[0]
-           for s in range(30)]
+    far = [
+        kernel_inception_distance(gaussian(40, seed=s), gaussian(40, shift=0.5, seed=100 + s), 20)[0] for s in range(30)
+    ]
     sem = np.std(same) / np.sqrt(len(same))
     assert abs(np.mean(same)) < 3 * sem and np.mean(far) > 10 * sem
 
@@ -223,7 +248,7 @@ def test_kid_is_unbiased_on_average_for_small_draws_of_one_distribution():
 def test_kid_on_too_small_sets_is_nan_with_a_flag():
     small = feature_metrics(gaussian(9, seed=1), gaussian(30, seed=2))
     assert math.isnan(small["kid"]) and math.isnan(small["kid_std"]) and small["kid_too_small"] == 1.0
-    assert math.isfinite(small["fd"])                                   # the other metrics are still computed
+    assert math.isfinite(small["fd"])  # the other metrics are still computed
     assert feature_metrics(gaussian(10, seed=1), gaussian(10, seed=2))["kid_too_small"] == 0.0
     y = torch.tensor([0] * 40 + [1] * 10)
     out = fidelity_metrics(gaussian(50, seed=1), y, gaussian(50, seed=2), y, ["big", "tiny"], kid_subsets=5)

@@ -3,9 +3,18 @@ import torch
 
 from medaug.model import EMA, ema_network, load_checkpoint, network_from_spec, restore_training_state, save_checkpoint
 
-SPEC = {"_target_": "monai.networks.nets.DiffusionModelUNet", "spatial_dims": 2, "in_channels": 1,
-        "out_channels": 1, "channels": [8, 8], "attention_levels": [False, False], "num_res_blocks": 1,
-        "num_head_channels": 8, "norm_num_groups": 8, "num_class_embeds": 4}
+SPEC = {
+    "_target_": "monai.networks.nets.DiffusionModelUNet",
+    "spatial_dims": 2,
+    "in_channels": 1,
+    "out_channels": 1,
+    "channels": [8, 8],
+    "attention_levels": [False, False],
+    "num_res_blocks": 1,
+    "num_head_channels": 8,
+    "norm_num_groups": 8,
+    "num_class_embeds": 4,
+}
 
 
 def test_network_from_spec_and_bad_target():
@@ -37,8 +46,15 @@ def test_checkpoint_roundtrip(tmp_path):
     net(torch.zeros(1, 1, 8, 8), timesteps=torch.tensor([1]), class_labels=torch.tensor([0])).mean().backward()
     opt.step()
     ema.update(net)
-    path = save_checkpoint(tmp_path / "c.pt", model=net, ema=ema, optimizer=opt, step=7,
-                           config={"model": SPEC}, meta={"class_names": ["a", "b", "c"]})
+    path = save_checkpoint(
+        tmp_path / "c.pt",
+        model=net,
+        ema=ema,
+        optimizer=opt,
+        step=7,
+        config={"model": SPEC},
+        meta={"class_names": ["a", "b", "c"]},
+    )
     ckpt = load_checkpoint(path)
     assert ckpt.step == 7 and ckpt.meta["class_names"] == ["a", "b", "c"] and len(ckpt.id) == 12
     assert set(ckpt.rng) >= {"torch", "numpy", "python"}
@@ -64,8 +80,15 @@ def test_load_checkpoint_errors(tmp_path):
 
 def _saved(tmp_path, spec=SPEC, name="c.pt"):
     net = network_from_spec(SPEC)
-    return save_checkpoint(tmp_path / name, model=net, ema=EMA(net), optimizer=None, step=3,
-                           config={"model": spec}, meta={"class_names": ["a", "b", "c"]})
+    return save_checkpoint(
+        tmp_path / name,
+        model=net,
+        ema=EMA(net),
+        optimizer=None,
+        step=3,
+        config={"model": spec},
+        meta={"class_names": ["a", "b", "c"]},
+    )
 
 
 class Payload:
@@ -112,9 +135,15 @@ def test_old_pickled_checkpoint_refused_unless_trusted(tmp_path):
     import numpy as np
 
     net = network_from_spec(SPEC)
-    old = {"model": net.state_dict(), "ema": EMA(net).state_dict(), "optimizer": None, "step": 5,
-           "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
-           "config": {"model": SPEC}, "meta": {"class_names": ["a"]}}
+    old = {
+        "model": net.state_dict(),
+        "ema": EMA(net).state_dict(),
+        "optimizer": None,
+        "step": 5,
+        "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+        "config": {"model": SPEC},
+        "meta": {"class_names": ["a"]},
+    }
     torch.save(old, tmp_path / "old.pt")
     with pytest.raises(ValueError, match="retrain, or if you trust the file, pass trust_checkpoint=true"):
         load_checkpoint(tmp_path / "old.pt")
@@ -124,8 +153,9 @@ def test_old_pickled_checkpoint_refused_unless_trusted(tmp_path):
     assert np.random.get_state()[2] == old["rng"]["numpy"][2]
 
 
-@pytest.mark.parametrize("target", ["tests.test_model.write_marker", "os.system",
-                                    "monai.networks.nets.get_pretrained_resnet_medicalnet"])
+@pytest.mark.parametrize(
+    "target", ["tests.test_model.write_marker", "os.system", "monai.networks.nets.get_pretrained_resnet_medicalnet"]
+)
 def test_checkpoint_naming_an_unlisted_target_is_refused_without_calling_it(tmp_path, target):
     marker = tmp_path / "ran"
     ckpt = load_checkpoint(_saved(tmp_path, {"_target_": target, "path": str(marker)}))
@@ -138,8 +168,15 @@ def test_trusted_checkpoint_builds_an_unlisted_class(tmp_path):
     from medaug.model import checkpoint_network
 
     net = TinyNet()
-    path = save_checkpoint(tmp_path / "c.pt", model=net, ema=EMA(net), optimizer=None, step=1,
-                           config={"model": {"_target_": "tests.test_model.TinyNet", "width": 3}}, meta={})
+    path = save_checkpoint(
+        tmp_path / "c.pt",
+        model=net,
+        ema=EMA(net),
+        optimizer=None,
+        step=1,
+        config={"model": {"_target_": "tests.test_model.TinyNet", "width": 3}},
+        meta={},
+    )
     with pytest.raises(ValueError, match="TinyNet"):
         checkpoint_network(load_checkpoint(path))
     rebuilt = checkpoint_network(load_checkpoint(path, trust=True), "model")

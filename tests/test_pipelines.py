@@ -33,8 +33,16 @@ def test_every_experiment_composes_and_smoke_runs(tmp_path, experiment):
     cfg = compose_cfg("train", tmp_path, [f"experiment={experiment}"])
     assert cfg.name == experiment and cfg.model.spatial_dims == cfg.data.spatial_dims
     autoencoder = ["autoencoder.max_steps=4"] if cfg.get("autoencoder") else []  # latent experiments
-    results = run_all(tmp_path, [f"experiment={experiment}", *TINY, *autoencoder, "data.demo.size=12",
-                                 "data.image_size=" + ("[12,12]" if cfg.data.spatial_dims == 2 else "[12,12,12]")])
+    results = run_all(
+        tmp_path,
+        [
+            f"experiment={experiment}",
+            *TINY,
+            *autoencoder,
+            "data.demo.size=12",
+            "data.image_size=" + ("[12,12]" if cfg.data.spatial_dims == 2 else "[12,12,12]"),
+        ],
+    )
     assert results["train"]["train/step"] == 4
     ckpt = load_checkpoint(tmp_path / "train" / "checkpoints" / "last.pt")
     assert ckpt.config["model"]["num_class_embeds"] == 4  # 3 demo classes + the null class
@@ -103,8 +111,11 @@ def test_export_and_train_refuse_what_no_longer_matches(tmp_path):
 
 def test_own_labels_without_data_labels_group_are_refused_before_any_demo_data(tmp_path):
     cfg = compose_cfg("prepare", tmp_path, ["experiment=demo_2d", *TINY, f"data.labels={tmp_path}/study/labels.csv"])
-    with pytest.raises(FileNotFoundError, match=r"study/labels.csv: labels file not found; for your own data add "
-                                                r"data=labels"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"study/labels.csv: labels file not found; for your own data add "
+        r"data=labels",
+    ):
         prepare.run(cfg)
     assert not (tmp_path / "raw").exists()  # no phantoms written
 
@@ -118,8 +129,16 @@ def test_cli_and_multirun(tmp_path):
     common = ["experiment=demo_2d", *TINY, f"paths.output_dir={tmp_path}/job"]
     r = _cli(["pipelines.cli", "prepare", *common], REPO)
     assert r.returncode == 0, r.stderr
-    r = _cli(["pipelines.train", "-m", *common, "training.max_steps=2,3",
-              f"paths.train_dir={tmp_path}/sweep/" + "${training.max_steps}"], REPO)
+    r = _cli(
+        [
+            "pipelines.train",
+            "-m",
+            *common,
+            "training.max_steps=2,3",
+            f"paths.train_dir={tmp_path}/sweep/" + "${training.max_steps}",
+        ],
+        REPO,
+    )
     assert r.returncode == 0, r.stderr
     assert load_checkpoint(tmp_path / "sweep" / "2" / "checkpoints" / "last.pt").step == 2
     assert load_checkpoint(tmp_path / "sweep" / "3" / "checkpoints" / "last.pt").step == 3
@@ -133,8 +152,11 @@ def test_a_gpu_stage_turns_on_tf32_and_cudnn_autotuning(monkeypatch):
     current = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "set_device", current.append)
-    flags = [(torch.backends.cudnn, "benchmark"), (torch.backends.cudnn, "allow_tf32"),
-             (torch.backends.cuda.matmul, "allow_tf32")]
+    flags = [
+        (torch.backends.cudnn, "benchmark"),
+        (torch.backends.cudnn, "allow_tf32"),
+        (torch.backends.cuda.matmul, "allow_tf32"),
+    ]
     saved = [getattr(module, name) for module, name in flags]
     try:
         for module, name in flags:
@@ -161,12 +183,20 @@ def test_bad_input_exits_nonzero_with_one_line(tmp_path):
     assert "medaug prepare: error: data.labels has no value; give one on the command line" in r.stderr
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["data.spatial_dims=3", "data.image_size=[8,8,8]", "data.pixdim=[2,2]"],
-     r"data.pixdim=\[2, 2\] has 2 entries; data.spatial_dims=3 needs 3 \(X, Y, Z\)"),
-    (["data.image_size=[32,32,32]"], r"data.image_size=\[32, 32, 32\] has 3 entries; data.spatial_dims=2 needs 2 "
-                                     r"\(X, Y\)"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            ["data.spatial_dims=3", "data.image_size=[8,8,8]", "data.pixdim=[2,2]"],
+            r"data.pixdim=\[2, 2\] has 2 entries; data.spatial_dims=3 needs 3 \(X, Y, Z\)",
+        ),
+        (
+            ["data.image_size=[32,32,32]"],
+            r"data.image_size=\[32, 32, 32\] has 3 entries; data.spatial_dims=2 needs 2 "
+            r"\(X, Y\)",
+        ),
+    ],
+)
 def test_prepare_checks_image_size_and_pixdim_against_spatial_dims(tmp_path, overrides, message):
     cfg = compose_cfg("prepare", tmp_path, ["experiment=demo_2d", "tracking=none", *overrides])
     with pytest.raises(ValueError, match=message):
@@ -176,13 +206,33 @@ def test_prepare_checks_image_size_and_pixdim_against_spatial_dims(tmp_path, ove
 
 @pytest.mark.slow
 def test_ddp_two_cpu_ranks_match_one_process_with_double_batch(tmp_path):
-    common = ["experiment=demo_2d", *TINY, f"paths.output_dir={tmp_path}",
-              "training.max_steps=3", "training.grad_clip=null"]
+    common = [
+        "experiment=demo_2d",
+        *TINY,
+        f"paths.output_dir={tmp_path}",
+        "training.max_steps=3",
+        "training.grad_clip=null",
+    ]
     prepare.run(compose_cfg("prepare", tmp_path, common))
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        "-m", "pipelines.train", *common, "training.batch_size=2", f"paths.train_dir={tmp_path}/ddp"],
-                       cwd=REPO, capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "pipelines.train",
+            *common,
+            "training.batch_size=2",
+            f"paths.train_dir={tmp_path}/ddp",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     train.run(compose_cfg("train", tmp_path, [*common, "training.batch_size=4", f"paths.train_dir={tmp_path}/one"]))
     ddp = load_checkpoint(tmp_path / "ddp" / "checkpoints" / "last.pt")
@@ -204,10 +254,25 @@ def test_sampling_sharded_over_two_ranks_equals_one_process(tmp_path):
     prepare.run(compose_cfg("prepare", tmp_path, common))
     train.run(compose_cfg("train", tmp_path, common))
     opts = ["sample.num_per_class=3", "sample.batch_size=2", "sample.steps=3", "sample.sampler=dpmpp_2m_sde"]
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        "-m", "pipelines.sample", *common, *opts, f"paths.samples_dir={tmp_path}/two"],
-                       cwd=REPO, capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "pipelines.sample",
+            *common,
+            *opts,
+            f"paths.samples_dir={tmp_path}/two",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     sample.run(compose_cfg("sample", tmp_path, [*common, *opts, f"paths.samples_dir={tmp_path}/one"]))
     two, labels2, rows2, _ = load_samples(tmp_path / "two")
@@ -220,8 +285,11 @@ def test_slurm_launcher_config_composes(tmp_path):
     from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=["hydra/launcher=slurm", "experiment=demo_2d", f"paths.output_dir={tmp_path}"],
-                      return_hydra_config=True)
+        cfg = compose(
+            "train",
+            overrides=["hydra/launcher=slurm", "experiment=demo_2d", f"paths.output_dir={tmp_path}"],
+            return_hydra_config=True,
+        )
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher")
     assert launcher.gpus_per_node == 1 and launcher.timeout_min == 240 and launcher.tasks_per_node == 1
@@ -279,8 +347,17 @@ def test_prepare_on_an_affine_less_or_singular_nifti_exits_2_with_one_line_namin
         rows[1] = "bad.nii.gz,p0,a"
         message = r"bad.nii.gz: its affine \(voxel → mm, from the sform\) is singular.*fix the header's sform/qform"
     (raw / "labels.csv").write_text("\n".join(rows) + "\n")
-    r = _cli(["pipelines.prepare", "data=labels", f"data.labels={raw / 'labels.csv'}", "data.image_size=[8,8]",
-              "tracking=none", f"paths.output_dir={tmp_path}/job"], REPO)
+    r = _cli(
+        [
+            "pipelines.prepare",
+            "data=labels",
+            f"data.labels={raw / 'labels.csv'}",
+            "data.image_size=[8,8]",
+            "tracking=none",
+            f"paths.output_dir={tmp_path}/job",
+        ],
+        REPO,
+    )
     assert r.returncode == 2, r.stderr
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("medaug prepare: error: ") and re.search(message, last), r.stderr
@@ -341,8 +418,17 @@ def test_train_logs_only_its_own_params(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_run_stops_at_the_failing_stage_with_one_line(tmp_path):
     # 15 pixels do not halve: train refuses after prepare, and nothing after train runs
-    r = _cli(["pipelines.cli", "run", "experiment=demo_2d", *TINY, "data.image_size=[15,16]",
-              f"paths.output_dir={tmp_path}"], REPO)
+    r = _cli(
+        [
+            "pipelines.cli",
+            "run",
+            "experiment=demo_2d",
+            *TINY,
+            "data.image_size=[15,16]",
+            f"paths.output_dir={tmp_path}",
+        ],
+        REPO,
+    )
     assert r.returncode == 2 and "Traceback" not in r.stderr
     errors = [line for line in r.stderr.splitlines() if "error" in line]
     assert len(errors) == 1 and errors[0].startswith("medaug run: error: ") and "must divide by 2" in errors[0]

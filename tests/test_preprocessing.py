@@ -61,18 +61,20 @@ def test_mr_percentile_window_and_its_inverse():
 
 def test_foreground_crop_centres_the_body_and_carries_the_mask():
     array = np.full((40, 40, 1), -1000.0, np.float32)
-    array[2:12, 4:12, 0] = 40.0                      # the body sits in a corner of a large field of view
+    array[2:12, 4:12, 0] = 40.0  # the body sits in a corner of a large field of view
     mask = np.zeros_like(array)
     mask[5:7, 6:8, 0] = 1
-    centre = preprocess_case(Volume(array, np.eye(4)), IntensityWindow(-160, 240), (16, 16, -1),
-                             mask=mask, crop="center")
-    fg = preprocess_case(Volume(array, np.eye(4)), IntensityWindow(-160, 240), (16, 16, -1),
-                         mask=mask, crop="foreground", margin=1)
-    assert (centre.volume.array > -1).sum() < 10 * 8          # the centre crop cuts the body off
-    assert (fg.volume.array > -1).sum() == 10 * 8             # the foreground crop keeps all of it
+    centre = preprocess_case(
+        Volume(array, np.eye(4)), IntensityWindow(-160, 240), (16, 16, -1), mask=mask, crop="center"
+    )
+    fg = preprocess_case(
+        Volume(array, np.eye(4)), IntensityWindow(-160, 240), (16, 16, -1), mask=mask, crop="foreground", margin=1
+    )
+    assert (centre.volume.array > -1).sum() < 10 * 8  # the centre crop cuts the body off
+    assert (fg.volume.array > -1).sum() == 10 * 8  # the foreground crop keeps all of it
     body = np.argwhere(fg.volume.array[:, :, 0] > -1)
-    assert abs(body.mean(0) - 7.5).max() <= 1.0              # ...in the middle
-    assert fg.mask.sum() == 4 and fg.volume.array[fg.mask].min() > -1   # the mask moved with the image
+    assert abs(body.mean(0) - 7.5).max() <= 1.0  # ...in the middle
+    assert fg.mask.sum() == 4 and fg.volume.array[fg.mask].min() > -1  # the mask moved with the image
     # the affine still maps voxels to the same world position
     i, j = np.argwhere(fg.mask[:, :, 0])[0]
     np.testing.assert_allclose((fg.volume.affine @ [i, j, 0, 1])[:2], [5, 6])

@@ -26,8 +26,7 @@ def data():
     held_x, _ = phantoms(20, seed=2)
     patients = [f"patient_{i // 2:04d}" for i in range(len(train_x))]  # two images per patient
     encoder = FeatureExtractor(train_classifier(train_x, train_y, 3, steps=40, progress=False), "test")
-    return dict(train=train_x, train_y=train_y, val=val_x, val_y=val_y, held=held_x, patients=patients,
-                encoder=encoder)
+    return dict(train=train_x, train_y=train_y, val=val_x, val_y=val_y, held=held_x, patients=patients, encoder=encoder)
 
 
 def test_standardise_makes_dot_products_correlations():
@@ -45,8 +44,15 @@ def test_copy_filter_keeps_scores_at_or_below_threshold():
 
 
 def test_training_set_as_synthetic_fails_with_copy_rate_one(data):
-    audit = privacy_audit(data["train"], data["train"], data["held"], data["patients"], data["encoder"],
-                          synth_labels=data["train_y"], class_names=["a", "b", "c"])
+    audit = privacy_audit(
+        data["train"],
+        data["train"],
+        data["held"],
+        data["patients"],
+        data["encoder"],
+        synth_labels=data["train_y"],
+        class_names=["a", "b", "c"],
+    )
     m = audit.metrics
     assert audit.verdict == "fail" and m["privacy/verdict_code"] == 2
     assert m["privacy/copy_rate"] == 1.0 and m["privacy/copy_rate_embedding"] == 1.0
@@ -61,13 +67,13 @@ def test_near_copies_are_caught_and_filtered(data):
     synth = torch.cat([noisy, data["val"][:30]])
     scores = copy_scores(synth, data["train"], data["held"], space="pixel")
     keep = copy_filter(scores.score, scores.threshold)
-    assert not keep[:30].any()                      # every near copy dropped
-    assert keep[30:].mean() >= 0.85                 # new patients mostly kept
+    assert not keep[:30].any()  # every near copy dropped
+    assert keep[30:].mean() >= 0.85  # new patients mostly kept
     assert (scores.nn_index[:30] == np.arange(30)).all()
 
 
 def test_heldout_real_passes_with_copy_rate_near_five_percent(data):
-    held_self = copy_scores(data["held"], data["train"], data["held"])       # calibration set: 5 % by construction
+    held_self = copy_scores(data["held"], data["train"], data["held"])  # calibration set: 5 % by construction
     assert abs(held_self.is_copy.mean() - 0.05) <= 0.02
     audit = privacy_audit(data["val"], data["train"], data["held"], data["patients"], data["encoder"])
     m = audit.metrics
@@ -79,11 +85,16 @@ def test_heldout_real_passes_with_copy_rate_near_five_percent(data):
 
 
 def test_flags_are_configurable_and_drive_the_verdict(data):
-    half = torch.cat([data["train"][:15], data["val"][:45]])   # 25 % copies
+    half = torch.cat([data["train"][:15], data["val"][:45]])  # 25 % copies
     strict = privacy_audit(half, data["train"], data["held"], data["patients"])
     assert strict.verdict == "fail" and 0.24 <= strict.metrics["privacy/copy_rate"] <= 0.35
-    lenient = privacy_audit(half, data["train"], data["held"], data["patients"],
-                            flags=PrivacyFlags(max_copy_rate=0.5, max_closer_share=1.0, min_dcr_ratio=0.0))
+    lenient = privacy_audit(
+        half,
+        data["train"],
+        data["held"],
+        data["patients"],
+        flags=PrivacyFlags(max_copy_rate=0.5, max_closer_share=1.0, min_dcr_ratio=0.0),
+    )
     assert lenient.verdict == "pass" and lenient.reasons == []
     assert lenient.summary()["flags"]["max_copy_rate"] == 0.5
 
@@ -100,7 +111,7 @@ def test_bad_settings_raise_clear_errors(data):
 def test_blurred_memorisation_below_the_copy_threshold_fails_on_closer_to_train(data):
     noisy = data["train"] + 0.15 * torch.randn(data["train"].shape, generator=torch.Generator().manual_seed(0))
     audit = privacy_audit(noisy, data["train"], data["held"], data["patients"])
-    assert audit.metrics["privacy/copy_rate"] == 0.0          # no single image is a copy...
+    assert audit.metrics["privacy/copy_rate"] == 0.0  # no single image is a copy...
     assert audit.metrics["privacy/closer_to_train"] > 0.95 and audit.metrics["privacy/closer_to_train_p"] < 1e-6
     assert audit.verdict == "fail" and audit.reasons[0].startswith("closer-to-train share 1.00")  # ...but it memorised
 
@@ -116,8 +127,8 @@ def test_closer_to_train_p_value_holds_its_level_and_finds_noisy_copies():
 
     null = np.array([p_value(i, 0) for i in range(300)])
     planted = np.array([p_value(i, 30) for i in range(80)])  # half the set: noisy copies
-    assert 0.02 <= (null < 0.05).mean() <= 0.08             # about the nominal 5 % of null sets flagged (0.04)
-    assert (planted < 0.05).mean() >= 0.7                   # 0.78; a binomial test of the averaged share: 0.48
+    assert 0.02 <= (null < 0.05).mean() <= 0.08  # about the nominal 5 % of null sets flagged (0.04)
+    assert (planted < 0.05).mean() >= 0.7  # 0.78; a binomial test of the averaged share: 0.48
 
 
 def test_a_non_significant_closer_share_is_reported_without_a_flag(data):
@@ -131,9 +142,9 @@ def test_pixel_view_bounds_memory_and_keeps_copies_copies():
     from medaug.privacy import pixel_view
 
     vols = torch.rand(3, 1, 64, 64, 40)
-    small = pixel_view(vols, max_pixels=16 ** 3)
-    assert small.shape[2:].numel() <= 16 ** 3 and small.shape[:2] == (3, 1) and small.shape[2] == small.shape[3]
-    assert pixel_view(vols[:, :, :8, :8, :8]).shape == (3, 1, 8, 8, 8)        # small images untouched
+    small = pixel_view(vols, max_pixels=16**3)
+    assert small.shape[2:].numel() <= 16**3 and small.shape[:2] == (3, 1) and small.shape[2] == small.shape[3]
+    assert pixel_view(vols[:, :, :8, :8, :8]).shape == (3, 1, 8, 8, 8)  # small images untouched
     scores = copy_scores(vols[:1], vols, vols[1:])
     assert scores.score[0] == pytest.approx(1.0, abs=1e-5) and scores.nn_index[0] == 0
 

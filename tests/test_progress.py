@@ -19,16 +19,19 @@ def log_lines(text: str) -> list[str]:
 
 
 def test_a_bar_into_a_file_writes_about_ten_lines_for_800_steps(tmp_path):
-    code = ("import time\nfrom medaug.progress import progress_bar\n"
-            "bar = progress_bar(range(800), desc='train', unit='step')\n"
-            "for i in bar:\n    time.sleep(0.001)\n    if i % 200 == 0:\n        bar.set_postfix(loss=f'{i:.1f}')\n")
+    code = (
+        "import time\nfrom medaug.progress import progress_bar\n"
+        "bar = progress_bar(range(800), desc='train', unit='step')\n"
+        "for i in bar:\n    time.sleep(0.001)\n    if i % 200 == 0:\n        bar.set_postfix(loss=f'{i:.1f}')\n"
+    )
     log = tmp_path / "log.txt"
     with open(log, "w") as err:
-        subprocess.run([sys.executable, "-c", code], stderr=err, check=True, cwd=ROOT,
-                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+        subprocess.run(
+            [sys.executable, "-c", code], stderr=err, check=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}
+        )
     text = log.read_text()
     lines = log_lines(text)
-    assert "\r" not in text and 3 <= len(lines) <= 15            # tqdm.auto: one line per redraw (~every 0.1 s)
+    assert "\r" not in text and 3 <= len(lines) <= 15  # tqdm.auto: one line per redraw (~every 0.1 s)
     assert lines[0].startswith("train:   0%") and "800/800" in lines[-1] and lines[-1].startswith("train: 100%")
     done = [int(line.split("|")[2].split("/")[0]) for line in lines]
     assert done == sorted(done) and len(set(done)) == len(done)  # each line a step forward, none repeated
@@ -60,5 +63,5 @@ def test_a_bar_on_a_terminal_is_plain_tqdm():
     assert type(bar) is tqdm.auto.tqdm and not isinstance(bar, LogLines)
     assert sum(bar) == sum(range(50))
     text = stream.getvalue()
-    assert text.count("\r") > 10 and "50/50" in text.rsplit("\r", 1)[-1]      # redrawn in place, as tqdm does
+    assert text.count("\r") > 10 and "50/50" in text.rsplit("\r", 1)[-1]  # redrawn in place, as tqdm does
     assert isinstance(progress_bar(range(3), file=io.StringIO()), LogLines)

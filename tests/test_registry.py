@@ -33,8 +33,16 @@ def job(tmp_path_factory):
     """A tiny 2D demo prepared and trained with tracking.register and previews every 2 steps (4 steps)."""
     out = tmp_path_factory.mktemp("registry")
     uri = f"sqlite:///{out / 'mlflow.db'}"
-    overrides = ["experiment=demo_2d", *TINY, "tracking=mlflow", f"tracking.uri={uri}", f"tracking.register={NAME}",
-                 "training.preview_every=2", "data.demo.size=12", "data.image_size=[12,12]"]
+    overrides = [
+        "experiment=demo_2d",
+        *TINY,
+        "tracking=mlflow",
+        f"tracking.uri={uri}",
+        f"tracking.register={NAME}",
+        "training.preview_every=2",
+        "data.demo.size=12",
+        "data.image_size=[12,12]",
+    ]
     prepare.run(compose_cfg("prepare", out, overrides))
     train.run(compose_cfg("train", out, overrides))
     return out, uri, overrides
@@ -57,8 +65,13 @@ def test_train_registers_logs_the_dataset_input_and_previews_at_their_steps(job)
     assert inp.dataset.digest == info.fingerprint[:36] and len(info.fingerprint) <= 36
     assert {t.key: t.value for t in inp.tags}["mlflow.data.context"] == "training"
     source = json.loads(inp.dataset.source)
-    assert source == {"origin": "demo", "format": "dicom" if info.summary.get("series") else "nifti",
-                      "modality": info.modality, "spatial_dims": 2, "classes": info.class_names}
+    assert source == {
+        "origin": "demo",
+        "format": "dicom" if info.summary.get("series") else "nifti",
+        "modality": info.modality,
+        "spatial_dims": 2,
+        "classes": info.class_names,
+    }
     patients = {r["patient"] for r in csv.DictReader(open(out / "prepared" / "manifest.csv"))}
     assert not any(p in inp.dataset.source for p in patients) and str(out) not in inp.dataset.source
     assert "/" not in inp.dataset.source
@@ -70,8 +83,11 @@ def test_train_registers_logs_the_dataset_input_and_previews_at_their_steps(job)
     assert str(version.version) == "1" and version.run_id == run.info.run_id
     # previews: log_image at steps 2 and 4
     images = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
-    steps = sorted(int(Path(p).name.split("+")[2]) for p in images if p.endswith(".png")
-                   and Path(p).name.startswith("preview+step+"))
+    steps = sorted(
+        int(Path(p).name.split("+")[2])
+        for p in images
+        if p.endswith(".png") and Path(p).name.startswith("preview+step+")
+    )
     assert steps == [2, 4]
 
 
@@ -102,9 +118,21 @@ def test_sample_from_the_registry_gives_the_pyfunc_images(job, tmp_path, monkeyp
             from mlflow.tracking import MlflowClient
 
             MlflowClient(uri, registry_uri=uri).set_registered_model_alias(NAME, "best", "1")
-        sample.run(compose_cfg("sample", tmp_path, [*overrides, f"ckpt_path={ref}", "sample.num_per_class=2",
-                                                    "sample.seed=11", "sample.sampler=ddim", "sample.steps=3",
-                                                    "sample.guidance_scale=2.0"]))
+        sample.run(
+            compose_cfg(
+                "sample",
+                tmp_path,
+                [
+                    *overrides,
+                    f"ckpt_path={ref}",
+                    "sample.num_per_class=2",
+                    "sample.seed=11",
+                    "sample.sampler=ddim",
+                    "sample.steps=3",
+                    "sample.guidance_scale=2.0",
+                ],
+            )
+        )
         images, labels, rows, info = load_samples(tmp_path / "samples")
         monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
         got = mlflow.pyfunc.load_model(f"models:/{NAME}/1").predict(pd.DataFrame([request("healthy", 2, 11)]))
@@ -123,18 +151,44 @@ def free_port() -> int:
 def test_mlflow_models_serve_answers_a_scoring_request(job):
     _, uri, _ = job
     port = free_port()
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # uvicorn of this venv
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{NAME}/1",
-                             "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": uri,
+        "PYTHONPATH": str(REPO),
+        "OMP_NUM_THREADS": "1",
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }  # uvicorn of this venv
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "models",
+            "serve",
+            "-m",
+            f"models:/{NAME}/1",
+            "--env-manager",
+            "local",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+            "-w",
+            "1",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
     try:
         body = json.dumps({"dataframe_records": [request("healthy", 2, 3)]}).encode()
         deadline = time.monotonic() + 120
         while True:
             try:
-                req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", body,
-                                             {"Content-Type": "application/json"})
+                req = urllib.request.Request(
+                    f"http://127.0.0.1:{port}/invocations", body, {"Content-Type": "application/json"}
+                )
                 with urllib.request.urlopen(req, timeout=30) as answer:
                     predictions = json.loads(answer.read())["predictions"]
                 break
@@ -153,15 +207,36 @@ def test_latent_generator_samples_from_the_registry_with_its_own_autoencoder(tmp
     import mlflow
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    overrides = ["experiment=ldm_3d_demo", *TINY, "tracking=mlflow", f"tracking.uri={uri}", "tracking.register=ldm",
-                 "autoencoder.max_steps=2", "training.max_steps=2", "training.preview_every=0",
-                 "data.demo.n_per_class=3", "data.demo.size=12", "data.image_size=[12,12,12]"]
+    overrides = [
+        "experiment=ldm_3d_demo",
+        *TINY,
+        "tracking=mlflow",
+        f"tracking.uri={uri}",
+        "tracking.register=ldm",
+        "autoencoder.max_steps=2",
+        "training.max_steps=2",
+        "training.preview_every=0",
+        "data.demo.n_per_class=3",
+        "data.demo.size=12",
+        "data.image_size=[12,12,12]",
+    ]
     prepare.run(compose_cfg("prepare", tmp_path, overrides))
     train.run(compose_cfg("train", tmp_path, overrides))
     (tmp_path / "autoencoder" / "checkpoints" / "last.pt").rename(tmp_path / "moved.pt")  # not where training left it
-    sample.run(compose_cfg("sample", tmp_path / "elsewhere", [*overrides, "ckpt_path=models:/ldm/1",
-                                                             "sample.num_per_class=1", "sample.seed=3",
-                                                             "sample.sampler=ddim", "sample.steps=2"]))
+    sample.run(
+        compose_cfg(
+            "sample",
+            tmp_path / "elsewhere",
+            [
+                *overrides,
+                "ckpt_path=models:/ldm/1",
+                "sample.num_per_class=1",
+                "sample.seed=3",
+                "sample.sampler=ddim",
+                "sample.steps=2",
+            ],
+        )
+    )
     images, labels, _, _ = load_samples(tmp_path / "elsewhere" / "samples")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     got = mlflow.pyfunc.load_model("models:/ldm/1").predict(pd.DataFrame([request("healthy", 1, 3, steps=2)]))

@@ -18,16 +18,27 @@ AFFINE = np.diag([0.8, 0.7, 2.5, 1.0])
 def _job(tmp_path, scores=(0.25, 0.95, 0.5), space="pixel"):
     """A samples folder of 3 images (classes a, b, a) and its evaluation with per-sample copy scores."""
     rows = [dict(index=i, label=i % 2, class_name="ab"[i % 2], seed=5 + i) for i in range(3)]
-    info = dict(checkpoint_id="abc", checkpoint_step=4, class_names=["a", "b"], spatial_dims=2, image_shape=[4, 4],
-                window={"lo": -160, "hi": 240}, affine=AFFINE.tolist(), model="M",
-                sample=dict(sampler="ddim", steps=3, eta=0.0, guidance_scale=2.0, seed=5))
+    info = dict(
+        checkpoint_id="abc",
+        checkpoint_step=4,
+        class_names=["a", "b"],
+        spatial_dims=2,
+        image_shape=[4, 4],
+        window={"lo": -160, "hi": 240},
+        affine=AFFINE.tolist(),
+        model="M",
+        sample=dict(sampler="ddim", steps=3, eta=0.0, guidance_scale=2.0, seed=5),
+    )
     images = torch.arange(3.0).view(3, 1, 1, 1).expand(3, 1, 4, 4).clone()
     save_samples(tmp_path / "samples", images, rows, info, ["a", "b"])
     with atomic_folder(tmp_path / "eval") as ev:
         (ev / "metrics.json").write_text(json.dumps({"privacy/copy_rate": 0.33, "fidelity/fd_std": 1.0}))
         (ev / "per_sample.csv").write_text("index,copy_score\n" + "".join(f"{i},{s}\n" for i, s in enumerate(scores)))
-        (ev / "privacy.json").write_text(json.dumps({"threshold": 0.9, "space": space, "verdict": "warn",
-                                                     "samples_id": samples_id(tmp_path / "samples")}))
+        (ev / "privacy.json").write_text(
+            json.dumps(
+                {"threshold": 0.9, "space": space, "verdict": "warn", "samples_id": samples_id(tmp_path / "samples")}
+            )
+        )
         (ev / "report.md").write_text("![x](data:image/png;base64,AAAA)\n")
     return images, torch.tensor([0, 1, 0]), rows, info
 
@@ -70,8 +81,24 @@ def test_regeneration_needs_a_pixel_audit_and_the_samples_checkpoint(tmp_path):
     from medaug.model import EMA, save_checkpoint
 
     net = torch.nn.Linear(1, 1)
-    ckpt = save_checkpoint(tmp_path / "last.pt", model=net, ema=EMA(net, 0.9), optimizer=None, step=1,
-                           config={"model": {"_target_": "torch.nn.Linear"}}, meta={"class_names": ["a", "b"]})
+    ckpt = save_checkpoint(
+        tmp_path / "last.pt",
+        model=net,
+        ema=EMA(net, 0.9),
+        optimizer=None,
+        step=1,
+        config={"model": {"_target_": "torch.nn.Linear"}},
+        meta={"class_names": ["a", "b"]},
+    )
     with pytest.raises(ValueError, match="last.pt is not the checkpoint these samples came from"):
-        regenerate_copies(images, labels, rows, np.array([True, False, True]), np.zeros(3), 0.9, sample_info=info,
-                          ckpt_path=ckpt, prepared_dir=tmp_path / "prepared")
+        regenerate_copies(
+            images,
+            labels,
+            rows,
+            np.array([True, False, True]),
+            np.zeros(3),
+            0.9,
+            sample_info=info,
+            ckpt_path=ckpt,
+            prepared_dir=tmp_path / "prepared",
+        )

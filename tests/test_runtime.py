@@ -45,8 +45,11 @@ def test_device_of_auto_is_this_ranks_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "set_device", current.append)
     monkeypatch.setenv("LOCAL_RANK", "3")
-    flags = [(torch.backends.cudnn, "benchmark"), (torch.backends.cudnn, "allow_tf32"),
-             (torch.backends.cuda.matmul, "allow_tf32")]
+    flags = [
+        (torch.backends.cudnn, "benchmark"),
+        (torch.backends.cudnn, "allow_tf32"),
+        (torch.backends.cuda.matmul, "allow_tf32"),
+    ]
     saved = [getattr(module, name) for module, name in flags]  # cuBLAS's flag is no plain attribute for monkeypatch
     try:
         for module, name in flags:
@@ -69,8 +72,9 @@ def test_without_torchrun_there_is_one_rank_and_no_group(monkeypatch):
 def _two_ranks(rank: int, port: int, results) -> None:
     import os
 
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     with process_group(torch.device("cpu")) as (r, world):
         seen = rank_and_world()
         barrier()

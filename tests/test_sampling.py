@@ -5,12 +5,28 @@ from monai.networks.schedulers import DDPMScheduler
 from PIL import Image
 
 from medaug.model import EMA, load_checkpoint, network_from_spec, save_checkpoint
-from medaug.sampling import Chunk, class_counts, generate_chunks, generate_sharded, inference_scheduler, labels_for_counts, load_samples, sample_images, sampling_network, save_samples, shard_chunks
+from medaug.sampling import (
+    Chunk,
+    class_counts,
+    generate_chunks,
+    generate_sharded,
+    inference_scheduler,
+    labels_for_counts,
+    load_samples,
+    sample_images,
+    sampling_network,
+    save_samples,
+    shard_chunks,
+)
 
 from .test_model import SPEC
 
-SCHED = {"_target_": "monai.networks.schedulers.DDPMScheduler", "num_train_timesteps": 100,
-         "schedule": "linear_beta", "variance_type": "fixed_small"}
+SCHED = {
+    "_target_": "monai.networks.schedulers.DDPMScheduler",
+    "num_train_timesteps": 100,
+    "schedule": "linear_beta",
+    "variance_type": "fixed_small",
+}
 
 
 def net(spatial_dims=2):
@@ -64,8 +80,9 @@ def test_step_noise_is_not_a_starting_noise():
     sch.set_timesteps(10)
     sample_images(net(), sch, torch.tensor([0, 1]), [8, 8], guidance_scale=1.0, null_class=3, seed=5, progress=False)
     starts = [torch.randn(1, 8, 8, generator=torch.Generator().manual_seed(5 + i)) for i in range(2)]
-    assert len(drawn) == 10 and not any(torch.allclose(d[i], starts[j]) for d in drawn for i in range(2)
-                                        for j in range(2))
+    assert len(drawn) == 10 and not any(
+        torch.allclose(d[i], starts[j]) for d in drawn for i in range(2) for j in range(2)
+    )
 
 
 def test_ddim_sample_does_not_depend_on_batching():
@@ -89,10 +106,26 @@ def test_guidance_scale_one_skips_unconditional_pass():
             return torch.zeros_like(x)
 
     labels = torch.tensor([0, 1])
-    sample_images(Spy(), inference_scheduler(SCHED, "ddim", 2), labels, [4, 4], guidance_scale=1.0, null_class=3,
-                  seed=0, progress=False)
-    sample_images(Spy(), inference_scheduler(SCHED, "ddim", 2), labels, [4, 4], guidance_scale=3.0, null_class=3,
-                  seed=0, progress=False)
+    sample_images(
+        Spy(),
+        inference_scheduler(SCHED, "ddim", 2),
+        labels,
+        [4, 4],
+        guidance_scale=1.0,
+        null_class=3,
+        seed=0,
+        progress=False,
+    )
+    sample_images(
+        Spy(),
+        inference_scheduler(SCHED, "ddim", 2),
+        labels,
+        [4, 4],
+        guidance_scale=3.0,
+        null_class=3,
+        seed=0,
+        progress=False,
+    )
     assert calls[0] == [0, 1] and calls[2] == [0, 1, 3, 3]
 
 
@@ -129,10 +162,15 @@ def test_class_counts_from_an_int_or_a_map_for_every_class_in_label_order():
     assert class_counts(0, CLASSES, allow_empty=True) == dict.fromkeys(CLASSES, 0)
 
 
-@pytest.mark.parametrize("bad, match", [({"lesion": 2}, r"sample.num_per_class names unknown classes \['lesion'\]"),
-                                        (0, r"sample.num_per_class=0 asks for no samples"),
-                                        ({"healthy": 0}, r"asks for no samples"),
-                                        ({"healthy": -1, "multi_lesion": 4}, "asks for a negative count")])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        ({"lesion": 2}, r"sample.num_per_class names unknown classes \['lesion'\]"),
+        (0, r"sample.num_per_class=0 asks for no samples"),
+        ({"healthy": 0}, r"asks for no samples"),
+        ({"healthy": -1, "multi_lesion": 4}, "asks for a negative count"),
+    ],
+)
 def test_class_counts_refuses_unknown_classes_negative_counts_and_no_samples(bad, match):
     with pytest.raises(ValueError, match=match):
         class_counts(bad, CLASSES)
@@ -166,6 +204,7 @@ def test_two_ranks_make_together_what_one_process_makes(monkeypatch):
     parts = [{c.index: x for c, x in generate_chunks(stamped, labels, shard_chunks(7, 2, r, 2), 10)} for r in (0, 1)]
     assert sorted(parts[0]) == [0, 2] and sorted(parts[1]) == [1, 3]
     for rank in (0, 1):  # all_gather_object of a 2-process group, simulated: every rank receives both parts
+
         def all_gather_object(out, mine, rank=rank):
             assert all(torch.equal(mine[k], parts[rank][k]) for k in parts[rank]) and mine.keys() == parts[rank].keys()
             out[:] = parts
@@ -183,8 +222,15 @@ def test_sampling_network_picks_ema_or_training_weights(tmp_path):
         for p in model.parameters():
             p.add_(1.0)  # the training weights move on; the EMA still holds the first ones
     meta = dict(class_names=["a", "b", "c"], spatial_dims=2, image_shape=[8, 8])
-    path = save_checkpoint(tmp_path / "c.pt", model=model, ema=ema, optimizer=None, step=1,
-                           config={"model": SPEC, "scheduler": SCHED}, meta=meta)
+    path = save_checkpoint(
+        tmp_path / "c.pt",
+        model=model,
+        ema=ema,
+        optimizer=None,
+        step=1,
+        config={"model": SPEC, "scheduler": SCHED},
+        meta=meta,
+    )
     ckpt = load_checkpoint(path)
     for use_ema, state in [(True, ema.state_dict()["model"]), (False, model.state_dict())]:
         built = sampling_network(ckpt, "cpu", use_ema=use_ema)

@@ -60,10 +60,25 @@ def mlflow_server(tmp_path):
     mlflow = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or "mlflow"
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     proc = subprocess.Popen(
-        [mlflow, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-         "--artifacts-destination", str(tmp_path / "server-artifacts")],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+        [
+            mlflow,
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path / 'server.db'}",
+            "--artifacts-destination",
+            str(tmp_path / "server-artifacts"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+        start_new_session=True,
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         for _ in range(120):
@@ -89,10 +104,17 @@ def test_smoke_pipeline_against_mlflow_server(tmp_path, mlflow_server):
     for stage in (prepare, train, sample):
         stage.run(compose_cfg(stage.__name__.split(".")[-1], out, overrides))
     exp = json.loads(_get(f"{mlflow_server}/api/2.0/mlflow/experiments/get-by-name?experiment_name=medaug-demo_2d"))
-    runs = json.loads(urllib.request.urlopen(urllib.request.Request(
-        f"{mlflow_server}/api/2.0/mlflow/runs/search", method="POST",
-        data=json.dumps({"experiment_ids": [exp["experiment"]["experiment_id"]]}).encode(),
-        headers={"Content-Type": "application/json"}), timeout=10).read())["runs"]
+    runs = json.loads(
+        urllib.request.urlopen(
+            urllib.request.Request(
+                f"{mlflow_server}/api/2.0/mlflow/runs/search",
+                method="POST",
+                data=json.dumps({"experiment_ids": [exp["experiment"]["experiment_id"]]}).encode(),
+                headers={"Content-Type": "application/json"},
+            ),
+            timeout=10,
+        ).read()
+    )["runs"]
     assert len(runs) == 1  # train and sample share one run
     run = runs[0]
     metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
@@ -215,10 +237,10 @@ def test_server_check_answers_for_a_uri_with_credentials_and_never_prints_them()
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        check_server(f"http://alice:s3cret@127.0.0.1:{server.server_port}", timeout=5)   # up: no error
+        check_server(f"http://alice:s3cret@127.0.0.1:{server.server_port}", timeout=5)  # up: no error
     finally:
         server.shutdown()
         server.server_close()
     with pytest.raises(TrackingUnavailable) as err:
-        check_server(f"http://alice:s3cret@127.0.0.1:{server.server_port}", timeout=2)   # now down
+        check_server(f"http://alice:s3cret@127.0.0.1:{server.server_port}", timeout=2)  # now down
     assert "s3cret" not in str(err.value) and f"http://127.0.0.1:{server.server_port}" in str(err.value)

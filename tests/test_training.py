@@ -5,8 +5,16 @@ import torch
 from monai.networks.schedulers import DDPMScheduler
 
 from medaug.model import EMA, load_checkpoint, network_from_spec
-from medaug.training import (DiffusionStep, TrainSettings, diffusion_loss, draw_batch, draw_step_noise, fit,
-                             prepare_for_speed, step_generator)
+from medaug.training import (
+    DiffusionStep,
+    TrainSettings,
+    diffusion_loss,
+    draw_batch,
+    draw_step_noise,
+    fit,
+    prepare_for_speed,
+    step_generator,
+)
 
 from .test_model import SPEC
 
@@ -61,8 +69,7 @@ def test_fit_lowers_loss_and_is_deterministic():
     runs = []
     for _ in range(2):
         net, ema, opt, sch = tiny()
-        result = fit(net, ema, opt, diffusion(net, sch, x, y),
-                     TrainSettings(max_steps=30, batch_size=8, log_every=10))
+        result = fit(net, ema, opt, diffusion(net, sch, x, y), TrainSettings(max_steps=30, batch_size=8, log_every=10))
         runs.append(result.losses)
         assert result.first_step_s > 0  # logged: the compile warm-up on a GPU
     assert runs[0] == runs[1]
@@ -77,16 +84,31 @@ def test_resume_continues_step_count_and_loss_curve(tmp_path):
     straight = fit(net, ema, opt, diffusion(net, sch, x, y), TrainSettings(max_steps=6, **settings)).losses
 
     net, ema, opt, sch = tiny()
-    first = fit(net, ema, opt, diffusion(net, sch, x, y), TrainSettings(max_steps=3, **settings),
-                ckpt_path=tmp_path / "last.pt", checkpoint_payload=payload).losses
+    first = fit(
+        net,
+        ema,
+        opt,
+        diffusion(net, sch, x, y),
+        TrainSettings(max_steps=3, **settings),
+        ckpt_path=tmp_path / "last.pt",
+        checkpoint_payload=payload,
+    ).losses
     ckpt = load_checkpoint(tmp_path / "last.pt")
     assert ckpt.step == 3
     net, ema, opt, sch = tiny()
     net.load_state_dict(ckpt.model)
     ema.load_state_dict(ckpt.ema)
     opt.load_state_dict(ckpt.optimizer)
-    second = fit(net, ema, opt, diffusion(net, sch, x, y), TrainSettings(max_steps=6, **settings),
-                 start_step=ckpt.step, ckpt_path=tmp_path / "last.pt", checkpoint_payload=payload).losses
+    second = fit(
+        net,
+        ema,
+        opt,
+        diffusion(net, sch, x, y),
+        TrainSettings(max_steps=6, **settings),
+        start_step=ckpt.step,
+        ckpt_path=tmp_path / "last.pt",
+        checkpoint_payload=payload,
+    ).losses
     assert [s for s, _ in first + second] == [1, 2, 3, 4, 5, 6]
     for (_, a), (_, b) in zip(first + second, straight):
         assert a == pytest.approx(b, rel=1e-5)
@@ -105,10 +127,16 @@ def test_interrupt_saves_checkpoint(tmp_path):
                 raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        fit(net, ema, opt, diffusion(net, sch, x, y),
+        fit(
+            net,
+            ema,
+            opt,
+            diffusion(net, sch, x, y),
             TrainSettings(max_steps=10, batch_size=4, log_every=1, ckpt_every=0),
-            ckpt_path=tmp_path / "last.pt", tracker=Interrupting(),
-            checkpoint_payload=lambda: {"config": {"model": SPEC}, "meta": {}})
+            ckpt_path=tmp_path / "last.pt",
+            tracker=Interrupting(),
+            checkpoint_payload=lambda: {"config": {"model": SPEC}, "meta": {}},
+        )
     assert load_checkpoint(tmp_path / "last.pt").step == 1  # the last completed step before the interrupt
 
 
@@ -143,8 +171,10 @@ def test_activation_checkpointing_and_channels_last_keep_the_maths(spatial_dims)
 def test_draw_batch_takes_a_rank_share_of_one_permutation(spatial_dims):
     x, y = data(spatial_dims, 8)
     layout = torch.channels_last if spatial_dims == 2 else torch.channels_last_3d
-    parts = [draw_batch(x, y, torch.Generator().manual_seed(3), slice(r * 3, r * 3 + 3), torch.device("cpu"), layout)
-             for r in range(2)]
+    parts = [
+        draw_batch(x, y, torch.Generator().manual_seed(3), slice(r * 3, r * 3 + 3), torch.device("cpu"), layout)
+        for r in range(2)
+    ]
     rows = torch.cat([p[1] for p in parts])
     xs = torch.cat([p[0] for p in parts])
     assert parts[0][0].shape == (3, 1, *[8] * spatial_dims) and parts[0][0].is_contiguous(memory_format=layout)
@@ -169,8 +199,7 @@ def test_loss_target_follows_the_prediction_type(kind):
     x0 = torch.rand(6, 1, 4, 4) * 2 - 1
     draws = draw_step_noise(x0.shape, 100, 0.0, torch.Generator().manual_seed(3))
     abar = DDPMScheduler(num_train_timesteps=100).alphas_cumprod[draws.timesteps].view(-1, 1, 1, 1)
-    truth = {"epsilon": draws.noise, "sample": x0,
-             "v_prediction": abar.sqrt() * draws.noise - (1 - abar).sqrt() * x0}
+    truth = {"epsilon": draws.noise, "sample": x0, "v_prediction": abar.sqrt() * draws.noise - (1 - abar).sqrt() * x0}
 
     class Oracle(torch.nn.Module):  # predicts exactly the quantity named `answer`
         def __init__(self, answer):
@@ -202,10 +231,16 @@ def test_a_failing_tracker_never_stops_training_or_its_checkpoint(tmp_path, capl
             calls.append(step)
             raise ConnectionError("mlflow server at http://10.0.0.1:5000 went away")
 
-    result = fit(net, ema, opt, diffusion(net, sch, x, y),
-                 TrainSettings(max_steps=5, batch_size=4, log_every=1, ckpt_every=2),
-                 ckpt_path=tmp_path / "last.pt", tracker=ServerGone(),
-                 checkpoint_payload=lambda: {"config": {"model": SPEC}, "meta": {}})
+    result = fit(
+        net,
+        ema,
+        opt,
+        diffusion(net, sch, x, y),
+        TrainSettings(max_steps=5, batch_size=4, log_every=1, ckpt_every=2),
+        ckpt_path=tmp_path / "last.pt",
+        tracker=ServerGone(),
+        checkpoint_payload=lambda: {"config": {"model": SPEC}, "meta": {}},
+    )
     assert result.step == 5 and len(result.losses) == 5
     assert load_checkpoint(tmp_path / "last.pt").step == 5
     assert calls == [1]  # switched off after its first error: a dead server is not waited for at every step
@@ -229,10 +264,16 @@ def test_sigterm_in_fit_finishes_the_step_saves_and_raises(tmp_path):
                 os.kill(os.getpid(), signal.SIGTERM)
 
     with pytest.raises(Terminated, match="SIGTERM after step 3"):
-        fit(net, ema, opt, diffusion(net, sch, x, y),
+        fit(
+            net,
+            ema,
+            opt,
+            diffusion(net, sch, x, y),
             TrainSettings(max_steps=10, batch_size=4, log_every=1, ckpt_every=0),
-            ckpt_path=tmp_path / "last.pt", tracker=SendsSigterm(),
-            checkpoint_payload=lambda: {"config": {"model": SPEC}, "meta": {}})
+            ckpt_path=tmp_path / "last.pt",
+            tracker=SendsSigterm(),
+            checkpoint_payload=lambda: {"config": {"model": SPEC}, "meta": {}},
+        )
     ckpt = load_checkpoint(tmp_path / "last.pt")
     assert ckpt.step == 3
     for a, b in zip(ckpt.model.values(), net.state_dict().values()):  # the weights of exactly step 3
@@ -243,8 +284,9 @@ def test_sigterm_in_fit_finishes_the_step_saves_and_raises(tmp_path):
 def test_compile_mode_of_maps_the_config_switch():
     from medaug.training import compile_mode_of
 
-    assert [compile_mode_of(v, cuda) for v, cuda in (("auto", True), ("auto", False), (True, False), (False, True))] \
-        == ["default", None, "default", None]
+    assert [
+        compile_mode_of(v, cuda) for v, cuda in (("auto", True), ("auto", False), (True, False), (False, True))
+    ] == ["default", None, "default", None]
     assert compile_mode_of("max-autotune", False) == "max-autotune"
 
 
@@ -254,10 +296,15 @@ def test_resume_training_restores_and_refuses_other_data(tmp_path):
 
     net = torch.nn.Linear(2, 2)
     ema = EMA(net, 0.9)
-    ckpt = save_checkpoint(tmp_path / "last.pt", model=net, ema=ema, optimizer=None, step=7,
-                           config={"model": {"_target_": "torch.nn.Linear"}},
-                           meta={"image_shape": [8, 8], "class_names": ["a", "b"], "dataset": "fp",
-                                 "mlflow_run_id": "r1"})
+    ckpt = save_checkpoint(
+        tmp_path / "last.pt",
+        model=net,
+        ema=ema,
+        optimizer=None,
+        step=7,
+        config={"model": {"_target_": "torch.nn.Linear"}},
+        meta={"image_shape": [8, 8], "class_names": ["a", "b"], "dataset": "fp", "mlflow_run_id": "r1"},
+    )
     fresh = torch.nn.Linear(2, 2)
     kw = dict(image_shape=[8, 8], class_names=["a", "b"], dataset="fp", autoencoder_id=None, prepared=tmp_path)
     assert resume_training(tmp_path / "none.pt", fresh, EMA(fresh, 0.9), None, **kw) == (0, {})

@@ -31,13 +31,13 @@ class DatasetError(ValueError):
 class Case:
     """One labelled input: an image file/folder, or a DICOM series named by its SeriesInstanceUID."""
 
-    source: str                 # path relative to the labels file, or a series UID
-    patient_id: str             # raw id from the labels: used to split, never written out
+    source: str  # path relative to the labels file, or a series UID
+    patient_id: str  # raw id from the labels: used to split, never written out
     label: str
     split: str = ""
-    mask: str = ""              # optional mask path (non-zero = foreground), relative like source
-    where: str = ""             # "labels.csv:3", for error messages
-    many_series: bool = False   # a folder may hold several series (folder-per-class layout)
+    mask: str = ""  # optional mask path (non-zero = foreground), relative like source
+    where: str = ""  # "labels.csv:3", for error messages
+    many_series: bool = False  # a folder may hold several series (folder-per-class layout)
 
 
 def _looks_like_uid(value: str) -> bool:
@@ -53,20 +53,22 @@ def read_labels(labels_csv: str | Path) -> list[dict]:
     labels_csv = Path(labels_csv)
     if not labels_csv.is_file():
         raise DatasetError(f"{labels_csv}: labels file not found; pass data.labels=<csv with path,patient_id,label>")
-    with open(labels_csv, newline="", encoding="utf-8-sig") as fh:   # utf-8-sig: Excel's byte order mark
+    with open(labels_csv, newline="", encoding="utf-8-sig") as fh:  # utf-8-sig: Excel's byte order mark
         reader = csv.DictReader(fh)
         columns = [name.strip() for name in reader.fieldnames or []]
         reader.fieldnames = columns
         rows = list(reader)
     for row in rows:
         for name in LABEL_COLUMNS & row.keys():
-            row[name] = (row[name] or "").strip()      # "a.nii.gz, p1, tumour": spaces after commas
+            row[name] = (row[name] or "").strip()  # "a.nii.gz, p1, tumour": spaces after commas
         if "path" not in columns and "series_uid" in columns:
             row["path"] = row["series_uid"]
     missing = {"path", "patient_id", "label"} - set(columns) - ({"path"} if "series_uid" in columns else set())
     if missing:
-        raise DatasetError(f"{labels_csv}: needs columns path (or series_uid), patient_id, label "
-                           f"(missing: {sorted(missing)}; found: {columns})")
+        raise DatasetError(
+            f"{labels_csv}: needs columns path (or series_uid), patient_id, label "
+            f"(missing: {sorted(missing)}; found: {columns})"
+        )
     if not rows:
         raise DatasetError(f"{labels_csv}: no rows under the header; add one row per image")
     listed: dict[Path, str] = {}
@@ -92,8 +94,10 @@ def _refuse_repeat(listed: dict[Path, str], image: str, entry: str, where: str, 
     as paths, so "./a.nii" and "a.nii" are one image)."""
     first = listed.setdefault(Path(image), entry)
     if first != entry:
-        raise DatasetError(f"{where}: image {image!r} is listed twice ({noun}{first} and {entry}); an image belongs "
-                           "in one entry of the labels file: remove the duplicate")
+        raise DatasetError(
+            f"{where}: image {image!r} is listed twice ({noun}{first} and {entry}); an image belongs "
+            "in one entry of the labels file: remove the duplicate"
+        )
 
 
 def _cases_from_folders(root: Path) -> list[Case]:
@@ -104,22 +108,30 @@ def _cases_from_folders(root: Path) -> list[Case]:
     """
     visible = sorted(p for p in root.iterdir() if not p.name.startswith("."))
     if visible and not any(p.is_dir() for p in visible):
-        raise DatasetError(f"{root}: the folder-per-class layout needs one sub-folder per class; found image files "
-                           f"directly in it (e.g. {visible[0].name}): move them into <folder>/<class>/, or list "
-                           "them in a labels CSV (path,patient_id,label) and pass data.labels=<csv>")
+        raise DatasetError(
+            f"{root}: the folder-per-class layout needs one sub-folder per class; found image files "
+            f"directly in it (e.g. {visible[0].name}): move them into <folder>/<class>/, or list "
+            "them in a labels CSV (path,patient_id,label) and pass data.labels=<csv>"
+        )
     loose = [p.name for p in visible if not p.is_dir()]
     if loose:
-        warnings.warn(f"{root}: {len(loose)} file(s) beside the class folders ignored (e.g. {loose[0]}); an image "
-                      "belongs inside its class folder", stacklevel=2)
+        warnings.warn(
+            f"{root}: {len(loose)} file(s) beside the class folders ignored (e.g. {loose[0]}); an image "
+            "belongs inside its class folder",
+            stacklevel=2,
+        )
     cases = []
     for class_dir in (p for p in visible if p.is_dir()):
         for entry in sorted(p for p in class_dir.iterdir() if not p.name.startswith(".")):
             patient = entry.name[: -len(".nii.gz")] if entry.name.endswith(".nii.gz") else entry.stem
-            cases.append(Case(str(entry.relative_to(root)), patient, class_dir.name, where=str(entry),
-                              many_series=True))
+            cases.append(
+                Case(str(entry.relative_to(root)), patient, class_dir.name, where=str(entry), many_series=True)
+            )
     if not cases:
-        raise DatasetError(f"{root}: folder with no images; expected one sub-folder per class holding images "
-                           "(or pass a labels CSV / dataset.json)")
+        raise DatasetError(
+            f"{root}: folder with no images; expected one sub-folder per class holding images "
+            "(or pass a labels CSV / dataset.json)"
+        )
     return cases
 
 
@@ -138,16 +150,17 @@ def _cases_from_dataset_json(path: Path) -> list[Case]:
     except json.JSONDecodeError as err:
         raise DatasetError(f"{path}: not valid JSON ({err})") from err
     labels = meta.get("labels", {})
-    if labels and all(isinstance(v, int) for v in labels.values()):      # nnU-Net v2: name → value
+    if labels and all(isinstance(v, int) for v in labels.values()):  # nnU-Net v2: name → value
         names = {int(v): k for k, v in labels.items()}
-    else:                                                               # MSD: "value" → name
+    else:  # MSD: "value" → name
         names = {int(k): v for k, v in labels.items() if str(k).lstrip("-").isdigit()}
     entries = meta.get("training")
-    if not entries and (path.parent / "imagesTr").is_dir():              # nnU-Net v2 lists no files
+    if not entries and (path.parent / "imagesTr").is_dir():  # nnU-Net v2 lists no files
         ending = meta.get("file_ending", ".nii.gz")
-        entries = [{"image": str(p.relative_to(path.parent)),
-                    "label": f"labelsTr/{p.name[: -len('_0000' + ending)]}{ending}"}
-                   for p in sorted((path.parent / "imagesTr").glob(f"*_0000{ending}"))]
+        entries = [
+            {"image": str(p.relative_to(path.parent)), "label": f"labelsTr/{p.name[: -len('_0000' + ending)]}{ending}"}
+            for p in sorted((path.parent / "imagesTr").glob(f"*_0000{ending}"))
+        ]
     if not entries:
         raise DatasetError(f"{path}: no 'training' entries and no imagesTr/ folder; nothing to prepare")
     cases, listed = [], {}
@@ -164,8 +177,9 @@ def _cases_from_dataset_json(path: Path) -> list[Case]:
         if not label:
             raise DatasetError(f"{where}: no 'class' and no label mask; medaug needs a class per image")
         case_id = Path(image).name.split(".")[0].removesuffix("_0000")
-        cases.append(Case(image, str(entry.get("patient_id", case_id)), str(label), entry.get("split", ""),
-                          mask, where))
+        cases.append(
+            Case(image, str(entry.get("patient_id", case_id)), str(label), entry.get("split", ""), mask, where)
+        )
     return cases
 
 
@@ -178,13 +192,13 @@ def read_cases(labels: str | Path) -> list[Case]:
         if not labels.is_file():
             raise DatasetError(f"{labels}: dataset.json not found")
         return _cases_from_dataset_json(labels)
-    return [Case(r["path"], r["patient_id"], r["label"], r.get("split", ""), r.get("mask", ""), f"{labels}:{i}")
-            for i, r in enumerate(read_labels(labels), start=2)]
+    return [
+        Case(r["path"], r["patient_id"], r["label"], r.get("split", ""), r.get("mask", ""), f"{labels}:{i}")
+        for i, r in enumerate(read_labels(labels), start=2)
+    ]
 
 
-def split_patients(
-    patient_labels: dict[str, str], fractions: Sequence[float], seed: int
-) -> dict[str, str]:
+def split_patients(patient_labels: dict[str, str], fractions: Sequence[float], seed: int) -> dict[str, str]:
     """Assign each patient to train/val/test, stratified by the patient's class, seeded.
 
     Every class with at least as many patients as non-empty splits puts at least one

@@ -40,11 +40,18 @@ import numpy as np
 from ..dicomweb import fetch_series
 from ..deid import POLICIES, apply_policy, scan_headers
 from ..atomic import atomic_folder, is_complete
-from ..io import (DicomIndex, DicomSeries, index_dicom, is_nifti, read_dicom_series,
-                 read_volume, write_nifti)
+from ..io import DicomIndex, DicomSeries, index_dicom, is_nifti, read_dicom_series, read_volume, write_nifti
 from ..preprocessing import IntensityWindow, Normalization, PercentileNormalization, preprocess_case, slice_volume
-from .labels import (Case, DEID_REPORT, DatasetError, MANIFEST_FIELDS, SPLITS, _looks_like_uid, read_cases,
-                     split_patients)
+from .labels import (
+    Case,
+    DEID_REPORT,
+    DatasetError,
+    MANIFEST_FIELDS,
+    SPLITS,
+    _looks_like_uid,
+    read_cases,
+    split_patients,
+)
 from .prepared import PreparedInfo, load_info
 from ..progress import progress_bar
 
@@ -83,8 +90,10 @@ def _slice_indices(depth: int, rule: str, band: float, mask: np.ndarray | None =
         raise DatasetError(f"slice rule {rule!r} unknown; use one of {', '.join(SLICE_RULES)}")
     if rule == "nonempty":
         if mask is None:
-            raise DatasetError("slice rule 'nonempty' needs a mask per image: add a 'mask' column to the labels "
-                               "CSV (or labels in dataset.json), or use data.slice_rule=central|all")
+            raise DatasetError(
+                "slice rule 'nonempty' needs a mask per image: add a 'mask' column to the labels "
+                "CSV (or labels in dataset.json), or use data.slice_rule=central|all"
+            )
         return [k for k in range(depth) if mask[:, :, k].any()]
     if rule == "all" or depth == 1:
         return list(range(depth))
@@ -101,7 +110,7 @@ class _Item:
     case: Case
     path: Path | None = None
     series: DicomSeries | None = None
-    headers: dict = field(default_factory=dict)     # file -> header (no pixel data), image and mask
+    headers: dict = field(default_factory=dict)  # file -> header (no pixel data), image and mask
 
     def __post_init__(self):
         if self.series is not None:
@@ -115,7 +124,7 @@ def _resolve(cases: list[Case], root: Path, dicom_root: Path | None, strict: boo
     patient's image into two patients and two splits."""
     items, seen = [], DicomIndex()
     uid_index = None
-    series_file: dict[str, Path] = {}     # folder-per-class: series UID → the first file case holding it
+    series_file: dict[str, Path] = {}  # folder-per-class: series UID → the first file case holding it
     for case in progress_bar(cases, desc="index", unit="case", leave=False):
         if _looks_like_uid(case.source) and not (root / case.source).exists():
             if uid_index is None:
@@ -123,8 +132,10 @@ def _resolve(cases: list[Case], root: Path, dicom_root: Path | None, strict: boo
                 seen.skipped += uid_index.skipped
             series = uid_index.series.get(case.source)
             if series is None:
-                raise DatasetError(f"{case.where}: no DICOM series with SeriesInstanceUID {case.source} under "
-                                   f"{dicom_root or root}; check the UID or set data.dicom_root")
+                raise DatasetError(
+                    f"{case.where}: no DICOM series with SeriesInstanceUID {case.source} under "
+                    f"{dicom_root or root}; check the UID or set data.dicom_root"
+                )
             items.append(_Item(case, series=series))
             seen.series[series.uid] = series
             continue
@@ -135,13 +146,15 @@ def _resolve(cases: list[Case], root: Path, dicom_root: Path | None, strict: boo
         index = index_dicom(path, strict=strict)
         seen.skipped += index.skipped
         if not index.series and case.many_series and path.is_file():
-            continue                # a stray file in a class folder (notes.txt): skipped and listed like any other
+            continue  # a stray file in a class folder (notes.txt): skipped and listed like any other
         if not index.series:
             why = "; ".join(sorted({w for _, w in index.skipped})) or "empty"
             raise DatasetError(f"{case.where}: {path} holds no readable image ({why}); fix or remove this entry")
         if len(index.series) > 1 and not case.many_series:
-            raise DatasetError(f"{case.where}: {path} holds {len(index.series)} DICOM series; name one per row "
-                               "by its SeriesInstanceUID in the path column, or give each series its own folder")
+            raise DatasetError(
+                f"{case.where}: {path} holds {len(index.series)} DICOM series; name one per row "
+                "by its SeriesInstanceUID in the path column, or give each series its own folder"
+            )
         for series in index.series.values():
             if case.many_series and path.is_file():
                 first = series_file.setdefault(series.uid, path)
@@ -150,11 +163,12 @@ def _resolve(cases: list[Case], root: Path, dicom_root: Path | None, strict: boo
                         f"{path.parent}: {first.name} and {path.name} are slices of one DICOM series; each "
                         "patient's series must be in its own folder inside the class folder "
                         "(<labels>/<class>/<patient>/<files>); loose in a class folder, every slice would count "
-                        "as a patient")
+                        "as a patient"
+                    )
             items.append(_Item(case, series=series))
             seen.series[series.uid] = series
     for item in items:
-        if item.case.mask and not is_nifti(root / item.case.mask):     # a DICOM mask's headers pass the gate too
+        if item.case.mask and not is_nifti(root / item.case.mask):  # a DICOM mask's headers pass the gate too
             mask_index = index_dicom(root / item.case.mask, strict=strict)
             seen.skipped += mask_index.skipped
             item.headers.update(mask_index.headers)
@@ -173,13 +187,14 @@ def _refuse_shared_dicom(items: list[_Item]) -> None:
         for kind, uid in dict.fromkeys(keys):
             first = owner.setdefault((kind, uid), item)
             if first is not item:
-                what = (f"DICOM series {uid}" if kind == "series" else
-                        f"DICOM instance {uid} (a copy of one file)")
+                what = f"DICOM series {uid}" if kind == "series" else f"DICOM instance {uid} (a copy of one file)"
                 here, there = (it.case.where or str(it.case.source) for it in (item, first))
-                if here.rpartition(":")[0] == there.rpartition(":")[0]:     # rows of one labels file
+                if here.rpartition(":")[0] == there.rpartition(":")[0]:  # rows of one labels file
                     there = f"row {there.rpartition(':')[2]}"
-                raise DatasetError(f"{here}: {what} is also reached by {there}; each series may be listed once, "
-                                   "under one patient: remove the duplicate entry or the copied files")
+                raise DatasetError(
+                    f"{here}: {what} is also reached by {there}; each series may be listed once, "
+                    "under one patient: remove the duplicate entry or the copied files"
+                )
 
 
 def _reason(why: str) -> str:
@@ -238,11 +253,22 @@ def prepare_dataset(
     dicom_root = Path(dicom_root) if dicom_root else None
     if slice_rule not in SLICE_RULES:
         raise DatasetError(f"slice rule {slice_rule!r} unknown; use one of {', '.join(SLICE_RULES)}")
-    params = dict(window=window.as_dict(), spatial_size=list(spatial_size), spatial_dims=spatial_dims,
-                  pixdim=None if pixdim is None else list(pixdim), split=list(split_fractions),
-                  slice_rule=slice_rule, slice_band=slice_band, seed=seed, deid=deid, strict=strict,
-                  uneven_spacing=uneven_spacing, volume_index=volume_index, crop=crop,
-                  class_names=None if class_names is None else list(class_names))
+    params = dict(
+        window=window.as_dict(),
+        spatial_size=list(spatial_size),
+        spatial_dims=spatial_dims,
+        pixdim=None if pixdim is None else list(pixdim),
+        split=list(split_fractions),
+        slice_rule=slice_rule,
+        slice_band=slice_band,
+        seed=seed,
+        deid=deid,
+        strict=strict,
+        uneven_spacing=uneven_spacing,
+        volume_index=volume_index,
+        crop=crop,
+        class_names=None if class_names is None else list(class_names),
+    )
     if deid not in POLICIES:
         raise DatasetError(f"prepare.deid={deid!r}; choose one of {', '.join(POLICIES)}")
     cases = read_cases(labels_csv)
@@ -256,26 +282,32 @@ def prepare_dataset(
     if class_names is not None:
         unknown = [c for c in cases if c.label not in class_names]
         if unknown:
-            raise DatasetError(f"{unknown[0].where}: unknown class {unknown[0].label!r} ({len(unknown)} entries); "
-                               f"data.classes lists {list(class_names)}: fix the label or add the class")
+            raise DatasetError(
+                f"{unknown[0].where}: unknown class {unknown[0].label!r} ({len(unknown)} entries); "
+                f"data.classes lists {list(class_names)}: fix the label or add the class"
+            )
         empty = [name for name in class_names if name not in found]
         if empty:
-            raise DatasetError(f"{labels_csv}: class {empty[0]!r} has no images; add images or drop it from "
-                               "data.classes")
+            raise DatasetError(
+                f"{labels_csv}: class {empty[0]!r} has no images; add images or drop it from data.classes"
+            )
     class_names = list(class_names) if class_names is not None else found
     class_index = {name: i for i, name in enumerate(class_names)}
 
     items, index = _resolve(cases, root, dicom_root, strict)
-    cases = list({id(item.case): item.case for item in items}.values())     # without the files skipped
+    cases = list({id(item.case): item.case for item in items}.values())  # without the files skipped
     headers = {f: h for item in items for f, h in item.headers.items()}
-    findings = scan_headers(headers)                             # the gate: every file to be read, no pixels yet
+    findings = scan_headers(headers)  # the gate: every file to be read, no pixels yet
     report = Path(deid_report) if deid_report else out_dir.parent / DEID_REPORT
     deid_log = apply_policy(findings, deid, report_path=report)
-    report.unlink(missing_ok=True)       # a refusal's report of earlier files no longer describes the input
+    report.unlink(missing_ok=True)  # a refusal's report of earlier files no longer describes the input
     if deid == "trust":
-        log.warning("de-identification gate set to 'trust': %d header findings in %d files let through as you "
-                    "said (listed in deid_log.csv, recorded in dataset.json and on the data card)",
-                    len(findings), len({f.file for f in findings}))
+        log.warning(
+            "de-identification gate set to 'trust': %d header findings in %d files let through as you "
+            "said (listed in deid_log.csv, recorded in dataset.json and on the data card)",
+            len(findings),
+            len({f.file for f in findings}),
+        )
 
     pseudonyms: dict[str, str] = {}
     for case in cases:
@@ -286,8 +318,10 @@ def prepare_dataset(
     explicit = {}
     for case in cases:
         if case.split and explicit.setdefault(pseudonyms[case.patient_id], case.split) != case.split:
-            raise DatasetError(f"{case.where}: patient is given splits {explicit[pseudonyms[case.patient_id]]!r} and "
-                               f"{case.split!r}; a patient belongs to one split: fix the split column")
+            raise DatasetError(
+                f"{case.where}: patient is given splits {explicit[pseudonyms[case.patient_id]]!r} and "
+                f"{case.split!r}; a patient belongs to one split: fix the split column"
+            )
     assignment = split_patients(patient_class, split_fractions, seed)
     assignment.update(explicit)
 
@@ -298,31 +332,36 @@ def prepare_dataset(
             case = item.case
             where = case.where or str(item.path)
             if item.series is not None:
-                volume = read_dicom_series(item.series.files, source=item.series.files[0].parent,
-                                           uneven=uneven_spacing)
+                volume = read_dicom_series(item.series.files, source=item.series.files[0].parent, uneven=uneven_spacing)
             else:
                 volume = read_volume(item.path, volume_index=volume_index)
             if spatial_dims == 3 and volume.array.shape[2] == 1:
-                raise DatasetError(f"{where}: a single-slice image cannot train a 3D model; use data.spatial_dims=2 "
-                                   "or supply the complete series")
+                raise DatasetError(
+                    f"{where}: a single-slice image cannot train a 3D model; use data.spatial_dims=2 "
+                    "or supply the complete series"
+                )
             if np.ptp(volume.array) == 0:
                 warnings.warn(f"{where}: constant image (every voxel {volume.array.flat[0]:g})", stacklevel=2)
             mask = None
             if case.mask:
                 mask = read_volume(root / case.mask, volume_index=volume_index).array
                 if mask.shape != volume.array.shape:
-                    raise DatasetError(f"{where}: mask shape {mask.shape} differs from image shape "
-                                       f"{volume.array.shape}; masks must be on the image's grid")
+                    raise DatasetError(
+                        f"{where}: mask shape {mask.shape} differs from image shape "
+                        f"{volume.array.shape}; masks must be on the image's grid"
+                    )
             prepared = preprocess_case(volume, window, spatial_size, pixdim, mask=mask, crop=crop)
             modalities.setdefault(_modality_of(volume.meta.get("modality", ""), window), where)
             if len(modalities) > 1:
-                raise DatasetError(f"{labels_csv}: mixed modalities " + ", ".join(f"{m} ({w})" for m, w in
-                                                                                  sorted(modalities.items()))
-                                   + "; prepare one modality per dataset (export writes one modality on every image)")
+                raise DatasetError(
+                    f"{labels_csv}: mixed modalities "
+                    + ", ".join(f"{m} ({w})" for m, w in sorted(modalities.items()))
+                    + "; prepare one modality per dataset (export writes one modality on every image)"
+                )
             source_slices += volume.array.shape[2]
             windows.append(prepared.window)
             vol = prepared.volume
-            spacings.append((item.path or item.series.files[0].parent, vol.spacing))     # mm along RAS axes
+            spacings.append((item.path or item.series.files[0].parent, vol.spacing))  # mm along RAS axes
             if spatial_dims == 3:
                 pieces = [vol]
             else:
@@ -335,14 +374,24 @@ def prepare_dataset(
                 item_id = f"item_{len(manifest):05d}"
                 write_nifti(tmp / "items" / f"{item_id}.nii.gz", piece.array, piece.affine)
                 affine = piece.affine if affine is None else affine
-                manifest.append(dict(item_id=item_id, path=f"items/{item_id}.nii.gz", patient=patient,
-                                     label=class_index[case.label], class_name=case.label,
-                                     split=assignment[patient], source_lo=f"{prepared.window.lo:.6g}",
-                                     source_hi=f"{prepared.window.hi:.6g}"))
+                manifest.append(
+                    dict(
+                        item_id=item_id,
+                        path=f"items/{item_id}.nii.gz",
+                        patient=patient,
+                        label=class_index[case.label],
+                        class_name=case.label,
+                        split=assignment[patient],
+                        source_lo=f"{prepared.window.lo:.6g}",
+                        source_hi=f"{prepared.window.hi:.6g}",
+                    )
+                )
         _check_one_spacing(spacings, pixdim, spatial_dims)
         if not manifest:
-            raise DatasetError(f"{labels_csv}: no images left after preparation (slice rule {slice_rule!r}); "
-                               "check the masks or use data.slice_rule=central")
+            raise DatasetError(
+                f"{labels_csv}: no images left after preparation (slice rule {slice_rule!r}); "
+                "check the masks or use data.slice_rule=central"
+            )
         counts = {s: dict(Counter(m["class_name"] for m in manifest if m["split"] == s)) for s in SPLITS}
         for name in class_names:
             if not counts["train"].get(name):
@@ -350,11 +399,18 @@ def prepare_dataset(
         patients = Counter(patient_class.values())
         for name in class_names:
             if not counts["val"].get(name) and not counts["test"].get(name):
-                log.warning("class %r: all its %d patient(s) are in train, no held-out (val/test) image of it: "
-                            "evaluate cannot measure it; add patients of this class", name, patients[name])
+                log.warning(
+                    "class %r: all its %d patient(s) are in train, no held-out (val/test) image of it: "
+                    "evaluate cannot measure it; add patients of this class",
+                    name,
+                    patients[name],
+                )
         if len(class_names) == 1:
-            log.warning("one class (%r): evaluate's classifier metrics need two classes (with one, label accuracy "
-                        "is trivially 1 and kappa and AUC are undefined); add a second class", class_names[0])
+            log.warning(
+                "one class (%r): evaluate's classifier metrics need two classes (with one, label accuracy "
+                "is trivially 1 and kappa and AUC are undefined); add a second class",
+                class_names[0],
+            )
         shape = [int(v) for v in nib.load(tmp / manifest[0]["path"]).shape]
         image_shape = shape[:2] if spatial_dims == 2 else shape
         with open(tmp / "manifest.csv", "w", newline="") as fh:
@@ -368,17 +424,35 @@ def prepare_dataset(
                 writer.writerows(deid_log)
         dataset_window = _dataset_window(window, windows)
         summary = dict(
-            patients=len(pseudonyms), images=len(items), series=len(index.series), source_slices=source_slices,
-            items=len(manifest), classes={n: sum(1 for m in manifest if m["class_name"] == n) for n in class_names},
-            skipped_files=len(index.skipped), skipped_why=dict(Counter(_reason(w) for _, w in index.skipped)),
+            patients=len(pseudonyms),
+            images=len(items),
+            series=len(index.series),
+            source_slices=source_slices,
+            items=len(manifest),
+            classes={n: sum(1 for m in manifest if m["class_name"] == n) for n in class_names},
+            skipped_files=len(index.skipped),
+            skipped_why=dict(Counter(_reason(w) for _, w in index.skipped)),
         )
-        meta = dict(format="medaug-prepared/1", spatial_dims=spatial_dims, image_shape=image_shape,
-                    class_names=class_names, window=dataset_window.as_dict(), normalization=window.as_dict(),
-                    modality=next(iter(modalities), "unknown"),
-                    affine=np.asarray(affine).tolist(), counts=counts, fingerprint=fp, params=params,
-                    deid=dict(policy=deid, findings=len(findings), files=len({f.file for f in findings}),
-                              log="deid_log.csv" if deid_log else None),
-                    summary=summary)
+        meta = dict(
+            format="medaug-prepared/1",
+            spatial_dims=spatial_dims,
+            image_shape=image_shape,
+            class_names=class_names,
+            window=dataset_window.as_dict(),
+            normalization=window.as_dict(),
+            modality=next(iter(modalities), "unknown"),
+            affine=np.asarray(affine).tolist(),
+            counts=counts,
+            fingerprint=fp,
+            params=params,
+            deid=dict(
+                policy=deid,
+                findings=len(findings),
+                files=len({f.file for f in findings}),
+                log="deid_log.csv" if deid_log else None,
+            ),
+            summary=summary,
+        )
         (tmp / "dataset.json").write_text(json.dumps(meta, indent=2))
     info = load_info(out_dir)
     info.skipped = [(str(p), why) for p, why in index.skipped]
@@ -398,9 +472,11 @@ def _check_one_spacing(spacings: list[tuple[Path, tuple]], pixdim: Sequence[floa
         if values[hi, axis] > 1.01 * values[lo, axis]:
             mm = ["x".join(f"{v:.4g}" for v in values[k]) for k in (lo, hi)]
             median = ",".join(f"{v:.4g}" for v in np.median(values, axis=0))
-            raise DatasetError(f"images differ in voxel spacing: {sources[lo]} {mm[0]} mm and {sources[hi]} {mm[1]} "
-                               "mm; with data.pixdim=null all must share one (export writes one spacing on every "
-                               f"image): resample to one, e.g. the median data.pixdim=[{median}]")
+            raise DatasetError(
+                f"images differ in voxel spacing: {sources[lo]} {mm[0]} mm and {sources[hi]} {mm[1]} "
+                "mm; with data.pixdim=null all must share one (export writes one spacing on every "
+                f"image): resample to one, e.g. the median data.pixdim=[{median}]"
+            )
 
 
 def _modality_of(header_modality: str, norm: Normalization) -> str:
@@ -417,5 +493,6 @@ def _dataset_window(norm: Normalization, windows: list[IntensityWindow]) -> Inte
     """The window stored for export: the CT window itself, or the median MR percentile window of the items."""
     if isinstance(norm, IntensityWindow):
         return norm
-    return IntensityWindow(float(np.median([w.lo for w in windows])), float(np.median([w.hi for w in windows])),
-                           norm.unit)
+    return IntensityWindow(
+        float(np.median([w.lo for w in windows])), float(np.median([w.hi for w in windows])), norm.unit
+    )

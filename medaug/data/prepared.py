@@ -16,6 +16,7 @@ from ..atomic import is_complete
 from ..preprocessing import IntensityWindow
 from .labels import DatasetError
 
+
 @dataclass
 class PreparedInfo:
     """What ``dataset.json`` says about a prepared dataset."""
@@ -28,10 +29,10 @@ class PreparedInfo:
     affine: np.ndarray
     counts: dict = field(default_factory=dict)
     fingerprint: str = ""
-    summary: dict = field(default_factory=dict)     # patients, images, series, slices, classes, skipped
-    deid: dict = field(default_factory=dict)        # policy, number of findings, log file
-    modality: str = ""                              # CT, MR, ... ("" in a dataset.json from before it was recorded)
-    skipped: list = field(default_factory=list)     # (file, why) of this run only; never written out
+    summary: dict = field(default_factory=dict)  # patients, images, series, slices, classes, skipped
+    deid: dict = field(default_factory=dict)  # policy, number of findings, log file
+    modality: str = ""  # CT, MR, ... ("" in a dataset.json from before it was recorded)
+    skipped: list = field(default_factory=list)  # (file, why) of this run only; never written out
 
     @property
     def num_classes(self) -> int:
@@ -42,13 +43,23 @@ def load_info(prepared_dir: str | Path) -> PreparedInfo:
     """Read ``dataset.json`` of a complete prepared dataset."""
     prepared_dir = Path(prepared_dir)
     if not is_complete(prepared_dir):
-        raise DatasetError(f"{prepared_dir}: not a complete prepared dataset (no DONE marker); "
-                           "run `medaug prepare` first")
+        raise DatasetError(
+            f"{prepared_dir}: not a complete prepared dataset (no DONE marker); run `medaug prepare` first"
+        )
     meta = json.loads((prepared_dir / "dataset.json").read_text())
-    return PreparedInfo(prepared_dir, meta["spatial_dims"], meta["image_shape"], meta["class_names"],
-                        IntensityWindow(**meta["window"]), np.asarray(meta["affine"]), meta["counts"],
-                        meta["fingerprint"], meta.get("summary", {}), meta.get("deid", {}),
-                        modality=meta.get("modality", ""))
+    return PreparedInfo(
+        prepared_dir,
+        meta["spatial_dims"],
+        meta["image_shape"],
+        meta["class_names"],
+        IntensityWindow(**meta["window"]),
+        np.asarray(meta["affine"]),
+        meta["counts"],
+        meta["fingerprint"],
+        meta.get("summary", {}),
+        meta.get("deid", {}),
+        modality=meta.get("modality", ""),
+    )
 
 
 def read_manifest(prepared_dir: str | Path) -> list[dict]:

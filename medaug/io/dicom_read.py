@@ -45,26 +45,42 @@ from .volume import ImageReadError, LPS_TO_RAS, UNEVEN_POLICIES, Volume, is_nift
 DECODER_EXTRA = "pip install 'medaug[jpeg]'  (pylibjpeg, pylibjpeg-libjpeg, pylibjpeg-openjpeg, pylibjpeg-rle)"
 #: SOP classes read as images. Any other standard class (a segmentation, a dose grid, a report) is refused by
 #: name; a UID pydicom does not know (a vendor's private class) is tried like a file without SOPClassUID.
-IMAGE_SOP_CLASSES = frozenset({
-    sop.CTImageStorage, sop.EnhancedCTImageStorage, sop.LegacyConvertedEnhancedCTImageStorage,
-    sop.MRImageStorage, sop.EnhancedMRImageStorage, sop.LegacyConvertedEnhancedMRImageStorage,
-    sop.PositronEmissionTomographyImageStorage, sop.EnhancedPETImageStorage,
-    sop.LegacyConvertedEnhancedPETImageStorage, sop.NuclearMedicineImageStorage,
-    sop.SecondaryCaptureImageStorage, sop.MultiFrameGrayscaleByteSecondaryCaptureImageStorage,
-    sop.MultiFrameGrayscaleWordSecondaryCaptureImageStorage,
-    sop.ComputedRadiographyImageStorage, sop.DigitalXRayImageStorageForPresentation,
-    sop.DigitalXRayImageStorageForProcessing, sop.DigitalMammographyXRayImageStorageForPresentation,
-    sop.DigitalMammographyXRayImageStorageForProcessing, sop.BreastTomosynthesisImageStorage,
-    sop.XRayAngiographicImageStorage, sop.EnhancedXAImageStorage, sop.XRayRadiofluoroscopicImageStorage,
-    sop.EnhancedXRFImageStorage,
-    sop.UltrasoundImageStorage, sop.UltrasoundMultiFrameImageStorage, sop.EnhancedUSVolumeStorage,
-})
+IMAGE_SOP_CLASSES = frozenset(
+    {
+        sop.CTImageStorage,
+        sop.EnhancedCTImageStorage,
+        sop.LegacyConvertedEnhancedCTImageStorage,
+        sop.MRImageStorage,
+        sop.EnhancedMRImageStorage,
+        sop.LegacyConvertedEnhancedMRImageStorage,
+        sop.PositronEmissionTomographyImageStorage,
+        sop.EnhancedPETImageStorage,
+        sop.LegacyConvertedEnhancedPETImageStorage,
+        sop.NuclearMedicineImageStorage,
+        sop.SecondaryCaptureImageStorage,
+        sop.MultiFrameGrayscaleByteSecondaryCaptureImageStorage,
+        sop.MultiFrameGrayscaleWordSecondaryCaptureImageStorage,
+        sop.ComputedRadiographyImageStorage,
+        sop.DigitalXRayImageStorageForPresentation,
+        sop.DigitalXRayImageStorageForProcessing,
+        sop.DigitalMammographyXRayImageStorageForPresentation,
+        sop.DigitalMammographyXRayImageStorageForProcessing,
+        sop.BreastTomosynthesisImageStorage,
+        sop.XRayAngiographicImageStorage,
+        sop.EnhancedXAImageStorage,
+        sop.XRayRadiofluoroscopicImageStorage,
+        sop.EnhancedXRFImageStorage,
+        sop.UltrasoundImageStorage,
+        sop.UltrasoundMultiFrameImageStorage,
+        sop.EnhancedUSVolumeStorage,
+    }
+)
 #: What to do with a non-image object, by SOP class (others: by kind of name, else that it is not read).
 NOT_AN_IMAGE_FIX = {
     sop.SegmentationStorage: "give it as the mask of its image, converted to a NIfTI label map on the image's "
-                             "grid, e.g. with dcmqi's segimage2itkimage",
+    "grid, e.g. with dcmqi's segimage2itkimage",
     sop.RTStructureSetStorage: "convert its contours to a label map on the image's grid first, a NIfTI file for "
-                               "the mask column, e.g. with dcmrtstruct2nii or plastimatch convert",
+    "the mask column, e.g. with dcmrtstruct2nii or plastimatch convert",
     sop.RTDoseStorage: "it is the dose grid of a treatment plan; remove it and give the CT it was planned on",
     sop.KeyObjectSelectionDocumentStorage: "it only lists other images; remove it",
 }
@@ -135,8 +151,10 @@ def _length_problem(ds: Dataset, length: int) -> str | None:
     """
     needed, frame, counted = _expected_bytes(ds)
     if length < needed or length - needed >= max(frame, 2):
-        return (f"pixel data holds {length} bytes but {counted} need {needed}; the header does not describe the "
-                "pixels: fix Rows, Columns or NumberOfFrames, or re-export the file")
+        return (
+            f"pixel data holds {length} bytes but {counted} need {needed}; the header does not describe the "
+            "pixels: fix Rows, Columns or NumberOfFrames, or re-export the file"
+        )
     return None
 
 
@@ -224,8 +242,10 @@ def read_volume(
         why = "; ".join(sorted({why for _, why in index.skipped})) or "it is empty"
         raise ImageReadError(f"{path}: no readable DICOM image found ({why}); check the path")
     if len(index.series) > 1:
-        raise ImageReadError(f"{path}: holds {len(index.series)} DICOM series; give each series its own folder "
-                             "or name the series by its SeriesInstanceUID in the labels file")
+        raise ImageReadError(
+            f"{path}: holds {len(index.series)} DICOM series; give each series its own folder "
+            "or name the series by its SeriesInstanceUID in the labels file"
+        )
     (series,) = index.series.values()
     return read_dicom_series(series.files, source=path, uneven=uneven)
 
@@ -234,8 +254,8 @@ def read_volume(
 class _Frame:
     """One 2D frame with its geometry: ``pixels`` (rows, cols) in source units."""
 
-    position: np.ndarray      # ImagePositionPatient, LPS mm
-    orientation: np.ndarray   # ImageOrientationPatient (row dir, col dir)
+    position: np.ndarray  # ImagePositionPatient, LPS mm
+    orientation: np.ndarray  # ImageOrientationPatient (row dir, col dir)
     spacing: tuple[float, float]  # PixelSpacing (between rows, between columns)
     pixels: np.ndarray
 
@@ -244,7 +264,7 @@ def _can_decode(syntax) -> bool:
     """Whether an installed pydicom decoder plugin handles the transfer syntax ``syntax``."""
     try:
         return get_decoder(syntax).is_available
-    except (NotImplementedError, ValueError):   # a syntax pydicom has no decoder for at all
+    except (NotImplementedError, ValueError):  # a syntax pydicom has no decoder for at all
         return False
 
 
@@ -259,20 +279,27 @@ def _pixels(ds: Dataset, f: Path) -> np.ndarray:
             raise ImageReadError(f"{f}: {problem}")
         needed, _, counted = _expected_bytes(ds)
         if len(data) > needed + needed % 2:
-            warnings.warn(f"{f}: pixel data holds {len(data) - needed} bytes more than {counted} need; read as "
-                          "padding; if the image looks sheared, check Rows and Columns", stacklevel=3)
+            warnings.warn(
+                f"{f}: pixel data holds {len(data) - needed} bytes more than {counted} need; read as "
+                "padding; if the image looks sheared, check Rows and Columns",
+                stacklevel=3,
+            )
     try:
         pixels = ds.pixel_array
     except Exception as err:
         if syntax is not None and syntax.is_compressed:
             if not _can_decode(syntax):
-                raise ImageReadError(f"{f}: pixel data is compressed as '{syntax.name}' ({syntax}) and no installed "
-                                     f"decoder handles it; install the decoders: {DECODER_EXTRA}") from err
+                raise ImageReadError(
+                    f"{f}: pixel data is compressed as '{syntax.name}' ({syntax}) and no installed "
+                    f"decoder handles it; install the decoders: {DECODER_EXTRA}"
+                ) from err
             shape = " × ".join(str(int(ds.get(k, 1) or 1)) for k in ("Rows", "Columns", "NumberOfFrames"))
-            reason = " ".join(str(err).split())[:120] or type(err).__name__     # one line
-            raise ImageReadError(f"{f}: pixel data compressed as '{syntax.name}' could not be decoded "
-                                 f"({reason}); if Rows × Columns × frames ({shape}) are right, install more "
-                                 f"decoders: {DECODER_EXTRA}; else fix those header values") from err
+            reason = " ".join(str(err).split())[:120] or type(err).__name__  # one line
+            raise ImageReadError(
+                f"{f}: pixel data compressed as '{syntax.name}' could not be decoded "
+                f"({reason}); if Rows × Columns × frames ({shape}) are right, install more "
+                f"decoders: {DECODER_EXTRA}; else fix those header values"
+            ) from err
         raise ImageReadError(f"{f}: pixel data cannot be read ({str(err)[:120]}); the file may be truncated") from err
     if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
         raise ImageReadError(f"{f}: colour image ({ds.get('PhotometricInterpretation')}); medaug reads greyscale only")
@@ -302,14 +329,25 @@ def _frames_of(ds: Dataset, f: Path) -> list[_Frame]:
         slope = _functional(ds, k, "PixelValueTransformationSequence", "RescaleSlope")
         intercept = _functional(ds, k, "PixelValueTransformationSequence", "RescaleIntercept")
         if iop is None or ipp is None or spacing is None:
-            missing = [n for n, v in (("ImageOrientationPatient", iop), ("ImagePositionPatient", ipp),
-                                      ("PixelSpacing", spacing)) if v is None]
-            raise ImageReadError(f"{f}: frame {k} lacks {', '.join(missing)}; medaug needs patient geometry "
-                                 "(not a cross-sectional image? remove it from the input)")
+            missing = [
+                n
+                for n, v in (("ImageOrientationPatient", iop), ("ImagePositionPatient", ipp), ("PixelSpacing", spacing))
+                if v is None
+            ]
+            raise ImageReadError(
+                f"{f}: frame {k} lacks {', '.join(missing)}; medaug needs patient geometry "
+                "(not a cross-sectional image? remove it from the input)"
+            )
         slope = float(slope) if slope not in (None, "") else 1.0
         intercept = float(intercept) if intercept not in (None, "") else 0.0
-        frames.append(_Frame(np.asarray(ipp, float), np.asarray(iop, float),
-                             (float(spacing[0]), float(spacing[1])), pixels[k] * slope + intercept))
+        frames.append(
+            _Frame(
+                np.asarray(ipp, float),
+                np.asarray(iop, float),
+                (float(spacing[0]), float(spacing[1])),
+                pixels[k] * slope + intercept,
+            )
+        )
     return frames
 
 
@@ -353,8 +391,10 @@ def read_dicom_series(files: list[Path], source: Path | None = None, uneven: str
 
     orientation = frames[0].orientation
     if any(not np.allclose(fr.orientation, orientation, atol=1e-4) for fr in frames):
-        raise ImageReadError(f"{source}: slices have different orientations (a localizer or a radial "
-                             "series?); this is not one volume: remove the odd slices")
+        raise ImageReadError(
+            f"{source}: slices have different orientations (a localizer or a radial "
+            "series?); this is not one volume: remove the odd slices"
+        )
     if any(fr.pixels.shape != frames[0].pixels.shape for fr in frames):
         raise ImageReadError(f"{source}: slices have different sizes; this is not one volume")
     row_dir, col_dir = orientation[:3], orientation[3:]
@@ -366,8 +406,10 @@ def read_dicom_series(files: list[Path], source: Path | None = None, uneven: str
     if len(frames) > 1:
         direction = positions[-1] - positions[0]
         if np.linalg.norm(direction) < 1e-6:
-            raise ImageReadError(f"{source}: all {len(frames)} slices share one position (duplicate files, "
-                                 "or several time points in one series?)")
+            raise ImageReadError(
+                f"{source}: all {len(frames)} slices share one position (duplicate files, "
+                "or several time points in one series?)"
+            )
         direction = direction / np.linalg.norm(direction)
         dist = (positions - positions[0]) @ direction
         off_line = np.linalg.norm(positions - positions[0] - dist[:, None] * direction, axis=1).max()

@@ -14,8 +14,10 @@ from ..atomic import atomic_file
 from .volume import LPS_TO_RAS
 
 #: The SOP classes written per modality: (single-frame, enhanced multi-frame).
-DICOM_SOP_CLASSES = {"CT": (CTImageStorage, pydicom.uid.EnhancedCTImageStorage),
-                     "MR": (pydicom.uid.MRImageStorage, pydicom.uid.EnhancedMRImageStorage)}
+DICOM_SOP_CLASSES = {
+    "CT": (CTImageStorage, pydicom.uid.EnhancedCTImageStorage),
+    "MR": (pydicom.uid.MRImageStorage, pydicom.uid.EnhancedMRImageStorage),
+}
 MR_UNITS = "MR signal, arbitrary units"
 
 
@@ -59,10 +61,17 @@ def _sop_classes(modality: str) -> tuple[str, str]:
 
 def _real_world_values(slope: float, units: str) -> Dataset:
     """Real World Value Mapping item: stored value × ``slope`` = source value in ``units`` (arbitrary units)."""
-    return _item(RealWorldValueFirstValueMapped=-32768, RealWorldValueLastValueMapped=32767,
-                 RealWorldValueIntercept=0.0, RealWorldValueSlope=slope, LUTExplanation=units[:64], LUTLabel="MR_AU",
-                 MeasurementUnitsCodeSequence=[_item(CodeValue="[arb'U]", CodingSchemeDesignator="UCUM",
-                                                     CodeMeaning="arbitrary unit")])
+    return _item(
+        RealWorldValueFirstValueMapped=-32768,
+        RealWorldValueLastValueMapped=32767,
+        RealWorldValueIntercept=0.0,
+        RealWorldValueSlope=slope,
+        LUTExplanation=units[:64],
+        LUTLabel="MR_AU",
+        MeasurementUnitsCodeSequence=[
+            _item(CodeValue="[arb'U]", CodingSchemeDesignator="UCUM", CodeMeaning="arbitrary unit")
+        ],
+    )
 
 
 def _window_strings(window: tuple[float, float], scale: float = 1.0) -> tuple[str, str]:
@@ -112,14 +121,32 @@ def write_dicom_series(
     stored, slope = _int16_pixels(array, whole_units=ct)
 
     study_uid, series_uid, frame_uid = generate_uid(), generate_uid(), generate_uid()
-    type2 = dict(PatientName="", PatientID="", PatientBirthDate="", PatientSex="", StudyDate="", StudyTime="",
-                 ReferringPhysicianName="", StudyID="", AccessionNumber="", PositionReferenceIndicator="",
-                 Manufacturer="", AcquisitionNumber="")
+    type2 = dict(
+        PatientName="",
+        PatientID="",
+        PatientBirthDate="",
+        PatientSex="",
+        StudyDate="",
+        StudyTime="",
+        ReferringPhysicianName="",
+        StudyID="",
+        AccessionNumber="",
+        PositionReferenceIndicator="",
+        Manufacturer="",
+        AcquisitionNumber="",
+    )
     if ct:
         type2.update(KVP="")
     else:  # the MR Image module: a research-mode (RM) sequence, no acquisition parameters to tell
-        type2.update(ScanningSequence="RM", SequenceVariant="NONE", ScanOptions="", MRAcquisitionType="",
-                     RepetitionTime="", EchoTime="", EchoTrainLength="")
+        type2.update(
+            ScanningSequence="RM",
+            SequenceVariant="NONE",
+            ScanOptions="",
+            MRAcquisitionType="",
+            RepetitionTime="",
+            EchoTime="",
+            EchoTrainLength="",
+        )
     paths = []
     for k in range(array.shape[2]):
         sop_uid = generate_uid()
@@ -201,18 +228,35 @@ def write_dicom_multiframe(
     ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = generate_uid(), generate_uid(), generate_uid()
     ds.Modality, ds.SeriesNumber, ds.InstanceNumber = modality, 1, 1
     ds.ImageType = ["DERIVED", "PRIMARY", "VOLUME", "NONE"]  # the enhanced IODs allow only PRIMARY as value 2
-    defaults = dict(PatientName="", PatientID="", PatientBirthDate="", PatientSex="", StudyDate="", StudyTime="",
-                    ReferringPhysicianName="", StudyID="", AccessionNumber="",
-                    PositionReferenceIndicator="", Manufacturer="medaug", ManufacturerModelName="medaug",
-                    DeviceSerialNumber="none", SoftwareVersions="medaug", ContentDate=now.strftime("%Y%m%d"),
-                    ContentTime=now.strftime("%H%M%S"))
+    defaults = dict(
+        PatientName="",
+        PatientID="",
+        PatientBirthDate="",
+        PatientSex="",
+        StudyDate="",
+        StudyTime="",
+        ReferringPhysicianName="",
+        StudyID="",
+        AccessionNumber="",
+        PositionReferenceIndicator="",
+        Manufacturer="medaug",
+        ManufacturerModelName="medaug",
+        DeviceSerialNumber="none",
+        SoftwareVersions="medaug",
+        ContentDate=now.strftime("%Y%m%d"),
+        ContentTime=now.strftime("%H%M%S"),
+    )
     for key, value in {**defaults, **header}.items():
         if key not in not_in_iod:
             setattr(ds, key, value)
     ds.PatientPosition = "HFS"
     ds.PixelPresentation, ds.VolumetricProperties, ds.VolumeBasedCalculationTechnique = "MONOCHROME", "VOLUME", "NONE"
-    frame_type = dict(FrameType=list(ds.ImageType), PixelPresentation="MONOCHROME", VolumetricProperties="VOLUME",
-                      VolumeBasedCalculationTechnique="NONE")
+    frame_type = dict(
+        FrameType=list(ds.ImageType),
+        PixelPresentation="MONOCHROME",
+        VolumetricProperties="VOLUME",
+        VolumeBasedCalculationTechnique="NONE",
+    )
     if not ct:
         ds.ComplexImageComponent, ds.AcquisitionContrast = "MAGNITUDE", "UNKNOWN"
         ds.ApplicableSafetyStandardAgency = "IEC"  # required by dciodvfy even for DERIVED images; the usual one
@@ -227,19 +271,36 @@ def write_dicom_multiframe(
     ds.AcquisitionContextSequence = []
     ds.DimensionOrganizationType = "3D"
     ds.DimensionOrganizationSequence = [_item(DimensionOrganizationUID=dim_uid)]
-    ds.DimensionIndexSequence = [_item(DimensionOrganizationUID=dim_uid, DimensionIndexPointer=0x00200032,
-                                       FunctionalGroupPointer=0x00209113,
-                                       DimensionDescriptionLabel="Image Position (Patient)")]
+    ds.DimensionIndexSequence = [
+        _item(
+            DimensionOrganizationUID=dim_uid,
+            DimensionIndexPointer=0x00200032,
+            FunctionalGroupPointer=0x00209113,
+            DimensionDescriptionLabel="Image Position (Patient)",
+        )
+    ]
     shared = _item(
-        PixelMeasuresSequence=[_item(PixelSpacing=[float(f"{dy:.6f}"), float(f"{dx:.6f}")],
-                                     SliceThickness=float(f"{dz:.6f}"))],
-        PlaneOrientationSequence=[_item(ImageOrientationPatient=[float(f"{v:.6f}")
-                                                                 for v in np.concatenate([col_x / dx, col_y / dy])])],
-        PixelValueTransformationSequence=[_item(RescaleIntercept="0", RescaleSlope=f"{slope:.8g}",
-                                                RescaleType="HU" if ct and units in ("", "HU") else "US")],
-        FrameAnatomySequence=[_item(AnatomicRegionSequence=[_item(CodeValue="38266002", CodingSchemeDesignator="SCT",
-                                                                  CodeMeaning="Entire body")],
-                                    FrameLaterality="U")],
+        PixelMeasuresSequence=[
+            _item(PixelSpacing=[float(f"{dy:.6f}"), float(f"{dx:.6f}")], SliceThickness=float(f"{dz:.6f}"))
+        ],
+        PlaneOrientationSequence=[
+            _item(ImageOrientationPatient=[float(f"{v:.6f}") for v in np.concatenate([col_x / dx, col_y / dy])])
+        ],
+        PixelValueTransformationSequence=[
+            _item(
+                RescaleIntercept="0",
+                RescaleSlope=f"{slope:.8g}",
+                RescaleType="HU" if ct and units in ("", "HU") else "US",
+            )
+        ],
+        FrameAnatomySequence=[
+            _item(
+                AnatomicRegionSequence=[
+                    _item(CodeValue="38266002", CodingSchemeDesignator="SCT", CodeMeaning="Entire body")
+                ],
+                FrameLaterality="U",
+            )
+        ],
     )
     if ct:
         shared.CTImageFrameTypeSequence = [_item(**frame_type)]
@@ -252,8 +313,10 @@ def write_dicom_multiframe(
         shared.FrameVOILUTSequence = [_item(WindowCenter=centre, WindowWidth=width)]
     ds.SharedFunctionalGroupsSequence = [shared]
     ds.PerFrameFunctionalGroupsSequence = [
-        _item(FrameContentSequence=[_item(DimensionIndexValues=[k + 1])],
-              PlanePositionSequence=[_item(ImagePositionPatient=[float(f"{v:.4f}") for v in lps[:3, 3] + k * col_z])])
+        _item(
+            FrameContentSequence=[_item(DimensionIndexValues=[k + 1])],
+            PlanePositionSequence=[_item(ImagePositionPatient=[float(f"{v:.4f}") for v in lps[:3, 3] + k * col_z])],
+        )
         for k in range(array.shape[2])
     ]
     ds.PixelData = np.ascontiguousarray(stored.transpose(2, 1, 0)).tobytes()  # frames of (rows, cols)

@@ -11,6 +11,7 @@ import numpy as np
 from ..atomic import atomic_file
 from .volume import ImageReadError, Volume
 
+
 def read_nifti(path: str | os.PathLike, volume_index: int | None = None) -> Volume:
     """Read a 2D or 3D NIfTI image as ``(X, Y, Z)`` float32 with its affine.
 
@@ -21,8 +22,10 @@ def read_nifti(path: str | os.PathLike, volume_index: int | None = None) -> Volu
         img = nib.load(str(path))
         if getattr(img, "affine", None) is None:
             kind = "a CIFTI-2 image" if isinstance(img, nib.Cifti2Image) else f"a {type(img).__name__}"
-            raise ImageReadError(f"{path}: {kind} ({'.'.join(path.name.split('.')[-2:])}) has no affine: it holds "
-                                 "surface or grayordinate data, not a volume; give a NIfTI volume")
+            raise ImageReadError(
+                f"{path}: {kind} ({'.'.join(path.name.split('.')[-2:])}) has no affine: it holds "
+                "surface or grayordinate data, not a volume; give a NIfTI volume"
+            )
         shape = img.shape
         if len(shape) == 4 and volume_index is not None:
             if not -shape[3] <= volume_index < shape[3]:
@@ -48,11 +51,12 @@ def read_nifti(path: str | os.PathLike, volume_index: int | None = None) -> Volu
     affine = np.asarray(img.affine, dtype=np.float64)
     if not np.isfinite(affine).all() or np.linalg.matrix_rank(affine[:3, :3]) < 3:
         header = img.header
-        form = ("sform" if header.get("sform_code", 0) > 0 else "qform" if header.get("qform_code", 0) > 0
-                else "pixdim")
+        form = "sform" if header.get("sform_code", 0) > 0 else "qform" if header.get("qform_code", 0) > 0 else "pixdim"
         rows = "; ".join(" ".join(f"{v:g}" for v in row) for row in affine[:3])
-        raise ImageReadError(f"{path}: its affine (voxel → mm, from the {form}) is singular or not finite "
-                             f"[{rows}]; fix the header's sform/qform, e.g. nibabel's img.set_sform(affine, code=1)")
+        raise ImageReadError(
+            f"{path}: its affine (voxel → mm, from the {form}) is singular or not finite "
+            f"[{rows}]; fix the header's sform/qform, e.g. nibabel's img.set_sform(affine, code=1)"
+        )
     return Volume(array, affine, {"modality": "unknown"})
 
 

@@ -43,14 +43,24 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ..data import load_info, load_split
-from ..model import (EMA, file_id, load_checkpoint, network_from_spec, restore_training_state,
-                    save_checkpoint)
+from ..model import EMA, file_id, load_checkpoint, network_from_spec, restore_training_state, save_checkpoint
 from ..pictures import save_grid
 from ..runtime import barrier, rank_and_world
 from ..tracking import NullTracker, Tracker, flatten, guarded, tracked
 from ..training import StepDraw, StepLoss, TrainSettings, fit, to_device
-from .space import (ENCODE_OVERLAP, LatentSpace, cache_file, check_shape, check_tile, compression, encode_shared,
-                    load_latent_space, reconstruction_metrics, scale_factor_of, write_latent_cache)
+from .space import (
+    ENCODE_OVERLAP,
+    LatentSpace,
+    cache_file,
+    check_shape,
+    check_tile,
+    compression,
+    encode_shared,
+    load_latent_space,
+    reconstruction_metrics,
+    scale_factor_of,
+    write_latent_cache,
+)
 
 log = logging.getLogger("medaug")
 
@@ -91,8 +101,15 @@ class PosteriorSample(nn.Module):
         return self.autoencoder.decode(z_mu + noise * z_sigma), z_mu, z_sigma
 
 
-def autoencoder_loss(model: nn.Module, x: torch.Tensor, noise: torch.Tensor, *, kl_weight: float,
-                     adv_weight: float = 0.0, discriminator: nn.Module | None = None) -> AutoencoderLosses:
+def autoencoder_loss(
+    model: nn.Module,
+    x: torch.Tensor,
+    noise: torch.Tensor,
+    *,
+    kl_weight: float,
+    adv_weight: float = 0.0,
+    discriminator: nn.Module | None = None,
+) -> AutoencoderLosses:
     """``L1(D(z), x) + kl_weight · KL + adv_weight · LSGAN(disc(D(z)) → real)`` for images ``x`` in [-1, 1],
     with ``z = mu + noise · sigma`` (``model`` a :class:`PosteriorSample`, ``noise`` the latent's shape).
     The adversarial term is left out when ``discriminator`` is None."""
@@ -109,8 +126,9 @@ def autoencoder_loss(model: nn.Module, x: torch.Tensor, noise: torch.Tensor, *, 
 def discriminator_loss(discriminator: nn.Module, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
     """Least-squares patch GAN loss of the discriminator: real patches → 1, reconstructions → 0."""
     criterion = PatchAdversarialLoss(criterion="least_squares")
-    fake_term = criterion(discriminator(fake.detach().contiguous().float())[-1], target_is_real=False,
-                          for_discriminator=True)
+    fake_term = criterion(
+        discriminator(fake.detach().contiguous().float())[-1], target_is_real=False, for_discriminator=True
+    )
     real_term = criterion(discriminator(real.contiguous().float())[-1], target_is_real=True, for_discriminator=True)
     return 0.5 * (fake_term + real_term)
 
@@ -132,10 +150,10 @@ class AutoencoderSettings:
     log_every: int = 25
     val_every: int = 500
     seed: int = 0
-    patch_size: list[int] | None = None   # train on random crops of this size (image voxels); None: whole images
+    patch_size: list[int] | None = None  # train on random crops of this size (image voxels); None: whole images
     encode_tile: list[int] | None = None  # validate (and encode) in overlapping tiles of this size; None: whole
     amp_dtype: torch.dtype | None = None  # autocast dtype of the networks (bf16 on a GPU); None: fp32
-    rank: int = 0        # data-parallel training: each of world_size ranks trains on its slice of the
+    rank: int = 0  # data-parallel training: each of world_size ranks trains on its slice of the
     world_size: int = 1  # global batch of batch_size * world_size (see medaug.training.TrainSettings)
 
     @classmethod
@@ -144,17 +162,30 @@ class AutoencoderSettings:
 
     def train_settings(self) -> TrainSettings:
         """The loop's numbers for :func:`medaug.training.fit` (no gradient clipping, EMA at every step)."""
-        return TrainSettings(max_steps=self.max_steps, batch_size=self.batch_size, grad_clip=None, seed=self.seed,
-                             ckpt_every=self.ckpt_every, log_every=self.log_every, ema_every=1,
-                             val_every=self.val_every, rank=self.rank, world_size=self.world_size)
+        return TrainSettings(
+            max_steps=self.max_steps,
+            batch_size=self.batch_size,
+            grad_clip=None,
+            seed=self.seed,
+            ckpt_every=self.ckpt_every,
+            log_every=self.log_every,
+            ema_every=1,
+            val_every=self.val_every,
+            rank=self.rank,
+            world_size=self.world_size,
+        )
 
 
 class Optimizers:
     """The autoencoder's optimizer, and the discriminator with its optimizer when adversarial
     training is on, saved together as a checkpoint's ``optimizer`` entry."""
 
-    def __init__(self, autoencoder: torch.optim.Optimizer, discriminator: nn.Module | None = None,
-                 disc_optimizer: torch.optim.Optimizer | None = None):
+    def __init__(
+        self,
+        autoencoder: torch.optim.Optimizer,
+        discriminator: nn.Module | None = None,
+        disc_optimizer: torch.optim.Optimizer | None = None,
+    ):
         self.autoencoder, self.discriminator, self.disc_optimizer = autoencoder, discriminator, disc_optimizer
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -167,9 +198,11 @@ class Optimizers:
 
     def state_dict(self) -> dict:
         disc = self.discriminator is not None
-        return {"autoencoder": self.autoencoder.state_dict(),
-                "discriminator": self.discriminator.state_dict() if disc else None,
-                "disc_optimizer": self.disc_optimizer.state_dict() if disc else None}
+        return {
+            "autoencoder": self.autoencoder.state_dict(),
+            "discriminator": self.discriminator.state_dict() if disc else None,
+            "disc_optimizer": self.disc_optimizer.state_dict() if disc else None,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.autoencoder.load_state_dict(state["autoencoder"])
@@ -180,8 +213,12 @@ class Optimizers:
 
 def crop(images: torch.Tensor, corners: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     """Crops ``(N, C, *size)`` of images ``(N, C, *spatial)``, image i from its corner ``corners[i]``."""
-    return torch.stack([x[(slice(None), *(slice(a, a + p) for a, p in zip(corner.tolist(), size)))]
-                        for x, corner in zip(images, corners)])
+    return torch.stack(
+        [
+            x[(slice(None), *(slice(a, a + p) for a, p in zip(corner.tolist(), size)))]
+            for x, corner in zip(images, corners)
+        ]
+    )
 
 
 class AutoencoderStep:
@@ -209,8 +246,11 @@ class AutoencoderStep:
         device = next(ae.parameters()).device
         self.patch = check_tile(settings.patch_size, images.shape[2:], 1, "autoencoder.patch_size")
         with torch.no_grad():  # the posterior's shape, for drawing the global batch's noise
-            probe = images[:1] if self.patch is None else crop(images[:1], torch.zeros(1, len(self.patch),
-                                                                                       dtype=torch.long), self.patch)
+            probe = (
+                images[:1]
+                if self.patch is None
+                else crop(images[:1], torch.zeros(1, len(self.patch), dtype=torch.long), self.patch)
+            )
             self.latent_shape = ae.encode(probe.to(device))[0].shape[1:]
         self.disc = optimizers.discriminator
         self.model, self.critic = PosteriorSample(ae), self.disc
@@ -221,16 +261,22 @@ class AutoencoderStep:
                 if device.type == "cuda":
                     self.disc = nn.SyncBatchNorm.convert_sync_batchnorm(self.disc)
                 self.critic = DistributedDataParallel(self.disc, device_ids=ids)
-        self.autocast = torch.autocast(device.type, dtype=settings.amp_dtype or torch.float32,
-                                       enabled=settings.amp_dtype is not None)
+        self.autocast = torch.autocast(
+            device.type, dtype=settings.amp_dtype or torch.float32, enabled=settings.amp_dtype is not None
+        )
         self.device = device
 
     def __call__(self, draw: StepDraw) -> StepLoss:
         s, gen = self.settings, draw.data_generator
         x = self.images[draw.rows]
         if self.patch is not None:
-            corners = torch.stack([torch.randint(0, size - p + 1, (draw.global_batch,), generator=gen)
-                                   for p, size in zip(self.patch, self.images.shape[2:])], 1)
+            corners = torch.stack(
+                [
+                    torch.randint(0, size - p + 1, (draw.global_batch,), generator=gen)
+                    for p, size in zip(self.patch, self.images.shape[2:])
+                ],
+                1,
+            )
             x = crop(x, corners[draw.mine], self.patch)
         noise = torch.randn((draw.global_batch, *self.latent_shape), generator=gen)[draw.mine]
         x, noise = to_device([x, noise], self.device)
@@ -238,10 +284,19 @@ class AutoencoderStep:
         if adv_on:  # the generator's adversarial term: gradients reach the reconstruction, not the critic
             self.disc.requires_grad_(False)
         with self.autocast:
-            terms = autoencoder_loss(self.model, x, noise, kl_weight=s.kl_weight, adv_weight=s.adv_weight,
-                                     discriminator=self.disc if adv_on else None)
-        logged = {"autoencoder/loss": terms.total.detach(), "autoencoder/recon_l1": terms.recon.detach(),
-                  "autoencoder/kl": terms.kl.detach()}
+            terms = autoencoder_loss(
+                self.model,
+                x,
+                noise,
+                kl_weight=s.kl_weight,
+                adv_weight=s.adv_weight,
+                discriminator=self.disc if adv_on else None,
+            )
+        logged = {
+            "autoencoder/loss": terms.total.detach(),
+            "autoencoder/recon_l1": terms.recon.detach(),
+            "autoencoder/kl": terms.kl.detach(),
+        }
         return StepLoss(terms.total, logged, (lambda: self.discriminator_step(x, terms)) if adv_on else None)
 
     def discriminator_step(self, real: torch.Tensor, terms: AutoencoderLosses) -> dict[str, torch.Tensor]:
@@ -263,10 +318,18 @@ class AutoencoderResult(NamedTuple):
     metrics: dict
 
 
-def train_autoencoder(section: Mapping | None, prepared_dir: str | Path, ckpt_path: str | Path,
-                      cache_dir: str | Path, *, device: torch.device | str = "cpu",
-                      amp_dtype: torch.dtype | None = None, tracker: Tracker | None = None,
-                      run_name: str = "autoencoder", trust: bool = False) -> AutoencoderResult:
+def train_autoencoder(
+    section: Mapping | None,
+    prepared_dir: str | Path,
+    ckpt_path: str | Path,
+    cache_dir: str | Path,
+    *,
+    device: torch.device | str = "cpu",
+    amp_dtype: torch.dtype | None = None,
+    tracker: Tracker | None = None,
+    run_name: str = "autoencoder",
+    trust: bool = False,
+) -> AutoencoderResult:
     """The autoencoder recipe of ``train_autoencoder`` (and of ``train`` with ``latent.train_if_missing``).
 
     ``section`` is the ``autoencoder`` config section (read, not changed): ``network`` (an
@@ -280,23 +343,28 @@ def train_autoencoder(section: Mapping | None, prepared_dir: str | Path, ckpt_pa
     writes; every rank returns once the checkpoint is complete.
     """
     if not section:
-        raise ValueError("no autoencoder chosen; pass autoencoder=kl_small (conf/autoencoder/) or an experiment "
-                         "that sets one, e.g. experiment=ldm_3d_demo")
+        raise ValueError(
+            "no autoencoder chosen; pass autoencoder=kl_small (conf/autoencoder/) or an experiment "
+            "that sets one, e.g. experiment=ldm_3d_demo"
+        )
     rank, world = rank_and_world()
     tracker = guarded(tracker if tracker is not None and rank == 0 else NullTracker())
     ckpt_path, device = Path(ckpt_path), torch.device(device)
     info = load_info(prepared_dir)
     spec = dict(section["network"])
     if spec.get("spatial_dims") != info.spatial_dims:
-        raise ValueError(f"autoencoder.network.spatial_dims={spec.get('spatial_dims')} but {info.root} is "
-                         f"{info.spatial_dims}D; set it to ${{data.spatial_dims}}")
+        raise ValueError(
+            f"autoencoder.network.spatial_dims={spec.get('spatial_dims')} but {info.root} is "
+            f"{info.spatial_dims}D; set it to ${{data.spatial_dims}}"
+        )
     latent_shape = check_shape(info.image_shape, spec)
     settings = AutoencoderSettings.from_section(section)
     settings.amp_dtype, settings.rank, settings.world_size = amp_dtype, rank, world
     factor = compression(spec)
     settings.patch_size = check_tile(settings.patch_size, info.image_shape, factor, "autoencoder.patch_size")
-    settings.encode_tile = check_tile(settings.encode_tile, info.image_shape, factor, "autoencoder.encode_tile",
-                                      ENCODE_OVERLAP)
+    settings.encode_tile = check_tile(
+        settings.encode_tile, info.image_shape, factor, "autoencoder.encode_tile", ENCODE_OVERLAP
+    )
 
     ae = network_from_spec(spec).to(device)
     ema = EMA(ae, settings.ema_decay)
@@ -307,19 +375,25 @@ def train_autoencoder(section: Mapping | None, prepared_dir: str | Path, ckpt_pa
             with torch.no_grad():
                 disc(torch.zeros(2, 1, *shape, device=device))
         except (RuntimeError, ValueError) as err:
-            raise ValueError(f"autoencoder.discriminator (num_layers_d={section['discriminator'].get('num_layers_d')}) "
-                             f"cannot judge {shape} training images ({err}); lower num_layers_d or raise "
-                             "autoencoder.patch_size") from None
-    optimizers = Optimizers(network_from_spec(section["optimizer"], params=ae.parameters()), disc,
-                            network_from_spec(section["disc_optimizer"], params=disc.parameters()) if disc else None)
+            raise ValueError(
+                f"autoencoder.discriminator (num_layers_d={section['discriminator'].get('num_layers_d')}) "
+                f"cannot judge {shape} training images ({err}); lower num_layers_d or raise "
+                "autoencoder.patch_size"
+            ) from None
+    optimizers = Optimizers(
+        network_from_spec(section["optimizer"], params=ae.parameters()),
+        disc,
+        network_from_spec(section["disc_optimizer"], params=disc.parameters()) if disc else None,
+    )
     start_step, run_id, meta = 0, None, {}
     if ckpt_path.exists():
         ckpt = load_checkpoint(ckpt_path, trust)
         if ckpt.meta.get("kind") != "autoencoder":
             raise ValueError(f"{ckpt_path}: not an autoencoder checkpoint; point latent.autoencoder_ckpt elsewhere")
         if ckpt.step >= settings.max_steps and "scale_factor" in ckpt.meta:
-            log.info("autoencoder %s is trained (step %d); raise autoencoder.max_steps to continue",
-                     ckpt_path, ckpt.step)
+            log.info(
+                "autoencoder %s is trained (step %d); raise autoencoder.max_steps to continue", ckpt_path, ckpt.step
+            )
             return AutoencoderResult(ckpt_path, ckpt.id, ckpt.step, ckpt.meta["scale_factor"], ckpt.meta.get("val", {}))
         restore_training_state(ckpt, ae, ema, optimizers)
         start_step, run_id = ckpt.step, ckpt.meta.get("mlflow_run_id")
@@ -330,44 +404,82 @@ def train_autoencoder(section: Mapping | None, prepared_dir: str | Path, ckpt_pa
     with tracked(tracker, run_name=run_name, run_id=run_id, tags={"medaug.job": run_name}):
         if start_step == 0:
             tracker.log_params(flatten({"autoencoder": section}))
-        meta.update(kind="autoencoder", spatial_dims=info.spatial_dims, image_shape=list(info.image_shape),
-                    latent_channels=int(spec["latent_channels"]), latent_shape=latent_shape, dataset=info.fingerprint,
-                    encode_tile=settings.encode_tile, mlflow_run_id=tracker.run_id)
+        meta.update(
+            kind="autoencoder",
+            spatial_dims=info.spatial_dims,
+            image_shape=list(info.image_shape),
+            latent_channels=int(spec["latent_channels"]),
+            latent_shape=latent_shape,
+            dataset=info.fingerprint,
+            encode_tile=settings.encode_tile,
+            mlflow_run_id=tracker.run_id,
+        )
         payload = lambda: {"config": {"model": spec, "autoencoder": dict(section)}, "meta": meta}  # noqa: E731
-        validate = (lambda: reconstruction_metrics(ema.model, val_x, settings.batch_size, settings.encode_tile)[0]) \
-            if len(val_x) else None
-        result = fit(ae, ema, optimizers, AutoencoderStep(ae, train_x, settings, optimizers), settings.train_settings(),
-                     start_step=start_step, ckpt_path=ckpt_path, checkpoint_payload=payload, tracker=tracker,
-                     validate=validate)
+        validate = (
+            (lambda: reconstruction_metrics(ema.model, val_x, settings.batch_size, settings.encode_tile)[0])
+            if len(val_x)
+            else None
+        )
+        result = fit(
+            ae,
+            ema,
+            optimizers,
+            AutoencoderStep(ae, train_x, settings, optimizers),
+            settings.train_settings(),
+            start_step=start_step,
+            ckpt_path=ckpt_path,
+            checkpoint_payload=payload,
+            tracker=tracker,
+            validate=validate,
+        )
 
         net = ema.model.eval()
         metrics = {}
         if len(val_x) and rank == 0:
             metrics, recon = reconstruction_metrics(net, val_x, settings.batch_size, settings.encode_tile)
             k = min(4, len(val_x))
-            grid = save_grid(torch.cat([val_x[:k], recon[:k]]), torch.tensor([0] * k + [1] * k),
-                             ["real", "reconstruction"], ckpt_path.parent / "reconstructions.png", per_class=k)
+            grid = save_grid(
+                torch.cat([val_x[:k], recon[:k]]),
+                torch.tensor([0] * k + [1] * k),
+                ["real", "reconstruction"],
+                ckpt_path.parent / "reconstructions.png",
+                per_class=k,
+            )
             tracker.log_metrics(metrics, step=result.step)
             tracker.log_artifact(grid, "autoencoder")
         latents = encode_shared(net, train_x, settings.batch_size, progress=True, tile=settings.encode_tile)
         meta.update(scale_factor=scale_factor_of(latents), val=metrics)
         ae_id = None
         if rank == 0:
-            ae_id = file_id(save_checkpoint(ckpt_path, model=ae, ema=ema, optimizer=optimizers, step=result.step,
-                                            **payload()))
+            ae_id = file_id(
+                save_checkpoint(ckpt_path, model=ae, ema=ema, optimizer=optimizers, step=result.step, **payload())
+            )
             write_latent_cache(cache_file(cache_dir, ae_id, info.fingerprint, "train"), latents, train_y)
         barrier()  # the finished checkpoint and its cache are on disk for every rank
         ae_id = ae_id or file_id(ckpt_path)
         tracker.log_metrics({"autoencoder/scale_factor": meta["scale_factor"]}, step=result.step)
-    log.info("autoencoder trained to step %d (%s), scale factor %.4f; checkpoint %s", result.step,
-             ", ".join(f"{k.split('/')[-1]} {v:.4f}" for k, v in metrics.items()), meta["scale_factor"], ckpt_path)
+    log.info(
+        "autoencoder trained to step %d (%s), scale factor %.4f; checkpoint %s",
+        result.step,
+        ", ".join(f"{k.split('/')[-1]} {v:.4f}" for k, v in metrics.items()),
+        meta["scale_factor"],
+        ckpt_path,
+    )
     return AutoencoderResult(ckpt_path, ae_id, result.step, meta["scale_factor"], metrics)
 
 
-def latent_space_for_training(latent: Mapping | None, prepared_dir: str | Path, device: torch.device, *,
-                              clip_sample: bool, autoencoder: Mapping | None = None,
-                              make_tracker: Callable[[], Tracker] = NullTracker, run_name: str = "job-autoencoder",
-                              trust: bool = False, amp_dtype: torch.dtype | None = None) -> LatentSpace | None:
+def latent_space_for_training(
+    latent: Mapping | None,
+    prepared_dir: str | Path,
+    device: torch.device,
+    *,
+    clip_sample: bool,
+    autoencoder: Mapping | None = None,
+    make_tracker: Callable[[], Tracker] = NullTracker,
+    run_name: str = "job-autoencoder",
+    trust: bool = False,
+    amp_dtype: torch.dtype | None = None,
+) -> LatentSpace | None:
     """``train``'s latent step: None in pixel space (``latent.autoencoder_ckpt`` null); otherwise the
     autoencoder's latent space, trained first (from the ``autoencoder`` section, tracked by
     ``make_tracker()`` as ``run_name``) when missing and ``latent.train_if_missing``. The UNet then
@@ -377,10 +489,20 @@ def latent_space_for_training(latent: Mapping | None, prepared_dir: str | Path, 
         return None
     ae_path = Path(latent["autoencoder_ckpt"])
     if clip_sample:
-        raise ValueError("scheduler.clip_sample=true clips latents to [-1, 1]; set scheduler.clip_sample=false "
-                         "for latent diffusion")
+        raise ValueError(
+            "scheduler.clip_sample=true clips latents to [-1, 1]; set scheduler.clip_sample=false for latent diffusion"
+        )
     if not ae_path.exists() and latent.get("train_if_missing"):
         log.info("no autoencoder at %s: training it first (latent.train_if_missing=true)", ae_path)
-        train_autoencoder(autoencoder, prepared_dir, ae_path, latent["cache_dir"], device=device, amp_dtype=amp_dtype,
-                          tracker=make_tracker(), run_name=run_name, trust=trust)
+        train_autoencoder(
+            autoencoder,
+            prepared_dir,
+            ae_path,
+            latent["cache_dir"],
+            device=device,
+            amp_dtype=amp_dtype,
+            tracker=make_tracker(),
+            run_name=run_name,
+            trust=trust,
+        )
     return load_latent_space(ae_path, device, trust=trust)

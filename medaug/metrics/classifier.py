@@ -12,19 +12,35 @@ from monai.networks.nets import DenseNet
 from ..progress import progress_bar
 from ..training import to_device
 
+
 def make_classifier(image_shape: Sequence[int], num_classes: int) -> torch.nn.Module:
     """A small MONAI DenseNet (about 11 k parameters) ending in global pooling, so it learns
     what is in the image rather than where, from few examples; 2D or 3D by ``image_shape``.
 
     The stem divides the size by 4 and each later block by 2: small images get fewer blocks."""
     blocks = int(np.clip(1 + np.floor(np.log2(max(min(image_shape) // 4, 1))), 1, 3))
-    return DenseNet(spatial_dims=len(image_shape), in_channels=1, out_channels=num_classes, init_features=16,
-                    growth_rate=8, block_config=(2,) * blocks, bn_size=2)
+    return DenseNet(
+        spatial_dims=len(image_shape),
+        in_channels=1,
+        out_channels=num_classes,
+        init_features=16,
+        growth_rate=8,
+        block_config=(2,) * blocks,
+        bn_size=2,
+    )
 
 
-def train_classifier(images: torch.Tensor, labels: torch.Tensor, num_classes: int, steps: int = 400,
-                     batch_size: int = 32, lr: float = 1e-3, seed: int = 0, progress: bool = True,
-                     device: torch.device | str = "cpu") -> torch.nn.Module:
+def train_classifier(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    steps: int = 400,
+    batch_size: int = 32,
+    lr: float = 1e-3,
+    seed: int = 0,
+    progress: bool = True,
+    device: torch.device | str = "cpu",
+) -> torch.nn.Module:
     """A small MONAI classifier trained on real images with random flips; returned in eval mode, on
     ``device`` (the images stay where they are; each batch is copied there)."""
     torch.manual_seed(seed)
@@ -46,12 +62,17 @@ def train_classifier(images: torch.Tensor, labels: torch.Tensor, num_classes: in
 
 
 @torch.no_grad()
-def in_batches(fn: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, device: torch.device,
-               batch_size: int = 64) -> torch.Tensor:
+def in_batches(
+    fn: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, device: torch.device, batch_size: int = 64
+) -> torch.Tensor:
     """``fn`` on ``images`` (float) in batches of ``batch_size`` copied to ``device``; the outputs
     concatenated on the CPU."""
-    return torch.cat([fn(to_device([images[i : i + batch_size].float()], device)[0]).cpu()
-                      for i in range(0, len(images), batch_size)])
+    return torch.cat(
+        [
+            fn(to_device([images[i : i + batch_size].float()], device)[0]).cpu()
+            for i in range(0, len(images), batch_size)
+        ]
+    )
 
 
 def device_of_model(model: torch.nn.Module) -> torch.device:
@@ -79,6 +100,8 @@ def cohen_kappa(pred: torch.Tensor, labels: torch.Tensor, num_classes: int) -> f
 def accuracy_per_class(pred: torch.Tensor, labels: torch.Tensor, num_classes: int) -> tuple[float, list[float]]:
     """Overall accuracy and per-class accuracy (NaN for a class with no samples)."""
     overall = float((pred == labels).float().mean()) if len(labels) else float("nan")
-    per_class = [float((pred[labels == c] == c).float().mean()) if (labels == c).any() else float("nan")
-                 for c in range(num_classes)]
+    per_class = [
+        float((pred[labels == c] == c).float().mean()) if (labels == c).any() else float("nan")
+        for c in range(num_classes)
+    ]
     return overall, per_class

@@ -129,8 +129,9 @@ def load_weights(network: torch.nn.Module, weights_file) -> torch.nn.Module:
     with any ``module.`` prefix from DataParallel removed) into ``network``; strict, with a clear error."""
     weights_file = Path(weights_file)
     if not weights_file.is_file():
-        raise FileNotFoundError(f"{weights_file}: encoder weights not found; "
-                                "set evaluate.encoder.weights=<state dict file>")
+        raise FileNotFoundError(
+            f"{weights_file}: encoder weights not found; set evaluate.encoder.weights=<state dict file>"
+        )
     state = torch.load(weights_file, map_location="cpu", weights_only=True)
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
@@ -140,8 +141,10 @@ def load_weights(network: torch.nn.Module, weights_file) -> torch.nn.Module:
         network.load_state_dict(state)
     except RuntimeError as err:
         first = str(err).splitlines()[0]
-        raise ValueError(f"{weights_file}: weights do not fit evaluate.encoder.network ({first}); "
-                         "give the _target_ and arguments of the network they were saved from") from None
+        raise ValueError(
+            f"{weights_file}: weights do not fit evaluate.encoder.network ({first}); "
+            "give the _target_ and arguments of the network they were saved from"
+        ) from None
     return network.eval()
 
 
@@ -167,8 +170,9 @@ def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
 KID_MIN_SAMPLES = 10  # per set; below it KID is NaN and ``kid_too_small`` is 1 (subsets of < 5 samples say nothing)
 
 
-def kernel_inception_distance(a: torch.Tensor, b: torch.Tensor, n_subsets: int = 50, subset_size: int = 100,
-                              seed: int = 0) -> tuple[float, float]:
+def kernel_inception_distance(
+    a: torch.Tensor, b: torch.Tensor, n_subsets: int = 50, subset_size: int = 100, seed: int = 0
+) -> tuple[float, float]:
     """Unbiased squared MMD with the polynomial kernel ``k(x, y) = (x·y / D + 1)^3`` between feature sets
     ``a`` (N, D) and ``b`` (M, D), averaged over ``n_subsets`` random subsets drawn without replacement, as in
     Bińkowski et al. 2018, "Demystifying MMD GANs" (ICLR): ``(mean, std)`` over the subsets.
@@ -232,16 +236,30 @@ def density_coverage(real: torch.Tensor, fake: torch.Tensor, k: int = 5) -> tupl
     return float(inside.double().sum() / (k * len(fake))), float(inside.any(0).double().mean())
 
 
-def feature_metrics(real: torch.Tensor, fake: torch.Tensor, pr_k: int = 3, dc_k: int = 5, kid_subsets: int = 50,
-                    kid_subset_size: int = 100, seed: int = 0) -> dict[str, float]:
+def feature_metrics(
+    real: torch.Tensor,
+    fake: torch.Tensor,
+    pr_k: int = 3,
+    dc_k: int = 5,
+    kid_subsets: int = 50,
+    kid_subset_size: int = 100,
+    seed: int = 0,
+) -> dict[str, float]:
     """FD, KID (mean, std), precision/recall and density/coverage of ``fake`` against ``real`` features;
     ``kid_too_small``: 1.0 when either set has fewer than ``KID_MIN_SAMPLES`` samples (KID is NaN then), else 0.0."""
     kid, kid_std = kernel_inception_distance(fake, real, kid_subsets, kid_subset_size, seed)
     p, r = precision_recall(real, fake, pr_k)
     dens, cov = density_coverage(real, fake, dc_k)
-    return dict(fd=frechet_distance(fake, real), kid=kid, kid_std=kid_std,
-                kid_too_small=float(min(len(real), len(fake)) < KID_MIN_SAMPLES), precision=p, recall=r,
-                density=dens, coverage=cov)
+    return dict(
+        fd=frechet_distance(fake, real),
+        kid=kid,
+        kid_std=kid_std,
+        kid_too_small=float(min(len(real), len(fake)) < KID_MIN_SAMPLES),
+        precision=p,
+        recall=r,
+        density=dens,
+        coverage=cov,
+    )
 
 
 def fidelity_with_floor(real: torch.Tensor, fake: torch.Tensor, seed: int = 0, **kwargs) -> dict[str, float]:
@@ -262,10 +280,19 @@ def fidelity_with_floor(real: torch.Tensor, fake: torch.Tensor, seed: int = 0, *
     return out
 
 
-def fidelity_metrics(real_feats: torch.Tensor, real_y: torch.Tensor, fake_feats: torch.Tensor, fake_y: torch.Tensor,
-                     class_names: Sequence[str], suffix: str = "", seed: int = 0, **kwargs) -> dict[str, float]:
+def fidelity_metrics(
+    real_feats: torch.Tensor,
+    real_y: torch.Tensor,
+    fake_feats: torch.Tensor,
+    fake_y: torch.Tensor,
+    class_names: Sequence[str],
+    suffix: str = "",
+    seed: int = 0,
+    **kwargs,
+) -> dict[str, float]:
     """``fidelity_with_floor`` overall and per class, named ``fidelity/<metric><suffix>[_floor][/<class>]``
     (``suffix="_25d"`` for the 2.5D features)."""
+
     def named(values: dict, cls: str = "") -> dict:
         out = {}
         for key, v in values.items():
@@ -275,6 +302,9 @@ def fidelity_metrics(real_feats: torch.Tensor, real_y: torch.Tensor, fake_feats:
 
     out = named(fidelity_with_floor(real_feats, fake_feats, seed=seed, **kwargs))
     for c, name in enumerate(class_names):
-        out.update(named(fidelity_with_floor(real_feats[real_y == c], fake_feats[fake_y == c], seed=seed, **kwargs),
-                         f"/{name}"))
+        out.update(
+            named(
+                fidelity_with_floor(real_feats[real_y == c], fake_feats[fake_y == c], seed=seed, **kwargs), f"/{name}"
+            )
+        )
     return out

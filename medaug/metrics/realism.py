@@ -23,8 +23,9 @@ def msssim_metric(image_shape: Sequence[int], kernel_size: int = 7) -> MultiScal
     while scales < len(MSSSIM_WEIGHTS) and min(image_shape) // 2**scales >= kernel_size:
         scales += 1
     weights = np.asarray(MSSSIM_WEIGHTS[:scales])
-    return MultiScaleSSIMMetric(spatial_dims=len(image_shape), data_range=1.0, kernel_size=kernel_size,
-                                weights=tuple(weights / weights.sum()))
+    return MultiScaleSSIMMetric(
+        spatial_dims=len(image_shape), data_range=1.0, kernel_size=kernel_size, weights=tuple(weights / weights.sum())
+    )
 
 
 def pairwise_msssim(images: torch.Tensor, n_pairs: int, generator: torch.Generator) -> float:

@@ -58,14 +58,26 @@ class UtilityResult:
         return out
 
 
-def utility_metrics(train_x: torch.Tensor, train_y: torch.Tensor, synth_x: torch.Tensor, synth_y: torch.Tensor,
-                    test_x: torch.Tensor, test_y: torch.Tensor, num_classes: int, seeds: Sequence[int] = (0, 1),
-                    steps: int = 400, batch_size: int = 32,
-                    train_fn: Callable[..., torch.nn.Module] = train_classifier) -> UtilityResult:
+def utility_metrics(
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    synth_x: torch.Tensor,
+    synth_y: torch.Tensor,
+    test_x: torch.Tensor,
+    test_y: torch.Tensor,
+    num_classes: int,
+    seeds: Sequence[int] = (0, 1),
+    steps: int = 400,
+    batch_size: int = 32,
+    train_fn: Callable[..., torch.nn.Module] = train_classifier,
+) -> UtilityResult:
     """Train the same classifier recipe with the same budget on real only (``real``), synthetic only
     (``tstr``) and real + synthetic (``augmented``), once per seed, and test each on held-out real data."""
-    sets = {"real": (train_x, train_y), "tstr": (synth_x, synth_y),
-            "augmented": (torch.cat([train_x, synth_x]), torch.cat([train_y, synth_y]))}
+    sets = {
+        "real": (train_x, train_y),
+        "tstr": (synth_x, synth_y),
+        "augmented": (torch.cat([train_x, synth_x]), torch.cat([train_y, synth_y])),
+    }
     acc: dict[str, list[float]] = {k: [] for k in sets}
     auc: dict[str, list[float]] = {k: [] for k in sets}
     labels = test_y.numpy()
