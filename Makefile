@@ -30,9 +30,10 @@ sysdeps:
 	  else echo "$$cmd not found and apt-get not usable as root: the tests that need it are skipped"; fi; \
 	done
 
-# pyflakes + pycodestyle rules (pyproject.toml [tool.ruff]); the formatter is not applied yet.
+# pyflakes + pycodestyle rules and the formatter (pyproject.toml [tool.ruff]); `ruff format` mends what it reports.
 lint: $(STAMP)
 	$(VENV)/bin/ruff check medaug pipelines tests benchmarks
+	$(VENV)/bin/ruff format --check medaug pipelines tests benchmarks
 
 # The main job on the built-in demo data: prepare, train, sample, evaluate, export (what is complete is skipped).
 demo: $(STAMP)
