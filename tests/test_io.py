@@ -262,9 +262,19 @@ def test_enhanced_multiframe_file_reads_like_the_series(tmp_path, order):
     np.testing.assert_allclose(vol.affine, affine, atol=1e-4)
 
 
-def test_compressed_pixel_data_without_decoder_names_syntax_and_extra():
-    with pytest.raises(ImageReadError, match=r"JPEG-LS Lossless.*pip install 'medaug\[jpeg\]'"):
-        read_volume(PYDICOM_FILES / "MR_small_jpeg_ls_lossless.dcm")
+def test_compressed_pixel_data_without_decoder_names_syntax_and_extra(tmp_path):
+    # JPEG Lossless (process 14): no decoder of the default install reads it (highdicom brings a JPEG-LS one,
+    # so pydicom's JPEG-LS file now decodes); the file is pydicom's JPEG-LS file relabelled
+    ds = pydicom.dcmread(PYDICOM_FILES / "MR_small_jpeg_ls_lossless.dcm")
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.JPEGLosslessSV1
+    ds.save_as(tmp_path / "jpeg_lossless.dcm")
+    with pytest.raises(ImageReadError, match=r"JPEG Lossless, Non-Hierarchical.*pip install 'medaug\[jpeg\]'"):
+        read_volume(tmp_path / "jpeg_lossless.dcm")
+    # JPEG-LS lossless decodes with what is installed and equals the uncompressed file
+    np.testing.assert_array_equal(
+        read_volume(PYDICOM_FILES / "MR_small_jpeg_ls_lossless.dcm").array,
+        read_volume(PYDICOM_FILES / "MR_small.dcm").array,
+    )
     # JPEG 2000 lossless decodes with what is installed and equals the uncompressed file
     np.testing.assert_array_equal(
         read_volume(PYDICOM_FILES / "MR_small_jp2klossless.dcm").array,
