@@ -1,0 +1,222 @@
+"""The train stage assembled: its data (pixels or autoencoder latents), the UNet it needs, and the tracked fit
+(resume, differential privacy, speed settings, data parallelism, checkpoint, registry).
+
+``pipelines/train.py`` builds the objects (network, optimizer, scheduler) from the config and hands them here
+with plain values; :mod:`medaug.training` holds the loss and the one fit loop these functions drive.
+
+Example::
+
+    data = training_data("prepared", torch.device("cpu"), scheduler={"_target_": ...})
+    spec = unet_spec(model_section, data)          # in/out channels, class embeddings, checked shape
+    result = train_diffusion(net, optimizer, scheduler, data, training_section, ckpt_path=Path("last.pt"), ...)
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Callable, Mapping, NamedTuple
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from .data import PreparedInfo, load_info, load_split
+from .dp import private_training, train_patients
+from .flow import is_flow
+from .latent import LatentSpace, cached_latents, latent_space_for_training
+from .model import EMA, check_unet_input
+from .registry import dataset_entity, preview_callback
+from .runtime import switch
+from .tracking import NullTracker, Tracker, guarded, tracked
+from .training import (
+    DiffusionStep,
+    FitResult,
+    TrainSettings,
+    checkpoint_meta,
+    compile_mode_of,
+    fit,
+    prepare_for_speed,
+    resume_training,
+)
+
+__all__ = ["TrainingData", "training_data", "unet_spec", "train_diffusion"]
+
+log = logging.getLogger("medaug")
+
+ON_DEVICE_LIMIT = 2 * 2**30  # bytes: a training set up to this size is moved to the GPU once, not batch by batch
+
+
+class TrainingData(NamedTuple):
+    """What the UNet learns from: ``images`` ``(N, C, *spatial)``, pixels in [-1, 1] or autoencoder latents
+    times the space's scale factor, ``labels`` ``(N,)``, the prepared dataset's ``info`` and the latent
+    ``space`` (None: pixel space)."""
+
+    info: PreparedInfo
+    images: torch.Tensor
+    labels: torch.Tensor
+    space: LatentSpace | None
+
+
+def training_data(
+    prepared_dir: str | Path,
+    device: torch.device,
+    *,
+    scheduler: Mapping,
+    latent: Mapping | None = None,
+    autoencoder: Mapping | None = None,
+    on_device: bool | str = "auto",
+    make_tracker: Callable[[], Tracker] = NullTracker,
+    run_name: str = "job-autoencoder",
+    trust: bool = False,
+    amp_dtype: torch.dtype | None = None,
+) -> TrainingData:
+    """The training split of a prepared dataset, in pixel space or, with ``latent.autoencoder_ckpt``, as cached
+    latents of that autoencoder (trained first when ``latent.train_if_missing``; see
+    :func:`medaug.latent.latent_space_for_training`). ``scheduler`` is the training scheduler's section (a
+    latent model refuses one that clips samples). On CUDA the set moves to the GPU once when it is under
+    2 GiB and ``on_device`` (``training.data_on_device``) is not false."""
+    info = load_info(prepared_dir)
+    images, labels = load_split(info.root, "train")
+    space = latent_space_for_training(
+        latent,
+        info.root,
+        device,
+        clip_sample=scheduler.get("clip_sample", not is_flow(scheduler)),  # a flow clips nothing
+        autoencoder=autoencoder,
+        make_tracker=make_tracker,
+        run_name=run_name,
+        trust=trust,
+        amp_dtype=amp_dtype,
+    )
+    if space is not None:  # latent diffusion: the UNet learns scaled autoencoder latents
+        latents, labels = cached_latents(space, info.root, latent["cache_dir"])
+        images = latents * space.scale_factor
+    if device.type == "cuda" and switch(on_device, True) and images.nbytes < ON_DEVICE_LIMIT:
+        images, labels = images.to(device), labels.to(device)
+    return TrainingData(info, images, labels, space)
+
+
+def unet_spec(model: Mapping, data: TrainingData) -> dict:
+    """The ``model`` section completed for ``data``: latent channels in and out in latent space, one class
+    embedding per class plus the null class of classifier-free guidance, the data's spatial dims; refused
+    (ValueError naming the fix) when the UNet cannot take the data's spatial shape."""
+    spec = dict(model)
+    if data.space is not None:
+        spec.update(in_channels=data.space.latent_channels, out_channels=data.space.latent_channels)
+    spec.update(num_class_embeds=data.info.num_classes + 1, spatial_dims=data.info.spatial_dims)
+    check_unet_input(spec, data.images.shape[2:], "latent" if data.space is not None else "image")
+    return spec
+
+
+def train_diffusion(
+    net: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    data: TrainingData,
+    training: Mapping,
+    *,
+    stored_config: dict,
+    ckpt_path: Path,
+    resume_from: Path,
+    tracker: Tracker,
+    params: Mapping,
+    run_name: str,
+    source: str,
+    device: torch.device,
+    rank: int = 0,
+    world_size: int = 1,
+    amp_dtype: torch.dtype | None = None,
+    compile_cache: str | None = None,
+    register: str | None = None,
+    trust: bool = False,
+) -> FitResult:
+    """Train ``net`` on ``data`` with the diffusion loss of ``scheduler`` to ``training["max_steps"]`` and write
+    the checkpoint ``ckpt_path`` (weights, EMA, optimizer, RNG states, ``stored_config``, the dataset's meta).
+
+    Resumes from ``resume_from`` when it exists (refused when it was trained on other data), trains with
+    differential privacy when ``training["dp"]["enabled"]``, compiles / uses channels-last / activation
+    checkpointing as ``training`` says, wraps the model in DDP when ``world_size > 1``. ``tracker`` receives
+    ``params`` (on a fresh run), the dataset input (``source``: where the data came from), the loss curve, the
+    previews (``training["preview_every"]``) and the checkpoint, and registers the model as ``register``.
+
+    Returns the fit loop's result (last step, loss curve)."""
+    t, info, space = training, data.info, data.space
+    cuda = device.type == "cuda"
+    ema = EMA(net, t["ema_decay"])
+    start_step, resumed = resume_training(
+        resume_from,
+        net,
+        ema,
+        optimizer,
+        image_shape=info.image_shape,
+        class_names=info.class_names,
+        dataset=info.fingerprint,
+        autoencoder_id=space.id if space is not None else None,
+        prepared=info.root,
+        trust=trust,
+    )
+    dp = private_training(
+        net,
+        t.get("dp"),
+        train_patients(info.root),
+        expected_batch=t["batch_size"],
+        max_steps=t["max_steps"],
+        start_step=start_step,
+        world_size=world_size,
+        latent=space is not None,
+        activation_checkpointing=t["activation_checkpointing"],
+        prior=resumed.get("dp"),
+    )
+    channels_last = switch(t["channels_last"], cuda) and info.spatial_dims == 2
+    model = prepare_for_speed(
+        net,
+        channels_last=channels_last,
+        compile_mode=compile_mode_of(t["compile"], cuda, private=dp is not None),
+        compile_cache=compile_cache,
+        activation_checkpointing=t["activation_checkpointing"],
+    )
+    if world_size > 1:
+        model = DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
+    settings = TrainSettings(
+        **{k: t[k] for k in ("max_steps", "batch_size", "grad_clip", "seed", "ckpt_every", "log_every", "ema_every")},
+        rank=rank,
+        world_size=world_size,
+    )
+    step = DiffusionStep(
+        model,
+        scheduler,
+        data.images,
+        data.labels,
+        null_class=info.num_classes,
+        p_uncond=t["p_uncond"],
+        amp_dtype=amp_dtype,
+        channels_last=channels_last,
+    )
+    run_id = resumed.get("mlflow_run_id")
+    # from here on a tracking error is a warning: the training and its checkpoint go on
+    with tracked(guarded(tracker), run_name=run_name, run_id=run_id, tags={"medaug.job": run_name}) as tracker:
+        if start_step == 0:
+            tracker.log_params(dict(params))
+            tracker.log_params({f"data.count.{s}": sum(c.values()) for s, c in info.counts.items()})
+        meta = checkpoint_meta(info, tracker.run_id, space)
+        tracker.log_dataset(dataset_entity(info, source), "training")
+        preview = preview_callback(tracker, ema, stored_config["scheduler"], meta, t.get("preview_every"), space=space)
+        result = fit(
+            model,
+            ema,
+            optimizer,
+            step,
+            settings,
+            start_step=start_step,
+            ckpt_path=ckpt_path,
+            checkpoint_payload=lambda: {"config": stored_config, "meta": {**meta, **(dp.meta() if dp else {})}},
+            tracker=tracker,
+            privacy=dp,
+            on_step=preview,
+        )
+        if rank == 0:
+            tracker.log_artifact(ckpt_path, "checkpoints")
+            if register:
+                tracker.register_model(register, ckpt_path)
+    return result
