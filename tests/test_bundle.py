@@ -29,6 +29,8 @@ from pipelines import cli, evaluate, export_bundle, prepare, sample, train
 
 from .conftest import TINY, compose_cfg
 
+pytestmark = pytest.mark.slow  # one tiny job (prepare, train, sample, evaluate, export_bundle) of ~25 s, shared
+
 REPO = Path(__file__).resolve().parents[1]
 SEED = 11
 
