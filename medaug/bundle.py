@@ -248,8 +248,9 @@ def bundle_metadata(ckpt: Checkpoint, settings: Mapping, evaluation: Mapping | N
         "task": task,
         "description": (
             f"A class-conditional diffusion UNet (MONAI DiffusionModelUNet) trained with medaug for {ckpt.step} "
-            f"steps on a prepared, de-identified dataset. configs/inference.json samples images of each class with "
-            f"classifier-free guidance; the network predicts the {prediction} of a noisy image."
+            f"steps on a prepared dataset (its de-identification: see privacy). configs/inference.json samples "
+            f"images of each class with classifier-free guidance; the network predicts the {prediction} of a noisy "
+            "image."
         ),
         "authors": str(settings["authors"]),
         "copyright": str(settings["copyright"]),
@@ -356,7 +357,7 @@ def bundle_readme(metadata: Mapping, settings: Mapping) -> str:
 | --- | --- |
 | classes | {", ".join(f"`{n}`" for n in m["class_names"])} |
 | image | {shape} voxels, spacing {" × ".join(f"{s:g}" for s in m["spacing_mm"])} mm, values in [-1, 1] |
-| intensities | HU or source units = {w["lo"]:g} + (x + 1) / 2 × ({w["hi"]:g} − {w["lo"]:g}) ({w["unit"]}) |
+| intensities | lo + (x + 1) / 2 × (hi − lo) with lo = {w["lo"]:g}, hi = {w["hi"]:g} {w["unit"]} (the training window) |
 | checkpoint | `{m["checkpoint"]["id"]}` after {m["checkpoint"]["step"]} steps, {m["checkpoint"]["weights"]} weights |
 | training data | {m["data_source"]} |
 | versions | MONAI {m["monai_version"]}, PyTorch {m["pytorch_version"]}, medaug {medaug.__version__} |
@@ -369,7 +370,7 @@ def bundle_readme(metadata: Mapping, settings: Mapping) -> str:
 
 | | |
 | --- | --- |
-| memorisation audit | verdict **{p["verdict"]}**: {p["summary"]} |
+| memorisation audit | {p["summary"]} |
 | differential privacy | {p["differential_privacy"]} |
 | de-identification of the training data | {p["deidentification"]} |
 
