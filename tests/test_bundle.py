@@ -212,3 +212,15 @@ def test_evaluation_of_another_checkpoint_or_a_latent_model_refused(job, tmp_pat
     with pytest.raises(ExportError, match="latent diffusion checkpoint"):
         write_bundle(ckpt, tmp_path / "bundle", dict(cfg.export_bundle))
     assert not (tmp_path / "bundle").exists() and "export_bundle" in cli.STAGES
+
+
+def test_cli_stage_bad_eval_dir_exit_2_one_line_and_no_bundle(job, tmp_path):
+    out, _, _ = job
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "pipelines.cli", "export_bundle", f"paths.output_dir={out}", "tracking=none"]
+    cmd += [f"export_bundle.eval_dir={tmp_path}", f"export_bundle.dir={tmp_path / 'bundle'}"]
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    (line,) = [ln for ln in done.stderr.splitlines() if ln.startswith("medaug export_bundle: error:")]
+    assert f"export_bundle.eval_dir={tmp_path}: no complete evaluation there; run `medaug evaluate`" in line
+    assert not (tmp_path / "bundle").exists()
