@@ -83,6 +83,7 @@ class Generator:
         self.space = latent_space_of(meta, device, trust=False)
         self.net = sampling_network(self.ckpt, device, use_ema=True)
         self.class_names = list(self.ckpt.meta["class_names"])
+        self.scheduler_spec, self.image_shape = self.ckpt.config["scheduler"], self.ckpt.meta["image_shape"]
 
     def sample(
         self,
@@ -102,14 +103,14 @@ class Generator:
             raise ValueError(f"class {class_name!r} unknown; the model knows {self.class_names}")
         if int(count) < 1:
             raise ValueError(f"count={count} for class {class_name!r}; give 1 or more")
-        scheduler = inference_scheduler(self.ckpt.config["scheduler"], sampler, int(steps))
+        scheduler = inference_scheduler(self.scheduler_spec, sampler, int(steps))
         labels = torch.full((int(count),), self.class_names.index(class_name), dtype=torch.long)
         kwargs = dict(guidance_scale=float(guidance), null_class=len(self.class_names), batch_size=batch_size)
 
         def generate(chunk, chunk_seed: int):
             if self.space is None:
                 return sample_images(
-                    self.net, scheduler, chunk, self.ckpt.meta["image_shape"], seed=chunk_seed, progress=False, **kwargs
+                    self.net, scheduler, chunk, self.image_shape, seed=chunk_seed, progress=False, **kwargs
                 )
             return self.space.sample(self.net, scheduler, chunk, seed=chunk_seed, progress=False, **kwargs)
 

@@ -89,8 +89,6 @@ def card_fields(name: str, info: Mapping, rows: Sequence[Mapping], ev: Evaluatio
     """The data card's fields from the samples' ``info.json``, their manifest ``rows``, the evaluation and
     the de-identification record in ``prepared_dir/dataset.json`` ("not recorded" without one). ``filtered``
     says "copy filter off" until :func:`filter_copies` replaces it."""
-    meta = Path(prepared_dir) / "dataset.json"
-    deid = json.loads(meta.read_text()).get("deid", {}) if meta.is_file() else {}
     headline = {
         k: v
         for k, v in ev.metrics.items()
@@ -118,15 +116,20 @@ def card_fields(name: str, info: Mapping, rows: Sequence[Mapping], ev: Evaluatio
         class_counts=class_counts_text(rows),
         metrics=metrics_table(headline) if headline else "_not evaluated_",
         differential_privacy=describe(info.get("dp")),
-        deid=(
-            f"gate policy `{deid.get('policy')}`"
-            + (", PHI findings trusted by the user (see prepare's log)" if deid.get("policy") == "trust" else "")
-            if deid
-            else "not recorded"
-        ),
+        deid=deid_text(prepared_dir),
         filtered="copy filter off",
         privacy=ev.verdict,
     )
+
+
+def deid_text(prepared_dir: str | Path) -> str:
+    """One line on how the training data in ``prepared_dir`` was de-identified (its ``dataset.json``)."""
+    meta = Path(prepared_dir) / "dataset.json"
+    deid = json.loads(meta.read_text()).get("deid", {}) if meta.is_file() else {}
+    if not deid:
+        return "not recorded"
+    trusted = ", PHI findings trusted by the user (see prepare's log)" if deid.get("policy") == "trust" else ""
+    return f"gate policy `{deid.get('policy')}`{trusted}"
 
 
 def audit_scores(eval_dir: str | Path, rows: Sequence[Mapping]) -> tuple[np.ndarray, float]:

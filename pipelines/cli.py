@@ -6,7 +6,18 @@ from __future__ import annotations
 import importlib
 import sys
 
-STAGES = ("run", "prepare", "train_autoencoder", "train", "sample", "evaluate", "export", "augment", "inpaint")
+STAGES = (
+    "run",
+    "prepare",
+    "train_autoencoder",
+    "train",
+    "sample",
+    "evaluate",
+    "export",
+    "export_bundle",
+    "augment",
+    "inpaint",
+)
 
 
 def main() -> None:

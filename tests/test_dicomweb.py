@@ -254,3 +254,131 @@ def test_stage_server_down_exit_2_one_line(tmp_path):
     assert len(lines) == 1 and "after 2 tries" in lines[0]
     outputs = [p for p in (tmp_path / "out").rglob("*") if p.is_file()]
     assert not any(PASSWORD in p.read_text(errors="ignore") for p in outputs) and PASSWORD not in done.stderr
+
+
+# --- issue 18 acceptance: faults against the real server
+
+
+def big_series(root: Path, instances: int = 128, size: int = 512) -> list[pydicom.Dataset]:
+    """One phantom CT series grown to ``instances`` slices of ``size``² (512 KB each, 64 MB): a WADO-RS response
+    larger than the socket buffers can hold (here tcp_wmem max 4 MB + tcp_rmem max 32 MB; 32 MB went through
+    whole), so that a server killed as the first file is written dies mid-transfer."""
+    import copy
+
+    from pydicom.uid import generate_uid
+
+    labels = make_demo_dataset(root, spatial_dims=2, n_per_class=1, size=16, dicom_every=1, seed=0)
+    first = pydicom.dcmread(next((root / next(csv.DictReader(open(labels)))["path"]).glob("*.dcm")))
+    out = []
+    for k in range(instances):
+        ds = copy.deepcopy(first)
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.InstanceNumber, ds.ImagePositionPatient = k + 1, [0.0, 0.0, float(k)]
+        ds.Rows = ds.Columns = size
+        ds.PixelData = np.full((size, size), k, np.int16).tobytes()
+        out.append(ds)
+    return out
+
+
+def test_server_killed_during_download_then_rerun_completes(creds, tmp_path, monkeypatch):
+    """A PACS of its own (real Orthanc), SIGKILLed by its PID as the first file of a 64 MB series is written: the
+    transfer breaks mid-series, the fetch fails in one line after its retries and the cache holds no part of the
+    series; restarted on the same storage, a rerun fetches the whole series."""
+    from tests.orthanc import missing, start_orthanc
+
+    if missing():
+        pytest.skip(missing())
+    server = start_orthanc(tmp_path / "pacs")
+    try:
+        datasets = big_series(tmp_path / "raw")
+        web = Server(server.dicomweb, retries=0)
+        for i in range(0, len(datasets), 16):
+            web.client.store_instances(datasets[i : i + 16])
+        uid = str(datasets[0].SeriesInstanceUID)
+        labels = write_csv(tmp_path / "s.csv", [dict(SeriesInstanceUID=uid, label="a", patient_id="p0")])
+        real, saved = pydicom.Dataset.save_as, []
+
+        def save_and_kill(self, *a, **kw):
+            saved.append(1)
+            if len(saved) == 1:
+                server.process.kill()
+                server.process.wait(timeout=10)
+            return real(self, *a, **kw)
+
+        monkeypatch.setattr(pydicom.Dataset, "save_as", save_and_kill)
+        with pytest.raises(DicomwebError, match=r"not reachable for WADO-RS retrieve .* after 2 tries") as err:
+            fetch_series(server.dicomweb, labels, tmp_path / "cache", retries=1, backoff_s=0.01)
+        assert "\n" not in str(err.value) and 1 < len(saved) < len(datasets)  # it broke mid-series
+        monkeypatch.setattr(pydicom.Dataset, "save_as", real)
+        assert not any((tmp_path / "cache" / "series").iterdir())  # no partial series, no temp folder
+        server = start_orthanc(tmp_path / "pacs")  # same storage, new port
+        fetch_series(server.dicomweb, labels, tmp_path / "cache", retries=0)
+        folder = tmp_path / "cache" / "series" / uid
+        files = sorted(folder.glob("dicom/*.dcm"))
+        assert (folder / "DONE").is_file() and len(files) == len(datasets)
+        assert {int(pydicom.dcmread(f).pixel_array[0, 0]) for f in files} == set(range(len(datasets)))
+    finally:
+        server.stop()
+
+
+def test_stage_wrong_password_exit_2_and_the_password_nowhere(orthanc, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    wrong = "Wrong-Pa55word-xyz"
+    labels = write_csv(tmp_path / "s.csv", [dict(SeriesInstanceUID="1.2.3.4.5", label="a")])
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+        ENV_USER: USER,
+        ENV_PASSWORD: wrong,
+        "OMP_NUM_THREADS": "1",
+    }
+    cmd = [sys.executable, "-m", "pipelines.prepare", f"paths.output_dir={tmp_path / 'out'}", "tracking=none"]
+    cmd += ["data.source=dicomweb", f"data.labels={labels}", f"data.dicomweb.url={orthanc.dicomweb}"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path)
+    assert done.returncode == 2, done.stderr[-2000:]
+    lines = [ln for ln in done.stderr.splitlines() if ln.startswith("medaug prepare: error:")]
+    assert len(lines) == 1 and "refused the credentials (HTTP 401)" in lines[0]
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert files and not any(wrong.encode() in p.read_bytes() for p in files)
+    assert wrong not in done.stdout + done.stderr
+
+
+def test_phi_gate_refuses_a_stored_series_exactly_as_from_a_folder(orthanc, creds, tmp_path):
+    """The same PHI-bearing files, from a folder (prepare) and from the PACS (fetch_series): the same findings
+    (tags and reasons per instance), the same one-line refusal."""
+    orthanc.clear()
+    labels = make_demo_dataset(tmp_path / "raw", spatial_dims=2, n_per_class=1, size=16, dicom_every=1, seed=0)
+    row = next(csv.DictReader(open(labels)))
+    folder = tmp_path / "phi" / "s0"
+    folder.mkdir(parents=True)
+    datasets = []
+    for k, f in enumerate(sorted((tmp_path / "raw" / row["path"]).glob("*.dcm"))):
+        ds = pydicom.dcmread(f)
+        ds.PatientIdentityRemoved, ds.InstitutionName, ds.OperatorsName = "NO", "St Elsewhere", "Doe^Jane"
+        ds.save_as(folder / f"{k:05d}.dcm", enforce_file_format=True)
+        datasets.append(ds)
+    Server(orthanc.dicomweb, retries=0).client.store_instances(datasets)
+    local = write_csv(tmp_path / "local.csv", [dict(path="phi/s0", patient_id="p0", label="a")])
+    with pytest.raises(PHIError) as from_folder:
+        prepare_dataset(
+            local, tmp_path / "prepared", WINDOW, spatial_size=[16, 16, -1], spatial_dims=2,
+            deid_report=tmp_path / "folder.csv",
+        )  # fmt: skip
+    web = write_csv(tmp_path / "web.csv", [dict(SeriesInstanceUID=str(datasets[0].SeriesInstanceUID), label="a")])
+    with pytest.raises(PHIError) as from_server:
+        fetch_series(orthanc.dicomweb, web, tmp_path / "cache", report_path=tmp_path / "web_report.csv", retries=0)
+
+    def findings(report: Path) -> list[tuple[str, str]]:
+        return sorted((r["tag"], r["reason"]) for r in csv.DictReader(open(report)))
+
+    assert findings(tmp_path / "folder.csv") == findings(tmp_path / "web_report.csv")
+    assert {t for t, _ in findings(tmp_path / "folder.csv")} >= {
+        "(0008,0080) InstitutionName",
+        "(0008,1070) OperatorsName",
+    }
+    summary = lambda err: str(err.value).split(": ", 1)[1].split(";")[0]  # "N findings in M DICOM files (tags: ..)"
+    assert summary(from_folder) == summary(from_server)
+    assert not (tmp_path / "cache" / "series").exists() and not (tmp_path / "prepared").exists()

@@ -243,3 +243,39 @@ def test_latent_generator_samples_from_the_registry_with_its_own_autoencoder(tmp
     # the same latents; decoding in other batch sizes may round differently in the last bits
     assert images.shape[2:] == (12, 12, 12)
     assert torch.allclose(images[labels == 0], torch.from_numpy(got["image"][0])[None], atol=1e-4)
+
+
+@pytest.mark.slow
+def test_registered_model_by_name_in_a_fresh_process_gives_the_images_of_medaug_sample(job, tmp_path):
+    """`medaug sample` on the training checkpoint, then a new Python process that knows only the store and the
+    model's name: mlflow.pyfunc.load_model("models:/<name>/1").predict for the same seeds gives the same images."""
+    out, uri, overrides = job
+    settings = ["sample.num_per_class=2", "sample.seed=11", "sample.sampler=ddim", "sample.steps=3"]
+    sample.run(compose_cfg("sample", tmp_path, [*overrides, f"ckpt_path={out}/train/checkpoints/last.pt", *settings]))
+    images, labels, _, info = load_samples(tmp_path / "samples")
+    names = info["class_names"]
+    rows = [request(n, 2, 11 + 2 * k) for k, n in enumerate(names)]  # class k of `medaug sample`: seeds 11 + 2k, ...
+    script = (
+        "import sys, json, numpy as np, pandas as pd, mlflow\n"
+        f"model = mlflow.pyfunc.load_model('models:/{NAME}/1')\n"
+        "got = model.predict(pd.DataFrame(json.loads(sys.argv[1])))\n"
+        "np.save(sys.argv[2], np.stack(got['image']))\n"
+    )
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": uri,
+        "PYTHONPATH": str(REPO),
+        "OMP_NUM_THREADS": str(torch.get_num_threads()),  # the same reduction order as this process
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", script, json.dumps(rows), str(tmp_path / "got.npy")],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = torch.from_numpy(np.load(tmp_path / "got.npy"))
+    assert got.shape == images.shape == (6, 1, 12, 12)
+    assert torch.equal(got, images), (got - images).abs().max()
