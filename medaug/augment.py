@@ -44,6 +44,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 import types
 import warnings
 from dataclasses import dataclass, field
@@ -60,6 +61,8 @@ from .io import write_nifti
 from .model import file_id, load_checkpoint
 from .pictures import save_grid
 from .progress import progress_bar
+from .runtime import distributed
+from .tracking import flatten, tracked
 from .sampling import (
     class_counts,
     generate_chunks,
@@ -100,6 +103,20 @@ class AugmentResult:
     synthetic: dict = field(default_factory=dict)
     generated: int = 0
     complete: bool = False
+    rank: int = 0
+    world_size: int = 1
+
+    def describe(self) -> str:
+        """One log line: what the folder holds, or what this rank did towards it."""
+        total = sum(self.synthetic.values())
+        if self.complete and self.generated == 0:
+            return f"{self.out_dir} is up to date ({self.real} real + {total} synthetic items); nothing to do"
+        if self.complete:
+            return f"wrote {self.out_dir / 'manifest.csv'}: {self.real} real + {total} synthetic items {self.synthetic}"
+        return (
+            f"rank {self.rank}/{self.world_size} generated {self.generated} samples; "
+            "the last rank to finish writes the manifest"
+        )
 
 
 def synthetic_counts(real_counts: Mapping[str, int], policy: str, num_per_class=None, ratio=None) -> dict[str, int]:
@@ -217,8 +234,8 @@ def augment(
     batch_size: int = 16,
     chunk_size: int | None = None,
     use_ema: bool = True,
-    rank: int = 0,
-    world_size: int = 1,
+    rank: int | None = 0,
+    world_size: int | None = 1,
     device: str | torch.device = "cpu",
     amp_dtype: torch.dtype | None = None,
     overwrite: bool = False,
@@ -232,8 +249,11 @@ def augment(
     process generates the chunks ``c`` with ``c % world_size == rank``. ``on_chunk(c)`` is
     called after chunk ``c`` is written (progress hooks, tests). Images: model space
     [-1, 1], ``(1, *image_shape)`` per item. ``trust_checkpoint``: see :func:`medaug.model.load_checkpoint`.
+    ``rank``/``world_size`` None: torchrun's (``$RANK``, ``$WORLD_SIZE``), else 0 and 1.
     """
     input, out_dir = Path(input), Path(out_dir)
+    env_rank, _, env_world = distributed()
+    rank, world_size = int(env_rank if rank is None else rank), int(env_world if world_size is None else world_size)
     chunk_size = int(chunk_size or batch_size)
     if batch_size < 1 or chunk_size % batch_size:
         raise ValueError(
@@ -272,7 +292,7 @@ def augment(
         use_ema=bool(use_ema),
     )
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-    result = AugmentResult(out_dir, len(real), counts)
+    result = AugmentResult(out_dir, len(real), counts, rank=rank, world_size=world_size)
     _check_folder(out_dir, key, overwrite)
     if is_complete(out_dir):
         result.complete = True
@@ -436,6 +456,23 @@ def save_synthetic_grid(folder: str | os.PathLike, path: str | os.PathLike, per_
         return None
     images = torch.stack([torch.as_tensor(ds[i]["image"]) for i in picked])
     return save_grid(images, torch.tensor([ds.data[i]["label"] for i in picked]), ds.class_names, path)
+
+
+def log_augment(tracker, result: AugmentResult, settings: Mapping, run_name: str, job: str) -> None:
+    """The finished folder as MLflow run ``run_name``: the ``settings`` (the augment section, as tags), real and
+    synthetic counts, ``plan.json`` and a grid of the synthetic images (not the manifest: its paths lead to the
+    user's folders, and a folder name may hold a patient's name)."""
+    with tracked(tracker, run_name=run_name, tags={"medaug.job": job}):
+        tracker.set_tags(flatten(dict(settings), "augment."))
+        synthetic = {f"augment/synthetic/{name}": n for name, n in result.synthetic.items()}
+        tracker.log_metrics(
+            {"augment/real": result.real, "augment/synthetic": sum(result.synthetic.values()), **synthetic}
+        )
+        tracker.log_artifact(result.out_dir / "plan.json", "augment")
+        with tempfile.TemporaryDirectory() as tmp:
+            grid = save_synthetic_grid(result.out_dir, Path(tmp) / "synthetic_grid.png")
+            if grid is not None:
+                tracker.log_artifact(grid, "augment")
 
 
 class _CallableModule(types.ModuleType):

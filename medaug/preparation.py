@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
-from medaug.phantoms import make_demo_dataset
+from .phantoms import make_demo_dataset
+from .registry import dataset_entity
+from .tracking import flatten, tracked
 
 log = logging.getLogger("medaug")
 
@@ -80,3 +82,17 @@ def summary_metrics(info) -> dict[str, float]:
     summary = {f"data/{split}/{name}": n for split, counts in info.counts.items() for name, n in counts.items()}
     summary.update({f"data/{k}": v for k, v in info.summary.items() if isinstance(v, (int, float))})
     return summary
+
+
+def log_prepare(tracker, info, params: Mapping, source: str, run_name: str, job: str) -> None:
+    """prepare's MLflow run ``run_name``: ``params`` (the data, preprocess and prepare sections, flattened) and the
+    dataset fingerprint, the de-identification tags, :func:`summary_metrics`, the dataset input (``source``:
+    where the data came from) and ``dataset.json`` (and ``deid_log.csv``) as artifacts."""
+    with tracked(tracker, run_name=run_name, tags={"medaug.job": job, "medaug.stage": "prepare"}):
+        tracker.log_params(flatten({**params, "dataset": info.fingerprint}))
+        tracker.set_tags({"deid.policy": info.deid.get("policy"), "deid.findings": info.deid.get("findings", 0)})
+        tracker.log_metrics(summary_metrics(info))
+        tracker.log_dataset(dataset_entity(info, source), "prepare")
+        tracker.log_artifact(info.root / "dataset.json", "prepared")
+        if (info.root / "deid_log.csv").exists():
+            tracker.log_artifact(info.root / "deid_log.csv", "prepared")

@@ -17,7 +17,7 @@ Example::
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import NamedTuple, Sequence, Union
+from typing import Mapping, NamedTuple, Sequence, Union
 
 import numpy as np
 import torch
@@ -98,6 +98,16 @@ class PercentileNormalization:
 
 
 Normalization = Union[IntensityWindow, PercentileNormalization]
+
+
+def normalization_of(preprocess: Mapping) -> Normalization:
+    """The ``preprocess`` section's intensity mapping: MR percentiles when it has ``percentile``, else the CT
+    ``window`` (HU)."""
+    if preprocess.get("percentile") is not None:
+        return PercentileNormalization(**preprocess["percentile"])
+    return IntensityWindow(**preprocess["window"])
+
+
 CROPS = ("center", "foreground")
 
 
