@@ -39,7 +39,7 @@ from .model import Checkpoint
 from .preprocessing import IntensityWindow
 from .progress import progress_bar
 from .pictures import views
-from .sampling import clip_x0_of, guided_eps, sample_records, step_noise_seed
+from .sampling import clip_x0_of, guided_eps, sample_records, save_samples, step_noise_seed
 
 INPAINT_SAMPLERS = ("ddim", "ddpm", "rflow")  # single-step schedulers: multistep ones keep a history jumps break
 
@@ -332,6 +332,33 @@ def inpaint_card(info: Mapping, rows: Sequence[Mapping]) -> str:
         classes=sorted({r["class_name"] for r in rows}),
         window=info["window"],
     )
+
+
+def save_inpainted(
+    out_dir: str | Path,
+    ckpt: Checkpoint,
+    images: torch.Tensor,
+    masks: torch.Tensor,
+    outputs: torch.Tensor,
+    labels: torch.Tensor,
+    volumes: Sequence[Volume],
+    settings: Mapping,
+    space=None,
+) -> Path:
+    """Write the inpainting output folder (a samples folder, :func:`medaug.sampling.save_samples`) atomically:
+    :func:`inpaint_records`, ``nifti/`` in each input's geometry (:func:`write_inpainted_nifti`), ``picture.png``
+    (input | mask | output) and ``DATA_CARD.md``. ``settings``: the sampling and inpainting settings, with the
+    input lists (file names, which may name a patient) kept only as their lengths."""
+    settings = {k: len(v) if k in ("images", "masks") else v for k, v in settings.items()}
+    rows, info = inpaint_records(ckpt, labels, masks, settings, [v.affine for v in volumes], space)
+    window = IntensityWindow(**ckpt.meta["window"])
+
+    def extra(folder: Path) -> None:
+        write_inpainted_nifti(folder, outputs, masks, volumes, window)
+        inpaint_picture(images, masks, outputs, folder / "picture.png")
+        (folder / "DATA_CARD.md").write_text(inpaint_card(info, rows))
+
+    return save_samples(out_dir, outputs, rows, info, ckpt.meta["class_names"], extra=extra)
 
 
 def default_inpaint_sampler(spec: Mapping, sampler: str | None) -> str:

@@ -12,19 +12,11 @@ from __future__ import annotations
 import torch
 from omegaconf import DictConfig
 
-from medaug.inpaint import (
-    default_inpaint_sampler,
-    inpaint,
-    inpaint_card,
-    inpaint_picture,
-    inpaint_records,
-    read_inpaint_inputs,
-    write_inpainted_nifti,
-)
+from medaug.inpaint import default_inpaint_sampler, inpaint, read_inpaint_inputs, save_inpainted
 from medaug.latent import latent_space_of
 from medaug.model import load_checkpoint
 from medaug.preprocessing import IntensityWindow
-from medaug.sampling import inference_scheduler, sampling_network, save_samples
+from medaug.sampling import inference_scheduler, sampling_network
 from medaug.tracking import tracked
 from pipelines.common import container, default_ckpt, device_of, log, make_tracker, path, stage_main
 
@@ -39,40 +31,21 @@ def run(cfg: DictConfig) -> dict:
     window = IntensityWindow(**ckpt.meta["window"])
     images, masks, volumes = read_inpaint_inputs(p["images"], p["masks"], ckpt.meta["image_shape"], window)
     labels = torch.full((len(images),), names.index(p["class_name"]), dtype=torch.long)
-    sampler = default_inpaint_sampler(ckpt.config["scheduler"], p["sampler"])
-    net = sampling_network(ckpt, device, use_ema=s.use_ema)
+    p["sampler"] = default_inpaint_sampler(ckpt.config["scheduler"], p["sampler"])
     space = latent_space_of(ckpt.meta, device, cfg.trust_checkpoint)  # None: pixel space
     outputs = inpaint(
-        net,
-        inference_scheduler(ckpt.config["scheduler"], sampler, p["steps"]),
+        sampling_network(ckpt, device, use_ema=s.use_ema),
+        inference_scheduler(ckpt.config["scheduler"], p["sampler"], p["steps"]),
         images,
         masks,
         labels,
         space=space,
-        jumps=p["jumps"],
-        resample=p["resample"],
-        guidance_scale=s.guidance_scale,
+        **{k: p[k] for k in ("jumps", "resample")},
+        **{k: s[k] for k in ("guidance_scale", "seed", "batch_size", "clip_x0", "decode_tile")},
         null_class=len(names),
-        seed=s.seed,
-        batch_size=s.batch_size,
-        clip_x0=s.clip_x0,
-        decode_tile=s.get("decode_tile"),
     )
-    settings = {
-        **{k: v for k, v in container(s).items() if k != "inpaint"},
-        **p,
-        "sampler": sampler,  # no file names
-        "images": len(p["images"]),
-        "masks": len(p["masks"]),
-    }
-    rows, info = inpaint_records(ckpt, labels, masks, settings, [v.affine for v in volumes], space)
-
-    def extra(folder):
-        write_inpainted_nifti(folder, outputs, masks, volumes, window)
-        inpaint_picture(images, masks, outputs, folder / "picture.png")
-        (folder / "DATA_CARD.md").write_text(inpaint_card(info, rows))
-
-    out = save_samples(path(cfg.paths.inpaint_dir), outputs, rows, info, names, extra=extra)
+    settings = {**{k: v for k, v in container(s).items() if k != "inpaint"}, **p}
+    out = save_inpainted(path(cfg.paths.inpaint_dir), ckpt, images, masks, outputs, labels, volumes, settings, space)
     with tracked(tracker, run_name=f"{cfg.name}-inpaint", tags={"medaug.job": cfg.name}):
         tracker.log_artifact(out / "picture.png", "inpaint")
     log.info("inpainted %d images as %s into %s", len(outputs), p["class_name"], out)
