@@ -15,7 +15,9 @@ from medaug.data import load_info, load_split
 from medaug.dp import private_training, train_patients
 from medaug.latent import cached_latents, latent_space_for_training
 from medaug.flow import is_flow
-from medaug.model import EMA, build_scheduler, check_unet_input, network_from_spec
+from medaug.model import EMA, build_scheduler, check_unet_input, network_from_spec, save_checkpoint
+from medaug.privacy import PrivacyFlags
+from medaug.probe import chained, probe_callback
 from medaug.registry import dataset_entity, preview_callback
 from medaug.runtime import process_group, switch
 from medaug.tracking import flatten, guarded, tracked
@@ -138,6 +140,13 @@ def _train(cfg: DictConfig, device: torch.device, rank: int, world: int) -> dict
         meta = checkpoint_meta(info, tracker.run_id, space)
         tracker.log_dataset(dataset_entity(info, cfg.data.source), "training")
         preview = preview_callback(tracker, ema, config["scheduler"], meta, t.get("preview_every"), space=space)
+        payload = lambda: {"config": config, "meta": {**meta, **(dp.meta() if dp else {})}}  # noqa: E731
+        probe = probe_callback(  # training.privacy_probe_every: memorisation-aware checkpoints (medaug/probe.py)
+            t.get("privacy_probe_every"), tracker=tracker, ema=ema, meta=meta, ckpt_dir=out_ckpt.parent,
+            save=lambda p, s: save_checkpoint(p, model=model, ema=ema, optimizer=optimizer, step=s, **payload()),
+            prepared_dir=info.root, scheduler_spec=config["scheduler"], space=space, seed=t.seed,
+            flags=PrivacyFlags.from_dict(config["evaluate"]["privacy"]),
+        )  # fmt: skip
         result = fit(
             model,
             ema,
@@ -146,10 +155,10 @@ def _train(cfg: DictConfig, device: torch.device, rank: int, world: int) -> dict
             settings,
             start_step=start_step,
             ckpt_path=out_ckpt,
-            checkpoint_payload=lambda: {"config": config, "meta": {**meta, **(dp.meta() if dp else {})}},
+            checkpoint_payload=payload,
             tracker=tracker,
             privacy=dp,
-            on_step=preview,
+            on_step=chained(preview, probe),
         )
         if rank == 0:
             tracker.log_artifact(out_ckpt, "checkpoints")

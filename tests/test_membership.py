@@ -129,10 +129,11 @@ def test_settings_refuse_bad_values():
         MIASettings.from_dict({"rounds": 3})
 
 
-def test_find_checkpoint_by_the_samples_checkpoint_id(tmp_path, overfit):
+def test_find_checkpoint_by_the_samples_checkpoint_id(tmp_path):
     from medaug.model import file_id
 
-    net, *_, ema = overfit
+    net = torch.nn.Linear(2, 2)
+    ema = EMA(net)
     a = save_checkpoint(tmp_path / "last.pt", model=net, ema=ema, optimizer=None, step=1, config={}, meta={})
     b = save_checkpoint(tmp_path / "step_2.pt", model=net, ema=ema, optimizer=None, step=2, config={}, meta={})
     assert find_checkpoint(a, file_id(b)) == b and find_checkpoint(a, file_id(a)) == a
