@@ -357,6 +357,17 @@ def membership(
     return metrics, {"run": True, "checkpoint_id": ckpt.id, "checkpoint_step": ckpt.step, **asdict(mia)}
 
 
+def mia_context(record: dict) -> str:
+    """The report's line on the membership-inference attack, from what :func:`membership` recorded."""
+    if not record.get("run"):
+        return f"not run: {record.get('why', 'no record')}"
+    return (
+        f"loss attack on checkpoint {record['checkpoint_id']} (step {record['checkpoint_step']}), timesteps "
+        f"{list(record['timesteps'])} of the schedule x noise seeds {list(record['seeds'])}, up to "
+        f"{record['max_per_class']} train and held-out images per class"
+    )
+
+
 def write_eval_folder(
     out_dir: Path,
     data: EvalData,
@@ -390,6 +401,7 @@ def write_eval_folder(
                 "samples": f"{len(d.synth_x)} synthetic ({d.info.get('checkpoint_id', '?')}), "
                 f"{len(d.train_x)} real train, {len(d.test_x)} real held-out",
                 "copy score space": f"{p.space} (threshold = {p.percentile}th percentile of held-out maxima)",
+                "membership inference": mia_context(privacy.get("mia") or {}),
             },
         )
     return Path(out_dir)

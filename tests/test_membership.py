@@ -154,7 +154,8 @@ def test_evaluate_runs_the_attack_on_the_samples_checkpoint(tmp_path):
     privacy = json.loads((tmp_path / "eval" / "privacy.json").read_text())
     assert privacy["mia"]["run"] is True and privacy["mia"]["checkpoint_step"] == 4
     assert privacy["checks"][-1].startswith("membership-inference AUC")
-    assert "membership-inference AUC" in (tmp_path / "eval" / "report.md").read_text()
+    report = (tmp_path / "eval" / "report.md").read_text()
+    assert "membership-inference AUC" in report and "- membership inference: loss attack on checkpoint" in report
     # samples of another checkpoint: auto skips the attack and says why; true refuses
     (tmp_path / "train" / "checkpoints" / "last.pt").rename(tmp_path / "elsewhere.pt")
     result = evaluate.run(compose_cfg("evaluate", tmp_path, overrides))
