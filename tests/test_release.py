@@ -9,7 +9,7 @@ import torch
 from medaug.atomic import atomic_folder
 from medaug.export import ExportError
 from medaug.regeneration import Regenerated, regenerate_copies
-from medaug.release import card_fields, filter_copies, manifest_scores, read_evaluation, share_gate
+from medaug.release import card_fields, filter_copies, manifest_scores, membership_text, read_evaluation, share_gate
 from medaug.sampling import samples_id, save_samples
 
 AFFINE = np.diag([0.8, 0.7, 2.5, 1.0])
@@ -165,3 +165,23 @@ def test_share_gate_refuses_samples_without_an_audit(tmp_path):
     assert not (tmp_path / "export").exists()
     ev = read_evaluation(tmp_path / "eval", tmp_path / "samples")
     assert "WITHOUT a privacy audit" in share_gate(ev, "share", allow_failed=True)
+
+
+def test_the_card_says_the_membership_attack_in_one_sentence(tmp_path):
+    _job(tmp_path)
+    mia = {
+        "privacy/mia_auc": 0.55,
+        "privacy/mia_auc_lo": 0.41,
+        "privacy/mia_auc_hi": 0.7,
+        "privacy/mia_tpr_at_1pct_fpr": 0.0,
+        "privacy/mia_members": 10.0,
+        "privacy/mia_nonmembers": 12.0,
+    }
+    metrics = {"privacy/copy_rate": 0.33} | mia
+    (tmp_path / "eval" / "metrics.json").write_text(json.dumps(metrics))
+    ev = read_evaluation(tmp_path / "eval", tmp_path / "samples")
+    assert ev.verdict == (
+        "verdict **warn**: `privacy/copy_rate` 0.33; membership inference (loss attack, 10 training vs 12 held-out "
+        "images): AUC 0.55 (95 % CI 0.41-0.70; 0.5 = no leakage), TPR 0.0% at 1 % FPR"
+    )
+    assert membership_text(metrics | {"privacy/mia_auc_lo": None}).count("n/a") == 1 and membership_text({}) == ""
