@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from functools import partial
 from pathlib import Path
 from typing import NamedTuple
@@ -29,6 +30,7 @@ from typing import NamedTuple
 import torch
 
 from .data import load_info, load_split, read_manifest
+from .latent import latent_space_of
 from .atomic import atomic_file, atomic_folder
 from .metrics import (
     FeatureExtractor,
@@ -41,10 +43,13 @@ from .metrics import (
     train_classifier,
     utility_metrics,
 )
-from .model import network_from_spec
+from .membership import MIASettings, find_checkpoint, membership_audit
+from .model import build_scheduler, checkpoint_network, load_checkpoint, network_from_spec
 from .privacy import PrivacyAudit, PrivacyFlags, privacy_audit, write_per_sample
 from .report import write_pictures, write_report
 from .sampling import load_samples, samples_id
+
+log = logging.getLogger("medaug")
 
 
 @dataclass(frozen=True)
@@ -76,10 +81,11 @@ class PrivacySettings:
     max_closer_share: float = 0.55
     min_dcr_ratio: float = 0.9
     alpha: float = 0.05
+    max_mia_auc: float = 0.6  # membership inference: fail above (when its 95 % CI excludes 0.5)
 
     @property
     def flags(self) -> PrivacyFlags:
-        return PrivacyFlags(self.max_copy_rate, self.max_closer_share, self.min_dcr_ratio, self.alpha)
+        return PrivacyFlags(self.max_copy_rate, self.max_closer_share, self.min_dcr_ratio, self.alpha, self.max_mia_auc)
 
 
 @dataclass(frozen=True)
@@ -94,6 +100,7 @@ class EvalSettings:
     fidelity: dict = field(default_factory=dict)  # fidelity_metrics keywords: pr_k, dc_k, kid_subsets, ...
     utility: UtilitySettings = field(default_factory=UtilitySettings)
     privacy: PrivacySettings = field(default_factory=PrivacySettings)
+    mia: MIASettings = field(default_factory=MIASettings)  # membership inference on the checkpoint
     pairs_top: int = 16  # suspicious synthetic samples drawn beside their nearest training image
 
     @classmethod
@@ -110,6 +117,7 @@ class EvalSettings:
         utility["seeds"] = tuple(int(x) for x in utility.get("seeds") or ())
         s["utility"] = _settings(UtilitySettings, utility, "evaluate.utility")
         s["privacy"] = _settings(PrivacySettings, s.get("privacy") or {}, "evaluate.privacy")
+        s["mia"] = MIASettings.from_dict(s.get("mia"))
         s["fidelity"] = dict(s.get("fidelity") or {})
         return _settings(cls, s, "evaluate")
 
@@ -253,10 +261,11 @@ def encoder_of(settings: EvalSettings, clf: torch.nn.Module, device: torch.devic
 
 
 def compute_metrics(
-    data: EvalData, settings: EvalSettings, device: torch.device, cache_dir: Path
+    data: EvalData, settings: EvalSettings, device: torch.device, cache_dir: Path, mia: dict | None = None
 ) -> tuple[dict[str, float], PrivacyAudit, list[str]]:
     """Realism (label fidelity, diversity), fidelity (also 2.5D for volumes), privacy and utility metrics of
-    ``data``; returns ``(metrics, privacy audit, feature extractor descriptions)``."""
+    ``data``; ``mia``: the membership-inference metrics (:func:`membership`), which join the privacy verdict.
+    Returns ``(metrics, privacy audit, feature extractor descriptions)``."""
     d, s, k, names = data, settings, len(data.class_names), data.class_names
     clf = cached_classifier(cache_dir, d.train_x, d.train_y, k, s.classifier_steps, s.seed, device)
     encoder = encoder_of(s, clf, device)
@@ -292,6 +301,7 @@ def compute_metrics(
         synth_labels=d.synth_y,
         class_names=names,
         seed=s.seed,
+        extra=mia,
     )
     metrics.update(audit.metrics)
     if s.utility.seeds:
@@ -311,6 +321,51 @@ def compute_metrics(
             ).metrics()
         )
     return metrics, audit, extractors
+
+
+def membership(
+    data: EvalData, settings: EvalSettings, ckpt_path: Path | None, device: torch.device, trust: bool = False
+) -> tuple[dict[str, float], dict]:
+    """The membership-inference attack (:mod:`medaug.membership`) on the checkpoint the samples came from: the
+    train split's images against the held-out ones. ``ckpt_path`` is where to look (that file, or one beside it
+    with the samples' checkpoint id). Returns ``(privacy/mia_* metrics, what privacy.json records of it)``;
+    ``({}, {"run": False, ...})`` when it is switched off or, with ``enabled: auto``, the checkpoint is not found."""
+    mia = settings.mia
+    if mia.enabled is False:
+        return {}, {"run": False, "why": "evaluate.mia.enabled=false"}
+    wanted = data.info.get("checkpoint_id")
+    found = find_checkpoint(ckpt_path, wanted)
+    if found is None:
+        why = f"the samples' checkpoint {wanted} is not {ckpt_path} nor beside it (trained on since?)"
+        if mia.enabled is True:
+            raise FileNotFoundError(f"evaluate.mia.enabled=true but {why}; pass ckpt_path=<that checkpoint>")
+        log.warning("membership inference not run: %s; pass ckpt_path=<the samples' checkpoint>", why)
+        return {}, {"run": False, "why": why}
+    ckpt = load_checkpoint(found, trust)
+    net = checkpoint_network(ckpt, "ema").to(device)
+    space = latent_space_of(ckpt.meta, device, trust)  # None: pixel space
+    metrics = membership_audit(
+        net,
+        build_scheduler(ckpt.config["scheduler"]),
+        (data.train_x, data.train_y),
+        (data.test_x, data.test_y),
+        data.class_names,
+        mia,
+        seed=settings.seed,
+        encode=None if space is None else space.encode,
+    )
+    return metrics, {"run": True, "checkpoint_id": ckpt.id, "checkpoint_step": ckpt.step, **asdict(mia)}
+
+
+def mia_context(record: dict) -> str:
+    """The report's line on the membership-inference attack, from what :func:`membership` recorded."""
+    if not record.get("run"):
+        return f"not run: {record.get('why', 'no record')}"
+    return (
+        f"loss attack on checkpoint {record['checkpoint_id']} (step {record['checkpoint_step']}), timesteps "
+        f"{list(record['timesteps'])} of the schedule x noise seeds {list(record['seeds'])}, up to "
+        f"{record['max_per_class']} train and held-out images per class"
+    )
 
 
 def write_eval_folder(
@@ -346,6 +401,7 @@ def write_eval_folder(
                 "samples": f"{len(d.synth_x)} synthetic ({d.info.get('checkpoint_id', '?')}), "
                 f"{len(d.train_x)} real train, {len(d.test_x)} real held-out",
                 "copy score space": f"{p.space} (threshold = {p.percentile}th percentile of held-out maxima)",
+                "membership inference": mia_context(privacy.get("mia") or {}),
             },
         )
     return Path(out_dir)
@@ -358,6 +414,8 @@ def evaluate(
     settings: EvalSettings,
     device: torch.device,
     cache_dir: str | os.PathLike | None = None,
+    ckpt_path: str | os.PathLike | None = None,
+    trust: bool = False,
 ) -> EvalResult:
     """Evaluate the synthetic images of ``samples_dir`` against the real ones of ``prepared_dir`` and write the
     evaluation folder ``out_dir`` (see the module doc).
@@ -370,6 +428,8 @@ def evaluate(
         settings: what to compute (:class:`EvalSettings`, e.g. ``EvalSettings.from_dict(evaluate_section)``).
         device: where the classifiers and encoders run; the images stay in host memory.
         cache_dir: where real-trained classifiers are cached; default :func:`classifier_cache_dir` of ``out_dir``.
+        ckpt_path: the samples' checkpoint, or one beside it (the membership-inference attack, :func:`membership`);
+            ``trust``: load it trusting its contents (see :func:`medaug.model.load_checkpoint`).
 
     Returns:
         :class:`EvalResult` with the metrics (NaN where undefined, null in ``metrics.json``) and the privacy verdict.
@@ -382,7 +442,8 @@ def evaluate(
     samples_dir, out_dir = Path(samples_dir), Path(out_dir)
     data = load_eval_data(samples_dir, Path(prepared_dir), settings.real_split)
     cache_dir = Path(cache_dir) if cache_dir is not None else classifier_cache_dir(out_dir)
-    metrics, audit, extractors = compute_metrics(data, settings, device, cache_dir)
-    privacy = audit.summary() | {"extractors": extractors, "samples_id": samples_id(samples_dir)}
+    mia, mia_record = membership(data, settings, Path(ckpt_path) if ckpt_path else None, device, trust)
+    metrics, audit, extractors = compute_metrics(data, settings, device, cache_dir, mia)
+    privacy = audit.summary() | {"extractors": extractors, "samples_id": samples_id(samples_dir), "mia": mia_record}
     write_eval_folder(out_dir, data, settings, metrics, privacy, audit, extractors)
     return EvalResult(metrics, audit.verdict, list(audit.reasons), extractors, out_dir, data.info.get("mlflow_run_id"))

@@ -119,6 +119,15 @@ def render_card(template: str | Path, fields: Mapping[str, object]) -> str:
         raise ExportError(f"{template}: placeholder ${{{err.args[0]}}} has no value") from err
 
 
+def warning_first(card: str, warning: str | None) -> str:
+    """The rendered data ``card`` with ``warning`` (e.g. the share gate's override, :func:`medaug.release.share_gate`)
+    right under its title line, whatever the template."""
+    if not warning:
+        return card
+    title, _, rest = card.partition("\n")
+    return f"{title}\n\n{warning}\n{rest}"
+
+
 def dicom_header(code: str, class_name: str, created: dt.datetime | None = None) -> dict:
     """The identifying and descriptive DICOM attributes of one synthetic sample.
 
@@ -397,7 +406,7 @@ def export_dataset(
         }
         if profile == "share":
             card["mlflow_run_id"] = "withheld (share profile)"
-        (tmp / "DATA_CARD.md").write_text(render_card(template, card))
+        (tmp / "DATA_CARD.md").write_text(warning_first(render_card(template, card), card_fields.get("audit_warning")))
         write_checksums(tmp)
     if profile == "share":
         archive_folder(out_dir, archive)

@@ -11,8 +11,9 @@ and class), ``memorised_patients`` (share of training patients with at least one
 ``closer_to_train`` (share of synthetic samples closer to a training subset than to a held-out
 set of the same size; 0.5 expected, one-sided t-test ``closer_to_train_p``), ``dcr_ratio``
 (5th percentile of the distance to the closest training record, 1 - correlation, synthetic
-over held-out; < 1 means closer than new real data). Flags (``PrivacyFlags``, defaults from
-ANCHORS.md) give a verdict: pass, warn or fail, with the reasons.
+over held-out; < 1 means closer than new real data), and, given the attack's metrics
+(:mod:`medaug.membership`), ``mia_auc``. Flags (``PrivacyFlags``, defaults from ANCHORS.md) give a
+verdict: pass, warn or fail, with the reasons (``judge``).
 
 Example::
 
@@ -29,7 +30,7 @@ import csv
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -240,17 +241,82 @@ class PrivacyFlags:
     """When the audit raises a flag (defaults: ANCHORS.md): a copy rate above ``max_copy_rate`` fails;
     a closer-to-train share above ``max_closer_share`` fails when its one-sided test against 0.5 is
     significant at ``alpha`` (with few samples a share of 0.6 is chance: reported, no flag); a DCR
-    ratio below ``min_dcr_ratio`` warns."""
+    ratio below ``min_dcr_ratio`` warns; a membership-inference AUC above ``max_mia_auc`` fails when its
+    bootstrap 95 % interval lies above 0.5 (when the attack ran)."""
 
     max_copy_rate: float = 0.10
     max_closer_share: float = 0.55
     min_dcr_ratio: float = 0.9
     alpha: float = 0.05
+    max_mia_auc: float = 0.6  # membership inference (medaug.membership): fail above when its 95 % CI excludes 0.5
+
+    @classmethod
+    def from_dict(cls, values: Mapping) -> PrivacyFlags:
+        """The flags among ``values`` (e.g. the ``evaluate.privacy`` section); other keys are ignored."""
+        return cls(**{k: float(v) for k, v in values.items() if k in cls.__dataclass_fields__})
+
+
+class Check(NamedTuple):
+    """One flag of the audit: ``name`` (``copy_rate``, ``closer_to_train``, ``dcr_ratio``, ``mia_auc``), ``level``
+    (``ok``, ``warn`` or ``fail``), the report's sentence ``line`` and a ``short`` one for one-line messages
+    (``closer_to_train 0.66 > 0.55 (p=0.005)``)."""
+
+    name: str
+    level: str
+    line: str
+    short: str
+
+
+def judge(m: Mapping[str, float], flags: PrivacyFlags, n_samples: int, space: str = "pixel") -> list[Check]:
+    """The checks of the audit metrics ``m`` (``privacy/...``) against ``flags``; ``n_samples`` synthetic samples
+    were audited in ``space``. The membership-inference check is there when ``m`` has ``privacy/mia_auc``."""
+    out = []
+    rate, copies, thr = m["privacy/copy_rate"], int(m["privacy/copies"]), m["privacy/threshold"]
+    line = (
+        f"copy rate {rate:.1%} (limit {flags.max_copy_rate:.0%}): {copies} of {n_samples} synthetic "
+        f"samples correlate above {thr:.3f} ({space}) with a training image, "
+        f"{m['privacy/memorised_patients']:.0%} of training patients"
+    )
+    level = "fail" if rate > flags.max_copy_rate else "ok"
+    out.append(Check("copy_rate", level, line, f"copy_rate {rate:.2f} > {flags.max_copy_rate:.2f}"))
+    share, p = m["privacy/closer_to_train"], m["privacy/closer_to_train_p"]
+    line = f"closer-to-train share {share:.2f} (limit {flags.max_closer_share:.2f}, expected 0.5), p = {p:.3g}"
+    if share > flags.max_closer_share and p >= flags.alpha:
+        line += f" (above the limit but not significant at alpha {flags.alpha} with {n_samples} samples: no flag)"
+    level = "fail" if share > flags.max_closer_share and p < flags.alpha else "ok"
+    out.append(
+        Check("closer_to_train", level, line, f"closer_to_train {share:.2f} > {flags.max_closer_share:.2f} (p={p:.2g})")
+    )
+    ratio = m["privacy/dcr_ratio"]
+    line = f"DCR 5th-percentile ratio synthetic/held-out {ratio:.2f} (limit {flags.min_dcr_ratio:.2f})"
+    level = "warn" if ratio < flags.min_dcr_ratio else "ok"
+    out.append(Check("dcr_ratio", level, line, f"dcr_ratio {ratio:.2f} < {flags.min_dcr_ratio:.2f}"))
+    if "privacy/mia_auc" in m:
+        auc, lo, hi = m["privacy/mia_auc"], m["privacy/mia_auc_lo"], m["privacy/mia_auc_hi"]
+        line = (
+            f"membership-inference AUC {auc:.2f} (95% CI {lo:.2f}-{hi:.2f}; limit {flags.max_mia_auc:.2f}, "
+            f"0.5 = no leakage), TPR {m['privacy/mia_tpr_at_1pct_fpr']:.1%} at 1% FPR"
+        )
+        if auc > flags.max_mia_auc and not lo > 0.5:
+            line += " (above the limit but its 95% interval includes 0.5: no flag)"
+        level = "fail" if auc > flags.max_mia_auc and lo > 0.5 else "ok"
+        out.append(
+            Check("mia_auc", level, line, f"mia_auc {auc:.2f} > {flags.max_mia_auc:.2f} (95% CI {lo:.2f}-{hi:.2f})")
+        )
+    return out
+
+
+def verdict_of(checks: Sequence[Check]) -> str:
+    """``fail`` when a check failed, else ``warn`` when one warned, else ``pass``."""
+    levels = {c.level for c in checks}
+    return "fail" if "fail" in levels else "warn" if "warn" in levels else "pass"
 
 
 @dataclass
 class PrivacyAudit:
-    """Result of ``privacy_audit``: metrics named ``privacy/...``, the verdict and its reasons."""
+    """Result of ``privacy_audit``: metrics named ``privacy/...``, the verdict and its reasons (the sentences of the
+    checks that failed, then of those that warned), every check's sentence, and ``failed``: the short form of
+    the failed checks (what export's share gate names)."""
 
     scores: CopyScores
     metrics: dict[str, float]
@@ -258,12 +324,14 @@ class PrivacyAudit:
     reasons: list[str]
     flags: PrivacyFlags
     checks: list[str]
+    failed: list[str] = field(default_factory=list)
 
     def summary(self) -> dict:
         """What ``privacy.json`` holds (no images, no patient identifiers)."""
         return dict(
             verdict=self.verdict,
             reasons=self.reasons,
+            failed=self.failed,
             checks=self.checks,
             space=self.scores.space,
             percentile=self.scores.percentile,
@@ -315,9 +383,12 @@ def privacy_audit(
     synth_labels: torch.Tensor | None = None,
     class_names: Sequence[str] = (),
     seed: int = 0,
+    extra: Mapping[str, float] | None = None,
 ) -> PrivacyAudit:
     """The memorisation audit of ``synth`` against ``train`` (pseudonymous patient of each training image
-    in ``train_patients``), calibrated on ``heldout``; metrics, verdict and reasons (see module doc)."""
+    in ``train_patients``), calibrated on ``heldout``; metrics, verdict and reasons (see module doc).
+    ``extra`` metrics join the audit's before the verdict: the membership-inference attack's
+    (:func:`medaug.membership.membership_metrics`, ``privacy/mia_auc`` ...) add its check."""
     flags = flags or PrivacyFlags()
     if len(train_patients) != len(train):
         raise ValueError(f"{len(train_patients)} patient ids for {len(train)} training images")
@@ -353,30 +424,13 @@ def privacy_audit(
     m["privacy/dcr_p5"], m["privacy/dcr_p5_heldout"] = float(dcr_s), float(dcr_h)
     m["privacy/dcr_ratio"] = float(dcr_s / dcr_h) if dcr_h > 1e-12 else float("nan")
 
-    fails, warns, checks = [], [], []
-    rate = m["privacy/copy_rate"]
-    line = (
-        f"copy rate {rate:.1%} (limit {flags.max_copy_rate:.0%}): {int(copies.sum())} of {len(copies)} synthetic "
-        f"samples correlate above {scores.threshold:.3f} ({space}) with a training image, "
-        f"{m['privacy/memorised_patients']:.0%} of training patients"
-    )
-    checks.append(line)
-    if rate > flags.max_copy_rate:
-        fails.append(line)
-    line = f"closer-to-train share {share:.2f} (limit {flags.max_closer_share:.2f}, expected 0.5), p = {p:.3g}"
-    if share > flags.max_closer_share and p >= flags.alpha:
-        line += f" (above the limit but not significant at alpha {flags.alpha} with {len(copies)} samples: no flag)"
-    checks.append(line)
-    if share > flags.max_closer_share and p < flags.alpha:
-        fails.append(line)
-    ratio = m["privacy/dcr_ratio"]
-    line = f"DCR 5th-percentile ratio synthetic/held-out {ratio:.2f} (limit {flags.min_dcr_ratio:.2f})"
-    checks.append(line)
-    if ratio < flags.min_dcr_ratio:
-        warns.append(line)
-    verdict = "fail" if fails else "warn" if warns else "pass"
+    m.update(extra or {})
+    checks = judge(m, flags, len(copies), space)
+    verdict = verdict_of(checks)
     m["privacy/verdict_code"] = float(VERDICT_CODES[verdict])
-    return PrivacyAudit(scores, m, verdict, fails + warns, flags, checks)
+    reasons = [c.line for c in checks if c.level == "fail"] + [c.line for c in checks if c.level == "warn"]
+    failed = [c.short for c in checks if c.level == "fail"]
+    return PrivacyAudit(scores, m, verdict, reasons, flags, [c.line for c in checks], failed)
 
 
 def pixel_copy_scores(images: torch.Tensor, train: torch.Tensor) -> np.ndarray:

@@ -1,11 +1,13 @@
 """What export reads before it writes: the evaluation of the samples, the copy filter, the data card's fields.
 
-Export's recipe (``pipelines/export.py``) is: load the samples, :func:`read_evaluation`, :func:`card_fields`,
-:func:`filter_copies` (or :func:`audit_scores` unfiltered), then :func:`medaug.export.export_dataset`.
+Export's recipe (``pipelines/export.py``) is: load the samples, :func:`read_evaluation`, :func:`share_gate`,
+:func:`card_fields`, :func:`filter_copies` (or :func:`audit_scores` unfiltered), then
+:func:`medaug.export.export_dataset`.
 
 Example::
 
     ev = read_evaluation("job/eval", "job/samples")
+    warning = share_gate(ev, "share", allow_failed=False)   # ExportError on a fail verdict or no audit
     kept = filter_copies(images, labels, rows, "job/eval")           # drops samples above the copy threshold
     kept.note  # 'copy filter on (threshold 0.9000): 1 of 6 samples dropped'
 """
@@ -75,9 +77,66 @@ def privacy_inputs(eval_dir: Path, metrics: dict) -> tuple[list[Path], str]:
     audit = {k: v for k, v in metrics.items() if k.count("/") == 1 and k.startswith("privacy/") and v is not None}
     privacy = eval_dir / "privacy.json"
     verdict = json.loads(privacy.read_text()).get("verdict") if privacy.is_file() else None
-    shown = [f"`{k}` {v:.4g}" for k, v in sorted(audit.items()) if isinstance(v, (int, float))]
-    text = (f"verdict **{verdict}**: " if verdict else "") + ", ".join(shown)
+    shown = [
+        f"`{k}` {v:.4g}"
+        for k, v in sorted(audit.items())
+        if isinstance(v, (int, float)) and not k.startswith("privacy/mia_")  # the attack: one sentence below
+    ]
+    text = (f"verdict **{verdict}**: " if verdict else "") + ", ".join(shown) + membership_text(metrics)
     return files, text if audit else "not audited: run `medaug evaluate` with the privacy audit before sharing"
+
+
+def membership_text(metrics: Mapping) -> str:
+    """The data card's sentence on the membership-inference attack (``privacy/mia_*``); "" when it did not run."""
+    if metrics.get("privacy/mia_auc") is None:
+        return ""
+
+    def v(key: str, fmt: str = ".2f") -> str:  # null in metrics.json (NaN) reads n/a
+        return "n/a" if metrics.get(f"privacy/mia_{key}") is None else format(metrics[f"privacy/mia_{key}"], fmt)
+
+    return (
+        f"; membership inference (loss attack, {v('members', '.0f')} training vs {v('nonmembers', '.0f')} held-out "
+        f"images): AUC {v('auc')} (95 % CI {v('auc_lo')}-{v('auc_hi')}; 0.5 = no leakage), "
+        f"TPR {v('tpr_at_1pct_fpr', '.1%')} at 1 % FPR"
+    )
+
+
+def share_gate(ev: Evaluation, profile: str, allow_failed: bool = False) -> str:
+    """The share gate: ``profile="share"`` refuses samples whose privacy audit failed, or that have none, with
+    an :class:`ExportError` of one line naming the failed checks and the remedies; ``allow_failed`` lets them
+    through and returns the warning the data card then opens with (``""`` when there is nothing to warn of)."""
+    if profile != "share":
+        return ""
+    privacy = ev.root / "privacy.json"
+    summary = json.loads(privacy.read_text()) if ev.complete and privacy.is_file() else {}
+    verdict = summary.get("verdict")
+    override = "set export.allow_failed_audit=true to export anyway"
+    if not ev.audited or verdict is None:
+        if not allow_failed:
+            raise ExportError(
+                f"export.profile=share: no privacy audit of these samples in {ev.root}; run `medaug evaluate` "
+                f"first, or {override} (with export.copy_filter=false)"
+            )
+        return (
+            "> **WARNING: this dataset was exported for sharing WITHOUT a privacy audit** "
+            "(`export.allow_failed_audit=true`). Nothing here shows that it does not reveal its training "
+            "patients; do not share it outside the data-use agreement of the training data."
+        )
+    if verdict != "fail":
+        return ""
+    failed = "; ".join(summary.get("failed") or summary.get("reasons") or ["(no reason recorded)"])
+    if not allow_failed:
+        raise ExportError(
+            f"privacy audit verdict fail: {failed}; remedies: train with differential privacy "
+            "(training.dp.enabled=true), sample from a memorisation-aware checkpoint (ckpt_path=best_private), "
+            f"see README 'Sharing a dataset safely'; {override}"
+        )
+    log.warning("exporting for sharing although the privacy audit failed (%s): export.allow_failed_audit=true", failed)
+    return (
+        f"> **WARNING: this dataset FAILED its privacy audit** ({failed}) and was exported for sharing only because "
+        "`export.allow_failed_audit=true` overrode the share gate. It may reveal its training patients; do not "
+        "share it outside the data-use agreement of the training data."
+    )
 
 
 def class_counts_text(rows: Sequence[Mapping]) -> str:

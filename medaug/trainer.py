@@ -25,7 +25,9 @@ from .data import PreparedInfo, load_info, load_split
 from .dp import private_training, train_patients
 from .flow import is_flow
 from .latent import LatentSpace, cached_latents, latent_space_for_training
-from .model import EMA, check_unet_input
+from .model import EMA, check_unet_input, save_checkpoint
+from .privacy import PrivacyFlags
+from .probe import chained, probe_callback
 from .registry import dataset_entity, preview_callback
 from .runtime import switch
 from .tracking import NullTracker, Tracker, guarded, tracked
@@ -129,6 +131,7 @@ def train_diffusion(
     amp_dtype: torch.dtype | None = None,
     compile_cache: str | None = None,
     register: str | None = None,
+    probe_flags: PrivacyFlags | None = None,
     trust: bool = False,
 ) -> FitResult:
     """Train ``net`` on ``data`` with the diffusion loss of ``scheduler`` to ``training["max_steps"]`` and write
@@ -139,6 +142,8 @@ def train_diffusion(
     checkpointing as ``training`` says, wraps the model in DDP when ``world_size > 1``. ``tracker`` receives
     ``params`` (on a fresh run), the dataset input (``source``: where the data came from), the loss curve, the
     previews (``training["preview_every"]``) and the checkpoint, and registers the model as ``register``.
+    ``training["privacy_probe_every"]`` keeps a checkpoint with a memorisation probe (judged by ``probe_flags``)
+    every that many steps (:mod:`medaug.probe`).
 
     Returns the fit loop's result (last step, loss curve)."""
     t, info, space = training, data.info, data.space
@@ -202,6 +207,20 @@ def train_diffusion(
         meta = checkpoint_meta(info, tracker.run_id, space)
         tracker.log_dataset(dataset_entity(info, source), "training")
         preview = preview_callback(tracker, ema, stored_config["scheduler"], meta, t.get("preview_every"), space=space)
+        payload = lambda: {"config": stored_config, "meta": {**meta, **(dp.meta() if dp else {})}}
+        probe = probe_callback(  # training.privacy_probe_every: memorisation-aware checkpoints
+            t.get("privacy_probe_every"),
+            tracker=tracker,
+            ema=ema,
+            meta=meta,
+            ckpt_dir=ckpt_path.parent,
+            save=lambda p, s: save_checkpoint(p, model=model, ema=ema, optimizer=optimizer, step=s, **payload()),
+            prepared_dir=info.root,
+            scheduler_spec=stored_config["scheduler"],
+            space=space,
+            seed=t["seed"],
+            flags=probe_flags,
+        )
         result = fit(
             model,
             ema,
@@ -210,10 +229,10 @@ def train_diffusion(
             settings,
             start_step=start_step,
             ckpt_path=ckpt_path,
-            checkpoint_payload=lambda: {"config": stored_config, "meta": {**meta, **(dp.meta() if dp else {})}},
+            checkpoint_payload=payload,
             tracker=tracker,
             privacy=dp,
-            on_step=preview,
+            on_step=chained(preview, probe),
         )
         if rank == 0:
             tracker.log_artifact(ckpt_path, "checkpoints")

@@ -99,6 +99,11 @@ def make_tracker(cfg: DictConfig, any_rank: bool = False):
 
 
 def default_ckpt(cfg: DictConfig) -> Path:
+    if cfg.get("ckpt_path") == "best_private":  # the best probed checkpoint that passes the privacy flags
+        from medaug.privacy import PrivacyFlags
+        from medaug.probe import best_private
+
+        return best_private(path(cfg.paths.train_dir) / "checkpoints", PrivacyFlags.from_dict(cfg.evaluate.privacy))
     if is_registry_uri(cfg.get("ckpt_path")):  # models:/<name>/<version or @alias>: downloaded once
         return checkpoint_file(cfg.ckpt_path, tracking_uri(cfg), path(cfg.paths.output_dir) / "registry")
     return path(cfg.ckpt_path) if cfg.get("ckpt_path") else path(cfg.paths.train_dir) / "checkpoints" / "last.pt"

@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 
 from medaug.evaluation import EvalSettings, evaluate
 from medaug.tracking import flatten, tracked
-from pipelines.common import container, device_of, log, make_tracker, path, stage_main
+from pipelines.common import container, default_ckpt, device_of, log, make_tracker, path, stage_main
 
 
 def run(cfg: DictConfig) -> dict:
@@ -32,6 +32,8 @@ def run(cfg: DictConfig) -> dict:
         path(cfg.paths.eval_dir),
         EvalSettings.from_dict(section),
         device_of(cfg),
+        ckpt_path=default_ckpt(cfg),  # the membership-inference attack's checkpoint (or one beside it)
+        trust=cfg.trust_checkpoint,
     )
     tags = flatten(section, "evaluate.")
     if section["encoder"]["weights"]:

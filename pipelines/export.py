@@ -16,7 +16,7 @@ from medaug.job import job_summary
 from medaug.preprocessing import IntensityWindow
 from medaug.registry import synthetic_entity
 from medaug.regeneration import regenerate_copies
-from medaug.release import card_fields, class_counts_text, filter_copies, manifest_scores, read_evaluation
+from medaug.release import card_fields, class_counts_text, filter_copies, manifest_scores, read_evaluation, share_gate
 from medaug.sampling import load_samples, samples_id
 from medaug.tracking import tracked
 from pipelines.common import REPO_ROOT, container, default_ckpt, make_tracker, path, stage_main, tracking_uri
@@ -28,7 +28,8 @@ def run(cfg: DictConfig) -> dict:
     samples_dir, eval_dir, prepared = (path(cfg.paths[k]) for k in ("samples_dir", "eval_dir", "prepared_dir"))
     images, labels, rows, info = load_samples(samples_dir)
     ev = read_evaluation(eval_dir, samples_dir)
-    card = card_fields(cfg.name, info, rows, ev, prepared)
+    warning = share_gate(ev, x.profile, x.get("allow_failed_audit", False))  # before anything is written
+    card = card_fields(cfg.name, info, rows, ev, prepared) | {"audit_warning": warning}
     scores = manifest_scores(ev, rows)
     if x.profile == "share" if x.copy_filter == "auto" else bool(x.copy_filter):
         if not ev.audited:

@@ -10,6 +10,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from medaug.model import build_scheduler
+from medaug.privacy import PrivacyFlags
 from medaug.runtime import process_group
 from medaug.tracking import flatten
 from medaug.trainer import train_diffusion, training_data, unet_spec
@@ -59,6 +60,7 @@ def run(cfg: DictConfig) -> dict:
             amp_dtype=amp_dtype_of(cfg, device),
             compile_cache=cfg.paths.compile_cache,
             register=cfg.tracking.get("register"),
+            probe_flags=PrivacyFlags.from_dict(config["evaluate"]["privacy"]),
             trust=cfg.trust_checkpoint,
         )
     final = result.losses[-1][1] if result.losses else float("nan")

@@ -9,7 +9,7 @@ import torch
 from medaug.atomic import atomic_folder
 from medaug.export import ExportError
 from medaug.regeneration import Regenerated, regenerate_copies
-from medaug.release import card_fields, filter_copies, manifest_scores, read_evaluation
+from medaug.release import card_fields, filter_copies, manifest_scores, membership_text, read_evaluation, share_gate
 from medaug.sampling import samples_id, save_samples
 
 AFFINE = np.diag([0.8, 0.7, 2.5, 1.0])
@@ -102,3 +102,86 @@ def test_regeneration_needs_a_pixel_audit_and_the_samples_checkpoint(tmp_path):
             ckpt_path=ckpt,
             prepared_dir=tmp_path / "prepared",
         )
+
+
+FAILED = ["closer_to_train 0.66 > 0.55 (p=0.005)", "mia_auc 0.71 > 0.60 (95% CI 0.62-0.80)"]
+
+
+def _audited(tmp_path, verdict="fail", failed=FAILED):
+    """``_job`` with an audit of the given verdict (and its failed checks in privacy.json)."""
+    job = _job(tmp_path, scores=(0.25, 0.3, 0.5))
+    summary = json.loads((tmp_path / "eval" / "privacy.json").read_text())
+    (tmp_path / "eval" / "privacy.json").write_text(json.dumps(summary | {"verdict": verdict, "failed": failed}))
+    return job
+
+
+def _share(tmp_path, *overrides):
+    from pipelines import export as export_stage
+
+    from .conftest import compose_cfg
+
+    cfg = compose_cfg(
+        "export", tmp_path, ["tracking=none", "export.profile=share", "export.regenerate=false", *overrides]
+    )
+    return export_stage.run(cfg)
+
+
+def test_share_gate_refuses_a_failed_audit_naming_the_checks_and_writes_nothing(tmp_path):
+    _audited(tmp_path)
+    with pytest.raises(ExportError) as err:
+        _share(tmp_path)
+    message = str(err.value)
+    assert message.startswith("privacy audit verdict fail: closer_to_train 0.66 > 0.55 (p=0.005); mia_auc 0.71")
+    assert "export.allow_failed_audit=true" in message and "\n" not in message
+    assert not (tmp_path / "export").exists() and not (tmp_path / "export.tar.gz").exists()
+    ev = read_evaluation(tmp_path / "eval", tmp_path / "samples")
+    assert share_gate(ev, "augment") == ""  # only the share profile is gated
+
+
+def test_share_gate_passes_warn_and_pass_verdicts_without_a_warning(tmp_path):
+    _audited(tmp_path, verdict="warn", failed=[])
+    assert share_gate(read_evaluation(tmp_path / "eval", tmp_path / "samples"), "share") == ""
+    assert _share(tmp_path)["samples"] == 3
+    card = (tmp_path / "export" / "DATA_CARD.md").read_text()
+    assert "WARNING" not in card and card.splitlines()[2].startswith("**Every image in this dataset is synthetic.**")
+
+
+def test_allow_failed_audit_exports_and_the_card_opens_with_the_warning(tmp_path):
+    _audited(tmp_path)
+    result = _share(tmp_path, "export.allow_failed_audit=true")
+    assert result["samples"] == 3 and (tmp_path / "export.tar.gz").is_file()
+    lines = (tmp_path / "export" / "DATA_CARD.md").read_text().splitlines()
+    assert lines[0].startswith("# Data card") and lines[2].startswith("> **WARNING: this dataset FAILED its privacy")
+    assert FAILED[0] in lines[2] and "export.allow_failed_audit=true" in lines[2]
+
+
+def test_share_gate_refuses_samples_without_an_audit(tmp_path):
+    _audited(tmp_path)
+    import shutil
+
+    shutil.rmtree(tmp_path / "eval")
+    with pytest.raises(ExportError, match="no privacy audit of these samples"):
+        _share(tmp_path)
+    assert not (tmp_path / "export").exists()
+    ev = read_evaluation(tmp_path / "eval", tmp_path / "samples")
+    assert "WITHOUT a privacy audit" in share_gate(ev, "share", allow_failed=True)
+
+
+def test_the_card_says_the_membership_attack_in_one_sentence(tmp_path):
+    _job(tmp_path)
+    mia = {
+        "privacy/mia_auc": 0.55,
+        "privacy/mia_auc_lo": 0.41,
+        "privacy/mia_auc_hi": 0.7,
+        "privacy/mia_tpr_at_1pct_fpr": 0.0,
+        "privacy/mia_members": 10.0,
+        "privacy/mia_nonmembers": 12.0,
+    }
+    metrics = {"privacy/copy_rate": 0.33} | mia
+    (tmp_path / "eval" / "metrics.json").write_text(json.dumps(metrics))
+    ev = read_evaluation(tmp_path / "eval", tmp_path / "samples")
+    assert ev.verdict == (
+        "verdict **warn**: `privacy/copy_rate` 0.33; membership inference (loss attack, 10 training vs 12 held-out "
+        "images): AUC 0.55 (95 % CI 0.41-0.70; 0.5 = no leakage), TPR 0.0% at 1 % FPR"
+    )
+    assert membership_text(metrics | {"privacy/mia_auc_lo": None}).count("n/a") == 1 and membership_text({}) == ""
