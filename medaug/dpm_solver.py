@@ -1,11 +1,11 @@
 """DPM-Solver++ (2M, and its SDE variant): few-step samplers for models trained with DDPM.
 
-A network trained to predict the noise of a DDPM schedule also defines the probability-flow
-ODE and the reverse SDE of that schedule. DPM-Solver++ (Lu et al., 2022) integrates them in
-the log signal-to-noise time ``lambda = log(alpha / sigma)`` with the model's prediction of
-the clean image ``x0`` as the integrand, which is what keeps it stable under classifier-free
-guidance. The multistep second-order form reuses the previous step's ``x0`` prediction, so it
-costs one network evaluation per step, as DDIM does, and no retraining.
+A network trained to predict the noise of a DDPM schedule also defines the probability-flow ODE and the reverse SDE
+of that schedule. DPM-Solver++ (Lu et al., 2022, "DPM-Solver++: Fast Solver for Guided Sampling of Diffusion
+Probabilistic Models", arXiv:2211.01095, algorithms 2 and the SDE variant of section 5) integrates them in the log
+signal-to-noise time ``lambda = log(alpha / sigma)`` with the model's prediction of the clean image ``x0`` as the
+integrand, which is what keeps it stable under classifier-free guidance. The multistep second-order form reuses the
+previous step's ``x0`` prediction, so it costs one network evaluation per step, as DDIM does, and no retraining.
 
 Notation at one step from timestep ``t`` to the next timestep ``s`` (less noise):
 ``alpha = sqrt(alphas_cumprod)``, ``sigma = sqrt(1 - alphas_cumprod)``, ``h = lambda_s - lambda_t``,

@@ -7,6 +7,10 @@ integrates ``dx/ds = -v`` with Euler steps from ``s = 1`` (pure noise) to ``s = 
 ``x_{s'} = x_s + (s - s') v`` (MONAI's ``step(..., next_timestep)``). The clean image the network
 predicts at ``s`` is ``x0 = x_s + s v``.
 
+Rectified flow: Liu, Gong, Liu 2022, "Flow Straight and Fast: Learning to Generate and Transfer Data with
+Rectified Flow", arXiv:2209.03003 (eq. 1: the straight-line interpolation and its velocity); as used by MAISI
+(Guo et al. 2024, arXiv:2409.11169).
+
 Timesteps for training are drawn as MONAI's ``sample_timesteps`` draws them (uniform or
 logit-normal, optionally resolution-shifted), but from the step's ``torch.Generator``, so a
 resumed run continues the same loss curve (see :mod:`medaug.training`).

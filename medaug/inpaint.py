@@ -1,12 +1,12 @@
 """Lesion insertion by inpainting: a real image, a region and a class -> the image with the region regenerated.
 
-RePaint (Lugmayr et al. 2022) with any class-conditional checkpoint, unchanged: at every step the known part
-(outside the region) is the real image noised to the next timestep, the unknown part (the region) is the
-model's step, and the two are joined by the mask. Every ``jumps`` steps the joined image is noised back up by
-``jumps`` steps and those steps are redone, ``resample`` times in all, so that the region learns to fit its
-surroundings. Both noising and stepping are written in the form ``x_t = a_t x0 + b_t noise`` that a DDPM
-(``a = sqrt(abar_t)``, ``b = sqrt(1 - abar_t)``) and a rectified flow (``a = 1 - s``, ``b = s``) share; noising
-from ``t'`` up to ``t`` is ``x_t = (a_t / a_t') x_t' + sqrt(b_t^2 - (a_t / a_t')^2 b_t'^2) z``.
+RePaint (Lugmayr et al. 2022, arXiv:2201.09865, algorithm 1) with any class-conditional checkpoint, unchanged: at
+every step the known part (outside the region) is the real image noised to the next timestep, the unknown part (the
+region) is the model's step, and the two are joined by the mask. Every ``jumps`` steps the joined image is noised
+back up by ``jumps`` steps and those steps are redone, ``resample`` times in all, so that the region learns to fit
+its surroundings. Both noising and stepping are written in the form ``x_t = a_t x0 + b_t noise`` that a DDPM (``a =
+sqrt(abar_t)``, ``b = sqrt(1 - abar_t)``) and a rectified flow (``a = 1 - s``, ``b = s``) share; noising from
+``t'`` up to ``t`` is ``x_t = (a_t / a_t') x_t' + sqrt(b_t^2 - (a_t / a_t')^2 b_t'^2) z``.
 
 The output is ``where(mask, generated, input)``: every voxel outside the region is the input's, bit for bit
 (latent models: the region is regenerated on the latent grid, decoded, and only the image region is taken).

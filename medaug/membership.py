@@ -1,12 +1,12 @@
 """Membership inference against the trained model: does it know which images it was trained on?
 
-The loss attack on diffusion models (Carlini et al. 2023, Matsumoto et al. 2023; SecMI, Duan et al.
-2023, refines it): a model that memorised its training images denoises them better than images of
-patients it never saw. For every real image of the training split (members) and of the held-out
-split (non-members) the attack measures the model's denoising error, the per-sample training loss
-of :func:`medaug.training.diffusion_loss` (whatever the model predicts: noise, velocity, a flow's
-velocity), at a few fixed timesteps with fixed noises, conditioned on the image's class, averaged;
-its score is minus that error (higher = more likely a member).
+The loss attack on diffusion models (Carlini et al. 2023, arXiv:2301.13188; Matsumoto et al. 2023,
+arXiv:2302.03262; SecMI, Duan et al. 2023, arXiv:2302.01316, refines it): a model that memorised its training
+images denoises them better than images of patients it never saw. For every real image of the training split
+(members) and of the held-out split (non-members) the attack measures the model's denoising error, the per-sample
+training loss of :func:`medaug.training.diffusion_loss` (whatever the model predicts: noise, velocity, a flow's
+velocity), at a few fixed timesteps with fixed noises, conditioned on the image's class, averaged; its score is
+minus that error (higher = more likely a member).
 
 ``privacy/mia_auc`` is the area under the ROC curve of that score, members against non-members:
 0.5 = the model treats its training patients like strangers, 1.0 = it gives every one of them away.

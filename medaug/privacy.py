@@ -2,7 +2,8 @@
 
 For every synthetic sample: its highest Pearson correlation to any training sample, in
 pixel space and in the encoder's embedding space, and which training sample that is.
-The copy threshold is calibrated on data (Dar et al.): the same maximum for each held-out
+The copy threshold is calibrated on data (Dar et al. 2024, "Unconditional Latent Diffusion Models Memorize
+Patient Imaging Data"): the same maximum for each held-out
 real sample (patients the generator never saw), 95th percentile. A synthetic sample above
 it is closer to a training image than 95 % of genuinely new images are: a copy.
 

@@ -19,6 +19,16 @@ Generation in many processes (``sample`` and ``augment`` alike): the samples are
 chunk ``c`` is made by rank ``c % world`` with :func:`sample_images` seeded from ``seed + start`` (its
 first sample's index), so any number of processes makes the same images (:func:`generate_sharded`).
 
+References (the samplers' equations):
+
+* DDPM: Ho, Jain, Abbeel 2020, "Denoising Diffusion Probabilistic Models", arXiv:2006.11239, eq. 11 (the step).
+* DDIM: Song, Meng, Ermon 2021, "Denoising Diffusion Implicit Models", arXiv:2010.02502, eq. 12 (``eta`` = its sigma).
+* PNDM: Liu, Ren, Lin, Zhao 2022, "Pseudo Numerical Methods for Diffusion Models on Manifolds", arXiv:2202.09778.
+* DPM-Solver++: Lu et al. 2022, arXiv:2211.01095 (:mod:`medaug.dpm_solver`).
+* Classifier-free guidance: Ho, Salimans 2022, "Classifier-Free Diffusion Guidance", arXiv:2207.12598, eq. 6.
+* v-prediction: Salimans, Ho 2022, "Progressive Distillation for Fast Sampling of Diffusion Models",
+  arXiv:2202.00512, appendix D.
+
 Example::
 
     sch = inference_scheduler(ckpt.config["scheduler"], sampler="ddim", steps=50)

@@ -16,6 +16,11 @@
   split, on synthetic samples (label fidelity), beside its accuracy on held-out real data;
   ``fidelity/label_kappa*`` the same corrected for chance (Cohen's kappa, ≈ 0 for noise).
 
+References: Fréchet distance, Heusel et al. 2017, arXiv:1706.08500 (eq. 6); KID, Bińkowski et al. 2018,
+arXiv:1801.01401 (eq. 5, unbiased MMD² with the cubic polynomial kernel); precision / recall, Kynkäänniemi et al.
+2019, arXiv:1904.06991 (eq. 1-2); density / coverage, Naeem et al. 2020, arXiv:2002.09797 (eq. 3-4); TSTR,
+Esteban et al. 2017, arXiv:1706.02633; MS-SSIM, Wang, Simoncelli, Bovik 2003 (IEEE ACSSC), eq. 7.
+
 Images are ``(N, 1, *spatial)`` in [-1, 1]; ``labels`` are ``(N,)`` class indices.
 
 Example::

@@ -1,4 +1,8 @@
-"""Realism metrics: MS-SSIM diversity, intensity histogram distance, label fidelity."""
+"""Realism metrics: MS-SSIM diversity, intensity histogram distance, label fidelity.
+
+MS-SSIM: Wang, Simoncelli, Bovik 2003, "Multiscale structural similarity for image quality assessment", eq. 7 (the
+weights below are its table); Wasserstein-1 distance of intensity histograms (scipy); Cohen's kappa, Cohen 1960.
+"""
 
 from __future__ import annotations
 
