@@ -2,7 +2,7 @@
 
 A network trained to predict the noise of a DDPM schedule also defines the probability-flow ODE and the reverse SDE
 of that schedule. DPM-Solver++ (Lu et al., 2022, "DPM-Solver++: Fast Solver for Guided Sampling of Diffusion
-Probabilistic Models", arXiv:2211.01095, algorithms 2 and the SDE variant of section 5) integrates them in the log
+Probabilistic Models", arXiv:2211.01095, algorithm 2 and the SDE variant of section 5) integrates them in the log
 signal-to-noise time ``lambda = log(alpha / sigma)`` with the model's prediction of the clean image ``x0`` as the
 integrand, which is what keeps it stable under classifier-free guidance. The multistep second-order form reuses the
 previous step's ``x0`` prediction, so it costs one network evaluation per step, as DDIM does, and no retraining.
