@@ -39,7 +39,6 @@ import numpy as np
 import torch
 
 from .atomic import atomic_file
-from .flow import FLOW_SAMPLER, is_flow
 from .membership import MIASettings, membership_audit
 from .model import build_scheduler
 from .privacy import PrivacyFlags, judge, privacy_audit, verdict_of
@@ -117,7 +116,7 @@ def probe_callback(
         return None
     from .data import load_split
     from .dp import train_patients
-    from .sampling import inference_scheduler, sample_images
+    from .sampling import preview_samples
 
     train_x, train_y = load_split(prepared_dir, "train")
     val_x, val_y = load_split(prepared_dir, "val")
@@ -137,13 +136,10 @@ def probe_callback(
     def callback(step: int) -> None:
         if step % every:
             return
-        sampler = inference_scheduler(scheduler_spec, FLOW_SAMPLER if is_flow(scheduler_spec) else "ddim", steps)
         net = ema.model
-        kwargs = dict(guidance_scale=2.0, null_class=len(names), seed=seed, progress=False)
-        if space is None:
-            synth = sample_images(net, sampler, labels, meta["image_shape"], **kwargs)
-        else:
-            synth = space.sample(net, sampler, labels, **kwargs)
+        synth = preview_samples(
+            net, scheduler_spec, labels, meta["image_shape"], null_class=len(names), space=space, steps=steps, seed=seed
+        )
         attack = membership_audit(
             net,
             train_scheduler,

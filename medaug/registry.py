@@ -324,7 +324,7 @@ def preview_callback(
     under the key ``preview`` (``training.preview_every``; 0 or None: no previews, returns None)."""
     if not every:
         return None
-    from medaug.sampling import inference_scheduler, sample_images
+    from medaug.sampling import preview_samples
     from medaug.pictures import save_grid
 
     names = list(meta["class_names"])
@@ -333,13 +333,16 @@ def preview_callback(
     def callback(step: int) -> None:
         if step % every:
             return
-        scheduler = inference_scheduler(scheduler_spec, "ddim", steps)
-        net = ema.model
-        kwargs = dict(guidance_scale=2.0, null_class=len(names), seed=seed, progress=False)
-        if space is None:
-            images = sample_images(net, scheduler, labels, meta["image_shape"], **kwargs)
-        else:
-            images = space.sample(net, scheduler, labels, **kwargs)
+        images = preview_samples(
+            ema.model,
+            scheduler_spec,
+            labels,
+            meta["image_shape"],
+            null_class=len(names),
+            space=space,
+            steps=steps,
+            seed=seed,
+        )
         with tempfile.TemporaryDirectory() as tmp:
             grid = save_grid(images, labels, names, Path(tmp) / "preview.png", per_class=per_class)
             tracker.log_image(grid, key="preview", step=step)

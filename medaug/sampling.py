@@ -407,6 +407,28 @@ def save_samples(
     return Path(out_dir)
 
 
+def preview_samples(
+    net: nn.Module,
+    scheduler_spec: Mapping,
+    labels: torch.Tensor,
+    image_shape: Sequence[int],
+    *,
+    null_class: int,
+    space=None,
+    steps: int = 10,
+    seed: int = 0,
+    guidance_scale: float = 2.0,
+) -> torch.Tensor:
+    """A few quick samples of ``labels`` during training (previews, privacy probes): ``steps`` DDIM steps (Euler
+    steps for a flow), guided, seeded, no progress bar; decoded from ``space`` in latent diffusion.
+    Returns ``(N, 1, *image_shape)`` in [-1, 1]."""
+    sampler = inference_scheduler(scheduler_spec, FLOW_SAMPLER if is_flow(scheduler_spec) else "ddim", steps)
+    kwargs = dict(guidance_scale=guidance_scale, null_class=null_class, seed=seed, progress=False)
+    if space is None:
+        return sample_images(net, sampler, labels, image_shape, **kwargs)
+    return space.sample(net, sampler, labels, **kwargs)
+
+
 def sample_records(ckpt: Checkpoint, labels: torch.Tensor, settings: Mapping, space=None) -> tuple[list[dict], dict]:
     """The manifest rows and the provenance (``info.json``) of samples of ``ckpt``, for :func:`save_samples`.
 
