@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 
+from medaug.conditioning import conditioned_training_data
 from medaug.data import load_info, load_split
+from medaug.masks import mask_model_dir
 from medaug.dp import private_training, train_patients
 from medaug.latent import cached_latents, latent_space_for_training
 from medaug.flow import is_flow
@@ -35,7 +37,15 @@ from pipelines.common import amp_dtype_of, container, default_ckpt, device_of, l
 def run(cfg: DictConfig) -> dict:
     device = device_of(cfg)
     with process_group(device) as (rank, world):
-        return _train(cfg, device, rank, world)
+        result = _train(cfg, device, rank, world)
+        if cfg.training.get("mask_model"):  # the mask model of sample.masks=generate, in <train_dir>/mask
+            mask = {"condition": "class", "generates": "mask"}
+            paths = {"train_dir": str(mask_model_dir(path(cfg.paths.train_dir)))}
+            mask_cfg = OmegaConf.merge(
+                cfg, {"model": mask, "paths": paths, "ckpt_path": None, "name": f"{cfg.name}-mask"}
+            )
+            result["mask_checkpoint"] = _train(mask_cfg, device, rank, world)["checkpoint"]
+        return result
 
 
 def _train(cfg: DictConfig, device: torch.device, rank: int, world: int) -> dict:
@@ -62,9 +72,10 @@ def _train(cfg: DictConfig, device: torch.device, rank: int, world: int) -> dict
         config["model"].update(in_channels=space.latent_channels, out_channels=space.latent_channels)
         latents, labels = cached_latents(space, info.root, config["latent"]["cache_dir"])
         images = latents * space.scale_factor
+    config["model"].update(num_class_embeds=info.num_classes + 1, spatial_dims=info.spatial_dims)
+    condition, images, masks = conditioned_training_data(config["model"], info, images, latent=space is not None)
     if cuda and switch(t.data_on_device, True) and images.nbytes < 2 * 2**30:
         images, labels = images.to(device), labels.to(device)
-    config["model"].update(num_class_embeds=info.num_classes + 1, spatial_dims=info.spatial_dims)
     check_unet_input(config["model"], images.shape[2:], "latent" if space is not None else "image")
     net = network_from_spec(config["model"]).to(device)
     ema = EMA(net, t.ema_decay)
@@ -83,6 +94,7 @@ def _train(cfg: DictConfig, device: torch.device, rank: int, world: int) -> dict
         autoencoder_id=space.id if space is not None else None,
         prepared=info.root,
         trust=cfg.trust_checkpoint,
+        conditioning=condition,
     )
     run_id = resumed.get("mlflow_run_id")
     dp = private_training(
@@ -128,6 +140,8 @@ def _train(cfg: DictConfig, device: torch.device, rank: int, world: int) -> dict
         p_uncond=t.p_uncond,
         amp_dtype=amp_dtype_of(cfg, device),
         channels_last=channels_last,
+        masks=masks,
+        conditioning=condition,
     )
     others = ("prepare", "sample", "evaluate", "export", "augment", "input", "output")  # other stages' settings
     # from here on a tracking error is a warning: the training and its checkpoint go on
@@ -135,7 +149,7 @@ def _train(cfg: DictConfig, device: torch.device, rank: int, world: int) -> dict
         if start_step == 0:
             tracker.log_params(flatten({k: v for k, v in config.items() if k not in others}))
             tracker.log_params({f"data.count.{s}": sum(c.values()) for s, c in info.counts.items()})
-        meta = checkpoint_meta(info, tracker.run_id, space)
+        meta = checkpoint_meta(info, tracker.run_id, space, condition)
         tracker.log_dataset(dataset_entity(info, cfg.data.source), "training")
         preview = preview_callback(tracker, ema, config["scheduler"], meta, t.get("preview_every"), space=space)
         result = fit(
