@@ -7,6 +7,9 @@
   is concatenated to the noisy image, so the UNet takes ``C + K`` input channels (trained from scratch);
 * ``mask+class``: both.
 
+Latent diffusion: the one-hot mask is resized to the latent grid (area averaging: each latent cell gets the
+share of its voxels under each label) before it is concatenated to the noisy latents.
+
 Classifier-free guidance: with probability ``training.p_uncond`` a training sample loses its condition,
 class and mask *jointly* (one draw per sample: the class becomes the null class, the one-hot mask all
 zeros, which no real mask is, as its background channel is 1 wherever nothing is labelled). Sampling then
@@ -28,7 +31,7 @@ Example::
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -67,9 +70,13 @@ class Conditioning:
             (self.use_class, self.uses_mask)
         ]
 
-    def one_hot(self, masks: torch.Tensor) -> torch.Tensor:
-        """The mask input of label maps ``masks`` ``(N, 1, *spatial)`` int: ``(N, K, *spatial)`` float32."""
-        return one_hot(masks, self.mask_channels)
+    def one_hot(self, masks: torch.Tensor, grid: Sequence[int] | None = None) -> torch.Tensor:
+        """The mask input of label maps ``masks`` ``(N, 1, *spatial)`` int: ``(N, K, *spatial)`` float32, or on
+        ``grid`` (a latent grid) ``(N, K, *grid)``, the share of each cell's voxels under each label."""
+        hot = one_hot(masks, self.mask_channels)
+        if grid is not None and tuple(grid) != tuple(hot.shape[2:]):
+            hot = F.interpolate(hot, size=tuple(int(g) for g in grid), mode="area")
+        return hot
 
     def meta(self) -> dict:
         """What a checkpoint's meta records (``{"condition": {...}}``)."""
@@ -127,8 +134,8 @@ def training_conditioning(
     data; sets the spec's ``num_class_embeds`` (classes + the null class, or None), ``in_channels`` and
     ``out_channels`` (the image channels as the spec gives them, plus the one-hot mask channels).
 
-    Raises ValueError for an unknown value, a mask without masks in the prepared dataset, latent diffusion
-    with a mask (not supported yet) and a mask model conditioned on a mask."""
+    Raises ValueError for an unknown value, a mask without masks in the prepared dataset, a mask model in
+    latent space (it is trained on pixels) and a mask model conditioned on a mask."""
     kind, generates = spec.get("condition", "class"), spec.get("generates", "image")
     if kind not in CONDITIONS:
         raise ValueError(f"model.condition={kind!r}; choose one of {', '.join(CONDITIONS)}")
@@ -140,10 +147,8 @@ def training_conditioning(
             f"model.condition={kind} model.generates={generates} needs masks, but the prepared dataset has none; "
             "give every image a mask (labels CSV column `mask`, or an MSD dataset.json) and prepare again"
         )
-    if needs_masks and latent:
-        raise ValueError(
-            "masks with latent diffusion are not supported yet; train in pixel space (latent.autoencoder_ckpt=null)"
-        )
+    if generates == "mask" and latent:
+        raise ValueError("a mask model (model.generates=mask) trains on pixels; set latent.autoencoder_ckpt=null")
     if generates == "mask":
         if kind != "class":
             raise ValueError(

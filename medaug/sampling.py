@@ -373,7 +373,8 @@ def sample_images(
     to [-1, 1] at every step (images only; see the module docstring).
 
     ``conditioning`` (:mod:`medaug.conditioning`; default: the class only): a mask-conditioned model takes
-    ``masks`` ``(N, 1, *image_shape)``, the label map each image is made for; a model without class input
+    ``masks`` ``(N, 1, *spatial)``, the label map each image is made for (resized to ``image_shape`` when
+    that is a latent grid); a model without class input
     ignores ``labels`` (they still count the samples). A mask model (``generates=mask``) needs ``channels``
     = its label count.
 
@@ -396,7 +397,9 @@ def sample_images(
     bar = progress_bar(total=n * len(scheduler.timesteps), desc="sample", unit="step", disable=not progress)
     for start in range(0, n, batch_size):
         y = labels[start : start + batch_size].to(device)
-        cond = conditioning.one_hot(masks[start : start + batch_size]).to(device) if conditioning.uses_mask else None
+        cond = None
+        if conditioning.uses_mask:  # on the grid of x (a latent model's: the latent grid)
+            cond = conditioning.one_hot(masks[start : start + batch_size], grid=image_shape).to(device)
         y_in = y if conditioning.use_class else None
         x = torch.stack(
             [

@@ -271,7 +271,8 @@ class DiffusionStep:
         )
         cond = None
         if self.conditioning.uses_mask:
-            cond = self.conditioning.one_hot(self.masks[draw.rows.to(self.masks.device)].to(device))
+            masks = self.masks[draw.rows.to(self.masks.device)].to(device)
+            cond = self.conditioning.one_hot(masks, grid=self.images.shape[2:])  # latents: on the latent grid
         shape = (draw.global_batch, *self.images.shape[1:])
         draws = StepNoise(
             *(

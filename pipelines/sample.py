@@ -50,6 +50,7 @@ def run(cfg: DictConfig) -> dict:
     )
     counts = class_counts(settings["num_per_class"], class_names)
     labels = labels_for_counts(counts, class_names) if given is None else given.labels
+    counts = {c: int((labels == i).sum()) for i, c in enumerate(class_names)}
     scheduler = inference_scheduler(ckpt.config["scheduler"], s.sampler, s.steps)
     kwargs = dict(
         guidance_scale=s.guidance_scale,
@@ -75,24 +76,30 @@ def run(cfg: DictConfig) -> dict:
         )
 
     def generate(chunk, seed: int, masks=None):  # labels (n,) -> images (n, 1, *image_shape) in [-1, 1]
-        if cond.uses_mask:  # (images, the masks they were made for)
-            masks = make_masks(chunk, seed) if make_masks is not None else masks
-            shape = ckpt.meta["image_shape"]
-            x = sample_images(
-                net, scheduler, chunk, shape, seed=seed, progress=rank == 0, masks=masks, conditioning=cond, **kwargs
-            )
-            return x, masks
+        if make_masks is not None:
+            masks = make_masks(chunk, seed)
+        given_masks = dict(masks=masks, conditioning=cond) if cond.uses_mask else {}
         if space is None:
-            return sample_images(
-                net, scheduler, chunk, ckpt.meta["image_shape"], seed=seed, progress=rank == 0, **kwargs
+            x = sample_images(
+                net, scheduler, chunk, ckpt.meta["image_shape"], seed=seed, progress=rank == 0, **given_masks, **kwargs
             )
-        # latent diffusion: denoise latents, decode to image space (in tiles with sample.decode_tile)
-        return space.sample(
-            net, scheduler, chunk, tile=s.get("decode_tile"), overlap=s.get("decode_overlap", 0.25), seed=seed, **kwargs
-        )
+        else:  # latent diffusion: denoise latents, decode to image space (in tiles with sample.decode_tile)
+            x = space.sample(
+                net,
+                scheduler,
+                chunk,
+                tile=s.get("decode_tile"),
+                overlap=s.get("decode_overlap", 0.25),
+                seed=seed,
+                **given_masks,
+                **kwargs,
+            )
+        return (x, masks) if cond.uses_mask else x  # with masks: the pairs
 
     with process_group(device) as (rank, world):  # batches shared out, the same images for any number of ranks
-        images = generate_sharded(generate, labels, s.batch_size, s.seed, rank, world, given and given.masks)
+        images = generate_sharded(
+            generate, labels, s.batch_size, s.seed, rank, world, None if given is None else given.masks
+        )
     if rank != 0:
         return {"samples": 0, "rank": rank}
     images, masks = images if cond.uses_mask else (images, None)

@@ -42,7 +42,9 @@ def run(cfg: DictConfig) -> dict:
             mask = {"condition": "class", "generates": "mask"}
             paths = {"train_dir": str(mask_model_dir(path(cfg.paths.train_dir)))}
             mask_cfg = OmegaConf.merge(
-                cfg, {"model": mask, "paths": paths, "ckpt_path": None, "name": f"{cfg.name}-mask"}
+                cfg,
+                {"model": mask, "paths": paths, "ckpt_path": None, "name": f"{cfg.name}-mask"},
+                {"latent": {"autoencoder_ckpt": None}},  # the mask model trains on pixels
             )
             result["mask_checkpoint"] = _train(mask_cfg, device, rank, world)["checkpoint"]
         return result

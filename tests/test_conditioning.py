@@ -59,8 +59,8 @@ def test_training_conditioning_sets_the_spec_and_refuses_what_cannot_work():
     assert spec["in_channels"] == 1  # class only: the spec as before
     with pytest.raises(ValueError, match="needs masks, but the prepared dataset has none"):
         training_conditioning({**SPEC, "condition": "mask"}, num_classes=3, mask_labels={}, latent=False)
-    with pytest.raises(ValueError, match="latent diffusion are not supported yet"):
-        training_conditioning({**SPEC, "condition": "mask"}, num_classes=3, mask_labels=LABELS, latent=True)
+    with pytest.raises(ValueError, match="a mask model \\(model.generates=mask\\) trains on pixels"):
+        training_conditioning({**SPEC, "generates": "mask"}, num_classes=3, mask_labels=LABELS, latent=True)
     with pytest.raises(ValueError, match="model.condition='masks'; choose one of class, mask, mask\\+class"):
         training_conditioning({**SPEC, "condition": "masks"}, num_classes=3, mask_labels=LABELS, latent=False)
 
@@ -156,3 +156,12 @@ def test_generate_sharded_hands_out_masks_and_gathers_pairs():
 
     images, got = generate_sharded(generate, labels, 2, 0, masks=masks)
     assert images.flatten().tolist() == [0, 1, 2, 3, 4] and got.flatten().tolist() == [0, 10, 20, 30, 40]
+
+
+def test_one_hot_on_a_latent_grid_gives_each_cell_its_label_shares():
+    cond = Conditioning(True, LABELS)
+    masks = torch.zeros(1, 1, 4, 4, dtype=torch.long)
+    masks[0, 0, :2, :1] = 1  # half of the top-left 2x2 cell
+    hot = cond.one_hot(masks, grid=(2, 2))
+    assert hot.shape == (1, 3, 2, 2) and torch.allclose(hot.sum(1), torch.ones(1, 2, 2))
+    assert hot[0, 1, 0, 0] == 0.5 and hot[0, 0, 0, 0] == 0.5 and hot[0, 0, 1, 1] == 1

@@ -163,3 +163,21 @@ def test_augment_with_a_mask_conditioned_model_writes_real_masks_beside_syntheti
     for r, s in zip(synthetic, again):
         assert np.array_equal(nib.load(r["mask"]).dataobj, nib.load(s["mask"]).dataobj)
         assert np.array_equal(nib.load(r["path"]).dataobj, nib.load(s["path"]).dataobj)
+
+
+@pytest.mark.slow
+def test_latent_diffusion_takes_the_mask_on_the_latent_grid(tmp_path):
+    overrides = ["experiment=ldm_3d_demo", *TINY, "autoencoder.max_steps=4", "data.demo.size=12"]
+    overrides += ["data.image_size=[12,12,12]", "model.condition=mask+class", "sample.masks=prepared:val"]
+    prepare.run(compose_cfg("prepare", tmp_path, overrides))
+    train.run(compose_cfg("train", tmp_path, overrides))
+    ckpt = load_checkpoint(tmp_path / "train" / "checkpoints" / "last.pt")
+    latent_channels = ckpt.meta["latent"]["latent_channels"]
+    assert ckpt.config["model"]["in_channels"] == latent_channels + 2 and ckpt.meta["condition"]["kind"] == "mask+class"
+    sample.run(compose_cfg("sample", tmp_path, overrides))
+    images, labels, rows, _ = load_samples(tmp_path / "samples")
+    masks = load_sample_masks(tmp_path / "samples")
+    assert images.shape == (len(labels), 1, 12, 12, 12) and torch.equal(
+        masks, load_split_masks(tmp_path / "prepared", "val")
+    )
+    assert rows[0]["mask_source"] == "real"
