@@ -228,8 +228,8 @@ def mask_generator(path: str | Path, image_meta: Mapping, device, *, seed: int, 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
-            f"sample.mask_ckpt={path}: no mask model; train one (training.mask_model=true, or medaug train "
-            "model.generates=mask paths.train_dir=<its folder>) or give sample.masks=prepared:<split>"
+            f"sample.mask_ckpt={path}: no mask model; train one with `medaug train training.mask_model=true` (or "
+            "model.generates=mask paths.train_dir=<its folder>), or give sample.masks=prepared:<split>"
         )
     ckpt = load_checkpoint(path, trust)
     channels = check_mask_model(ckpt.meta, image_meta, path)

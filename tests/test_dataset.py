@@ -642,3 +642,18 @@ def test_demo_phantom_masks_cover_their_lesions_in_nifti_and_dicom_items(prepare
             assert not mask.any()
         else:  # the lesions are brighter than the tissue around them, in items read from DICOM too
             assert mask.any() and image[mask == 1].mean() > image[(mask == 0) & (image > -0.9)].mean() + 0.3
+
+
+def test_masks_on_some_entries_only_are_not_stored_and_say_so(tmp_path):
+    rows = []
+    for i in range(3):
+        _nifti(tmp_path / f"img{i}.nii.gz", np.full((4, 4, 1), 10.0 * i))
+        rows.append({"path": f"img{i}.nii.gz", "patient_id": f"p{i}", "label": "a", "mask": ""})
+    _nifti(tmp_path / "m0.nii.gz", np.ones((4, 4, 1)))
+    rows[0]["mask"] = "m0.nii.gz"
+    _write_csv(tmp_path / "labels.csv", rows)
+    with pytest.warns(UserWarning, match="1 of 3 entries have a mask; masks are stored only when every entry has one"):
+        info = prepare_dataset(
+            tmp_path / "labels.csv", tmp_path / "p", WINDOW, [4, 4, -1], 2, split_fractions=(1, 0, 0)
+        )
+    assert info.mask_labels == {} and load_split_masks(tmp_path / "p", "train") is None
