@@ -181,3 +181,24 @@ def test_latent_diffusion_takes_the_mask_on_the_latent_grid(tmp_path):
         masks, load_split_masks(tmp_path / "prepared", "val")
     )
     assert rows[0]["mask_source"] == "real"
+
+
+def test_regenerating_a_dropped_pair_keeps_its_mask(seg_job):
+    from medaug.regeneration import regenerate_copies
+
+    _sample(seg_job, "regen", "sample.masks=prepared:val")
+    images, labels, rows, info = load_samples(seg_job / "regen")
+    masks = load_sample_masks(seg_job / "regen")
+    keep = np.ones(len(labels), dtype=bool)
+    keep[1] = False  # the copy filter dropped sample 1
+    kw = dict(
+        sample_info=info, ckpt_path=seg_job / "train" / "checkpoints" / "last.pt", prepared_dir=seg_job / "prepared"
+    )
+    new = regenerate_copies(images, labels, rows, keep, np.zeros(len(labels)), 1.0, masks=masks, **kw)
+    assert len(new.images) == len(labels) and new.short == 0
+    assert torch.equal(new.masks[:-1], masks[torch.from_numpy(keep)]) and torch.equal(new.masks[-1], masks[1])
+    replacement = new.rows[-1]
+    assert replacement["replaces_copy"] and replacement["index"] == len(labels)
+    assert replacement["label"] == int(labels[1]) and replacement["mask_source"] == "real"
+    with pytest.raises(ValueError, match="conditioned on masks: regenerating its samples needs their masks"):
+        regenerate_copies(images, labels, rows, keep, np.zeros(len(labels)), 1.0, **kw)
