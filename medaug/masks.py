@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
-from typing import Mapping, NamedTuple, Sequence
+from typing import Callable, Mapping, NamedTuple, Sequence
 
 import nibabel as nib
 import numpy as np
@@ -216,10 +216,23 @@ def sampling_masks(
     )
 
 
-def mask_generator(path: str | Path, image_meta: Mapping, device, *, seed: int, trust: bool = False, **sample_kwargs):
-    """``make(labels (n,), seed of the first sample) -> label maps (n, 1, *spatial)`` from the mask model at
-    ``path`` (checked against the image model's ``image_meta``, :func:`check_mask_model`). Sample ``i`` of
-    the images seeded from ``seed + i`` gets the mask seeded from ``mask_seed(seed) + i``.
+class MaskGenerator(NamedTuple):
+    """``make(labels (n,), seed of the first sample) -> label maps (n, 1, *spatial)`` and the id of the mask
+    model's checkpoint (recorded in the samples' provenance instead of its path)."""
+
+    make: Callable[[torch.Tensor, int], torch.Tensor]
+    checkpoint_id: str
+
+    def __call__(self, labels: torch.Tensor, first: int) -> torch.Tensor:
+        return self.make(labels, first)
+
+
+def mask_generator(
+    path: str | Path, image_meta: Mapping, device, *, seed: int, trust: bool = False, **sample_kwargs
+) -> MaskGenerator:
+    """``make(labels (n,), seed of the first sample) -> label maps (n, 1, *spatial)`` (a :class:`MaskGenerator`)
+    from the mask model at ``path`` (checked against the image model's ``image_meta``, :func:`check_mask_model`).
+    Sample ``i`` of the images seeded from ``seed + i`` gets the mask seeded from ``mask_seed(seed) + i``.
     ``sample_kwargs``: ``sampler``, ``steps``, ``use_ema`` and what :func:`medaug.sampling.sample_images` takes
     (guidance_scale, batch_size, eta, clip_x0, amp_dtype)."""
     from .model import load_checkpoint
@@ -251,4 +264,4 @@ def mask_generator(path: str | Path, image_meta: Mapping, device, *, seed: int, 
         )
         return image_to_mask(x)
 
-    return make
+    return MaskGenerator(make, ckpt.id)

@@ -106,6 +106,8 @@ def run(cfg: DictConfig) -> dict:
     source = None if masks is None else (given.kind if given is not None else "generated")
     if source == "user":  # the user's folder or CSV: its name is not copied into the samples folder
         settings["masks"] = "user"
+    if make_masks is not None:  # the mask model by its id, not its path
+        settings["mask_ckpt"] = make_masks.checkpoint_id
     rows, info = sample_records(ckpt, labels, settings, space, source, cond.mask_labels)
     out = save_samples(path(cfg.paths.samples_dir), images, rows, info, class_names, masks=masks)
 

@@ -55,6 +55,8 @@ def test_generated_masks_then_images_are_seeded_pairs(seg_job):
     assert set(masks.unique().tolist()) <= {0, 1} and labels.tolist() == [0, 0, 1, 1, 2, 2]
     assert {r["mask_source"] for r in rows} == {"generated"}
     assert info["mask_labels"] == {"background": 0, "label_1": 1}
+    mask_ckpt = load_checkpoint(seg_job / "train" / "mask" / "checkpoints" / "last.pt")
+    assert info["sample"]["mask_ckpt"] == mask_ckpt.id  # provenance by id, no path
     again, _, _, _ = load_samples(seg_job / "gen_b")
     assert torch.equal(images, again) and torch.equal(masks, load_sample_masks(seg_job / "gen_b"))
     assert mask_seed(1234) not in range(1234, 1234 + 6)  # the masks' noise is not any image's
