@@ -34,6 +34,11 @@ Example (the module is callable: ``medaug.augment(...)`` is :func:`augment`)::
     result = medaug.augment("outputs/demo_2d/prepared", "outputs/demo_2d/train/checkpoints/last.pt",
                             "outputs/demo_2d/augment", policy="balance")
     loader = monai.data.DataLoader(MixedDataset(result.out_dir), batch_size=16, shuffle=True)
+
+Mask-conditioned checkpoints (``model.condition=mask|mask+class``, :mod:`medaug.conditioning`): synthetic image
+``k`` of a class is made for a real mask of that class in the split (a seeded permutation of them, cycled),
+written beside it as ``synth_<i>_<class>_mask.nii.gz``; the manifest then has a ``mask`` column (real items:
+their prepared mask) and :class:`MixedDataset` yields ``"mask"`` too.
 """
 
 from __future__ import annotations
@@ -51,11 +56,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, NamedTuple
 
+import numpy as np
 import torch
 from monai.data import Dataset
 from monai.transforms import Compose, LoadImaged, SqueezeDimd
 
-from .data import DatasetError, load_info, read_manifest
+from .conditioning import Conditioning
+from .data import DatasetError, load_info, load_split_masks, read_manifest
 from .atomic import atomic_file, atomic_folder, is_complete
 from .io import write_nifti
 from .model import file_id, load_checkpoint
@@ -276,6 +283,8 @@ def augment(
     real_counts = {c: sum(r["class_name"] == c for r in real) for c in info.class_names}
     counts = synthetic_counts(real_counts, policy, num_per_class, ratio)
     labels = labels_for_counts(counts, info.class_names)
+    cond = Conditioning.from_meta(ckpt.meta)
+    masks = _real_masks(input, split, real, labels, cond, seed) if cond.uses_mask else None
     settings = dict(
         format=PLAN_FORMAT,
         dataset=info.fingerprint,
@@ -291,6 +300,8 @@ def augment(
         chunk_size=chunk_size,
         use_ema=bool(use_ema),
     )
+    if masks is not None:
+        settings["masks"] = "real"
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     result = AugmentResult(out_dir, len(real), counts, rank=rank, world_size=world_size)
     _check_folder(out_dir, key, overwrite)
@@ -321,10 +332,10 @@ def augment(
         for stale in (out_dir / "chunks").glob(f".chunk_{ch.index:05d}.tmp*"):
             shutil.rmtree(stale, ignore_errors=True)
     if mine:
-        net = sampling_network(ckpt, device, use_ema=use_ema)
+        net = sampling_network(ckpt, device, use_ema=use_ema, conditioned=masks is not None)
         scheduler = inference_scheduler(ckpt.config["scheduler"], sampler, steps)
 
-        def generate(y: torch.Tensor, first_seed: int) -> torch.Tensor:  # (n,) labels -> (n, 1, *image_shape)
+        def generate(y: torch.Tensor, first_seed: int, m=None) -> torch.Tensor:  # (n,) labels -> (n, 1, *image_shape)
             return sample_images(
                 net,
                 scheduler,
@@ -337,10 +348,12 @@ def augment(
                 eta=eta,
                 amp_dtype=amp_dtype,
                 progress=False,
+                masks=m,
+                conditioning=cond,
             )
 
         bar = progress_bar(mine, desc=f"augment (rank {rank})", unit="chunk", disable=not progress)
-        for (c, start, stop), images in generate_chunks(generate, labels, bar, seed):
+        for (c, start, stop), images in generate_chunks(generate, labels, bar, seed, masks):
             y = labels[start:stop]
             rows = []
             with atomic_folder(chunk_dir(c)) as tmp:
@@ -368,18 +381,54 @@ def augment(
                             checkpoint_id=ckpt.id,
                         )
                     )
+                    if masks is not None:
+                        mask = masks[i, 0].numpy()
+                        write_nifti(
+                            tmp / f"{name}_mask.nii.gz",
+                            mask[..., None] if mask.ndim == 2 else mask,
+                            info.affine,
+                            dtype=np.uint8,
+                        )
+                        rows[-1]["mask"] = f"chunks/{chunk_dir(c).name}/{name}_mask.nii.gz"
                 (tmp / "rows.json").write_text(json.dumps(rows, indent=2))
             result.generated += len(y)
             if on_chunk is not None:
                 on_chunk(c)
     if all(is_complete(chunk_dir(ch.index)) for ch in chunks):
-        _finish(out_dir, input, real, [chunk_dir(ch.index) for ch in chunks])
+        _finish(out_dir, input, real, [chunk_dir(ch.index) for ch in chunks], masks is not None)
         result.complete = True
     return result
 
 
-def _finish(out_dir: Path, prepared: Path, real: list[dict], chunk_dirs: list[Path]) -> None:
-    """Write ``manifest.csv`` (real rows first, paths relative to ``out_dir``), then ``DONE``."""
+def _real_masks(
+    prepared: Path, split: str, real: list[dict], labels: torch.Tensor, cond: Conditioning, seed: int
+) -> torch.Tensor:
+    """The mask of each synthetic sample ``(N, 1, *spatial)``: the ``k``-th of class ``c`` gets the real mask
+    ``perm_c[k % n_c]`` of that class in ``split`` (``perm_c`` a permutation seeded from ``(seed, c)``)."""
+    info = load_info(prepared)
+    if dict(info.mask_labels) != dict(cond.mask_labels):
+        raise ValueError(
+            f"{prepared}: mask labels {info.mask_labels}, but the checkpoint was conditioned on "
+            f"{dict(cond.mask_labels)}; augment the dataset it was trained on"
+        )
+    split_masks = load_split_masks(prepared, split)
+    of_class = {c: [i for i, r in enumerate(real) if r["label"] == c] for c in range(len(info.class_names))}
+    picks, taken = [], {}
+    for c in labels.tolist():
+        if not of_class[c]:
+            raise ValueError(
+                f"class {info.class_names[c]!r} has no real mask in split {split!r} for the mask-conditioned "
+                "checkpoint; give it no synthetic images (augment.num_per_class) or augment another split"
+            )
+        perm = np.random.default_rng([seed, c]).permutation(len(of_class[c]))
+        k = taken[c] = taken.get(c, -1) + 1
+        picks.append(of_class[c][perm[k % len(perm)]])
+    return split_masks[torch.tensor(picks, dtype=torch.long)] if picks else split_masks[:0]
+
+
+def _finish(out_dir: Path, prepared: Path, real: list[dict], chunk_dirs: list[Path], masks: bool = False) -> None:
+    """Write ``manifest.csv`` (real rows first, paths relative to ``out_dir``; with ``masks`` a ``mask``
+    column), then ``DONE``."""
     rows = [
         dict(
             item_id=r["item_id"],
@@ -392,10 +441,13 @@ def _finish(out_dir: Path, prepared: Path, real: list[dict], chunk_dirs: list[Pa
         )
         for r in real
     ]
+    if masks:
+        for row, r in zip(rows, real):
+            row["mask"] = os.path.relpath(prepared.resolve() / r["mask"], out_dir.resolve())
     for d in chunk_dirs:
         rows += json.loads((d / "rows.json").read_text())
     with atomic_file(out_dir / "manifest.csv") as tmp, open(tmp, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=MANIFEST_FIELDS, restval="")
+        writer = csv.DictWriter(fh, fieldnames=MANIFEST_FIELDS + (["mask"] if masks else []), restval="")
         writer.writeheader()
         writer.writerows(rows)
     (out_dir / "DONE").write_text("complete\n")
@@ -412,12 +464,15 @@ def read_mixed_manifest(folder: str | os.PathLike) -> list[dict]:
         row["label"] = int(row["label"])
         row["synthetic"] = row["synthetic"] == "True"
         row["path"] = str((folder / row["path"]).resolve())
+        if row.get("mask"):
+            row["mask"] = str((folder / row["mask"]).resolve())
     return rows
 
 
 class MixedDataset(Dataset):
     """A MONAI ``Dataset`` over an augment folder: items ``{"image": (1, *spatial) in [-1, 1],
-    "label": int, "synthetic": bool}``, real and synthetic alike.
+    "label": int, "synthetic": bool}``, real and synthetic alike; with masks (a mask-conditioned
+    checkpoint's augmentation) also ``"mask"``: the label map ``(1, *spatial)``.
 
     ``transform`` replaces the default loader chain (it receives ``{"image": path, ...}``);
     ``synthetic=False`` / ``real=False`` keep one kind only. Two lines for a MONAI script::
@@ -432,14 +487,18 @@ class MixedDataset(Dataset):
         plan = json.loads((folder / "plan.json").read_text())
         self.class_names = plan["class_names"]
         self.spatial_dims = plan["spatial_dims"]
+        keys = ["image", "mask"] if rows and rows[0].get("mask") else ["image"]
         if transform is None:
             with warnings.catch_warnings():  # MONAI announces its optional GPU DICOM decoder on every loader
                 warnings.filterwarnings("ignore", message=".*nvImageCodec.*")
-                steps = [LoadImaged(keys="image", image_only=True, ensure_channel_first=True)]
+                steps = [LoadImaged(keys=keys, image_only=True, ensure_channel_first=True)]
             if self.spatial_dims == 2:
-                steps.append(SqueezeDimd(keys="image", dim=3))  # (1, X, Y, 1) → (1, X, Y)
+                steps.append(SqueezeDimd(keys=keys, dim=3))  # (1, X, Y, 1) → (1, X, Y)
             transform = Compose(steps)
         data = [{"image": r["path"], "label": r["label"], "synthetic": r["synthetic"]} for r in rows]
+        if "mask" in keys:
+            for item, r in zip(data, rows):
+                item["mask"] = r["mask"]
         super().__init__(data, transform)
 
 

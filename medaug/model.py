@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from .atomic import atomic_file
+from .conditioning import SPEC_KEYS
 from .flow import flow_kwargs, is_flow
 
 FORMAT = 2  # 1: pickled config/meta/RNG objects (read only with trust); 2: tensors + plain values + JSON text
@@ -64,8 +65,8 @@ def locate(target: str):
 
 def network_from_spec(spec: Mapping, **overrides):
     """Build the object a ``{"_target_": ..., **kwargs}`` spec describes (keys starting with ``_`` other than
-    the target are ignored)."""
-    kwargs = {k: v for k, v in spec.items() if not k.startswith("_")}
+    the target, and medaug's ``condition`` and ``generates`` (:mod:`medaug.conditioning`), are ignored)."""
+    kwargs = {k: v for k, v in spec.items() if not k.startswith("_") and k not in SPEC_KEYS}
     kwargs.update(overrides)
     return locate(spec["_target_"])(**kwargs)
 

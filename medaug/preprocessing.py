@@ -162,7 +162,7 @@ def _above_floor(x):
 
 
 class Prepared(NamedTuple):
-    """A preprocessed case: the image in [-1, 1], its mask (or None), and the window used."""
+    """A preprocessed case: the image in [-1, 1], its label map (int64, or None), and the window used."""
 
     volume: Volume
     mask: np.ndarray | None
@@ -180,7 +180,8 @@ def preprocess_case(
 ) -> Prepared:
     """Like :func:`preprocess`, with an optional mask ``(X, Y, Z)`` on the image's grid carried along.
 
-    The mask comes back as a boolean array on the output grid (nearest-neighbour).
+    The mask is a label map (0 = background; any integer values): it comes back as an int64 array on the output
+    grid, resampled nearest-neighbour and padded with 0, its label values unchanged.
     """
     if len(spatial_size) != 3:
         raise ValueError(f"spatial_size needs 3 entries (X, Y, Z; -1 keeps an axis), got {list(spatial_size)}")
@@ -190,11 +191,12 @@ def preprocess_case(
     if mask is not None:
         if mask.shape != volume.array.shape:
             raise ValueError(f"mask shape {mask.shape} differs from image shape {volume.array.shape}")
-        data["mask"] = MetaTensor(torch.from_numpy((mask > 0)[None].astype(np.float32)), affine=affine.clone())
+        values = np.rint(np.asarray(mask, dtype=np.float64))  # label values; float32 holds integers up to 2**24
+        data["mask"] = MetaTensor(torch.from_numpy(values[None].astype(np.float32)), affine=affine.clone())
     out = build_transform(window, spatial_size, pixdim, crop, margin, keys=list(data))(data)
     image = out["image"]
     array = image.as_tensor().numpy()[0].astype(np.float32)
-    prepared_mask = out["mask"].as_tensor().numpy()[0] > 0.5 if mask is not None else None
+    prepared_mask = np.rint(out["mask"].as_tensor().numpy()[0]).astype(np.int64) if mask is not None else None
     return Prepared(Volume(array, image.affine.numpy().astype(np.float64), dict(volume.meta)), prepared_mask, window)
 
 

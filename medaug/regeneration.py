@@ -10,6 +10,10 @@ Example::
     new = regenerate_copies(images, labels, rows, keep, scores, threshold, sample_info=info,
                             ckpt_path="job/train/checkpoints/last.pt", prepared_dir="job/prepared")
     new.images.shape  # (N - new.short, 1, *spatial), in [-1, 1]
+
+Samples of a mask-conditioned model (:mod:`medaug.conditioning`) are regenerated for the mask of the sample
+they replace: pass the samples' ``masks`` (:func:`medaug.sampling.load_sample_masks`); ``new.masks`` are the
+masks of ``new.images``.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from typing import Mapping, NamedTuple, Sequence
 import numpy as np
 import torch
 
+from medaug.conditioning import Conditioning
 from medaug.data import load_split
 from medaug.model import load_checkpoint
 from medaug.privacy import pixel_copy_scores, replace_copies
@@ -36,6 +41,7 @@ class Regenerated(NamedTuple):
     scores: np.ndarray
     short: int
     max_rounds: int
+    masks: torch.Tensor | None = None  # (M, 1, *spatial) int64: the mask of each image (mask-conditioned models)
 
 
 def regenerate_copies(
@@ -51,27 +57,36 @@ def regenerate_copies(
     prepared_dir: str | Path,
     trust: bool = False,
     max_rounds: int = 5,
+    masks: torch.Tensor | None = None,
 ) -> Regenerated:
     """Sample again for every sample with ``keep`` False (N,) until a candidate of its class scores at
     most ``threshold`` (pixel-space correlation to the nearest training image, as the audit that gave
     ``scores`` (N,)), at most ``max_rounds`` rounds. Candidates are sampled with the checkpoint at
     ``ckpt_path`` (it must be the one ``sample_info["checkpoint_id"]`` names) and the sampler, guidance,
     seed, EMA and clipping settings of ``sample_info["sample"]``; candidate k gets seed ``seed + N + k``.
+    A replacement's manifest row is the row of the sample it replaces with its own index and seed, and
+    ``replaces_copy``. A mask-conditioned checkpoint needs the samples' ``masks`` (N, 1, *spatial): a
+    replacement is made for the mask of the sample it replaces.
 
-    Raises ValueError when the checkpoint is not the samples' one."""
+    Raises ValueError when the checkpoint is not the samples' one, or a mask-conditioned one gets no masks."""
     ckpt = load_checkpoint(ckpt_path, trust)
     if ckpt.id != sample_info["checkpoint_id"]:
         raise ValueError(f"{ckpt.path} is not the checkpoint these samples came from; pass ckpt_path=")
     s, names = sample_info["sample"], ckpt.meta["class_names"]
-    net = sampling_network(ckpt, "cpu", use_ema=s.get("use_ema", True))
+    cond = Conditioning.from_meta(ckpt.meta)
+    if cond.uses_mask and (masks is None or len(masks) != len(labels)):
+        raise ValueError(
+            f"{ckpt.path} is conditioned on masks: regenerating its samples needs their masks (load_sample_masks)"
+        )
+    net = sampling_network(ckpt, "cpu", use_ema=s.get("use_ema", True), conditioned=cond.uses_mask)
     train_x, _ = load_split(Path(prepared_dir), "train")
 
-    def generate(want: torch.Tensor, first: int) -> torch.Tensor:
+    def generate(want: torch.Tensor, first: int) -> torch.Tensor:  # want: indices of the samples to replace
         sch = inference_scheduler(ckpt.config["scheduler"], s["sampler"], s["steps"])
         return sample_images(
             net,
             sch,
-            want,
+            labels[want],
             ckpt.meta["image_shape"],
             guidance_scale=s["guidance_scale"],
             null_class=len(names),
@@ -79,18 +94,21 @@ def regenerate_copies(
             batch_size=s["batch_size"],
             eta=s["eta"],
             clip_x0=s.get("clip_x0", True),
+            **(dict(masks=masks[want], conditioning=cond) if cond.uses_mask else {}),
         )  # the settings the samples were made with
 
-    new_x, new_y, source, new_scores = replace_copies(
-        images, labels, keep, threshold, generate, lambda imgs: pixel_copy_scores(imgs, train_x), max_rounds
+    which = torch.arange(len(labels))  # candidates are drawn per replaced sample: its class and its mask
+    new_x, new_which, source, new_scores = replace_copies(
+        images, which, keep, threshold, generate, lambda imgs: pixel_copy_scores(imgs, train_x), max_rounds
     )
     new_rows = []
-    for src, y, sc in zip(source.tolist(), new_y.tolist(), new_scores.tolist()):
+    for src, orig in zip(source.tolist(), new_which.tolist()):
+        y = int(labels[orig])
         row = (
             rows[src]
             if src < len(rows)
             else {
-                **rows[0],
+                **rows[orig],
                 "index": src,
                 "label": y,
                 "class_name": names[y],
@@ -100,4 +118,5 @@ def regenerate_copies(
         )
         new_rows.append(row)
     final_scores = np.where(np.isnan(new_scores), scores[source.clip(max=len(rows) - 1)], new_scores)
-    return Regenerated(new_x, new_rows, final_scores, len(rows) - len(new_rows), max_rounds)
+    new_masks = None if masks is None else masks[new_which]
+    return Regenerated(new_x, new_rows, final_scores, len(rows) - len(new_rows), max_rounds, new_masks)

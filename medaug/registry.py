@@ -324,6 +324,12 @@ def preview_callback(
     under the key ``preview`` (``training.preview_every``; 0 or None: no previews, returns None)."""
     if not every:
         return None
+    from medaug.conditioning import Conditioning
+
+    cond = Conditioning.from_meta(meta)
+    if cond != Conditioning():  # previews are of class -> image models only (a mask model's, a mask's inputs)
+        log.info("no training previews for a model conditioned on %s that generates %s", cond.kind, cond.generates)
+        return None
     from medaug.sampling import preview_samples
     from medaug.pictures import save_grid
 

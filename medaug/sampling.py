@@ -51,6 +51,7 @@ from torch import nn
 from .dpm_solver import DPMSolverPP2M, DPMSolverPP2MSDE
 from .flow import FLOW_SAMPLER, flow_clip_x0, flow_scheduler, is_flow
 from .atomic import atomic_folder, is_complete
+from .conditioning import Conditioning
 from .model import Checkpoint, checkpoint_network, file_id
 from .pictures import save_grid
 from .progress import progress_bar
@@ -196,6 +197,7 @@ def sampling_network(
     use_ema: bool = True,
     compile=False,
     compile_cache: str | Path | None = None,
+    conditioned: bool = False,
 ) -> nn.Module:
     """The network of ``ckpt`` ready to sample on ``device``, in eval mode.
 
@@ -207,10 +209,20 @@ def sampling_network(
             ``reduce-overhead`` (CUDA graphs for the fixed-shape denoising loop: 2.8x the fp32 eager loop
             on an H200), or a ``torch.compile`` mode name.
         compile_cache: folder of compiled kernels kept between runs (see :func:`medaug.training.prepare_for_speed`).
+        conditioned: the caller feeds masks (:mod:`medaug.conditioning`); without it a checkpoint conditioned on
+            masks, or one that generates masks, is refused (ValueError) for the class → image callers
+            (augment, inpaint, the copy filter's regeneration, the registry's generator).
 
     Returns:
         The network on ``device`` (on CUDA channels-last for 2D, maybe a compiled wrapper sharing its parameters).
     """
+    cond = Conditioning.from_meta(ckpt.meta)
+    if not conditioned and cond != Conditioning():
+        what = "generates masks" if cond.generates == "mask" else f"is conditioned on masks ({cond.kind})"
+        raise ValueError(
+            f"{ckpt.path} {what}; here only class-conditional image models work: make its pairs with "
+            "`medaug sample` (sample.masks=generate|prepared:<split>|<folder>)"
+        )
     device = torch.device(device)
     net = checkpoint_network(ckpt, "ema" if use_ema else "model").to(device)
     if device.type != "cuda":
@@ -245,19 +257,28 @@ Generate = Callable[[torch.Tensor, int], torch.Tensor]  # (labels (n,), seed of 
 
 
 def generate_chunks(
-    generate: Generate, labels: torch.Tensor, chunks: Iterable[Chunk], seed: int
+    generate: Generate, labels: torch.Tensor, chunks: Iterable[Chunk], seed: int, masks: torch.Tensor | None = None
 ) -> Iterator[tuple[Chunk, torch.Tensor]]:
-    """``(chunk, generate(labels[start:stop], seed + start))`` for each chunk, one at a time.
+    """``(chunk, generate(labels[start:stop], seed + start))`` for each chunk, one at a time; with ``masks``
+    ``generate(labels[start:stop], seed + start, masks[start:stop])``.
 
     ``generate`` seeds sample ``j`` of its call from ``seed + j`` (as :func:`sample_images` does), so
     sample ``i`` comes from ``seed + i`` whichever process makes its chunk."""
     for chunk in chunks:
-        yield chunk, generate(labels[chunk.start : chunk.stop], seed + chunk.start)
+        part = slice(chunk.start, chunk.stop)
+        extra = () if masks is None else (masks[part],)
+        yield chunk, generate(labels[part], seed + chunk.start, *extra)
 
 
 def generate_sharded(
-    generate: Generate, labels: torch.Tensor, chunk_size: int, seed: int, rank: int = 0, world: int = 1
-) -> torch.Tensor:
+    generate: Generate,
+    labels: torch.Tensor,
+    chunk_size: int,
+    seed: int,
+    rank: int = 0,
+    world: int = 1,
+    masks: torch.Tensor | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """All ``len(labels)`` images, made by ``world`` processes together: this one makes its
     :func:`shard_chunks` with :func:`generate_chunks`, and with ``world > 1`` (a started
     ``torch.distributed`` process group) every rank's chunks are gathered with ``all_gather_object``.
@@ -268,30 +289,47 @@ def generate_sharded(
         chunk_size: samples per ``generate`` call (the batch size of ``sample``).
         seed: sample ``i`` is made from ``seed + i``.
         rank, world: this process and the number of processes.
+        masks: ``(N, 1, *spatial)`` label maps handed to ``generate`` chunk by chunk (a mask-conditioned model).
 
     Returns:
-        ``(N, C, *spatial)`` images in the order of ``labels``, the same on every rank and for every ``world``.
+        ``(N, C, *spatial)`` images in the order of ``labels``, the same on every rank and for every ``world``;
+        when ``generate`` returns a tuple (images, generated masks), the tuple of them concatenated.
     """
     if len(labels) == 0:
         raise ValueError("no samples to generate (0 labels)")
     chunks = shard_chunks(len(labels), chunk_size, rank, world)
-    mine = {c.index: x for c, x in generate_chunks(generate, labels, chunks, seed)}
+    mine = {c.index: x for c, x in generate_chunks(generate, labels, chunks, seed, masks)}
     if world > 1:
         gathered = [None] * world
         torch.distributed.all_gather_object(gathered, mine)
         mine = {k: v for part in gathered for k, v in part.items()}
-    return torch.cat([mine[k] for k in sorted(mine)])
+    parts = [mine[k] for k in sorted(mine)]
+    if isinstance(parts[0], tuple):
+        return tuple(torch.cat(p) for p in zip(*parts))
+    return torch.cat(parts)
 
 
-def guided_eps(model: nn.Module, x: torch.Tensor, t: int, labels: torch.Tensor, scale: float, null_class: int):
-    """Classifier-free guided noise prediction; ``scale=1`` is the plain conditional model."""
+def guided_eps(
+    model: nn.Module,
+    x: torch.Tensor,
+    t: int,
+    labels: torch.Tensor | None,
+    scale: float,
+    null_class: int,
+    cond: torch.Tensor | None = None,
+):
+    """Classifier-free guided noise prediction; ``scale=1`` is the plain conditional model.
+
+    ``labels=None``: a model without class input. ``cond`` ``(N, K, *spatial)``: the one-hot mask of a
+    mask-conditioned model, concatenated to ``x``; the unconditional prediction drops class and mask together
+    (null class, all-zero mask), as training did (:mod:`medaug.conditioning`)."""
     timesteps = torch.full((x.shape[0],), int(t), device=x.device, dtype=torch.long)
+    x_c = x if cond is None else torch.cat([x, cond.to(x.dtype)], 1)
     if scale == 1.0:
-        return model(x, timesteps=timesteps, class_labels=labels)
-    null = torch.full_like(labels, null_class)
-    eps_c, eps_u = model(
-        torch.cat([x, x]), timesteps=torch.cat([timesteps, timesteps]), class_labels=torch.cat([labels, null])
-    ).chunk(2)
+        return model(x_c, timesteps=timesteps, class_labels=labels)
+    x_u = x if cond is None else torch.cat([x, torch.zeros_like(cond, dtype=x.dtype)], 1)
+    both = None if labels is None else torch.cat([labels, torch.full_like(labels, null_class)])
+    eps_c, eps_u = model(torch.cat([x_c, x_u]), timesteps=torch.cat([timesteps, timesteps]), class_labels=both).chunk(2)
     return eps_u + scale * (eps_c - eps_u)
 
 
@@ -337,10 +375,18 @@ def sample_images(
     progress: bool = True,
     clip: bool = True,
     clip_x0: bool = True,
+    masks: torch.Tensor | None = None,
+    conditioning: Conditioning | None = None,
 ) -> torch.Tensor:
     """Generate ``len(labels)`` images ``(N, C, *image_shape)`` in [-1, 1], on the CPU
     (``clip=False`` for latents, which are not bounded). ``clip_x0``: clip the predicted clean image
     to [-1, 1] at every step (images only; see the module docstring).
+
+    ``conditioning`` (:mod:`medaug.conditioning`; default: the class only): a mask-conditioned model takes
+    ``masks`` ``(N, 1, *spatial)``, the label map each image is made for (resized to ``image_shape`` when
+    that is a latent grid); a model without class input
+    ignores ``labels`` (they still count the samples). A mask model (``generates=mask``) needs ``channels``
+    = its label count.
 
     The same ``seed``, labels and batch size give identical samples. A rectified flow (:mod:`medaug.flow`) is
     deterministic and takes no ``eta``.
@@ -352,12 +398,19 @@ def sample_images(
         raise ValueError(
             f"sample.eta={eta} is DDIM's stochasticity and does not apply to a rectified flow; set sample.eta=0"
         )
+    conditioning = conditioning or Conditioning()
+    if conditioning.uses_mask and (masks is None or len(masks) != len(labels)):
+        raise ValueError(f"a {conditioning.kind}-conditioned model needs one mask per sample (sample.masks)")
     size = {"input_img_size_numel": int(np.prod(image_shape))} if flow else {}
     out = []
     n = len(labels)
     bar = progress_bar(total=n * len(scheduler.timesteps), desc="sample", unit="step", disable=not progress)
     for start in range(0, n, batch_size):
         y = labels[start : start + batch_size].to(device)
+        cond = None
+        if conditioning.uses_mask:  # on the grid of x (a latent model's: the latent grid)
+            cond = conditioning.one_hot(masks[start : start + batch_size], grid=image_shape).to(device)
+        y_in = y if conditioning.use_class else None
         x = torch.stack(
             [
                 torch.randn(channels, *image_shape, generator=torch.Generator().manual_seed(seed + start + j))
@@ -372,7 +425,7 @@ def sample_images(
             step_kwargs["generator"] = torch.Generator(device=device).manual_seed(step_noise_seed(seed, start))
         for t in scheduler.timesteps:
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                eps = guided_eps(model, x, t, y, guidance_scale, null_class).float()
+                eps = guided_eps(model, x, t, y_in, guidance_scale, null_class, cond).float()
             if clip and clip_x0:
                 eps = clip_x0_of(scheduler, eps, int(t), x)
             x, _ = scheduler.step(eps, int(t), x, **step_kwargs)
@@ -389,13 +442,20 @@ def save_samples(
     info: Mapping,
     class_names: Sequence[str],
     extra: Callable[[Path], None] | None = None,
+    masks: torch.Tensor | None = None,
 ) -> Path:
-    """Write a samples folder atomically: ``samples.pt`` (images in [-1, 1], labels),
-    ``manifest.csv`` (one row per sample), ``info.json`` (provenance) and ``grid.png``;
-    ``extra(folder)`` writes more files into it before it is complete."""
+    """Write a samples folder atomically: ``samples.pt`` (images in [-1, 1], labels, and with ``masks`` the
+    ``(N, 1, *spatial)`` int64 label map each image was made for, under ``"masks"``), ``manifest.csv`` (one
+    row per sample), ``info.json`` (provenance) and ``grid.png``; ``extra(folder)`` writes more files into it
+    before it is complete."""
     labels = torch.tensor([int(r["label"]) for r in rows], dtype=torch.long)
+    data = {"images": images.float(), "labels": labels}
+    if masks is not None:
+        if masks.shape[0] != images.shape[0] or masks.shape[2:] != images.shape[2:]:
+            raise ValueError(f"masks {tuple(masks.shape)} do not match images {tuple(images.shape)}")
+        data["masks"] = masks.long()
     with atomic_folder(out_dir) as tmp:
-        torch.save({"images": images.float(), "labels": labels}, tmp / "samples.pt")
+        torch.save(data, tmp / "samples.pt")
         with open(tmp / "manifest.csv", "w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=list(rows[0].keys()))
             writer.writeheader()
@@ -429,7 +489,14 @@ def preview_samples(
     return space.sample(net, sampler, labels, **kwargs)
 
 
-def sample_records(ckpt: Checkpoint, labels: torch.Tensor, settings: Mapping, space=None) -> tuple[list[dict], dict]:
+def sample_records(
+    ckpt: Checkpoint,
+    labels: torch.Tensor,
+    settings: Mapping,
+    space=None,
+    mask_source: str | None = None,
+    mask_labels: Mapping[str, int] | None = None,
+) -> tuple[list[dict], dict]:
     """The manifest rows and the provenance (``info.json``) of samples of ``ckpt``, for :func:`save_samples`.
 
     Args:
@@ -438,6 +505,9 @@ def sample_records(ckpt: Checkpoint, labels: torch.Tensor, settings: Mapping, sp
         settings: the sampling settings (the ``sample`` section: ``seed``, ``guidance_scale``, ``sampler``,
             ``steps``, ...), kept whole in ``info["sample"]``.
         space: the :class:`medaug.latent.LatentSpace` the samples were decoded from; None in pixel space.
+        mask_source: with masks, where they came from: ``user`` (sample.masks=<folder or CSV>), ``real`` (a
+            prepared split) or ``generated`` (the mask model); each row's ``mask_source``.
+        mask_labels: with masks, ``{name: value}`` of their labels (``info["mask_labels"]``).
 
     Returns:
         ``(rows, info)``: one row per sample (index, label, class name, seed, sampler settings, checkpoint id)
@@ -475,6 +545,10 @@ def sample_records(ckpt: Checkpoint, labels: torch.Tensor, settings: Mapping, sp
     )
     if space is not None:  # the data card names the model: say it is a latent diffusion model
         info["model"] += f" on the latents of AutoencoderKL {space.id} (scale factor {space.scale_factor:.4g})"
+    if mask_source is not None:
+        for row in rows:
+            row["mask_source"] = mask_source
+        info.update(mask_labels=dict(mask_labels or {}), mask_source=mask_source, condition=meta.get("condition"))
     return rows, info
 
 
@@ -496,3 +570,14 @@ def load_samples(samples_dir: str | Path) -> tuple[torch.Tensor, torch.Tensor, l
     with open(samples_dir / "manifest.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     return data["images"], data["labels"], rows, json.loads((samples_dir / "info.json").read_text())
+
+
+def load_sample_masks(samples_dir: str | Path) -> torch.Tensor | None:
+    """The label maps ``(N, 1, *spatial)`` int64 of a complete samples folder (the mask each image was
+    conditioned on or generated with; names in ``info.json`` ``mask_labels``), None when it has none."""
+    samples_dir = Path(samples_dir)
+    if not is_complete(samples_dir):
+        raise FileNotFoundError(
+            f"{samples_dir}: no complete samples folder (no DONE marker); run `medaug sample` first"
+        )
+    return torch.load(samples_dir / "samples.pt", map_location="cpu").get("masks")

@@ -6,8 +6,8 @@ with plain values; :mod:`medaug.training` holds the loss and the one fit loop th
 
 Example::
 
-    data = training_data("prepared", torch.device("cpu"), scheduler={"_target_": ...})
-    spec = unet_spec(model_section, data)          # in/out channels, class embeddings, checked shape
+    data = training_data("prepared", torch.device("cpu"), model=model_section, scheduler=scheduler_section)
+    net = network_from_spec(data.spec)             # in/out channels, class embeddings, checked shape
     result = train_diffusion(net, optimizer, scheduler, data, training_section, ckpt_path=Path("last.pt"), ...)
 """
 
@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from .conditioning import Conditioning, conditioned_training_data
 from .data import PreparedInfo, load_info, load_split
 from .dp import private_training, train_patients
 from .flow import is_flow
@@ -42,7 +43,7 @@ from .training import (
     resume_training,
 )
 
-__all__ = ["TrainingData", "training_data", "unet_spec", "train_diffusion"]
+__all__ = ["TrainingData", "training_data", "train_diffusion"]
 
 log = logging.getLogger("medaug")
 
@@ -50,20 +51,26 @@ ON_DEVICE_LIMIT = 2 * 2**30  # bytes: a training set up to this size is moved to
 
 
 class TrainingData(NamedTuple):
-    """What the UNet learns from: ``images`` ``(N, C, *spatial)``, pixels in [-1, 1] or autoencoder latents
-    times the space's scale factor, ``labels`` ``(N,)``, the prepared dataset's ``info`` and the latent
-    ``space`` (None: pixel space)."""
+    """What the UNet learns from: ``images`` ``(N, C, *spatial)``, pixels in [-1, 1], autoencoder latents times
+    the space's scale factor, or a mask model's one-hot label maps in [-1, 1]; ``labels`` ``(N,)``; ``masks``
+    ``(N, 1, *spatial)`` label maps a mask-conditioned model is given (None otherwise); the model's
+    ``conditioning``; ``spec``, the model section completed for this data; the prepared dataset's ``info`` and
+    the latent ``space`` (None: pixel space)."""
 
     info: PreparedInfo
     images: torch.Tensor
     labels: torch.Tensor
     space: LatentSpace | None
+    masks: torch.Tensor | None
+    conditioning: Conditioning
+    spec: dict
 
 
 def training_data(
     prepared_dir: str | Path,
     device: torch.device,
     *,
+    model: Mapping,
     scheduler: Mapping,
     latent: Mapping | None = None,
     autoencoder: Mapping | None = None,
@@ -73,11 +80,16 @@ def training_data(
     trust: bool = False,
     amp_dtype: torch.dtype | None = None,
 ) -> TrainingData:
-    """The training split of a prepared dataset, in pixel space or, with ``latent.autoencoder_ckpt``, as cached
-    latents of that autoencoder (trained first when ``latent.train_if_missing``; see
-    :func:`medaug.latent.latent_space_for_training`). ``scheduler`` is the training scheduler's section (a
-    latent model refuses one that clips samples). On CUDA the set moves to the GPU once when it is under
-    2 GiB and ``on_device`` (``training.data_on_device``) is not false."""
+    """The training split of a prepared dataset for the UNet of the ``model`` section, in pixel space or, with
+    ``latent.autoencoder_ckpt``, as cached latents of that autoencoder (trained first when
+    ``latent.train_if_missing``; see :func:`medaug.latent.latent_space_for_training`), with the label maps when
+    the model is conditioned on masks, or the label maps as images when it generates masks
+    (:func:`medaug.conditioning.conditioned_training_data`). ``scheduler`` is the training scheduler's section
+    (a latent model refuses one that clips samples). The completed model section (``TrainingData.spec``) has
+    the channels in and out, one class embedding per class plus the null class of classifier-free guidance and
+    the data's spatial dims; a spatial shape the UNet cannot take is refused (ValueError naming the fix). On
+    CUDA the set moves to the GPU once when it is under 2 GiB and ``on_device`` (``training.data_on_device``) is
+    not false."""
     info = load_info(prepared_dir)
     images, labels = load_split(info.root, "train")
     space = latent_space_for_training(
@@ -91,24 +103,17 @@ def training_data(
         trust=trust,
         amp_dtype=amp_dtype,
     )
+    spec = dict(model)
     if space is not None:  # latent diffusion: the UNet learns scaled autoencoder latents
         latents, labels = cached_latents(space, info.root, latent["cache_dir"])
         images = latents * space.scale_factor
+        spec.update(in_channels=space.latent_channels, out_channels=space.latent_channels)
+    spec.update(num_class_embeds=info.num_classes + 1, spatial_dims=info.spatial_dims)
+    condition, images, masks = conditioned_training_data(spec, info, images, latent=space is not None)
     if device.type == "cuda" and switch(on_device, True) and images.nbytes < ON_DEVICE_LIMIT:
         images, labels = images.to(device), labels.to(device)
-    return TrainingData(info, images, labels, space)
-
-
-def unet_spec(model: Mapping, data: TrainingData) -> dict:
-    """The ``model`` section completed for ``data``: latent channels in and out in latent space, one class
-    embedding per class plus the null class of classifier-free guidance, the data's spatial dims; refused
-    (ValueError naming the fix) when the UNet cannot take the data's spatial shape."""
-    spec = dict(model)
-    if data.space is not None:
-        spec.update(in_channels=data.space.latent_channels, out_channels=data.space.latent_channels)
-    spec.update(num_class_embeds=data.info.num_classes + 1, spatial_dims=data.info.spatial_dims)
-    check_unet_input(spec, data.images.shape[2:], "latent" if data.space is not None else "image")
-    return spec
+    check_unet_input(spec, images.shape[2:], "latent" if space is not None else "image")
+    return TrainingData(info, images, labels, space, masks, condition, spec)
 
 
 def train_diffusion(
@@ -160,6 +165,7 @@ def train_diffusion(
         autoencoder_id=space.id if space is not None else None,
         prepared=info.root,
         trust=trust,
+        conditioning=data.conditioning,
     )
     dp = private_training(
         net,
@@ -197,6 +203,8 @@ def train_diffusion(
         p_uncond=t["p_uncond"],
         amp_dtype=amp_dtype,
         channels_last=channels_last,
+        masks=data.masks,
+        conditioning=data.conditioning,
     )
     run_id = resumed.get("mlflow_run_id")
     # from here on a tracking error is a warning: the training and its checkpoint go on
@@ -204,7 +212,7 @@ def train_diffusion(
         if start_step == 0:
             tracker.log_params(dict(params))
             tracker.log_params({f"data.count.{s}": sum(c.values()) for s, c in info.counts.items()})
-        meta = checkpoint_meta(info, tracker.run_id, space)
+        meta = checkpoint_meta(info, tracker.run_id, space, data.conditioning)
         tracker.log_dataset(dataset_entity(info, source), "training")
         preview = preview_callback(tracker, ema, stored_config["scheduler"], meta, t.get("preview_every"), space=space)
         payload = lambda: {"config": stored_config, "meta": {**meta, **(dp.meta() if dp else {})}}

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .conditioning import Conditioning
 from .flow import flow_timesteps, is_flow
 from .model import EMA, save_checkpoint
 from .progress import progress_bar
@@ -157,6 +158,7 @@ def diffusion_loss(
     generator: torch.Generator | None = None,
     draws: StepNoise | None = None,
     amp_dtype: torch.dtype | None = None,
+    mask_onehot: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-sample diffusion loss ``[N]`` for images ``x0`` (N, C, *spatial) in [-1, 1]: the MSE
     against what the scheduler's ``prediction_type`` names, the noise (``epsilon``), the velocity
@@ -164,15 +166,22 @@ def diffusion_loss(
     (``RFlowScheduler``) the velocity ``x0 - noise`` as MONAI defines it.
 
     Labels are replaced by ``null_class`` with probability ``p_uncond`` (classifier-free
-    guidance training). The random draws come from ``draws`` or else from ``generator``.
+    guidance training); ``labels=None`` for a model without class input. ``mask_onehot``
+    ``(N, K, *spatial)``, a mask-conditioned model's one-hot label maps, is concatenated to the noisy
+    image, all zeros where the labels are dropped (:mod:`medaug.conditioning`: class and mask are dropped
+    jointly). The random draws come from ``draws`` or else from ``generator``.
     Noise and the noised input are made in fp32 outside autocast (``add_noise`` on bf16
     input would turn the scheduler's ``alphas_cumprod`` into bf16 for good); only the
     network runs under ``amp_dtype``.
     """
     if draws is None:
         draws = draw_step_noise(x0.shape, scheduler.num_train_timesteps, p_uncond, generator, scheduler)
-    labels = torch.where(draws.drop, torch.full_like(labels, null_class), labels)
+    if labels is not None:
+        labels = torch.where(draws.drop, torch.full_like(labels, null_class), labels)
     x_t = scheduler.add_noise(original_samples=x0.float(), noise=draws.noise, timesteps=draws.timesteps)
+    if mask_onehot is not None:
+        keep = (~draws.drop).to(mask_onehot.dtype).view(-1, *[1] * (x0.ndim - 1))
+        x_t = torch.cat([x_t, mask_onehot.to(x_t.device) * keep], 1)
     layout = memory_format_of(x0.ndim)
     if layout != torch.preserve_format and x0.is_contiguous(memory_format=layout):  # the network's layout
         x_t = x_t.contiguous(memory_format=layout)
@@ -234,7 +243,9 @@ class TrainStep(Protocol):
 class DiffusionStep:
     """The class-conditional diffusion loss (:func:`diffusion_loss`) as a :class:`TrainStep` of ``model``
     (DDP- or compile-wrapped as it runs) on ``images`` (N, C, *spatial) in [-1, 1] and ``labels`` (N,).
-    ``amp_dtype=None`` trains in fp32; ``channels_last`` hands the network channels-last batches."""
+    ``amp_dtype=None`` trains in fp32; ``channels_last`` hands the network channels-last batches.
+    ``conditioning`` (default: the class only) with a mask takes the label maps ``masks`` (N, 1, *spatial)
+    of the images, given to the network as one-hot channels (:mod:`medaug.conditioning`)."""
 
     model: nn.Module
     scheduler: object
@@ -246,12 +257,22 @@ class DiffusionStep:
     channels_last: bool = False
     name: str = "train"
     lr_key: str = "training.lr"
+    masks: torch.Tensor | None = None
+    conditioning: Conditioning = field(default_factory=Conditioning)
+
+    def __post_init__(self):
+        if self.conditioning.uses_mask and (self.masks is None or self.masks.shape[0] != self.images.shape[0]):
+            raise ValueError(f"a {self.conditioning.kind}-conditioned model needs one mask per training image")
 
     def __call__(self, draw: StepDraw) -> StepLoss:
         device = draw.generator.device
         x0, y = take_batch(
             self.images, self.labels, draw.rows, device, memory_format_of(self.images.ndim, self.channels_last)
         )
+        cond = None
+        if self.conditioning.uses_mask:
+            masks = self.masks[draw.rows.to(self.masks.device)].to(device)
+            cond = self.conditioning.one_hot(masks, grid=self.images.shape[2:])  # latents: on the latent grid
         shape = (draw.global_batch, *self.images.shape[1:])
         draws = StepNoise(
             *(
@@ -262,7 +283,14 @@ class DiffusionStep:
             )
         )
         loss = diffusion_loss(
-            self.model, self.scheduler, x0, y, null_class=self.null_class, draws=draws, amp_dtype=self.amp_dtype
+            self.model,
+            self.scheduler,
+            x0,
+            y if self.conditioning.use_class else None,
+            null_class=self.null_class,
+            draws=draws,
+            amp_dtype=self.amp_dtype,
+            mask_onehot=cond,
         ).mean()
         return StepLoss(loss, {f"{self.name}/loss": loss.detach()})
 
@@ -522,10 +550,12 @@ def resume_training(
     autoencoder_id: str | None,
     prepared: str | Path,
     trust: bool = False,
+    conditioning: Conditioning | None = None,
 ) -> tuple[int, dict]:
     """Restore weights, EMA, optimizer and RNG states from the checkpoint at ``path`` when there is one,
-    after checking it was trained on data of the same ``image_shape`` and ``class_names`` and in the same
-    space (``autoencoder_id``: the latents of that autoencoder; None: pixels). Warns when the prepared
+    after checking it was trained on data of the same ``image_shape`` and ``class_names``, in the same
+    space (``autoencoder_id``: the latents of that autoencoder; None: pixels) and with the same
+    ``conditioning`` (None: not checked). Warns when the prepared
     dataset's fingerprint differs. Returns ``(start step, the checkpoint's meta)`` (its MLflow run id, its DP
     history, ...); ``(0, {})`` without a checkpoint.
 
@@ -552,6 +582,13 @@ def resume_training(
             f"{path}: trained on {what(trained_on)}, but this run trains on {what(autoencoder_id)}; "
             "restore the autoencoder it was trained with, or train afresh in another paths.train_dir"
         )
+    trained_as = Conditioning.from_meta(ckpt.meta)
+    if conditioning is not None and trained_as != conditioning:
+        raise ValueError(
+            f"{path}: trained conditioned on {trained_as.kind} generating {trained_as.generates}, but this run asks "
+            f"for {conditioning.kind} generating {conditioning.generates} (model.condition, model.generates, the "
+            "masks' labels); train afresh in another paths.train_dir, or set them as before"
+        )
     restore_training_state(ckpt, net, ema, optimizer)
     if ckpt.meta.get("dataset") != dataset:
         log.warning("resuming on a prepared dataset that differs from the checkpoint's")
@@ -559,10 +596,10 @@ def resume_training(
     return ckpt.step, ckpt.meta
 
 
-def checkpoint_meta(info, mlflow_run_id: str | None, space=None) -> dict:
+def checkpoint_meta(info, mlflow_run_id: str | None, space=None, conditioning: Conditioning | None = None) -> dict:
     """What a checkpoint records of its prepared dataset ``info`` (classes, geometry, intensity window,
-    fingerprint, modality), its MLflow run and, for latent diffusion, its latent ``space``: all that
-    ``sample`` needs besides the weights and config."""
+    fingerprint, modality), its MLflow run, for latent diffusion its latent ``space`` and, unless the model is
+    class-conditional only, its ``conditioning``: all that ``sample`` needs besides the weights and config."""
     meta = dict(
         class_names=info.class_names,
         spatial_dims=info.spatial_dims,
@@ -575,4 +612,6 @@ def checkpoint_meta(info, mlflow_run_id: str | None, space=None) -> dict:
     )
     if space is not None:
         meta["latent"] = space.meta()
+    if conditioning is not None and conditioning != Conditioning():
+        meta.update(conditioning.meta())
     return meta

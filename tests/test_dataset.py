@@ -4,12 +4,21 @@ import logging
 import re
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
 import torch
 
-from medaug.data import DatasetError, load_info, load_split, prepare_dataset, read_manifest, split_patients
+from medaug.data import (
+    DatasetError,
+    load_info,
+    load_split,
+    load_split_masks,
+    prepare_dataset,
+    read_manifest,
+    split_patients,
+)
 from medaug.io import write_dicom_series, write_nifti
 from medaug.phantoms import make_demo_dataset
 from medaug.preprocessing import IntensityWindow, PercentileNormalization
@@ -538,3 +547,113 @@ def test_non_image_dicom_object_is_refused_alone_naming_its_sop_class_and_skippe
         "image, converted to a NIfTI label map on the image's grid, e.g. "
         "with dcmqi's segimage2itkimage"
     ]
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_masks_keep_their_geometry_and_values_through_prepare(tmp_path, spatial_dims):
+    depth = 4
+    rows = []
+    for i in range(6):
+        image = np.full((16, 16, depth), 40.0, np.float32)
+        mask = np.zeros((16, 16, depth), np.uint8)
+        mask[4 + i % 3 : 10, 3:9, 1:3] = 255  # a 0/255 mask, as image editors save them
+        mask[12:14, 12:14, 1:3] = 128
+        image[mask == 255] = 200.0
+        _nifti(tmp_path / f"img{i}.nii.gz", image)
+        _nifti(tmp_path / f"mask{i}.nii.gz", mask)
+        rows.append({"path": f"img{i}.nii.gz", "mask": f"mask{i}.nii.gz", "patient_id": f"p{i}", "label": "a"})
+    _write_csv(tmp_path / "labels.csv", rows)
+    size = [8, 8, -1] if spatial_dims == 2 else [8, 8, 2]
+    pixdim = [2.0, 2.0, 0.0] if spatial_dims == 2 else [2.0, 2.0, 2.0]
+    info = prepare_dataset(
+        tmp_path / "labels.csv", tmp_path / "p", WINDOW, size, spatial_dims, pixdim=pixdim, slice_rule="all"
+    )
+    assert info.mask_labels == {"background": 0, "label_1": 1, "label_2": 2}  # 128 -> 1, 255 -> 2 (sorted)
+    manifest = read_manifest(tmp_path / "p")
+    assert all(r["mask"] == f"masks/{r['item_id']}.nii.gz" for r in manifest)
+    for split in ("train", "val", "test"):
+        images, _ = load_split(tmp_path / "p", split)
+        masks = load_split_masks(tmp_path / "p", split)
+        assert masks.dtype == torch.long and masks.shape == images.shape
+    row = manifest[1]
+    image_nii, mask_nii = nib.load(tmp_path / "p" / row["path"]), nib.load(tmp_path / "p" / row["mask"])
+    assert mask_nii.get_data_dtype() == np.uint8
+    np.testing.assert_array_equal(mask_nii.affine, image_nii.affine)  # one grid
+    label_map, image = np.asarray(mask_nii.dataobj), np.asarray(image_nii.dataobj)
+    assert set(np.unique(label_map)) <= {0, 1, 2}
+    assert image[label_map == 2].min() > 0.5 and image[label_map != 2].max() < 0.5  # aligned with the bright box
+    if spatial_dims == 2:  # slices with no label in them are items too (slice_rule=all), their masks empty
+        assert (
+            len(manifest) == 6 * depth
+            and sum(np.asarray(nib.load(tmp_path / "p" / r["mask"]).dataobj).any() for r in manifest) == 6 * 2
+        )
+
+
+def test_msd_label_names_reach_dataset_json_and_a_dataset_without_masks_has_none(tmp_path, prepared_2d):
+    root = tmp_path / "Task"
+    entries = []
+    for i in range(3):
+        mask = np.zeros((4, 4, 1))
+        mask[1:3, 1:3] = 2
+        _nifti(root / f"imagesTr/c{i}.nii.gz", np.full((4, 4, 1), 10.0 * i))
+        _nifti(root / f"labelsTr/c{i}.nii.gz", mask)
+        entries.append({"image": f"imagesTr/c{i}.nii.gz", "label": f"labelsTr/c{i}.nii.gz", "class": "x"})
+    (root / "dataset.json").write_text(
+        json.dumps({"labels": {"0": "background", "1": "edema", "2": "tumour"}, "training": entries})
+    )
+    info = prepare_dataset(
+        root / "dataset.json",
+        tmp_path / "p",
+        IntensityWindow(0, 50, "a.u."),
+        [4, 4, -1],
+        2,
+        split_fractions=(1.0, 0.0, 0.0),
+    )
+    assert info.mask_labels == {"background": 0, "edema": 1, "tumour": 2}  # declared values kept as they are
+    assert json.loads((tmp_path / "p" / "dataset.json").read_text())["labels"] == info.mask_labels
+    assert set(load_split_masks(tmp_path / "p", "train").unique().tolist()) == {0, 2}
+    (root / "dataset.json").write_text(json.dumps({"labels": {"0": "background", "1": "edema"}, "training": entries}))
+    with pytest.raises(DatasetError, match=r"values \[2\] that dataset.json's labels do not name"):
+        prepare_dataset(
+            root / "dataset.json",
+            tmp_path / "p2",
+            IntensityWindow(0, 50, "a.u."),
+            [4, 4, -1],
+            2,
+            split_fractions=(1.0, 0.0, 0.0),
+        )
+    no_masks = tmp_path / "nomask"
+    make_demo_dataset(no_masks, spatial_dims=2, n_per_class=3, size=8, masks=False)
+    info = prepare_dataset(no_masks / "labels.csv", tmp_path / "p3", WINDOW, [8, 8, -1], 2)
+    assert info.mask_labels == {} and load_split_masks(tmp_path / "p3", "train") is None
+    assert "mask" not in read_manifest(tmp_path / "p3")[0]
+
+
+def test_demo_phantom_masks_cover_their_lesions_in_nifti_and_dicom_items(prepared):
+    info = load_info(prepared)
+    assert info.mask_labels == {"background": 0, "label_1": 1}
+    rows = [r for r in read_manifest(prepared) if r["split"] == "train"]
+    images, labels = load_split(prepared, "train")
+    masks = load_split_masks(prepared, "train")
+    names = info.class_names
+    for row, image, label, mask in zip(rows, images, labels, masks):
+        assert row["class_name"] == names[label]
+        if names[label] == "healthy":
+            assert not mask.any()
+        else:  # the lesions are brighter than the tissue around them, in items read from DICOM too
+            assert mask.any() and image[mask == 1].mean() > image[(mask == 0) & (image > -0.9)].mean() + 0.3
+
+
+def test_masks_on_some_entries_only_are_not_stored_and_say_so(tmp_path):
+    rows = []
+    for i in range(3):
+        _nifti(tmp_path / f"img{i}.nii.gz", np.full((4, 4, 1), 10.0 * i))
+        rows.append({"path": f"img{i}.nii.gz", "patient_id": f"p{i}", "label": "a", "mask": ""})
+    _nifti(tmp_path / "m0.nii.gz", np.ones((4, 4, 1)))
+    rows[0]["mask"] = "m0.nii.gz"
+    _write_csv(tmp_path / "labels.csv", rows)
+    with pytest.warns(UserWarning, match="1 of 3 entries have a mask; masks are stored only when every entry has one"):
+        info = prepare_dataset(
+            tmp_path / "labels.csv", tmp_path / "p", WINDOW, [4, 4, -1], 2, split_fractions=(1, 0, 0)
+        )
+    assert info.mask_labels == {} and load_split_masks(tmp_path / "p", "train") is None

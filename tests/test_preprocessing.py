@@ -74,7 +74,28 @@ def test_foreground_crop_centres_the_body_and_carries_the_mask():
     assert (fg.volume.array > -1).sum() == 10 * 8  # the foreground crop keeps all of it
     body = np.argwhere(fg.volume.array[:, :, 0] > -1)
     assert abs(body.mean(0) - 7.5).max() <= 1.0  # ...in the middle
-    assert fg.mask.sum() == 4 and fg.volume.array[fg.mask].min() > -1  # the mask moved with the image
+    assert fg.mask.sum() == 4 and fg.volume.array[fg.mask > 0].min() > -1  # the mask moved with the image
     # the affine still maps voxels to the same world position
     i, j = np.argwhere(fg.mask[:, :, 0])[0]
     np.testing.assert_allclose((fg.volume.affine @ [i, j, 0, 1])[:2], [5, 6])
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_label_map_is_resampled_nearest_neighbour_with_its_values_and_world_position(spatial_dims):
+    shape = (12, 12, 1) if spatial_dims == 2 else (12, 12, 12)
+    array = np.full(shape, 40.0, np.float32)
+    mask = np.zeros(shape, np.int64)
+    box = (slice(2, 6), slice(6, 10)) + ((slice(0, 1),) if spatial_dims == 2 else (slice(4, 8),))
+    mask[box] = 7  # a label value other than 1 survives as it is
+    mask[8:10, 2:4] = 2
+    array[mask == 7] = 200.0
+    affine = np.diag([1.0, 1.0, 1.0, 1.0])
+    pixdim = (2.0, 2.0, 0.0) if spatial_dims == 2 else (2.0, 2.0, 2.0)
+    size = (6, 6, -1) if spatial_dims == 2 else (6, 6, 6)
+    out = preprocess_case(Volume(array, affine), IntensityWindow(-160, 240), size, pixdim, mask=mask)
+    assert out.mask.dtype == np.int64 and out.mask.shape == out.volume.array.shape
+    assert set(np.unique(out.mask)) == {0, 2, 7}  # nearest neighbour: no blended values
+    assert out.volume.array[out.mask == 7].min() > 0.5  # the label still covers the bright box
+    centre = np.argwhere(out.mask == 7).mean(0)
+    world = (out.volume.affine @ [*centre, *([0] * (3 - len(centre))), 1])[:2]
+    np.testing.assert_allclose(world, [3.5, 7.5], atol=1.01)  # where the box was, within one output voxel

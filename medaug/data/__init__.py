@@ -12,8 +12,9 @@ from .labels import (
     read_labels,
     read_cases,
     split_patients,
+    mask_label_names,
 )
-from .prepared import PreparedInfo, load_info, read_manifest, load_split
+from .prepared import PreparedInfo, load_info, read_manifest, load_split, load_split_masks
 from .prepare import fingerprint, SLICE_RULES, prepare_dataset
 
 __all__ = [
@@ -30,6 +31,8 @@ __all__ = [
     "load_info",
     "read_manifest",
     "load_split",
+    "load_split_masks",
+    "mask_label_names",
     "fingerprint",
     "SLICE_RULES",
     "prepare_dataset",

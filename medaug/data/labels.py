@@ -142,6 +142,26 @@ def _mask_class(mask_path: Path, names: dict[int, str]) -> str:
     return names.get(max(fg)[1], str(max(fg)[1])) if fg else names.get(0, "background")
 
 
+def _label_names(meta: dict) -> dict[int, str]:
+    """``{value: name}`` of an MSD (``"1": "tumour"``) or nnU-Net v2 (``"tumour": 1``) ``labels`` entry."""
+    labels = meta.get("labels", {})
+    if labels and all(isinstance(v, int) for v in labels.values()):  # nnU-Net v2: name → value
+        return {int(v): k for k, v in labels.items()}
+    return {int(k): v for k, v in labels.items() if str(k).lstrip("-").isdigit()}  # MSD: "value" → name
+
+
+def mask_label_names(labels: str | Path) -> dict[int, str]:
+    """The names of the mask values an MSD / nnU-Net ``dataset.json`` declares (``{0: "background", 1: ...}``);
+    ``{}`` for a labels CSV or a folder-per-class tree (their masks get ``label_<k>``)."""
+    labels = Path(labels)
+    if labels.suffix != ".json" or not labels.is_file():
+        return {}
+    try:
+        return _label_names(json.loads(labels.read_text()))
+    except json.JSONDecodeError as err:
+        raise DatasetError(f"{labels}: not valid JSON ({err})") from err
+
+
 def _cases_from_dataset_json(path: Path) -> list[Case]:
     """MSD / nnU-Net v2 ``dataset.json``: images and masks of ``training``; the class of each case is its
     ``class`` entry when given, else the mask's foreground label with most voxels (``labels`` names it)."""
@@ -149,11 +169,7 @@ def _cases_from_dataset_json(path: Path) -> list[Case]:
         meta = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise DatasetError(f"{path}: not valid JSON ({err})") from err
-    labels = meta.get("labels", {})
-    if labels and all(isinstance(v, int) for v in labels.values()):  # nnU-Net v2: name → value
-        names = {int(v): k for k, v in labels.items()}
-    else:  # MSD: "value" → name
-        names = {int(k): v for k, v in labels.items() if str(k).lstrip("-").isdigit()}
+    names = _label_names(meta)
     entries = meta.get("training")
     if not entries and (path.parent / "imagesTr").is_dir():  # nnU-Net v2 lists no files
         ending = meta.get("file_ending", ".nii.gz")

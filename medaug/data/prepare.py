@@ -8,6 +8,8 @@ A prepared dataset is a folder::
                    source_lo/source_hi (the item's window: [-1, 1] ↔ source units)
     deid_log.csv   with prepare.deid=strip|trust: file pseudonym, tag, why, action (no values)
     items/         one NIfTI per item, in model space [-1, 1], with its affine
+    masks/         when every case has a mask: one uint8 label map per item on the item's grid (0 = background),
+                   named in the manifest's ``mask`` column; dataset.json ``labels`` names the values
     DONE           written last: a folder without it is never trusted
 
 Labels come as a CSV (path or SeriesInstanceUID, patient_id, label, optional split and
@@ -20,6 +22,7 @@ Example::
 
     summary = prepare_dataset("raw/labels.csv", "prepared", window, spatial_size=(32, 32, 1), spatial_dims=2)
     images, labels = load_split("prepared", "train")      # (N, 1, 32, 32) in [-1, 1], (N,)
+    masks = load_split_masks("prepared", "train")         # (N, 1, 32, 32) int64 label maps, or None
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from ..io import DicomIndex, DicomSeries, index_dicom, is_nifti, read_dicom_seri
 from ..preprocessing import IntensityWindow, Normalization, PercentileNormalization, preprocess_case, slice_volume
 from .labels import (
     Case,
+    mask_label_names,
     DEID_REPORT,
     DatasetError,
     MANIFEST_FIELDS,
@@ -272,6 +276,15 @@ def prepare_dataset(
     if deid not in POLICIES:
         raise DatasetError(f"prepare.deid={deid!r}; choose one of {', '.join(POLICIES)}")
     cases = read_cases(labels_csv)
+    with_masks = all(c.mask for c in cases)  # label maps are stored only when every case has one
+    if with_masks:
+        params["masks"] = "label maps"  # a dataset prepared before masks were stored is not reused
+    elif any(c.mask for c in cases):
+        warnings.warn(
+            f"{labels_csv}: {sum(1 for c in cases if c.mask)} of {len(cases)} entries have a mask; masks are "
+            "stored only when every entry has one (they still choose slices and crops): add the missing masks",
+            stacklevel=2,
+        )
     fp = fingerprint(labels_csv, params, cases, dicom_root)
     if is_complete(out_dir):
         info = load_info(out_dir)
@@ -326,8 +339,11 @@ def prepare_dataset(
     assignment.update(explicit)
 
     manifest, affine, windows, source_slices, spacings, modalities = [], None, [], 0, [], {}
+    mask_values: set[int] = set()
     with atomic_folder(out_dir) as tmp:
         (tmp / "items").mkdir()
+        if with_masks:
+            (tmp / "masks").mkdir()
         for item in progress_bar(items, desc="prepare", unit="image"):
             case = item.case
             where = case.where or str(item.path)
@@ -363,29 +379,33 @@ def prepare_dataset(
             vol = prepared.volume
             spacings.append((item.path or item.series.files[0].parent, vol.spacing))  # mm along RAS axes
             if spatial_dims == 3:
-                pieces = [vol]
+                keep = [None]
             else:
                 keep = _slice_indices(vol.array.shape[2], slice_rule, slice_band, prepared.mask)
                 if not keep:
                     warnings.warn(f"{where}: no slice passes slice rule {slice_rule!r}; image skipped", stacklevel=2)
-                pieces = [slice_volume(vol, k) for k in keep]
             patient = pseudonyms[case.patient_id]
-            for piece in pieces:
+            for k in keep:
+                piece = vol if k is None else slice_volume(vol, k)
                 item_id = f"item_{len(manifest):05d}"
                 write_nifti(tmp / "items" / f"{item_id}.nii.gz", piece.array, piece.affine)
                 affine = piece.affine if affine is None else affine
-                manifest.append(
-                    dict(
-                        item_id=item_id,
-                        path=f"items/{item_id}.nii.gz",
-                        patient=patient,
-                        label=class_index[case.label],
-                        class_name=case.label,
-                        split=assignment[patient],
-                        source_lo=f"{prepared.window.lo:.6g}",
-                        source_hi=f"{prepared.window.hi:.6g}",
-                    )
+                row = dict(
+                    item_id=item_id,
+                    path=f"items/{item_id}.nii.gz",
+                    patient=patient,
+                    label=class_index[case.label],
+                    class_name=case.label,
+                    split=assignment[patient],
+                    source_lo=f"{prepared.window.lo:.6g}",
+                    source_hi=f"{prepared.window.hi:.6g}",
                 )
+                if with_masks:
+                    label_map = prepared.mask if k is None else prepared.mask[:, :, k : k + 1]
+                    mask_values |= _check_label_values(label_map, root / case.mask)
+                    row["mask"] = f"masks/{item_id}.nii.gz"
+                    write_nifti(tmp / row["mask"], label_map, piece.affine, dtype=np.uint8)
+                manifest.append(row)
         _check_one_spacing(spacings, pixdim, spatial_dims)
         if not manifest:
             raise DatasetError(
@@ -413,8 +433,9 @@ def prepare_dataset(
             )
         shape = [int(v) for v in nib.load(tmp / manifest[0]["path"]).shape]
         image_shape = shape[:2] if spatial_dims == 2 else shape
+        mask_labels = _mask_labels(tmp, manifest, mask_values, mask_label_names(labels_csv)) if with_masks else {}
         with open(tmp / "manifest.csv", "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=MANIFEST_FIELDS)
+            writer = csv.DictWriter(fh, fieldnames=MANIFEST_FIELDS + (["mask"] if with_masks else []))
             writer.writeheader()
             writer.writerows(manifest)
         if deid_log:
@@ -453,10 +474,49 @@ def prepare_dataset(
             ),
             summary=summary,
         )
+        if with_masks:
+            meta["labels"] = mask_labels  # nnU-Net v2 style: name -> value
         (tmp / "dataset.json").write_text(json.dumps(meta, indent=2))
     info = load_info(out_dir)
     info.skipped = [(str(p), why) for p, why in index.skipped]
     return info
+
+
+def _check_label_values(label_map: np.ndarray, source: Path) -> set[int]:
+    """The values of a prepared label map; refuses values a uint8 label map cannot hold."""
+    values = {int(v) for v in np.unique(label_map)}
+    if min(values) < 0 or max(values) > 255:
+        raise DatasetError(
+            f"{source}: mask values {min(values)}..{max(values)}; a label map holds integers 0..255 "
+            "(0 = background): relabel the mask"
+        )
+    return values
+
+
+def _mask_labels(root: Path, manifest: list[dict], found: set[int], declared: dict[int, str]) -> dict[str, int]:
+    """``{"background": 0, name: value, ...}`` of the prepared masks (nnU-Net v2 style).
+
+    ``declared`` (an MSD / nnU-Net dataset.json's labels) names the values as they are; a value it does not
+    declare is refused. Without it the values found become 1..K in sorted order (a 0/255 mask is stored as
+    0/1; the mask files are rewritten) and are named ``label_<k>``."""
+    if declared:
+        unknown = sorted(found - set(declared))
+        if unknown:
+            raise DatasetError(
+                f"masks hold values {unknown} that dataset.json's labels do not name ({declared}); add them to labels"
+            )
+        names = {0: "background", **declared}
+        return {names[v]: v for v in sorted(names)}
+    foreground = sorted(found - {0})
+    lookup = np.zeros(256, dtype=np.uint8)
+    lookup[foreground] = np.arange(1, len(foreground) + 1)
+    if foreground != list(range(1, len(foreground) + 1)):
+        log.info("mask values %s stored as %s", foreground, list(range(1, len(foreground) + 1)))
+        for row in manifest:
+            img = nib.load(root / row["mask"])
+            label_map = lookup[np.asarray(img.dataobj, dtype=np.uint8)]
+            write_nifti(root / row["mask"], label_map, img.affine, dtype=np.uint8)
+    return {"background": 0, **{f"label_{k}": k for k in range(1, len(foreground) + 1)}}
 
 
 def _check_one_spacing(spacings: list[tuple[Path, tuple]], pixdim: Sequence[float] | None, spatial_dims: int) -> None:

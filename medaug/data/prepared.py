@@ -33,6 +33,7 @@ class PreparedInfo:
     deid: dict = field(default_factory=dict)  # policy, number of findings, log file
     modality: str = ""  # CT, MR, ... ("" in a dataset.json from before it was recorded)
     skipped: list = field(default_factory=list)  # (file, why) of this run only; never written out
+    mask_labels: dict = field(default_factory=dict)  # {"background": 0, name: value, ...}; {} without masks
 
     @property
     def num_classes(self) -> int:
@@ -59,6 +60,7 @@ def load_info(prepared_dir: str | Path) -> PreparedInfo:
         meta.get("summary", {}),
         meta.get("deid", {}),
         modality=meta.get("modality", ""),
+        mask_labels=meta.get("labels", {}),
     )
 
 
@@ -85,3 +87,26 @@ def load_split(prepared_dir: str | Path, split: str) -> tuple[torch.Tensor, torc
     images = torch.from_numpy(np.stack(arrays)[:, None])
     labels = torch.tensor([r["label"] for r in rows], dtype=torch.long)
     return images, labels
+
+
+def load_split_masks(prepared_dir: str | Path, split: str) -> torch.Tensor | None:
+    """The label maps of one split, ``(N, 1, *spatial)`` int64 (0 = background, values as
+    :attr:`PreparedInfo.mask_labels` names them) in the order of :func:`load_split`; None when the
+    dataset has no masks.
+
+    Example::
+
+        masks = load_split_masks("prepared", "train")     # (N, 1, 32, 32), values in {0, 1}
+    """
+    info = load_info(prepared_dir)
+    rows = read_manifest(prepared_dir)
+    if not rows or "mask" not in rows[0]:
+        return None
+    rows = [r for r in rows if r["split"] == split]
+    arrays = []
+    for row in rows:
+        array = np.asarray(nib.load(info.root / row["mask"]).dataobj).astype(np.int64)
+        arrays.append(array[:, :, 0] if info.spatial_dims == 2 else array)
+    if not arrays:
+        return torch.empty(0, 1, *info.image_shape, dtype=torch.long)
+    return torch.from_numpy(np.stack(arrays)[:, None])

@@ -1,0 +1,279 @@
+"""Where the masks of mask-conditioned sampling come from (``sample.masks``).
+
+* ``prepared:<split>``: the label maps of a split of the prepared dataset, each with its image's class
+  (``mask_source`` = ``real``);
+* a folder ``<folder>/<class_name>/*.nii.gz`` or a CSV with columns ``mask`` (path relative to the CSV) and
+  ``class_name``: the user's own label maps (``user``), on the model's grid (as prepare writes them:
+  the checkpoint's image shape, 2D as ``(X, Y)`` or ``(X, Y, 1)``), values among the model's labels;
+* ``generate``: label maps drawn per class by a mask model (``model.generates=mask``, ``sample.mask_ckpt``),
+  then the image model on each (``generated``).
+
+Each mask is used ``sample.per_mask`` times (different noise each time).
+
+Example::
+
+    source = read_masks("prepared:val", class_names, image_shape=(32, 32), mask_labels=labels, prepared_dir=p)
+    source.masks.shape, source.labels.shape, source.kind      # (N, 1, 32, 32), (N,), "real"
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Callable, Mapping, NamedTuple, Sequence
+
+import nibabel as nib
+import numpy as np
+import torch
+
+from .conditioning import Conditioning, image_to_mask, num_labels
+from .io import is_nifti
+
+MASK_SOURCES = ("user", "real", "generated")  # a samples manifest's mask_source
+
+
+class MaskSource(NamedTuple):
+    """Label maps ``(N, 1, *spatial)`` int64, their classes ``(N,)`` int64 and where they came from."""
+
+    masks: torch.Tensor
+    labels: torch.Tensor
+    kind: str
+
+
+def read_masks(
+    source: str,
+    class_names: Sequence[str],
+    *,
+    image_shape: Sequence[int],
+    mask_labels: Mapping[str, int],
+    prepared_dir: str | Path | None = None,
+    per_mask: int = 1,
+) -> MaskSource:
+    """The masks ``source`` names (``prepared:<split>``, a folder or a CSV; see the module docstring), each
+    repeated ``per_mask`` times. Raises ValueError / FileNotFoundError naming the offending file and the fix."""
+    if per_mask < 1:
+        raise ValueError(f"sample.per_mask={per_mask}; give an integer >= 1")
+    if source.startswith("prepared:"):
+        masks, labels, kind = *_prepared_masks(source, class_names, mask_labels, prepared_dir), "real"
+    else:
+        masks, labels, kind = *_user_masks(Path(source).expanduser(), class_names, image_shape), "user"
+    if len(masks) == 0:
+        raise ValueError(f"sample.masks={source} holds no masks; give at least one")
+    if masks.shape[2:] != tuple(image_shape):
+        raise ValueError(
+            f"sample.masks={source}: masks of shape {list(masks.shape[2:])}, but the model makes images of "
+            f"{list(image_shape)}; give masks on the model's grid (as prepare writes them)"
+        )
+    top = num_labels(mask_labels) - 1
+    if masks.min() < 0 or masks.max() > top:
+        raise ValueError(
+            f"sample.masks={source}: mask values {int(masks.min())}..{int(masks.max())}, but the model knows "
+            f"labels {dict(mask_labels)}; relabel the masks to 0..{top}"
+        )
+    return MaskSource(masks.repeat_interleave(per_mask, 0), labels.repeat_interleave(per_mask, 0), kind)
+
+
+def _prepared_masks(source: str, class_names, mask_labels, prepared_dir) -> tuple[torch.Tensor, torch.Tensor]:
+    from .data import SPLITS, load_info, load_split, load_split_masks
+
+    split = source.split(":", 1)[1]
+    if split not in SPLITS:
+        raise ValueError(f"sample.masks={source}: split {split!r} unknown; use prepared:<{'|'.join(SPLITS)}>")
+    if prepared_dir is None:
+        raise ValueError(f"sample.masks={source} needs the prepared dataset (paths.prepared_dir)")
+    info = load_info(prepared_dir)
+    if list(info.class_names) != list(class_names) or dict(info.mask_labels) != dict(mask_labels):
+        raise ValueError(
+            f"sample.masks={source}: {prepared_dir} has classes {info.class_names} and labels {info.mask_labels}, "
+            f"the model {list(class_names)} and {dict(mask_labels)}; point paths.prepared_dir at its training data"
+        )
+    masks = load_split_masks(prepared_dir, split)
+    if masks is None:
+        raise ValueError(f"sample.masks={source}: {prepared_dir} has no masks; prepare it with masks")
+    return masks, load_split(prepared_dir, split)[1]
+
+
+def _user_masks(source: Path, class_names, image_shape) -> tuple[torch.Tensor, torch.Tensor]:
+    if source.is_file() and source.suffix == ".csv":
+        with open(source, newline="", encoding="utf-8-sig") as fh:
+            rows = list(csv.DictReader(fh))
+        if not rows or not {"mask", "class_name"} <= set(rows[0]):
+            raise ValueError(f"{source}: a masks CSV needs columns mask, class_name (one row per mask)")
+        entries = [
+            (source.parent / r["mask"].strip(), r["class_name"].strip(), f"{source}:{i}")
+            for i, r in enumerate(rows, start=2)
+        ]
+    elif source.is_dir():
+        entries = [
+            (p, d.name, str(p))
+            for d in sorted(q for q in source.iterdir() if q.is_dir() and not q.name.startswith("."))
+            for p in sorted(d.iterdir())
+            if is_nifti(p)
+        ]
+        if not entries:
+            raise ValueError(
+                f"{source}: no masks found; put NIfTI label maps in one sub-folder per class "
+                f"(<folder>/<class_name>/*.nii.gz), or list them in a CSV with columns mask, class_name"
+            )
+    else:
+        raise FileNotFoundError(
+            f"sample.masks={source}: not found; give a folder <folder>/<class_name>/*.nii.gz, a CSV "
+            "(mask, class_name), prepared:<split> or generate"
+        )
+    masks, labels = [], []
+    for path, name, where in entries:
+        if name not in class_names:
+            raise ValueError(f"{where}: class {name!r} unknown; the model's classes are {list(class_names)}")
+        if not path.is_file():
+            raise FileNotFoundError(f"{where}: mask {path} not found (paths are relative to the CSV)")
+        array = np.asarray(nib.load(str(path)).dataobj)
+        if len(image_shape) == 2 and array.ndim == 3 and array.shape[2] == 1:
+            array = array[:, :, 0]
+        if np.any(array != np.rint(array)):
+            raise ValueError(f"{where}: {path} holds non-integer values; a mask is a label map of integers")
+        masks.append(torch.from_numpy(array.astype(np.int64))[None])
+        labels.append(list(class_names).index(name))
+    shapes = {tuple(m.shape) for m in masks}
+    if len(shapes) > 1:
+        raise ValueError(f"{source}: masks of different shapes {sorted(shapes)}; give masks on the model's grid")
+    return torch.stack(masks), torch.tensor(labels, dtype=torch.long)
+
+
+def mask_model_dir(train_dir: str | Path) -> Path:
+    """Where ``training.mask_model=true`` trains the mask model: ``<train_dir>/mask`` (its checkpoint
+    ``checkpoints/last.pt`` there is the default ``sample.mask_ckpt``)."""
+    return Path(train_dir) / "mask"
+
+
+def mask_model_overrides(train_dir: str | Path, name: str) -> dict:
+    """The config changes that turn a job's train stage into its mask model's (``training.mask_model=true``): a
+    class-conditional model of label maps, in pixel space, trained afresh into :func:`mask_model_dir`."""
+    return {
+        "model": {"condition": "class", "generates": "mask"},
+        "paths": {"train_dir": str(mask_model_dir(train_dir))},
+        "ckpt_path": None,
+        "name": f"{name}-mask",
+        "latent": {"autoencoder_ckpt": None},  # the mask model trains on pixels
+    }
+
+
+def mask_seed(seed: int) -> int:
+    """The seed of the generated masks of samples seeded from ``seed``: a stream apart from the images' noise."""
+    return int(np.random.SeedSequence([seed, 2]).generate_state(1, np.uint64)[0] >> 2)
+
+
+def check_mask_model(mask_meta: Mapping, image_meta: Mapping, path) -> int:
+    """Refuse a mask checkpoint that does not fit the image model (classes, shape, labels); returns its label
+    channels."""
+    mask_cond, image_cond = Conditioning.from_meta(mask_meta), Conditioning.from_meta(image_meta)
+    if mask_cond.generates != "mask":
+        raise ValueError(
+            f"sample.mask_ckpt={path} generates images, not masks; train a mask model with model.generates=mask"
+        )
+    for key in ("class_names", "image_shape"):
+        if list(mask_meta[key]) != list(image_meta[key]):
+            raise ValueError(
+                f"sample.mask_ckpt={path} has {key} {mask_meta[key]}, the image model {image_meta[key]}; "
+                "train the mask model on the image model's prepared dataset"
+            )
+    if dict(mask_cond.label_names) != dict(image_cond.mask_labels):
+        raise ValueError(
+            f"sample.mask_ckpt={path} generates labels {dict(mask_cond.label_names)}, the image model takes "
+            f"{dict(image_cond.mask_labels)}; train both on one prepared dataset"
+        )
+    return num_labels(mask_cond.label_names)
+
+
+def sampling_masks(
+    source: str | None,
+    conditioning: Conditioning,
+    class_names: Sequence[str],
+    image_shape: Sequence[int],
+    *,
+    prepared_dir: str | Path | None,
+    per_mask: int = 1,
+) -> MaskSource | None:
+    """The masks ``sample.masks`` gives a model of ``conditioning``: a :class:`MaskSource` for
+    ``prepared:<split>``, a folder or a CSV; None for ``generate`` (made chunk by chunk, see
+    :func:`mask_generator`) and for a class-only model without ``source``.
+
+    Raises ValueError when a mask-conditioned model gets no ``source``, a class-only one gets one, or for a
+    checkpoint that generates masks (it is a ``sample.mask_ckpt``)."""
+    if conditioning.generates == "mask":
+        raise ValueError(
+            "this checkpoint generates masks; use it as sample.mask_ckpt=<file> with sample.masks=generate and "
+            "an image model's ckpt_path"
+        )
+    if not conditioning.uses_mask:
+        if source:
+            raise ValueError(
+                f"sample.masks={source} is for mask-conditioned models (model.condition=mask|mask+class); this "
+                "one is conditioned on the class only: drop sample.masks"
+            )
+        return None
+    if not source:
+        raise ValueError(
+            f"this model is conditioned on masks ({conditioning.kind}); set sample.masks=generate (a mask model), "
+            "prepared:<split>, a folder <folder>/<class_name>/*.nii.gz or a CSV (mask, class_name)"
+        )
+    if source == "generate":
+        return None
+    return read_masks(
+        source,
+        class_names,
+        image_shape=image_shape,
+        mask_labels=conditioning.mask_labels,
+        prepared_dir=prepared_dir,
+        per_mask=per_mask,
+    )
+
+
+class MaskGenerator(NamedTuple):
+    """``make(labels (n,), seed of the first sample) -> label maps (n, 1, *spatial)`` and the id of the mask
+    model's checkpoint (recorded in the samples' provenance instead of its path)."""
+
+    make: Callable[[torch.Tensor, int], torch.Tensor]
+    checkpoint_id: str
+
+    def __call__(self, labels: torch.Tensor, first: int) -> torch.Tensor:
+        return self.make(labels, first)
+
+
+def mask_generator(
+    path: str | Path, image_meta: Mapping, device, *, seed: int, trust: bool = False, **sample_kwargs
+) -> MaskGenerator:
+    """``make(labels (n,), seed of the first sample) -> label maps (n, 1, *spatial)`` (a :class:`MaskGenerator`)
+    from the mask model at ``path`` (checked against the image model's ``image_meta``, :func:`check_mask_model`).
+    Sample ``i`` of the images seeded from ``seed + i`` gets the mask seeded from ``mask_seed(seed) + i``.
+    ``sample_kwargs``: ``sampler``, ``steps``, ``use_ema`` and what :func:`medaug.sampling.sample_images` takes
+    (guidance_scale, batch_size, eta, clip_x0, amp_dtype)."""
+    from .model import load_checkpoint
+    from .sampling import inference_scheduler, sample_images, sampling_network
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"sample.mask_ckpt={path}: no mask model; train one with `medaug train training.mask_model=true` (or "
+            "model.generates=mask paths.train_dir=<its folder>), or give sample.masks=prepared:<split>"
+        )
+    ckpt = load_checkpoint(path, trust)
+    channels = check_mask_model(ckpt.meta, image_meta, path)
+    net = sampling_network(ckpt, device, use_ema=sample_kwargs.pop("use_ema", True), conditioned=True)
+    scheduler = inference_scheduler(ckpt.config["scheduler"], sample_kwargs.pop("sampler"), sample_kwargs.pop("steps"))
+    names, base = ckpt.meta["class_names"], mask_seed(seed)
+
+    def make(labels: torch.Tensor, first: int) -> torch.Tensor:
+        x = sample_images(
+            net,
+            scheduler,
+            labels,
+            ckpt.meta["image_shape"],
+            null_class=len(names),
+            seed=base + (first - seed),
+            channels=channels,
+            progress=False,
+            **sample_kwargs,
+        )
+        return image_to_mask(x)
+
+    return MaskGenerator(make, ckpt.id)

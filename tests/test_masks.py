@@ -1,0 +1,206 @@
+"""Where the masks of mask-conditioned sampling come from (medaug.masks), end to end on tiny data."""
+
+import csv
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from medaug.data import load_split, load_split_masks
+from medaug.io import write_nifti
+from medaug.masks import check_mask_model, mask_seed, read_masks
+from medaug.model import load_checkpoint
+from medaug.sampling import load_sample_masks, load_samples
+from pipelines import prepare, sample, train
+
+from .conftest import TINY, compose_cfg
+
+SEG = ["experiment=demo_2d_seg", *TINY, "data.demo.size=12", "data.image_size=[12,12]"]
+
+
+@pytest.fixture(scope="module")
+def seg_job(tmp_path_factory):
+    """A prepared demo with masks, a mask+class image model and its mask model (training.mask_model=true)."""
+    out = tmp_path_factory.mktemp("seg")
+    prepare.run(compose_cfg("prepare", out, SEG))
+    result = train.run(compose_cfg("train", out, SEG))
+    assert result["mask_checkpoint"] == str(out / "train" / "mask" / "checkpoints" / "last.pt")
+    return out
+
+
+def _sample(out, folder, *overrides):
+    return sample.run(compose_cfg("sample", out, [*SEG, f"paths.samples_dir={out / folder}", *overrides]))
+
+
+def test_checkpoints_record_their_conditioning(seg_job):
+    image = load_checkpoint(seg_job / "train" / "checkpoints" / "last.pt")
+    mask = load_checkpoint(seg_job / "train" / "mask" / "checkpoints" / "last.pt")
+    assert image.meta["condition"]["kind"] == "mask+class"
+    assert image.meta["condition"]["mask_labels"] == {"background": 0, "label_1": 1}
+    assert image.config["model"]["in_channels"] == 1 + 2 and image.config["model"]["num_class_embeds"] == 4
+    assert mask.meta["condition"]["generates"] == "mask" and mask.config["model"]["out_channels"] == 2
+    assert check_mask_model(mask.meta, image.meta, "mask.pt") == 2
+    with pytest.raises(ValueError, match="generates images, not masks"):
+        check_mask_model(image.meta, image.meta, "image.pt")
+
+
+def test_generated_masks_then_images_are_seeded_pairs(seg_job):
+    _sample(seg_job, "gen_a", "sample.masks=generate")
+    _sample(seg_job, "gen_b", "sample.masks=generate")
+    images, labels, rows, info = load_samples(seg_job / "gen_a")
+    masks = load_sample_masks(seg_job / "gen_a")
+    assert images.shape == (6, 1, 12, 12) and masks.shape == (6, 1, 12, 12) and masks.dtype == torch.long
+    assert set(masks.unique().tolist()) <= {0, 1} and labels.tolist() == [0, 0, 1, 1, 2, 2]
+    assert {r["mask_source"] for r in rows} == {"generated"}
+    assert info["mask_labels"] == {"background": 0, "label_1": 1}
+    mask_ckpt = load_checkpoint(seg_job / "train" / "mask" / "checkpoints" / "last.pt")
+    assert info["sample"]["mask_ckpt"] == mask_ckpt.id  # provenance by id, no path
+    again, _, _, _ = load_samples(seg_job / "gen_b")
+    assert torch.equal(images, again) and torch.equal(masks, load_sample_masks(seg_job / "gen_b"))
+    assert mask_seed(1234) not in range(1234, 1234 + 6)  # the masks' noise is not any image's
+
+
+def test_masks_of_a_prepared_split_and_of_a_user_folder_and_csv(seg_job, tmp_path):
+    prepared = seg_job / "prepared"
+    _sample(seg_job, "real", "sample.masks=prepared:val", "sample.per_mask=2")
+    _, labels, rows, _ = load_samples(seg_job / "real")
+    val_masks, val_labels = load_split_masks(prepared, "val"), load_split(prepared, "val")[1]
+    assert torch.equal(load_sample_masks(seg_job / "real"), val_masks.repeat_interleave(2, 0))
+    assert torch.equal(labels, val_labels.repeat_interleave(2)) and rows[0]["mask_source"] == "real"
+
+    lesion = np.zeros((12, 12, 1), np.uint8)
+    lesion[3:7, 4:8] = 1
+    for name in ("healthy", "single_lesion"):
+        (tmp_path / "masks" / name).mkdir(parents=True)
+        write_nifti(tmp_path / "masks" / name / "a.nii.gz", lesion * (name != "healthy"), np.eye(4), dtype=np.uint8)
+    _sample(seg_job, "user", f"sample.masks={tmp_path / 'masks'}")
+    images, labels, rows, _ = load_samples(seg_job / "user")
+    got = load_sample_masks(seg_job / "user")
+    assert labels.tolist() == [0, 2] and rows[1]["mask_source"] == "user" and int(got[1].sum()) == 16
+    with open(tmp_path / "masks.csv", "w", newline="") as fh:
+        csv.writer(fh).writerows([["mask", "class_name"], ["masks/single_lesion/a.nii.gz", "single_lesion"]])
+    source = read_masks(
+        str(tmp_path / "masks.csv"),
+        ["healthy", "multi_lesion", "single_lesion"],
+        image_shape=(12, 12),
+        mask_labels={"background": 0, "label_1": 1},
+    )
+    assert source.kind == "user" and source.labels.tolist() == [2] and int(source.masks.sum()) == 16
+
+
+@pytest.mark.parametrize(
+    "problem, message",
+    [
+        ("no_source", "this model is conditioned on masks \\(mask\\+class\\); set sample.masks=generate"),
+        ("unknown_class", "class 'tumour' unknown; the model's classes are"),
+        ("wrong_shape", "masks of shape \\[8, 8\\], but the model makes images of \\[12, 12\\]"),
+        ("bad_value", "mask values 3..3, but the model knows labels"),
+        ("bad_split", "split 'valid' unknown; use prepared:<train\\|val\\|test>"),
+        ("no_mask_model", "no mask model; train one"),
+    ],
+)
+def test_bad_mask_sources_are_refused_naming_the_fix(seg_job, tmp_path, problem, message):
+    folder = tmp_path / "masks"
+    shape, value, name = (
+        (8, 8, 1) if problem == "wrong_shape" else (12, 12, 1),
+        3 if problem == "bad_value" else 1,
+        ("tumour" if problem == "unknown_class" else "healthy"),
+    )
+    (folder / name).mkdir(parents=True)
+    write_nifti(folder / name / "m.nii.gz", np.full(shape, value, np.uint8), np.eye(4), dtype=np.uint8)
+    source = {
+        "no_source": "sample.masks=null",
+        "bad_split": "sample.masks=prepared:valid",
+        "no_mask_model": f"sample.mask_ckpt={tmp_path / 'none.pt'}",
+    }.get(problem, f"sample.masks={folder}")
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        _sample(seg_job, "bad", source)
+    assert not (seg_job / "bad").exists()
+
+
+def test_a_class_only_model_refuses_masks_and_writes_no_mask(tmp_path):
+    overrides = ["experiment=demo_2d", *TINY, "data.demo.size=12", "data.image_size=[12,12]"]
+    prepare.run(compose_cfg("prepare", tmp_path, overrides))
+    train.run(compose_cfg("train", tmp_path, overrides))
+    assert "condition" not in load_checkpoint(tmp_path / "train" / "checkpoints" / "last.pt").meta
+    with pytest.raises(ValueError, match="sample.masks=prepared:val is for mask-conditioned models"):
+        sample.run(compose_cfg("sample", tmp_path, [*overrides, "sample.masks=prepared:val"]))
+    sample.run(compose_cfg("sample", tmp_path, overrides))
+    assert load_sample_masks(tmp_path / "samples") is None
+    rows = load_samples(tmp_path / "samples")[2]
+    assert "mask_source" not in rows[0]
+    assert "mask_labels" not in json.loads((tmp_path / "samples" / "info.json").read_text())
+
+
+def test_resuming_with_another_conditioning_is_refused(seg_job, tmp_path):
+    cfg = compose_cfg("train", seg_job, [*SEG, "model.condition=class", "training.max_steps=6"])
+    with pytest.raises(
+        ValueError, match="trained conditioned on mask\\+class generating image, but this run asks for class"
+    ):
+        train.run(cfg)
+
+
+def test_augment_with_a_mask_conditioned_model_writes_real_masks_beside_synthetic_images(seg_job, tmp_path):
+    from medaug.augment import MixedDataset, augment, read_mixed_manifest
+
+    prepared, ckpt = seg_job / "prepared", seg_job / "train" / "checkpoints" / "last.pt"
+    kw = dict(policy="per_class", num_per_class=2, steps=2, batch_size=2, progress=False)
+    augment(prepared, ckpt, tmp_path / "a", **kw)
+    rows = read_mixed_manifest(tmp_path / "a")
+    real = [r for r in rows if not r["synthetic"]]
+    synthetic = [r for r in rows if r["synthetic"]]
+    assert len(synthetic) == 6 and all(r["mask"] for r in rows)
+    real_masks = {r["class_name"]: [] for r in real}
+    for r in real:
+        real_masks[r["class_name"]].append(np.asarray(nib.load(r["mask"]).dataobj))
+    for r in synthetic:  # each synthetic image's mask is a real mask of its class
+        mask = np.asarray(nib.load(r["mask"]).dataobj)
+        assert mask.dtype == np.uint8 and any(np.array_equal(mask, m) for m in real_masks[r["class_name"]])
+    item = MixedDataset(tmp_path / "a")[len(real)]
+    assert item["image"].shape == (1, 12, 12) and item["mask"].shape == (1, 12, 12) and item["synthetic"]
+    augment(prepared, ckpt, tmp_path / "b", **kw)  # seeded: the same masks and images
+    again = [r for r in read_mixed_manifest(tmp_path / "b") if r["synthetic"]]
+    for r, s in zip(synthetic, again):
+        assert np.array_equal(nib.load(r["mask"]).dataobj, nib.load(s["mask"]).dataobj)
+        assert np.array_equal(nib.load(r["path"]).dataobj, nib.load(s["path"]).dataobj)
+
+
+@pytest.mark.slow
+def test_latent_diffusion_takes_the_mask_on_the_latent_grid(tmp_path):
+    overrides = ["experiment=ldm_3d_demo", *TINY, "autoencoder.max_steps=4", "data.demo.size=12"]
+    overrides += ["data.image_size=[12,12,12]", "model.condition=mask+class", "sample.masks=prepared:val"]
+    prepare.run(compose_cfg("prepare", tmp_path, overrides))
+    train.run(compose_cfg("train", tmp_path, overrides))
+    ckpt = load_checkpoint(tmp_path / "train" / "checkpoints" / "last.pt")
+    latent_channels = ckpt.meta["latent"]["latent_channels"]
+    assert ckpt.config["model"]["in_channels"] == latent_channels + 2 and ckpt.meta["condition"]["kind"] == "mask+class"
+    sample.run(compose_cfg("sample", tmp_path, overrides))
+    images, labels, rows, _ = load_samples(tmp_path / "samples")
+    masks = load_sample_masks(tmp_path / "samples")
+    assert images.shape == (len(labels), 1, 12, 12, 12) and torch.equal(
+        masks, load_split_masks(tmp_path / "prepared", "val")
+    )
+    assert rows[0]["mask_source"] == "real"
+
+
+def test_regenerating_a_dropped_pair_keeps_its_mask(seg_job):
+    from medaug.regeneration import regenerate_copies
+
+    _sample(seg_job, "regen", "sample.masks=prepared:val")
+    images, labels, rows, info = load_samples(seg_job / "regen")
+    masks = load_sample_masks(seg_job / "regen")
+    keep = np.ones(len(labels), dtype=bool)
+    keep[1] = False  # the copy filter dropped sample 1
+    kw = dict(
+        sample_info=info, ckpt_path=seg_job / "train" / "checkpoints" / "last.pt", prepared_dir=seg_job / "prepared"
+    )
+    new = regenerate_copies(images, labels, rows, keep, np.zeros(len(labels)), 1.0, masks=masks, **kw)
+    assert len(new.images) == len(labels) and new.short == 0
+    assert torch.equal(new.masks[:-1], masks[torch.from_numpy(keep)]) and torch.equal(new.masks[-1], masks[1])
+    replacement = new.rows[-1]
+    assert replacement["replaces_copy"] and replacement["index"] == len(labels)
+    assert replacement["label"] == int(labels[1]) and replacement["mask_source"] == "real"
+    with pytest.raises(ValueError, match="conditioned on masks: regenerating its samples needs their masks"):
+        regenerate_copies(images, labels, rows, keep, np.zeros(len(labels)), 1.0, **kw)
