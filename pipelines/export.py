@@ -2,6 +2,8 @@
 
 python -m pipelines.export experiment=demo_2d
 python -m pipelines.export experiment=demo_2d 'export.format=[nifti,dicom,png]' export.profile=share
+
+Samples that carry masks export as image/label pairs (nnU-Net v2 imagesTr/labelsTr, DICOM SEG, PNG overlays).
 """
 
 from __future__ import annotations
@@ -13,10 +15,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from medaug.export import ExportError, export_dataset, export_modality
 from medaug.job import job_summary
+from medaug.masks import load_sample_masks, mask_labels
 from medaug.preprocessing import IntensityWindow
 from medaug.registry import synthetic_entity
 from medaug.regeneration import regenerate_copies
-from medaug.release import card_fields, class_counts_text, filter_copies, manifest_scores, read_evaluation
+from medaug.release import card_fields, class_counts_text, filter_copies, manifest_scores, masks_for, read_evaluation
 from medaug.sampling import load_samples, samples_id
 from medaug.tracking import tracked
 from pipelines.common import REPO_ROOT, container, default_ckpt, make_tracker, path, stage_main, tracking_uri
@@ -27,6 +30,7 @@ def run(cfg: DictConfig) -> dict:
     formats = OmegaConf.to_container(x.format) if OmegaConf.is_config(x.format) else [x.format]
     samples_dir, eval_dir, prepared = (path(cfg.paths[k]) for k in ("samples_dir", "eval_dir", "prepared_dir"))
     images, labels, rows, info = load_samples(samples_dir)
+    masks, sample_rows = load_sample_masks(samples_dir), rows
     ev = read_evaluation(eval_dir, samples_dir)
     card = card_fields(cfg.name, info, rows, ev, prepared)
     scores = manifest_scores(ev, rows)
@@ -50,6 +54,7 @@ def run(cfg: DictConfig) -> dict:
         )
         images, rows, scores, card["filtered"] = filter_copies(images, labels, rows, eval_dir, regenerate)
         card["class_counts"], scores = class_counts_text(rows), list(scores)
+    masks = masks_for(masks, sample_rows, rows)
     window = IntensityWindow(**info["window"])
     template = path(x.template) if x.template else REPO_ROOT / "data_cards" / "TEMPLATE.md"
     out = export_dataset(
@@ -71,6 +76,8 @@ def run(cfg: DictConfig) -> dict:
         overwrite=x.overwrite,
         modality=export_modality(info.get("modality"), window),
         dicomweb=container(x.dicomweb) if x.get("dicomweb", {}).get("url") else None,
+        masks=masks,
+        mask_labels=None if masks is None else mask_labels(info, int(masks.max()) + 1),
     )
 
     tracker = make_tracker(cfg)

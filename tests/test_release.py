@@ -102,3 +102,14 @@ def test_regeneration_needs_a_pixel_audit_and_the_samples_checkpoint(tmp_path):
             ckpt_path=ckpt,
             prepared_dir=tmp_path / "prepared",
         )
+
+
+def test_masks_follow_the_rows_the_copy_filter_keeps():
+    from medaug.release import masks_for
+
+    masks = torch.arange(3).view(3, 1, 1, 1).expand(3, 1, 2, 2)
+    rows = [dict(index=str(i)) for i in range(3)]
+    kept = masks_for(masks, rows, [rows[2], rows[0]])
+    assert kept[:, 0, 0, 0].tolist() == [2, 0] and masks_for(None, rows, rows) is None
+    with pytest.raises(ExportError, match="export.regenerate=false"):
+        masks_for(masks, rows, [rows[0], dict(index=3, replaces_copy=True)])  # a regenerated sample has no mask

@@ -60,10 +60,13 @@ def read_nifti(path: str | os.PathLike, volume_index: int | None = None) -> Volu
     return Volume(array, affine, {"modality": "unknown"})
 
 
-def write_nifti(path: str | os.PathLike, array: np.ndarray, affine: np.ndarray, descrip: str = "") -> Path:
-    """Write ``array`` (X, Y[, Z]) with ``affine`` as NIfTI, atomically (temp file, then rename)."""
+def write_nifti(
+    path: str | os.PathLike, array: np.ndarray, affine: np.ndarray, descrip: str = "", dtype=np.float32
+) -> Path:
+    """Write ``array`` (X, Y[, Z]) as ``dtype`` (uint8 for label maps) with ``affine`` as NIfTI, atomically (temp
+    file, then rename)."""
     path = Path(path)
-    img = nib.Nifti1Image(np.asarray(array, dtype=np.float32), np.asarray(affine, dtype=np.float64))
+    img = nib.Nifti1Image(np.asarray(array, dtype=dtype), np.asarray(affine, dtype=np.float64))
     img.header.set_xyzt_units("mm")
     img.header.set_qform(img.affine, code=1)
     img.header.set_sform(img.affine, code=1)
