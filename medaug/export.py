@@ -204,13 +204,15 @@ def display_planes(x: np.ndarray, centre: Sequence[int] | None = None) -> dict[s
 
 def overlay_planes(image: torch.Tensor, mask: torch.Tensor, min_size: int = 128) -> dict[str, np.ndarray]:
     """RGB uint8 overlays of the label map ``mask`` (1, *spatial) int on ``image`` (1, *spatial) in [-1, 1]
-    (suffixes ``_overlay[_axial|_coronal|_sagittal]``; 3D: the planes through the centre of the mask's foreground,
-    the middle for an empty mask), enlarged (nearest neighbour) to at least ``min_size`` pixels: each label's
+    (suffixes ``_overlay[_axial|_coronal|_sagittal]``; 3D: per axis the slice with the most foreground, the middle
+    for an empty mask), enlarged (nearest neighbour) to at least ``min_size`` pixels: each label's
     outline in its colour (``LABEL_RGB``) over a 30 % fill of it."""
     from scipy.ndimage import binary_erosion
 
     m = mask[0].numpy()
-    centre = np.round(np.argwhere(m > 0).mean(0)).astype(int) if m.ndim == 3 and m.any() else None
+    centre = None
+    if m.ndim == 3 and m.any():  # per axis the slice with the most foreground
+        centre = [int(np.argmax((m > 0).sum(axis=tuple(a for a in range(3) if a != k)))) for k in range(3)]
     grey = png_planes(image, 8, centre)
     labels = display_planes(m, centre)
     out = {}

@@ -848,10 +848,13 @@ def test_png_overlays_outline_each_label_in_its_colour(tmp_path, spatial_dims):
     colours = {tuple(c) for f in files for c in np.asarray(Image.open(out / f)).reshape(-1, 3).tolist()}
     assert tuple(LABEL_RGB[0]) in colours  # the lesion's outline; 2D: the organ's too (3D: not in these planes)
     assert (tuple(LABEL_RGB[1]) in colours) == (spatial_dims == 2)
-    grey = np.asarray(Image.open(out / row["png"].split(";")[0]))
-    scale = rgb.shape[0] // grey.shape[0]
-    background = rgb[:scale, :scale]  # the top-left voxel is background: the plain image, grey
-    assert (background == grey[0, 0]).all()
+    for f in files:  # 3D: every plane is a slice with the most mask, so each shows the lesion
+        assert tuple(LABEL_RGB[0]) in {tuple(c) for c in np.asarray(Image.open(out / f)).reshape(-1, 3).tolist()}
+    if spatial_dims == 2:  # (3D overlays show the slices with the most mask, the previews the middle ones)
+        grey = np.asarray(Image.open(out / row["png"]))
+        scale = rgb.shape[0] // grey.shape[0]
+        background = rgb[:scale, :scale]  # the top-left voxel is background: the plain image, grey
+        assert (background == grey[0, 0]).all()
 
 
 def test_pairs_refuse_what_segmenters_could_not_read(tmp_path):
