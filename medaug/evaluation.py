@@ -208,9 +208,10 @@ def held_out(root: Path, splits) -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
-def load_seg_data(samples_dir: Path, prepared_dir: Path, real_split, rows: list[dict]) -> SegData | None:
-    """The masks of the samples (``rows``: their manifest) and of the train and held-out splits; None unless both
-    the samples and the prepared dataset have masks (a warning when only one side has them)."""
+def load_seg_data(samples_dir: Path, prepared_dir: Path, real_split, rows: list[dict], info: dict) -> SegData | None:
+    """The masks of the samples (``rows``: their manifest, ``info``: their ``info.json``) and of the train and
+    held-out splits; None unless both the samples and the prepared dataset have masks (a warning when only one side
+    has them). Their labels must agree."""
     synth = load_sample_masks(samples_dir)
     train = load_split_masks(prepared_dir, "train")
     if synth is None or train is None:
@@ -222,11 +223,17 @@ def load_seg_data(samples_dir: Path, prepared_dir: Path, real_split, rows: list[
         return None
     splits = [real_split] if isinstance(real_split, str) else list(real_split)
     test = torch.cat([load_split_masks(prepared_dir, str(s)) for s in splits])
-    info = load_info(prepared_dir)
-    spacing = tuple(float(v) for v in np.linalg.norm(np.asarray(info.affine)[:3, :3], axis=0)[: info.spatial_dims])
+    prepared = load_info(prepared_dir)
+    spacing = np.linalg.norm(np.asarray(prepared.affine)[:3, :3], axis=0)[: prepared.spatial_dims]
     labels = prepared_mask_labels(prepared_dir, train)
+    named = info.get("mask_labels")
+    if (named and dict(named) != labels) or (len(synth) and int(synth.max()) >= len(labels)):
+        raise ValueError(
+            f"{samples_dir}: the samples' masks are labelled {named or 'values up to ' + str(int(synth.max()))} but "
+            f"{prepared_dir} has {labels}; evaluate samples of a model trained on this dataset"
+        )
     source = [str(r.get("mask_source", "")) for r in rows]
-    return SegData(synth, train, test, labels, source, spacing)
+    return SegData(synth, train, test, labels, source, tuple(float(v) for v in spacing))
 
 
 def load_eval_data(samples_dir: Path, prepared_dir: Path, real_split) -> EvalData:
@@ -253,7 +260,7 @@ def load_eval_data(samples_dir: Path, prepared_dir: Path, real_split) -> EvalDat
         train_items,
         sample_index,
         info,
-        load_seg_data(samples_dir, prepared.root, real_split, rows),
+        load_seg_data(samples_dir, prepared.root, real_split, rows, info),
     )
 
 

@@ -201,6 +201,16 @@ def test_evaluate_with_masks_reports_segmentation_and_catches_copied_masks(tmp_p
     assert again["segmentation/fidelity_dice"] == again["segmentation/fidelity_dice_real"]  # the same images
 
 
+def test_masks_labelled_otherwise_than_the_dataset_are_refused(tmp_path, prepared_2d):
+    from medaug.evaluation import load_seg_data
+
+    prepared = prepared_with_masks(prepared_2d, tmp_path / "p")
+    x = planted_samples(prepared, ["val", "test"], tmp_path / "s")
+    add_sample_masks(tmp_path / "s", (x > LESION).long() * 2)  # values the dataset's labels do not name
+    with pytest.raises(ValueError, match="evaluate samples of a model trained on this dataset"):
+        load_seg_data(tmp_path / "s", prepared, ["val", "test"], [], {})
+
+
 def test_no_masks_no_segmentation_metrics(tmp_path, prepared_2d):
     planted_samples(prepared_2d, ["val", "test"], tmp_path / "s")
     result = run_eval(tmp_path, prepared_2d, [*FAST, "evaluate.utility.seeds=[]"])
