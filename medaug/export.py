@@ -57,6 +57,7 @@ import json
 import shutil
 import tarfile
 import zipfile
+from collections import Counter
 from pathlib import Path
 from string import Template
 from typing import Mapping, Sequence
@@ -176,6 +177,12 @@ def seg_header(class_name: str) -> dict:
         PatientIdentityRemoved="YES",
         DeidentificationMethod="synthetic image, no source patient (medaug)",
     )
+
+
+def mask_sources_text(manifest: Sequence[Mapping]) -> str:
+    """`` (masks: 2 generated, 1 user)`` from the manifest's ``mask_source`` column; empty without masks."""
+    counts = Counter(str(r["mask_source"] or "unknown") for r in manifest if "mask_source" in r)
+    return f" (masks: {', '.join(f'{n} {source}' for source, n in sorted(counts.items()))})" if counts else ""
 
 
 def png_planes(image: torch.Tensor, bits: int = 8, centre: Sequence[int] | None = None) -> dict[str, np.ndarray]:
@@ -536,7 +543,8 @@ def export_dataset(
                 if dicom_multiframe and "dicom" in formats
                 else ""
             )
-            + ("" if masks is None else "; with their masks: " + ", ".join(MASK_NOTES[fmt] for fmt in formats)),
+            + ("" if masks is None else "; with their masks: " + ", ".join(MASK_NOTES[fmt] for fmt in formats))
+            + mask_sources_text(manifest),
             "filtered": card_fields.get("filtered")
             or (f"{dropped} of {len(rows)} samples dropped by the copy filter" if dropped else "no sample dropped"),
         }

@@ -753,6 +753,7 @@ def test_pairs_export_as_an_nnunet_v2_dataset(tmp_path, spatial_dims):
     ]
     card = (out / "DATA_CARD.md").read_text()
     assert "labelsTr" in card and "imagesTr" in card and "${" not in card
+    assert "(masks: 2 generated, 1 user)" in card
 
 
 @pytest.mark.parametrize(
