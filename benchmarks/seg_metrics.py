@@ -2,7 +2,7 @@
 
     PYTHONPATH=. python benchmarks/seg_metrics.py     # writes benchmarks/results/seg-metrics-demo_2d.json
 
-The real data: the 2D demo phantoms (32 x 32, 12 per class), prepared, each item given the mask of its lesions
+The real data: the 2D demo phantoms (32 x 32, 40 per class), prepared, each item given the mask of its lesions
 (model-space value > 0.35: the lesions, about 150 HU, in the [-160, 240] HU window). The held-out real set is the
 ``test`` split (``evaluate.real_split=test``); three planted "synthetic" sets, every mask marked ``generated``:
 
@@ -78,7 +78,7 @@ def planted(prepared: Path, out: Path, x: torch.Tensor, y: torch.Tensor, masks: 
 
 def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="medaug-seg-"))
-    labels = make_demo_dataset(root / "raw", spatial_dims=2, n_per_class=12, size=32, seed=0)
+    labels = make_demo_dataset(root / "raw", spatial_dims=2, n_per_class=40, size=32, seed=0)
     prepare_dataset(
         labels, root / "prepared", IntensityWindow(-160.0, 240.0), spatial_size=[32, 32, -1], spatial_dims=2
     )

@@ -424,8 +424,9 @@ def compute_metrics(
 def segmentation_metrics(
     data: EvalData, settings: EvalSettings, device: torch.device, cache_dir: Path
 ) -> tuple[dict[str, float], PrivacyAudit | None]:
-    """Mask fidelity, segmentation utility (``segmentation/...``) and the memorisation audit of the generated
-    masks (``privacy/mask_...``; None when no mask was generated) of ``data.masks``."""
+    """Mask fidelity, segmentation utility (``segmentation/...``) and the memorisation audit of the non-empty
+    generated masks, calibrated on the non-empty held-out real masks (``privacy/mask_...``; None when no non-empty
+    mask was generated or fewer than 2 held-out masks have a label) of ``data.masks``."""
     d, m, seg = data, data.masks, settings.segmentation
     k = max(m.labels.values()) + 1
     segmenter = cached_segmenter(cache_dir, d.train_x, m.train, k, seg, settings.seed, device)
@@ -444,14 +445,21 @@ def segmentation_metrics(
                 train_fn=partial(train_segmenter, device=device),
             ).metrics()
         )
-    generated = torch.tensor([s == "generated" for s in m.source], dtype=torch.bool)
+    # empty masks carry nothing to copy (and correlate 0 with everything): audited are the non-empty ones
+    generated = torch.tensor([s == "generated" for s in m.source], dtype=torch.bool) & m.synth.flatten(1).any(1)
+    heldout = m.test[m.test.flatten(1).any(1)]
     if not generated.any():
+        return metrics, None
+    if len(heldout) < 2:
+        log.warning(
+            "%d held-out real masks with a label: too few to calibrate the mask copy audit; skipped", len(heldout)
+        )
         return metrics, None
     p = settings.privacy
     audit = privacy_audit(
         m.synth[generated].float(),
         m.train.float(),
-        m.test.float(),
+        heldout.float(),
         [r["patient"] for r in d.train_items],
         space="pixel",
         percentile=p.percentile,
