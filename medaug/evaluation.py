@@ -13,6 +13,12 @@ The real-trained classifiers (label fidelity, default encoder, 2.5D encoder) are
 ``<eval folder>_classifiers/`` (:func:`classifier_cache_dir`), named by their settings and a digest of the images
 they were trained on: a re-evaluation, which replaces the eval folder as a whole, reuses them, a re-prepared train
 split with other images trains new ones, and the prepared folder is never written to.
+
+Segmentation: when the prepared dataset has masks and the samples carry the masks they were made with
+(:mod:`medaug.masks`), also mask fidelity and segmentation utility (:mod:`medaug.metrics.segmentation`,
+``segmentation/...``; the real-trained fidelity segmenter is cached with the classifiers) and the memorisation
+audit of the generated masks (``privacy/mask_...``; a mask copied from a training mask fails the verdict like a
+copied image).
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from functools import partial
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from .data import load_info, load_split, read_manifest
@@ -43,10 +50,14 @@ from .metrics import (
     train_classifier,
     utility_metrics,
 )
+from .data import load_split_masks
+from .masks import prepared_mask_labels
 from .membership import MIASettings, find_checkpoint, membership_audit
+from .metrics.segmentation import fidelity_dice, make_segmenter, segmentation_utility, train_segmenter
 from .model import build_scheduler, checkpoint_network, load_checkpoint, network_from_spec
-from .privacy import PrivacyAudit, PrivacyFlags, privacy_audit, write_per_sample
-from .report import write_pictures, write_report
+from .privacy import VERDICT_CODES, PrivacyAudit, PrivacyFlags, privacy_audit, write_per_sample
+from .report import segmentation_section, write_pictures, write_report
+from .sampling import load_sample_masks
 from .sampling import load_samples, samples_id
 
 log = logging.getLogger("medaug")
@@ -89,6 +100,17 @@ class PrivacySettings:
 
 
 @dataclass(frozen=True)
+class SegmentationSettings:
+    """Segmenters of the segmentation metrics (``evaluate.segmentation``), used when the prepared dataset and the
+    samples both have masks: ``steps`` per segmenter; ``seeds``: one per seed and training set for the utility
+    (none: no segmentation utility; mask fidelity uses ``evaluate.seed``)."""
+
+    steps: int = 200
+    seeds: tuple[int, ...] = (0, 1)
+    batch_size: int = 16
+
+
+@dataclass(frozen=True)
 class EvalSettings:
     """Everything :func:`evaluate` is told, one field per key of the ``evaluate`` config section."""
 
@@ -101,6 +123,7 @@ class EvalSettings:
     utility: UtilitySettings = field(default_factory=UtilitySettings)
     privacy: PrivacySettings = field(default_factory=PrivacySettings)
     mia: MIASettings = field(default_factory=MIASettings)  # membership inference on the checkpoint
+    segmentation: SegmentationSettings = field(default_factory=SegmentationSettings)
     pairs_top: int = 16  # suspicious synthetic samples drawn beside their nearest training image
 
     @classmethod
@@ -118,6 +141,9 @@ class EvalSettings:
         s["utility"] = _settings(UtilitySettings, utility, "evaluate.utility")
         s["privacy"] = _settings(PrivacySettings, s.get("privacy") or {}, "evaluate.privacy")
         s["mia"] = MIASettings.from_dict(s.get("mia"))
+        seg = dict(s.get("segmentation") or {})
+        seg["seeds"] = tuple(int(x) for x in seg.get("seeds") or ())
+        s["segmentation"] = _settings(SegmentationSettings, seg, "evaluate.segmentation")
         s["fidelity"] = dict(s.get("fidelity") or {})
         return _settings(cls, s, "evaluate")
 
@@ -159,6 +185,21 @@ class EvalData:
     train_items: list[dict]  # manifest rows of the train split, in order
     sample_index: list[int]  # the samples manifest's index of each synthetic image
     info: dict  # the samples' info.json
+    masks: SegData | None = None  # when the dataset and the samples both have masks
+
+
+@dataclass
+class SegData:
+    """The label maps ``(N, 1, *spatial)`` int64 of the images of :class:`EvalData`, their ``labels``
+    ({name: value}, background 0), each synthetic mask's ``source`` (user | generated | real) and the voxel
+    ``spacing`` in mm."""
+
+    synth: torch.Tensor
+    train: torch.Tensor
+    test: torch.Tensor
+    labels: dict[str, int]
+    source: list[str]
+    spacing: tuple[float, ...]
 
 
 def held_out(root: Path, splits) -> tuple[torch.Tensor, torch.Tensor]:
@@ -174,9 +215,37 @@ def held_out(root: Path, splits) -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
+def load_seg_data(samples_dir: Path, prepared_dir: Path, real_split, rows: list[dict], info: dict) -> SegData | None:
+    """The masks of the samples (``rows``: their manifest, ``info``: their ``info.json``) and of the train and
+    held-out splits; None unless both the samples and the prepared dataset have masks (a warning when only one side
+    has them). Their labels must agree."""
+    synth = load_sample_masks(samples_dir)
+    train = load_split_masks(prepared_dir, "train")
+    if synth is None or train is None:
+        if synth is not None or train is not None:
+            log.warning(
+                "%s has masks but %s has none: no segmentation metrics",
+                *((samples_dir, prepared_dir) if synth is not None else (prepared_dir, samples_dir)),
+            )
+        return None
+    splits = [real_split] if isinstance(real_split, str) else list(real_split)
+    test = torch.cat([load_split_masks(prepared_dir, str(s)) for s in splits])
+    prepared = load_info(prepared_dir)
+    spacing = np.linalg.norm(np.asarray(prepared.affine)[:3, :3], axis=0)[: prepared.spatial_dims]
+    labels = prepared_mask_labels(prepared_dir, train)
+    named = info.get("mask_labels")
+    if (named and dict(named) != labels) or (len(synth) and int(synth.max()) >= len(labels)):
+        raise ValueError(
+            f"{samples_dir}: the samples' masks are labelled {named or 'values up to ' + str(int(synth.max()))} but "
+            f"{prepared_dir} has {labels}; evaluate samples of a model trained on this dataset"
+        )
+    source = [str(r.get("mask_source", "")) for r in rows]
+    return SegData(synth, train, test, labels, source, tuple(float(v) for v in spacing))
+
+
 def load_eval_data(samples_dir: Path, prepared_dir: Path, real_split) -> EvalData:
-    """The samples of ``samples_dir`` and the train and held-out real images of ``prepared_dir``; their class
-    names must agree."""
+    """The samples of ``samples_dir`` and the train and held-out real images of ``prepared_dir`` (and their masks,
+    when both have masks); their class names must agree."""
     synth_x, synth_y, rows, info = load_samples(samples_dir)
     prepared = load_info(prepared_dir)
     names = prepared.class_names
@@ -198,6 +267,7 @@ def load_eval_data(samples_dir: Path, prepared_dir: Path, real_split) -> EvalDat
         train_items,
         sample_index,
         info,
+        load_seg_data(samples_dir, prepared.root, real_split, rows, info),
     )
 
 
@@ -221,17 +291,54 @@ def cached_classifier(
     """A classifier trained on ``images`` (N, 1, *spatial) / ``labels`` (N,), on ``device``, trained once per
     training set and setting and cached in ``cache_dir`` (``kind`` names it: ``label`` for the train images,
     ``slice`` for their 2D plane slices, the 2.5D encoder)."""
-    digest = hashlib.sha256(repr((tuple(images.shape), num_classes)).encode())
+    cache = Path(cache_dir) / f"{kind}_clf_s{steps}_seed{seed}_{_digest(images, labels, num_classes)}.pt"
+    return _cached_model(
+        cache,
+        lambda: make_classifier(images.shape[2:], num_classes),
+        lambda: train_classifier(images, labels, num_classes, steps=steps, seed=seed, device=device),
+        device,
+    )
+
+
+def cached_segmenter(
+    cache_dir: Path,
+    images: torch.Tensor,
+    masks: torch.Tensor,
+    num_labels: int,
+    settings: SegmentationSettings,
+    seed: int,
+    device: torch.device,
+) -> torch.nn.Module:
+    """The segmenter of mask fidelity (:func:`medaug.metrics.segmentation.train_segmenter` on the real train
+    ``images`` and ``masks``), on ``device``, trained once per training set and setting and cached in ``cache_dir``
+    like the classifiers."""
+    s = settings
+    cache = Path(cache_dir) / f"seg_unet_s{s.steps}_b{s.batch_size}_seed{seed}_{_digest(images, masks, num_labels)}.pt"
+    return _cached_model(
+        cache,
+        lambda: make_segmenter(images.shape[2:], num_labels),
+        lambda: train_segmenter(images, masks, num_labels, s.steps, s.batch_size, seed=seed, device=device),
+        device,
+    )
+
+
+def _digest(images: torch.Tensor, targets: torch.Tensor, num_outputs: int) -> str:
+    """16 hex digits of a digest of a training set (images, their labels or masks) and its number of outputs."""
+    digest = hashlib.sha256(repr((tuple(images.shape), num_outputs)).encode())
     digest.update(images.contiguous().numpy().tobytes())
-    digest.update(labels.contiguous().numpy().tobytes())
-    cache = Path(cache_dir) / f"{kind}_clf_s{steps}_seed{seed}_{digest.hexdigest()[:16]}.pt"
+    digest.update(targets.contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _cached_model(cache: Path, build, train, device: torch.device) -> torch.nn.Module:
+    """The network ``build()`` with the weights in ``cache`` when it exists, else ``train()``'s, saved there."""
     if cache.exists():
-        model = make_classifier(images.shape[2:], num_classes)
+        model = build()
         model.load_state_dict(torch.load(cache, map_location="cpu", weights_only=True))
         return model.to(device).eval()
-    model = train_classifier(images, labels, num_classes, steps=steps, seed=seed, device=device)
+    model = train()
     cache.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_file(cache) as tmp:  # a killed run leaves no half-written classifier
+    with atomic_file(cache) as tmp:  # a killed run leaves no half-written network
         torch.save(model.state_dict(), tmp)
     return model
 
@@ -368,6 +475,73 @@ def mia_context(record: dict) -> str:
     )
 
 
+def segmentation_metrics(
+    data: EvalData, settings: EvalSettings, device: torch.device, cache_dir: Path
+) -> tuple[dict[str, float], PrivacyAudit | None]:
+    """Mask fidelity, segmentation utility (``segmentation/...``) and the memorisation audit of the non-empty
+    generated masks, calibrated on the non-empty held-out real masks (``privacy/mask_...``; None when no non-empty
+    mask was generated or fewer than 2 held-out masks have a label) of ``data.masks``."""
+    d, m, seg = data, data.masks, settings.segmentation
+    k = max(m.labels.values()) + 1
+    segmenter = cached_segmenter(cache_dir, d.train_x, m.train, k, seg, settings.seed, device)
+    metrics = fidelity_dice(segmenter, d.synth_x, m.synth, d.test_x, m.test, m.labels)
+    if seg.seeds:
+        metrics.update(
+            segmentation_utility(
+                (d.train_x, m.train),
+                (d.synth_x, m.synth),
+                (d.test_x, m.test),
+                m.labels,
+                seeds=seg.seeds,
+                steps=seg.steps,
+                batch_size=seg.batch_size,
+                spacing=m.spacing,
+                train_fn=partial(train_segmenter, device=device),
+            ).metrics()
+        )
+    # empty masks carry nothing to copy (and correlate 0 with everything): audited are the non-empty ones
+    generated = torch.tensor([s == "generated" for s in m.source], dtype=torch.bool) & m.synth.flatten(1).any(1)
+    heldout = m.test[m.test.flatten(1).any(1)]
+    if not generated.any():
+        return metrics, None
+    if len(heldout) < 2:
+        log.warning(
+            "%d held-out real masks with a label: too few to calibrate the mask copy audit; skipped", len(heldout)
+        )
+        return metrics, None
+    p = settings.privacy
+    audit = privacy_audit(
+        m.synth[generated].float(),
+        m.train.float(),
+        heldout.float(),
+        [r["patient"] for r in d.train_items],
+        space="pixel",
+        percentile=p.percentile,
+        flags=p.flags,
+        synth_labels=d.synth_y[generated],
+        class_names=d.class_names,
+        seed=settings.seed,
+    )
+    metrics.update({k.replace("privacy/", "privacy/mask_", 1): v for k, v in audit.metrics.items()})
+    return metrics, audit
+
+
+def privacy_summary(audit: PrivacyAudit, mask_audit: PrivacyAudit | None, metrics: dict[str, float]) -> dict:
+    """``privacy.json``: the image audit's summary; with a mask audit also its summary under ``mask``, its
+    checks and flags (prefixed ``masks:``) added and the worse verdict of the two (``privacy/verdict_code`` in
+    ``metrics`` updated to it)."""
+    summary = audit.summary()
+    if mask_audit is None:
+        return summary
+    summary["mask"] = mask_audit.summary()
+    summary["checks"] = summary["checks"] + [f"masks: {c}" for c in mask_audit.checks]
+    summary["reasons"] = summary["reasons"] + [f"masks: {r}" for r in mask_audit.reasons]
+    summary["failed"] = summary["failed"] + [f"masks: {f}" for f in mask_audit.failed]
+    summary["verdict"] = max(summary["verdict"], mask_audit.verdict, key=VERDICT_CODES.get)
+    metrics["privacy/verdict_code"] = float(VERDICT_CODES[summary["verdict"]])
+    return summary
+
+
 def write_eval_folder(
     out_dir: Path,
     data: EvalData,
@@ -404,6 +578,10 @@ def write_eval_folder(
                 "membership inference": mia_context(privacy.get("mia") or {}),
             },
         )
+        if d.masks is not None:
+            section = segmentation_section(metrics, list(d.masks.labels)[1:], settings.segmentation.steps)
+            with open(tmp / "report.md", "a") as fh:
+                fh.write(section)
     return Path(out_dir)
 
 
@@ -444,6 +622,13 @@ def evaluate(
     cache_dir = Path(cache_dir) if cache_dir is not None else classifier_cache_dir(out_dir)
     mia, mia_record = membership(data, settings, Path(ckpt_path) if ckpt_path else None, device, trust)
     metrics, audit, extractors = compute_metrics(data, settings, device, cache_dir, mia)
-    privacy = audit.summary() | {"extractors": extractors, "samples_id": samples_id(samples_dir), "mia": mia_record}
+    mask_audit = None
+    if data.masks is not None:
+        seg_metrics, mask_audit = segmentation_metrics(data, settings, device, cache_dir)
+        metrics.update(seg_metrics)
+    privacy = privacy_summary(audit, mask_audit, metrics)
+    privacy |= {"extractors": extractors, "samples_id": samples_id(samples_dir), "mia": mia_record}
     write_eval_folder(out_dir, data, settings, metrics, privacy, audit, extractors)
-    return EvalResult(metrics, audit.verdict, list(audit.reasons), extractors, out_dir, data.info.get("mlflow_run_id"))
+    return EvalResult(
+        metrics, privacy["verdict"], list(privacy["reasons"]), extractors, out_dir, data.info.get("mlflow_run_id")
+    )

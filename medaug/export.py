@@ -18,6 +18,17 @@ Layout (``formats=("nifti", "dicom", "png")``)::
     png/synth_00000_<class>.png          2D; 3D: ``_axial``, ``_coronal``, ``_sagittal`` mid-slices
     manifest.csv, manifest.json          one row per sample: files, class, provenance, privacy_score
     dataset.json                         optional, MSD / nnU-Net style (``dataset_json=True``)
+
+With ``masks`` (the label map each sample was made with, e.g. from mask-conditioned sampling), the pairs go out
+the way segmenters read them::
+
+    imagesTr/synth_00000_<class>_0000.nii.gz   the image (nnU-Net v2: case id + channel 0000), instead of images/
+    labelsTr/synth_00000_<class>.nii.gz        its label map, uint8, the same grid and affine
+    dataset.json                               always: nnU-Net v2 (channel_names, labels with background 0,
+                                               numTraining, file_ending)
+    dicom/synth_00000_<class>_seg.dcm          a DICOM Segmentation referencing the sample's series, one segment per
+                                               foreground label (highdicom)
+    png/synth_00000_<class>_overlay.png        the PNG with each label's outline and a light fill in colour
     privacy/                             the privacy report, when one is given
     DATA_CARD.md                         provenance and metrics, from data_cards/TEMPLATE.md
     SHA256SUMS                           SHA-256 of every file above (``sha256sum -c SHA256SUMS``)
@@ -46,6 +57,7 @@ import json
 import shutil
 import tarfile
 import zipfile
+from collections import Counter
 from pathlib import Path
 from string import Template
 from typing import Mapping, Sequence
@@ -54,9 +66,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from . import __version__
 from .atomic import atomic_file, atomic_folder
 from .dicomweb import store_export
-from .io import DICOM_SOP_CLASSES, write_dicom_multiframe, write_dicom_series, write_nifti
+from .io import DICOM_SOP_CLASSES, write_dicom_multiframe, write_dicom_seg, write_dicom_series, write_nifti
 from .preprocessing import IntensityWindow
 from .progress import progress_bar
 
@@ -77,6 +90,13 @@ FORMAT_NOTES = {
     "png": "PNG previews (2D image or 3D mid-slices)",
 }
 MR_UNITS = "MR signal, arbitrary units, percentile-normalised"
+MASK_NOTES = {
+    "nifti": "label maps (uint8) in `labelsTr/` beside their images in `imagesTr/` and an nnU-Net v2 `dataset.json`",
+    "dicom": "a DICOM Segmentation per image referencing its series (`dicom/*_seg.dcm`)",
+    "png": "PNG overlays of the label outlines (`png/*_overlay*.png`)",
+}
+#: Overlay colours of labels 1, 2, ... (RGB), repeated past the last.
+LABEL_RGB = ((230, 57, 70), (42, 157, 143), (244, 162, 97), (69, 123, 157), (233, 196, 106), (155, 93, 229))
 
 
 class ExportError(ValueError):
@@ -157,21 +177,72 @@ def dicom_header(code: str, class_name: str, created: dt.datetime | None = None)
     )
 
 
-def png_planes(image: torch.Tensor, bits: int = 8) -> dict[str, np.ndarray]:
+def seg_header(class_name: str) -> dict:
+    """The descriptive DICOM attributes of a synthetic sample's Segmentation (patient and study come from its
+    image series); the synthetic marker sits in SeriesDescription and ImageComments."""
+    return dict(
+        SeriesDescription=f"SYNTHETIC mask {class_name} medaug"[:64],
+        ImageComments="MASK of a " + SYNTHETIC_COMMENT,
+        PatientIdentityRemoved="YES",
+        DeidentificationMethod="synthetic image, no source patient (medaug)",
+    )
+
+
+def mask_sources_text(manifest: Sequence[Mapping]) -> str:
+    """`` (masks: 2 generated, 1 user)`` from the manifest's ``mask_source`` column; empty without masks."""
+    counts = Counter(str(r["mask_source"] or "unknown") for r in manifest if "mask_source" in r)
+    return f" (masks: {', '.join(f'{n} {source}' for source, n in sorted(counts.items()))})" if counts else ""
+
+
+def png_planes(image: torch.Tensor, bits: int = 8, centre: Sequence[int] | None = None) -> dict[str, np.ndarray]:
     """Display-oriented PNG planes of one image ``(C, *spatial)`` in [-1, 1].
 
-    2D: ``{"": (Y, X)}``; 3D: the axial, coronal and sagittal mid-slices. The training
-    intensity window maps to ``[0, 2**bits - 1]`` (``bits`` 8 → uint8, 16 → uint16).
+    2D: ``{"": (Y, X)}``; 3D: the axial, coronal and sagittal slices through ``centre`` (voxel indices; default
+    the middle). The training intensity window maps to ``[0, 2**bits - 1]`` (``bits`` 8 → uint8, 16 → uint16).
     """
     if bits not in (8, 16):
         raise ExportError(f"export.png_bits={bits}; choose 8 or 16")
-    x = image[0].clamp(-1, 1).double().numpy()
     top = 2**bits - 1
-    as_png = lambda v: np.flipud(np.round((v.T + 1) / 2 * top)).astype(np.uint8 if bits == 8 else np.uint16)
+    planes = display_planes(image[0].clamp(-1, 1).double().numpy(), centre)
+    return {k: np.round((v + 1) / 2 * top).astype(np.uint8 if bits == 8 else np.uint16) for k, v in planes.items()}
+
+
+def display_planes(x: np.ndarray, centre: Sequence[int] | None = None) -> dict[str, np.ndarray]:
+    """The planes a person looks at of ``x`` (X, Y[, Z]), display-oriented (x left to right, y bottom to top):
+    2D ``{"": (Y, X)}``; 3D the axial, coronal and sagittal slices (``_axial``, ``_coronal``, ``_sagittal``)
+    through ``centre`` (voxel indices; default the middle)."""
+    show = lambda v: np.ascontiguousarray(np.flipud(v.T))
     if x.ndim == 2:
-        return {"": as_png(x)}
-    cx, cy, cz = (s // 2 for s in x.shape)
-    return {"_axial": as_png(x[:, :, cz]), "_coronal": as_png(x[:, cy, :]), "_sagittal": as_png(x[cx, :, :])}
+        return {"": show(x)}
+    cx, cy, cz = (s // 2 for s in x.shape) if centre is None else (int(c) for c in centre)
+    return {"_axial": show(x[:, :, cz]), "_coronal": show(x[:, cy, :]), "_sagittal": show(x[cx, :, :])}
+
+
+def overlay_planes(image: torch.Tensor, mask: torch.Tensor, min_size: int = 128) -> dict[str, np.ndarray]:
+    """RGB uint8 overlays of the label map ``mask`` (1, *spatial) int on ``image`` (1, *spatial) in [-1, 1]
+    (suffixes ``_overlay[_axial|_coronal|_sagittal]``; 3D: per axis the slice with the most foreground, the middle
+    for an empty mask), enlarged (nearest neighbour) to at least ``min_size`` pixels: each label's
+    outline in its colour (``LABEL_RGB``) over a 30 % fill of it."""
+    from scipy.ndimage import binary_erosion
+
+    m = mask[0].numpy()
+    centre = None
+    if m.ndim == 3 and m.any():  # per axis the slice with the most foreground
+        centre = [int(np.argmax((m > 0).sum(axis=tuple(a for a in range(3) if a != k)))) for k in range(3)]
+    grey = png_planes(image, 8, centre)
+    labels = display_planes(m, centre)
+    out = {}
+    for suffix, plane in grey.items():
+        scale = max(1, -(-min_size // min(plane.shape)))
+        rgb = np.repeat(plane.repeat(scale, 0).repeat(scale, 1)[..., None], 3, axis=2).astype(np.float64)
+        lab = labels[suffix].repeat(scale, 0).repeat(scale, 1)
+        for value in sorted(set(np.unique(lab).tolist()) - {0}):
+            colour = np.asarray(LABEL_RGB[(int(value) - 1) % len(LABEL_RGB)], dtype=np.float64)
+            region = lab == value
+            rgb[region] = 0.7 * rgb[region] + 0.3 * colour
+            rgb[region & ~binary_erosion(region, iterations=max(1, scale // 4))] = colour
+        out[f"_overlay{suffix}"] = np.round(rgb).astype(np.uint8)
+    return out
 
 
 def sha256(path: str | Path) -> str:
@@ -231,6 +302,47 @@ def _write_manifest(root: Path, manifest: list[dict]) -> None:
     (root / "manifest.json").write_text(json.dumps(manifest, indent=2))
 
 
+def _nnunet_dataset_json(
+    manifest: list[dict], fields: Mapping[str, object], modality: str, mask_labels: Mapping[str, int]
+) -> dict:
+    """nnU-Net v2 ``dataset.json`` of image/label pairs in ``imagesTr``/``labelsTr``: ``channel_names``, ``labels``
+    ({name: value}, background 0), ``numTraining``, ``file_ending``; MSD's descriptive keys and a ``training`` list of
+    the pairs with their class (nnU-Net reads the folders and ignores the rest)."""
+    return {
+        "name": str(fields.get("name", "medaug-synthetic")),
+        "description": "SYNTHETIC images and their label maps from a medaug diffusion model",
+        "reference": "medaug",
+        "licence": "see DATA_CARD.md",
+        "release": str(fields.get("created", "")),
+        "tensorImageSize": f"{fields.get('spatial_dims', 3)}D",
+        "channel_names": {"0": modality},
+        "labels": {str(k): int(v) for k, v in sorted(mask_labels.items(), key=lambda kv: kv[1])},
+        "numTraining": len(manifest),
+        "file_ending": ".nii.gz",
+        "training": [
+            {"image": f"./{r['nifti']}", "label": f"./{r['mask']}", "class_name": r["class_name"]} for r in manifest
+        ],
+    }
+
+
+def _check_masks(masks: torch.Tensor, images: torch.Tensor, mask_labels: Mapping[str, int] | None) -> dict[str, int]:
+    """The label names of ``masks`` (N, 1, *spatial) int for ``images``: ``mask_labels`` when given (background 0,
+    every value in the masks named), else ``label_<k>``."""
+    if tuple(masks.shape) != tuple(images.shape):
+        raise ExportError(f"masks have shape {tuple(masks.shape)} but the images {tuple(images.shape)}; give one each")
+    if masks.is_floating_point() or masks.min() < 0 or masks.max() > 255:
+        raise ExportError("masks must be integer label maps with values 0..255 (0 = background)")
+    top = int(masks.max())
+    labels = dict(mask_labels or {"background": 0, **{f"label_{k}": k for k in range(1, top + 1)}})
+    values = sorted(int(v) for v in labels.values())
+    if values != list(range(len(values))) or top >= len(values):
+        raise ExportError(
+            f"mask labels {labels} must name background 0 and every value 1..{max(top, 1)} the masks hold, "
+            "consecutively (nnU-Net and DICOM SEG need this)"
+        )
+    return labels
+
+
 def _dataset_json(manifest: list[dict], fields: Mapping[str, object], modality: str) -> dict:
     """MSD / nnU-Net style description; ``training`` lists image files and class labels."""
     labels = {str(r["label"]): r["class_name"] for r in sorted(manifest, key=lambda r: int(r["label"]))}
@@ -273,6 +385,8 @@ def export_dataset(
     overwrite: bool = False,
     modality: str = "CT",
     dicomweb: Mapping | None = None,
+    masks: torch.Tensor | None = None,
+    mask_labels: Mapping[str, int] | None = None,
 ) -> Path:
     """Export ``images`` (N, 1, *spatial) in [-1, 1] with one manifest row per image.
 
@@ -291,6 +405,10 @@ def export_dataset(
     ``dicomweb`` (``url``, optional ``netrc``, ``retries``, ``backoff_s``, ``timeout_s``): once the folder is
     complete, store its DICOM series with STOW-RS (:func:`medaug.dicomweb.store_export`; UIDs recorded in
     ``dicomweb_stored.json``; series the server holds already are not sent again).
+    ``masks`` (N, 1, *spatial) int label maps, one per image, named by ``mask_labels`` ({name: value}, background 0;
+    default ``label_<k>``): export the image/label pairs (see the module doc: nnU-Net v2 layout, DICOM SEG, PNG
+    overlays); a row's ``mask_source`` (user | generated | real) goes into the manifest, and a generated mask's
+    DICOM segments say AUTOMATIC (medaug), any other MANUAL.
     """
     out_dir = Path(out_dir)
     formats = list(dict.fromkeys(formats))
@@ -326,6 +444,7 @@ def export_dataset(
         raise ExportError(f"export.dicomweb.url is set but export.format={formats}; add dicom to export.format")
     if out_dir.exists() and not overwrite:
         raise ExportError(f"{out_dir}: already exists; pass export.overwrite=true or choose another paths.export_dir")
+    labels = None if masks is None else _check_masks(masks, images, mask_labels)
     keep = [True] * len(rows) if keep is None else [bool(k) for k in keep]
     if not any(keep):
         raise ExportError(f"all {len(rows)} samples were dropped (keep is all False); nothing to export")
@@ -333,9 +452,12 @@ def export_dataset(
     units = intensity_units(modality, window)
     dicom_kw = dict(modality=modality, window=((lo + hi) / 2, hi - lo), units=units)
     created = dt.datetime.now()
+    folders = dict(FOLDERS, nifti="imagesTr") if masks is not None else FOLDERS
     with atomic_folder(out_dir) as tmp:
         for fmt in formats:
-            (tmp / FOLDERS[fmt]).mkdir()
+            (tmp / folders[fmt]).mkdir()
+        if masks is not None and "nifti" in formats:
+            (tmp / "labelsTr").mkdir()
         manifest = []
         for i, (image, row) in enumerate(progress_bar(list(zip(images, rows)), desc="export", unit="image")):
             if not keep[i]:
@@ -345,11 +467,17 @@ def export_dataset(
             if array.ndim == 2:
                 array = array[:, :, None]
             files = {}
+            mask = None if masks is None else masks[i, 0].numpy().astype(np.uint8)
+            if mask is not None and mask.ndim == 2:
+                mask = mask[:, :, None]
             if "nifti" in formats:
-                files["nifti"] = f"images/{stem}.nii.gz"
+                files["nifti"] = f"images/{stem}.nii.gz" if mask is None else f"imagesTr/{stem}_0000.nii.gz"
                 write_nifti(
                     tmp / files["nifti"], array, affine, descrip=f"SYNTHETIC medaug; {units}; {row['class_name']}"
                 )
+            if "nifti" in formats and mask is not None:
+                files["mask"] = f"labelsTr/{stem}.nii.gz"
+                write_nifti(tmp / files["mask"], mask, affine, descrip="SYNTHETIC medaug label map", dtype=np.uint8)
             if "dicom" in formats and dicom_multiframe and array.shape[2] > 1:
                 files["dicom"] = f"dicom/{stem}.dcm"
                 write_dicom_multiframe(
@@ -362,7 +490,7 @@ def export_dataset(
             elif "dicom" in formats:
                 two_d = array.shape[2] == 1
                 files["dicom"] = f"dicom/{stem}.dcm" if two_d else f"dicom/{stem}"
-                write_dicom_series(
+                series = write_dicom_series(
                     tmp / "dicom" if two_d else tmp / files["dicom"],
                     array,
                     affine,
@@ -370,20 +498,43 @@ def export_dataset(
                     **dicom_kw,
                     file_name=f"{stem}.dcm" if two_d else "slice_{k:04d}.dcm",
                 )
+            if "dicom" in formats and mask is not None:
+                files["dicom_seg"] = f"dicom/{stem}_seg.dcm"
+                source = [tmp / files["dicom"]] if files["dicom"].endswith(".dcm") else series
+                write_dicom_seg(
+                    tmp / files["dicom_seg"],
+                    mask,
+                    source,
+                    labels,
+                    seg_header(str(row["class_name"])),
+                    algorithm_type="AUTOMATIC" if row.get("mask_source") == "generated" else "MANUAL",
+                    algorithm=("medaug", __version__),
+                )
             if "png" in formats:
                 pngs = []
                 for suffix, plane in png_planes(image, png_bits).items():
                     pngs.append(f"png/{stem}{suffix}.png")
                     Image.fromarray(plane).save(tmp / pngs[-1])
                 files["png"] = ";".join(pngs)
+            if "png" in formats and mask is not None:
+                overlays = []
+                for suffix, plane in overlay_planes(image, masks[i]).items():
+                    overlays.append(f"png/{stem}{suffix}.png")
+                    Image.fromarray(plane).save(tmp / overlays[-1])
+                files["png_overlay"] = ";".join(overlays)
             entry = {"path": files[formats[0]], **files, "class_name": row["class_name"], "label": int(row["label"])}
+            if mask is not None:
+                entry["mask_source"] = row.get("mask_source", "")
             if profile == "augment":
                 entry.update({k: row[k] for k in PROVENANCE if k in row})
             score = None if privacy_scores is None else privacy_scores[i]
             entry.update(privacy_score="" if score is None else float(score), synthetic=True)
             manifest.append(entry)
         _write_manifest(tmp, manifest)
-        if dataset_json:
+        if masks is not None and "nifti" in formats:
+            nnunet = _nnunet_dataset_json(manifest, card_fields, modality, labels)
+            (tmp / "dataset.json").write_text(json.dumps(nnunet, indent=2))
+        elif dataset_json:
             (tmp / "dataset.json").write_text(json.dumps(_dataset_json(manifest, card_fields, modality), indent=2))
         if privacy_files:
             (tmp / "privacy").mkdir()
@@ -395,12 +546,14 @@ def export_dataset(
             "num_samples": len(manifest),
             "modality": modality,
             "units": units,
-            "files": ", ".join(f"{FORMAT_NOTES[fmt].format(modality=modality)} in `{FOLDERS[fmt]}/`" for fmt in formats)
+            "files": ", ".join(f"{FORMAT_NOTES[fmt].format(modality=modality)} in `{folders[fmt]}/`" for fmt in formats)
             + (
                 f"; 3D images as one Enhanced {modality} Image file each"
                 if dicom_multiframe and "dicom" in formats
                 else ""
-            ),
+            )
+            + ("" if masks is None else "; with their masks: " + ", ".join(MASK_NOTES[fmt] for fmt in formats))
+            + mask_sources_text(manifest),
             "filtered": card_fields.get("filtered")
             or (f"{dropped} of {len(rows)} samples dropped by the copy filter" if dropped else "no sample dropped"),
         }

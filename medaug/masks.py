@@ -19,6 +19,7 @@ Example::
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 from typing import Callable, Mapping, NamedTuple, Sequence
 
@@ -137,6 +138,22 @@ def _user_masks(source: Path, class_names, image_shape) -> tuple[torch.Tensor, t
     if len(shapes) > 1:
         raise ValueError(f"{source}: masks of different shapes {sorted(shapes)}; give masks on the model's grid")
     return torch.stack(masks), torch.tensor(labels, dtype=torch.long)
+
+
+def mask_labels(meta: Mapping, num_labels: int = 0) -> dict[str, int]:
+    """The ``labels`` ({name: value}, background 0) that ``meta`` (a samples ``info.json`` or a prepared
+    ``dataset.json``) records under ``mask_labels`` or ``labels``; else ``label_<k>`` for k < ``num_labels``."""
+    labels = meta.get("mask_labels") or meta.get("labels")
+    if isinstance(labels, Mapping) and labels and all(isinstance(v, int) for v in labels.values()):
+        return {str(k): int(v) for k, v in sorted(labels.items(), key=lambda kv: kv[1])}
+    return {"background": 0, **{f"label_{k}": k for k in range(1, num_labels)}}
+
+
+def prepared_mask_labels(prepared_dir: str | Path, masks: torch.Tensor | None = None) -> dict[str, int]:
+    """The prepared dataset's mask labels from its ``dataset.json`` (``label_<k>`` names for the values in
+    ``masks`` when it records none)."""
+    meta = json.loads((Path(prepared_dir) / "dataset.json").read_text())
+    return mask_labels(meta, 0 if masks is None or masks.numel() == 0 else int(masks.max()) + 1)
 
 
 def mask_model_dir(train_dir: str | Path) -> Path:

@@ -18,6 +18,7 @@ import datetime as dt
 import json
 import logging
 from collections import Counter
+from functools import partial
 from pathlib import Path
 from typing import Callable, Mapping, NamedTuple, Sequence
 
@@ -30,7 +31,7 @@ from medaug.dp import describe
 from medaug.export import ExportError, metrics_table
 from medaug.preprocessing import IntensityWindow
 from medaug.privacy import copy_filter, read_copy_scores
-from medaug.sampling import samples_id
+from medaug.sampling import load_sample_masks, load_samples, samples_id
 
 log = logging.getLogger("medaug")
 
@@ -220,6 +221,7 @@ class Filtered(NamedTuple):
     rows: list[dict]
     scores: np.ndarray
     note: str
+    masks: torch.Tensor | None = None  # (M, 1, *spatial): the label map of each image (mask-conditioned samples)
 
 
 def filter_copies(
@@ -228,24 +230,34 @@ def filter_copies(
     rows: Sequence[dict],
     eval_dir: str | Path,
     regenerate: Callable | None = None,
+    masks: torch.Tensor | None = None,
 ) -> Filtered:
     """Drop the samples (N, 1, *spatial) whose copy score is above the audit's threshold and, when
     ``regenerate`` is given (:func:`medaug.regeneration.regenerate_copies` with its other arguments bound),
-    replace them by new samples of the same class that pass it (needs an audit in pixel space)."""
+    replace them by new samples of the same class that pass it (needs an audit in pixel space). ``masks``
+    (N, 1, *spatial), the samples' label maps, follow their images (a replacement is made for the mask of the
+    sample it replaces)."""
     eval_dir = Path(eval_dir)
     scores, threshold = audit_scores(eval_dir, rows)
     keep = copy_filter(scores, threshold)
     dropped = int((~keep).sum())
     if not dropped or regenerate is None:
         note = f"copy filter on (threshold {threshold:.4f}): {dropped} of {len(rows)} samples dropped"
-        return Filtered(images[torch.from_numpy(keep)], [r for r, k in zip(rows, keep) if k], scores[keep], note)
+        kept = torch.from_numpy(keep)
+        return Filtered(
+            images[kept],
+            [r for r, k in zip(rows, keep) if k],
+            scores[keep],
+            note,
+            None if masks is None else masks[kept],
+        )
     space = json.loads((eval_dir / "privacy.json").read_text()).get("space")
     if space != "pixel":
         raise ExportError(
             f"export.regenerate needs the audit in pixel space (it used {space!r}); "
             "set evaluate.privacy.space=pixel or export.regenerate=false"
         )
-    new = regenerate(images, labels, rows, keep, scores, threshold)
+    new = regenerate(images, labels, rows, keep, scores, threshold, **({} if masks is None else {"masks": masks}))
     note = (
         f"copy filter on (threshold {threshold:.4f}): {dropped} of {len(rows)} samples dropped and "
         f"{dropped - new.short} regenerated"
@@ -253,4 +265,56 @@ def filter_copies(
     )
     if new.short:
         log.warning(note)
-    return Filtered(new.images, new.rows, new.scores, note)
+    return Filtered(new.images, new.rows, new.scores, note, new.masks)
+
+
+class Release(NamedTuple):
+    """What export writes: the samples the share gate and the copy filter let through (``images`` (M, 1,
+    *spatial) in [-1, 1], manifest ``rows``, label ``masks`` or None, copy ``scores`` or None), the samples'
+    ``info.json``, the data card's fields and the evaluation."""
+
+    images: torch.Tensor
+    rows: list
+    masks: torch.Tensor | None
+    scores: list | None
+    info: dict
+    card: dict
+    evaluation: Evaluation
+
+
+def release(
+    samples_dir: str | Path,
+    eval_dir: str | Path,
+    prepared_dir: str | Path,
+    *,
+    name: str,
+    profile: str = "augment",
+    copy_filter: bool | str = "auto",
+    allow_failed_audit: bool = False,
+    regenerate: Callable | None = None,
+) -> Release:
+    """Read a samples folder and its evaluation and decide what export writes: the share gate
+    (:func:`share_gate`: ``profile="share"`` refuses a failed or missing audit unless ``allow_failed_audit``),
+    then the copy filter (``copy_filter``: auto = on for the share profile; it needs an audit), replacing the
+    dropped samples when ``regenerate`` (:func:`medaug.regeneration.regenerate_copies` with the checkpoint
+    bound; the samples' ``sample_info`` is bound here) is given. Nothing is written. Raises ExportError naming
+    the missing audit and the fix."""
+    eval_dir = Path(eval_dir)
+    images, labels, rows, info = load_samples(samples_dir)
+    masks = load_sample_masks(samples_dir)
+    ev = read_evaluation(eval_dir, samples_dir)
+    warning = share_gate(ev, profile, allow_failed_audit)  # before anything is written
+    card = card_fields(name, info, rows, ev, prepared_dir) | {"audit_warning": warning}
+    scores = manifest_scores(ev, rows)
+    if profile == "share" if copy_filter == "auto" else bool(copy_filter):
+        if not ev.audited:
+            raise ExportError(
+                f"{eval_dir}: the copy filter needs a privacy audit; run `medaug evaluate` first "
+                "(or export.copy_filter=false to export unfiltered)"
+            )
+        regenerate = partial(regenerate, sample_info=info) if regenerate is not None else None
+        images, rows, kept_scores, card["filtered"], masks = filter_copies(
+            images, labels, rows, eval_dir, regenerate, masks
+        )
+        card["class_counts"], scores = class_counts_text(rows), list(kept_scores)
+    return Release(images, rows, masks, scores, info, card, ev)

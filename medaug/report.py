@@ -295,3 +295,41 @@ def write_report(
     path = Path(path)
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def segmentation_section(metrics: Mapping[str, float], labels: Sequence[str], steps: int) -> str:
+    """The report's segmentation section (Markdown): mask fidelity beside its real floor, segmentation utility per
+    training set and label (Dice, HD95 in mm, mean ± std over seeds) and the generated masks' copy rate."""
+    m = dict(metrics)
+    lines = [
+        "",
+        f"## Segmentation (tiny MONAI UNet, {steps} steps, tested on held-out real)",
+        "",
+        f"Mask fidelity: a segmenter trained on the real train split reaches Dice "
+        f"{_fmt(m.get('segmentation/fidelity_dice'))} on the synthetic images against the masks they were made "
+        f"with, and {_fmt(m.get('segmentation/fidelity_dice_real'))} on held-out real images (the floor).",
+        "",
+    ]
+    if "segmentation/dice/real" in m:
+        lines += ["| trained on | label | Dice | HD95 (mm) |", "| --- | --- | --- | --- |"]
+        for name, title in (("real", "real only"), ("synthetic", "synthetic only"), ("mixed", "real + synthetic")):
+            for label in ["all", *labels]:
+                at = "" if label == "all" else f"/{label}"
+                dice, hd = f"segmentation/dice/{name}", f"segmentation/hd95/{name}"
+                lines.append(
+                    f"| {title} | {label} | {_fmt(m.get(dice + at))} ± {_fmt(m.get(dice + '_std' + at))} "
+                    f"| {_fmt(m.get(hd + at))} ± {_fmt(m.get(hd + '_std' + at))} |"
+                )
+        lines += [
+            "",
+            f"Segmentation gain (Dice, real + synthetic minus real): {_fmt(m.get('segmentation/dice_gain'))} ± "
+            f"{_fmt(m.get('segmentation/dice_gain_std'))}.",
+            "",
+        ]
+    if "privacy/mask_copy_rate" in m:
+        lines += [
+            f"Generated masks: copy rate {_fmt(m['privacy/mask_copy_rate'])} (correlation to a training mask above "
+            f"{_fmt(m.get('privacy/mask_threshold'))}, the held-out calibration); counted in the privacy verdict.",
+            "",
+        ]
+    return "\n".join(lines)

@@ -9,85 +9,70 @@ from __future__ import annotations
 from functools import partial
 
 import numpy as np
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from medaug.export import ExportError, export_dataset, export_modality
+from medaug.export import export_dataset, export_modality
 from medaug.job import job_summary
+from medaug.masks import mask_labels
 from medaug.preprocessing import IntensityWindow
 from medaug.registry import synthetic_entity
 from medaug.regeneration import regenerate_copies
-from medaug.release import card_fields, class_counts_text, filter_copies, manifest_scores, read_evaluation, share_gate
-from medaug.sampling import load_samples, samples_id
+from medaug.release import release
+from medaug.sampling import samples_id
 from medaug.tracking import tracked
 from pipelines.common import REPO_ROOT, container, default_ckpt, make_tracker, path, stage_main, tracking_uri
 
+WRITER_KEYS = ("profile", "png_bits", "dicom_multiframe", "dataset_json", "archive", "overwrite")
+
 
 def run(cfg: DictConfig) -> dict:
-    x = cfg.export
-    formats = OmegaConf.to_container(x.format) if OmegaConf.is_config(x.format) else [x.format]
-    samples_dir, eval_dir, prepared = (path(cfg.paths[k]) for k in ("samples_dir", "eval_dir", "prepared_dir"))
-    images, labels, rows, info = load_samples(samples_dir)
-    ev = read_evaluation(eval_dir, samples_dir)
-    warning = share_gate(ev, x.profile, x.get("allow_failed_audit", False))  # before anything is written
-    card = card_fields(cfg.name, info, rows, ev, prepared) | {"audit_warning": warning}
-    scores = manifest_scores(ev, rows)
-    if x.profile == "share" if x.copy_filter == "auto" else bool(x.copy_filter):
-        if not ev.audited:
-            raise ExportError(
-                f"{eval_dir}: the copy filter needs a privacy audit; run `medaug evaluate` first "
-                "(or export.copy_filter=false to export unfiltered)"
-            )
-        regenerate = (
-            partial(
-                regenerate_copies,
-                sample_info=info,
-                ckpt_path=default_ckpt(cfg),
-                prepared_dir=prepared,
-                trust=cfg.trust_checkpoint,
-                max_rounds=x.max_rounds,
-            )
-            if x.regenerate
-            else None
-        )
-        images, rows, scores, card["filtered"] = filter_copies(images, labels, rows, eval_dir, regenerate)
-        card["class_counts"], scores = class_counts_text(rows), list(scores)
-    window = IntensityWindow(**info["window"])
-    template = path(x.template) if x.template else REPO_ROOT / "data_cards" / "TEMPLATE.md"
-    out = export_dataset(
-        images,
-        rows,
+    x, samples_dir = container(cfg.export), path(cfg.paths.samples_dir)
+    formats = x["format"] if isinstance(x["format"], list) else [x["format"]]
+    regenerate = partial(
+        regenerate_copies,
+        ckpt_path=default_ckpt(cfg),
+        prepared_dir=path(cfg.paths.prepared_dir),
+        trust=cfg.trust_checkpoint,
+        max_rounds=x["max_rounds"],
+    )
+    out = release(
+        samples_dir,
+        path(cfg.paths.eval_dir),
+        path(cfg.paths.prepared_dir),
+        name=cfg.name,
+        profile=x["profile"],
+        copy_filter=x["copy_filter"],
+        allow_failed_audit=x.get("allow_failed_audit", False),
+        regenerate=regenerate if x["regenerate"] else None,
+    )
+    info, window = out.info, IntensityWindow(**out.info["window"])
+    folder = export_dataset(
+        out.images,
+        out.rows,
         path(cfg.paths.export_dir),
         window=window,
         affine=np.asarray(info["affine"]),
-        card_fields=card,
-        template=template,
+        card_fields=out.card,
         formats=formats,
-        profile=x.profile,
-        png_bits=x.png_bits,
-        dicom_multiframe=x.dicom_multiframe,
-        dataset_json=x.dataset_json,
-        privacy_scores=scores,
-        privacy_files=ev.reports,
-        archive=x.archive,
-        overwrite=x.overwrite,
+        privacy_scores=out.scores,
+        privacy_files=out.evaluation.reports,
+        template=path(x["template"]) if x["template"] else REPO_ROOT / "data_cards" / "TEMPLATE.md",
         modality=export_modality(info.get("modality"), window),
-        dicomweb=container(x.dicomweb) if x.get("dicomweb", {}).get("url") else None,
+        **{k: x[k] for k in WRITER_KEYS},
+        dicomweb=x["dicomweb"] if x.get("dicomweb", {}).get("url") else None,
+        masks=out.masks,
+        mask_labels=None if out.masks is None else mask_labels(info, int(out.masks.max()) + 1),
     )
-
     tracker = make_tracker(cfg)
     with tracked(tracker, run_name=cfg.name, run_id=info.get("mlflow_run_id"), tags={"medaug.job": cfg.name}):
-        tracker.log_artifact(out / "DATA_CARD.md", "export")
-        tracker.log_artifact(out / "manifest.csv", "export")
-        tracker.log_dataset(synthetic_entity(samples_id(samples_dir), info, len(rows)), "synthetic")
-    result = {
-        "export_dir": str(out),
-        "samples": len(rows),
-        "formats": formats,
-        "mlflow_run_id": tracker.run_id,
-        "mlflow_uri": getattr(tracker, "uri", None) or tracking_uri(cfg),
-    }  # local store if the server was down
-    if x.profile == "share":
-        result["archive"] = str(out.with_name(f"{out.name}.{x.archive}"))
+        tracker.log_artifact(folder / "DATA_CARD.md", "export")
+        tracker.log_artifact(folder / "manifest.csv", "export")
+        tracker.log_dataset(synthetic_entity(samples_id(samples_dir), info, len(out.rows)), "synthetic")
+    uri = getattr(tracker, "uri", None) or tracking_uri(cfg)  # the local store if the server was down
+    result = dict(export_dir=str(folder), samples=len(out.rows), formats=formats, mlflow_run_id=tracker.run_id)
+    result["mlflow_uri"] = uri
+    if x["profile"] == "share":
+        result["archive"] = str(folder.with_name(f"{folder.name}.{x['archive']}"))
     print(job_summary(result, cfg.tracking.experiment, tracking_uri(cfg)))
     return result
 

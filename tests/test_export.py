@@ -680,3 +680,238 @@ def test_mr_modality_flows_from_prepare_through_train_and_sample_to_the_dicom(tm
     ds = pydicom.dcmread(tmp_path / "export" / manifest[0]["dicom"])
     assert ds.SOPClassUID == pydicom.uid.MRImageStorage and ds.Modality == "MR" and "RescaleType" not in ds
     assert "| modality | MR |" in (tmp_path / "export" / "DATA_CARD.md").read_text()
+
+
+# ----------------------------------------------------------------------------- image/label pairs (samples with masks)
+
+SEG_LABELS = {"background": 0, "lesion": 1, "organ": 2}
+
+
+def _masks(n, spatial_dims, size=8):
+    """Label maps (n, 1, *spatial): a lesion box (1) in every sample, an organ box (2) in odd ones."""
+    m = torch.zeros(n, 1, *([size] * spatial_dims), dtype=torch.long)
+    for i in range(n):
+        m[(i, 0, *[slice(1 + i % 3, 4 + i % 3)] * spatial_dims)] = 1
+        if i % 2:
+            m[(i, 0, *[slice(5, 7)] * spatial_dims)] = 2
+    return m
+
+
+def _seg_rows(n, sources=("generated", "user")):
+    return [r | {"mask_source": sources[i % len(sources)]} for i, r in enumerate(_rows(n))]
+
+
+def _export_pairs(tmp_path, spatial_dims, n=3, name="e", **kwargs):
+    images, masks = _images(n, spatial_dims), _masks(n, spatial_dims)
+    kwargs.setdefault("formats", ["nifti", "dicom", "png"])
+    out = export_dataset(
+        images,
+        _seg_rows(n),
+        tmp_path / name,
+        window=WINDOW,
+        affine=AFFINE,
+        card_fields=CARD,
+        template=TEMPLATE,
+        masks=masks,
+        mask_labels=SEG_LABELS,
+        **kwargs,
+    )
+    return out, images, masks
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_pairs_export_as_an_nnunet_v2_dataset(tmp_path, spatial_dims):
+    out, images, masks = _export_pairs(tmp_path, spatial_dims, n=4, formats=["nifti"], keep=[True, False, True, True])
+    dataset = json.loads((out / "dataset.json").read_text())
+    # what nnU-Net v2 requires of dataset.json
+    assert dataset["channel_names"] == {"0": "CT"} and dataset["file_ending"] == ".nii.gz"
+    assert dataset["labels"] == SEG_LABELS and dataset["labels"]["background"] == 0
+    assert sorted(dataset["labels"].values()) == list(range(len(dataset["labels"])))  # consecutive
+    assert dataset["numTraining"] == 3  # the dropped sample is not listed
+    assert not (out / "images").exists()
+    # nnU-Net's pairing: imagesTr/<case>_0000.nii.gz (one channel) <-> labelsTr/<case>.nii.gz, nothing else
+    images_tr = sorted(p.name for p in (out / "imagesTr").iterdir())
+    labels_tr = sorted(p.name for p in (out / "labelsTr").iterdir())
+    assert len(images_tr) == len(labels_tr) == dataset["numTraining"]
+    assert [n.removesuffix("_0000.nii.gz") for n in images_tr] == [n.removesuffix(".nii.gz") for n in labels_tr]
+    manifest = _manifest(out)
+    assert [m["index"] for m in manifest] == ["0", "2", "3"]
+    assert [m["mask_source"] for m in manifest] == ["generated", "generated", "user"]
+    for m, i in zip(manifest, (0, 2, 3)):
+        image, label = nib.load(out / m["nifti"]), nib.load(out / m["mask"])
+        assert label.get_data_dtype() == np.uint8 and label.shape == image.shape
+        np.testing.assert_array_equal(label.affine, image.affine)  # the same geometry
+        np.testing.assert_allclose(label.affine, AFFINE)
+        labels = np.asarray(label.dataobj)
+        np.testing.assert_array_equal(labels.reshape(masks[i, 0].shape), masks[i, 0].numpy())
+        assert set(np.unique(labels).tolist()) <= set(dataset["labels"].values())
+        np.testing.assert_allclose(
+            read_volume(out / m["nifti"]).array.reshape(-1), WINDOW.to_source(images[i].reshape(-1).numpy()), atol=1e-3
+        )
+    assert {"image": f"./{manifest[0]['nifti']}", "label": f"./{manifest[0]['mask']}", "class_name": "a"} in dataset[
+        "training"
+    ]
+    card = (out / "DATA_CARD.md").read_text()
+    assert "labelsTr" in card and "imagesTr" in card and "${" not in card
+    assert "(masks: 2 generated, 1 user)" in card
+
+
+@pytest.mark.parametrize(
+    "spatial_dims, multiframe", [(2, False), (3, False), (3, True)], ids=["2d", "3d-series", "3d-enhanced"]
+)
+def test_dicom_seg_references_the_exported_series(tmp_path, spatial_dims, multiframe):
+    import highdicom as hd
+
+    out, _, masks = _export_pairs(tmp_path, spatial_dims, formats=["dicom"], dicom_multiframe=multiframe)
+    for i, row in enumerate(_manifest(out)):
+        source = out / row["dicom"]
+        files = [source] if source.is_file() else sorted(source.glob("*.dcm"))
+        images = [pydicom.dcmread(f) for f in files]
+        seg = pydicom.dcmread(out / row["dicom_seg"])
+        assert seg.SOPClassUID == pydicom.uid.SegmentationStorage and seg.Modality == "SEG"
+        assert seg.StudyInstanceUID == images[0].StudyInstanceUID and seg.PatientID == f"SYN{i:05d}"
+        assert seg.FrameOfReferenceUID == images[0].FrameOfReferenceUID
+        assert seg.SeriesInstanceUID != images[0].SeriesInstanceUID
+        (ref,) = seg.ReferencedSeriesSequence
+        assert ref.SeriesInstanceUID == images[0].SeriesInstanceUID
+        referenced = {item.ReferencedSOPInstanceUID for item in ref.ReferencedInstanceSequence}
+        assert referenced == {ds.SOPInstanceUID for ds in images}  # every instance of the series
+        sources = {
+            s.ReferencedSOPInstanceUID
+            for frame in seg.PerFrameFunctionalGroupsSequence
+            for s in frame.DerivationImageSequence[0].SourceImageSequence
+        }
+        slices = masks[i, 0].reshape(*masks.shape[2:4], -1).flatten(0, 1).any(0).tolist()  # which hold a segment
+        used = [ds for ds, k in zip(images * len(slices) if multiframe else images, slices) if k]
+        assert sources == {ds.SOPInstanceUID for ds in used}  # enhanced: its frames, of the one instance
+        # one segment per foreground label, named; generated masks by an algorithm, given ones by hand
+        present = sorted(set(masks[i].unique().tolist()) - {0})
+        assert [s.SegmentLabel for s in seg.SegmentSequence] == ["lesion", "organ"]
+        assert [s.SegmentNumber for s in seg.SegmentSequence] == [1, 2]
+        assert {s.SegmentAlgorithmType for s in seg.SegmentSequence} == {("AUTOMATIC", "MANUAL")[i % 2]}
+        assert "SYNTHETIC" in seg.SeriesDescription and seg.PatientIdentityRemoved == "YES"
+        # the frames hold the mask where the image's slices are
+        stack = hd.seg.Segmentation.from_dataset(seg)
+        if multiframe:
+            pixels = stack.get_pixels_by_source_frame(
+                source_sop_instance_uid=images[0].SOPInstanceUID,
+                source_frame_numbers=list(range(1, masks.shape[-1] + 1)),
+                combine_segments=True,
+                assert_missing_frames_are_empty=True,
+            )
+        else:
+            pixels = stack.get_pixels_by_source_instance(
+                source_sop_instance_uids=[ds.SOPInstanceUID for ds in images],
+                combine_segments=True,
+                assert_missing_frames_are_empty=True,
+            )
+        expected = masks[i, 0].numpy().reshape(*masks.shape[2:4], -1).transpose(2, 1, 0)  # (Z, rows, cols)
+        np.testing.assert_array_equal(pixels, expected)
+        assert present == sorted(set(np.unique(pixels).tolist()) - {0})
+
+
+@pytest.mark.skipif(not shutil.which("dciodvfy"), reason="dicom3tools' dciodvfy is not installed")
+@pytest.mark.parametrize(
+    "modality, spatial_dims, multiframe", [("CT", 3, False), ("MR", 3, False), ("CT", 2, False), ("MR", 3, True)]
+)
+def test_dicom_seg_passes_dciodvfy(tmp_path, modality, spatial_dims, multiframe):
+    images, masks = _images(2, spatial_dims), _masks(2, spatial_dims)
+    masks[1] = 0  # an empty mask still makes a valid object
+    out = export_dataset(
+        images,
+        _seg_rows(2),
+        tmp_path / "e",
+        window=WINDOWS[modality],
+        affine=AFFINE,
+        card_fields=CARD,
+        template=TEMPLATE,
+        formats=["dicom"],
+        modality=modality,
+        dicom_multiframe=multiframe,
+        masks=masks,
+        mask_labels=SEG_LABELS,
+    )
+    for row in _manifest(out):
+        assert dciodvfy_problems(out / row["dicom_seg"], "Segmentation") == []  # no error, no warning either
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_png_overlays_outline_each_label_in_its_colour(tmp_path, spatial_dims):
+    from medaug.export import LABEL_RGB, overlay_planes
+
+    out, images, masks = _export_pairs(tmp_path, spatial_dims, n=2, formats=["png"])
+    row = _manifest(out)[1]
+    files = row["png_overlay"].split(";")
+    assert len(files) == (1 if spatial_dims == 2 else 3) and all("_overlay" in f for f in files)
+    rgb = np.asarray(Image.open(out / files[0]))
+    assert rgb.ndim == 3 and rgb.shape[2] == 3 and rgb.shape[0] >= 128
+    np.testing.assert_array_equal(rgb, next(iter(overlay_planes(images[1], masks[1]).values())))
+    colours = {tuple(c) for f in files for c in np.asarray(Image.open(out / f)).reshape(-1, 3).tolist()}
+    assert tuple(LABEL_RGB[0]) in colours  # the lesion's outline; 2D: the organ's too (3D: not in these planes)
+    assert (tuple(LABEL_RGB[1]) in colours) == (spatial_dims == 2)
+    for f in files:  # 3D: every plane is a slice with the most mask, so each shows the lesion
+        assert tuple(LABEL_RGB[0]) in {tuple(c) for c in np.asarray(Image.open(out / f)).reshape(-1, 3).tolist()}
+    if spatial_dims == 2:  # (3D overlays show the slices with the most mask, the previews the middle ones)
+        grey = np.asarray(Image.open(out / row["png"]))
+        scale = rgb.shape[0] // grey.shape[0]
+        background = rgb[:scale, :scale]  # the top-left voxel is background: the plain image, grey
+        assert (background == grey[0, 0]).all()
+
+
+def test_pairs_refuse_what_segmenters_could_not_read(tmp_path):
+    images, masks = _images(2, 2), _masks(2, 2)
+    kw = dict(window=WINDOW, affine=AFFINE, card_fields=CARD, template=TEMPLATE)
+    with pytest.raises(ExportError, match="masks have shape"):
+        export_dataset(images, _seg_rows(2), tmp_path / "a", masks=masks[:1], **kw)
+    with pytest.raises(ExportError, match="must name background 0 and every value"):
+        export_dataset(images, _seg_rows(2), tmp_path / "b", masks=masks, mask_labels={"background": 0, "x": 1}, **kw)
+    out = export_dataset(images, _seg_rows(2), tmp_path / "c", masks=masks, **kw)  # unnamed labels: label_<k>
+    assert json.loads((out / "dataset.json").read_text())["labels"] == {"background": 0, "label_1": 1, "label_2": 2}
+    plain = _export(tmp_path, images, name="d", formats=["nifti", "dicom", "png"])  # no masks: as before
+    assert (plain / "images").is_dir() and not (plain / "labelsTr").exists() and not (plain / "dataset.json").exists()
+    assert not list((plain / "dicom").glob("*_seg.dcm")) and "mask" not in _manifest(plain)[0]
+
+
+def test_export_stage_exports_the_pairs_the_copy_filter_keeps(tmp_path):
+    from medaug.atomic import atomic_folder
+    from medaug.sampling import samples_id, save_samples
+    from pipelines import export as export_stage
+
+    from .conftest import compose_cfg
+    from .test_segmentation import add_sample_masks
+
+    images, masks = _images(3, 2), _masks(3, 2)
+    masks[masks == 2] = 1  # the contract's demo: one label, lesion
+    info = dict(
+        checkpoint_id="abc",
+        checkpoint_step=4,
+        class_names=["a", "b"],
+        spatial_dims=2,
+        image_shape=[8, 8],
+        window=WINDOW.as_dict(),
+        affine=AFFINE.tolist(),
+        model="M",
+        sample=dict(sampler="ddim", steps=3, eta=0.0, guidance_scale=2.0, seed=5),
+    )
+    save_samples(tmp_path / "samples", images, _rows(3), info, ["a", "b"])
+    add_sample_masks(tmp_path / "samples", masks)
+    with atomic_folder(tmp_path / "eval") as ev:
+        (ev / "metrics.json").write_text(json.dumps({"privacy/copy_rate": 0.33}))
+        (ev / "per_sample.csv").write_text("index,copy_score\n0,0.25\n1,0.95\n2,0.5\n")  # sample 1 is a copy
+        (ev / "privacy.json").write_text(
+            json.dumps({"threshold": 0.9, "space": "pixel", "samples_id": samples_id(tmp_path / "samples")})
+        )
+    overrides = ["tracking=none", "export.format=[nifti,dicom]", "export.profile=share", "export.regenerate=false"]
+    export_stage.run(compose_cfg("export", tmp_path, overrides))
+    out = tmp_path / "export"
+    manifest = _manifest(out)
+    assert [m["class_name"] for m in manifest] == ["a", "a"] and [m["mask_source"] for m in manifest] == [
+        "generated"
+    ] * 2
+    for m, i in zip(manifest, (0, 2)):  # each kept image with its own mask
+        labels = np.asarray(nib.load(out / m["mask"]).dataobj)[:, :, 0]
+        np.testing.assert_array_equal(labels, masks[i, 0].numpy())
+        assert [s.SegmentLabel for s in pydicom.dcmread(out / m["dicom_seg"]).SegmentSequence] == ["lesion"]
+    assert json.loads((out / "dataset.json").read_text())["labels"] == {"background": 0, "lesion": 1}
+    with tarfile.open(tmp_path / "export.tar.gz") as tar:
+        assert "export/labelsTr/synth_00001_a.nii.gz" in tar.getnames()

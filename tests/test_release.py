@@ -185,3 +185,18 @@ def test_the_card_says_the_membership_attack_in_one_sentence(tmp_path):
         "images): AUC 0.55 (95 % CI 0.41-0.70; 0.5 = no leakage), TPR 0.0% at 1 % FPR"
     )
     assert membership_text(metrics | {"privacy/mia_auc_lo": None}).count("n/a") == 1 and membership_text({}) == ""
+
+
+def test_masks_follow_the_images_the_copy_filter_keeps_or_regenerates(tmp_path):
+    images, labels, rows, _ = _job(tmp_path)  # scores 0.25, 0.95, 0.5 against threshold 0.9: sample 1 is a copy
+    masks = torch.arange(3).view(3, 1, 1, 1).expand(3, 1, 4, 4).clone()
+    kept = filter_copies(images, labels, rows, tmp_path / "eval", masks=masks)
+    assert kept.masks[:, 0, 0, 0].tolist() == [0, 2] and [r["index"] for r in kept.rows] == [0, 2]
+    assert filter_copies(images, labels, rows, tmp_path / "eval").masks is None
+
+    def regenerate(images, labels, rows, keep, scores, threshold, masks=None):  # the replacement keeps its mask
+        order = [*np.flatnonzero(keep), *np.flatnonzero(~keep)]
+        return Regenerated(images[order], [rows[i] for i in order], scores[order], 0, 5, masks[order])
+
+    new = filter_copies(images, labels, rows, tmp_path / "eval", regenerate, masks)
+    assert new.masks[:, 0, 0, 0].tolist() == [0, 2, 1] and [r["index"] for r in new.rows] == [0, 2, 1]

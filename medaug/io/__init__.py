@@ -14,7 +14,7 @@ from .dicom_read import (
     read_volume,
     read_dicom_series,
 )
-from .dicom_write import DICOM_SOP_CLASSES, MR_UNITS, write_dicom_series, write_dicom_multiframe
+from .dicom_write import DICOM_SOP_CLASSES, MR_UNITS, write_dicom_series, write_dicom_multiframe, write_dicom_seg
 
 __all__ = [
     "LPS_TO_RAS",
@@ -37,4 +37,5 @@ __all__ = [
     "MR_UNITS",
     "write_dicom_series",
     "write_dicom_multiframe",
+    "write_dicom_seg",
 ]
