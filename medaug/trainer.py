@@ -123,6 +123,7 @@ def train_diffusion(
     data: TrainingData,
     training: Mapping,
     *,
+    scheduler_spec: Mapping,
     stored_config: dict,
     ckpt_path: Path,
     resume_from: Path,
@@ -139,8 +140,10 @@ def train_diffusion(
     probe_flags: PrivacyFlags | None = None,
     trust: bool = False,
 ) -> FitResult:
-    """Train ``net`` on ``data`` with the diffusion loss of ``scheduler`` to ``training["max_steps"]`` and write
-    the checkpoint ``ckpt_path`` (weights, EMA, optimizer, RNG states, ``stored_config``, the dataset's meta).
+    """Train ``net`` on ``data`` with the diffusion loss of ``scheduler`` (built from the section
+    ``scheduler_spec``) to ``training["max_steps"]`` and write the checkpoint ``ckpt_path`` (weights, EMA,
+    optimizer, RNG states, the dataset's meta and ``stored_config``, the job's resolved config, which is stored
+    as text and never read here).
 
     Resumes from ``resume_from`` when it exists (refused when it was trained on other data), trains with
     differential privacy when ``training["dp"]["enabled"]``, compiles / uses channels-last / activation
@@ -214,7 +217,7 @@ def train_diffusion(
             tracker.log_params({f"data.count.{s}": sum(c.values()) for s, c in info.counts.items()})
         meta = checkpoint_meta(info, tracker.run_id, space, data.conditioning)
         tracker.log_dataset(dataset_entity(info, source), "training")
-        preview = preview_callback(tracker, ema, stored_config["scheduler"], meta, t.get("preview_every"), space=space)
+        preview = preview_callback(tracker, ema, scheduler_spec, meta, t.get("preview_every"), space=space)
         payload = lambda: {"config": stored_config, "meta": {**meta, **(dp.meta() if dp else {})}}
         probe = probe_callback(  # training.privacy_probe_every: memorisation-aware checkpoints
             t.get("privacy_probe_every"),
@@ -224,7 +227,7 @@ def train_diffusion(
             ckpt_dir=ckpt_path.parent,
             save=lambda p, s: save_checkpoint(p, model=model, ema=ema, optimizer=optimizer, step=s, **payload()),
             prepared_dir=info.root,
-            scheduler_spec=stored_config["scheduler"],
+            scheduler_spec=scheduler_spec,
             space=space,
             seed=t["seed"],
             flags=probe_flags,

@@ -59,6 +59,7 @@ def _train(cfg: DictConfig, device: torch.device, rank: int, world: int) -> dict
         build_scheduler(config["scheduler"]),
         data,
         config["training"],
+        scheduler_spec=config["scheduler"],
         stored_config=config,
         ckpt_path=out_ckpt,
         resume_from=default_ckpt(cfg),
