@@ -302,6 +302,18 @@ def _write_manifest(root: Path, manifest: list[dict]) -> None:
     (root / "manifest.json").write_text(json.dumps(manifest, indent=2))
 
 
+def _dataset_header(fields: Mapping[str, object], description: str) -> dict:
+    """The MSD descriptive keys every ``dataset.json`` of an export starts with."""
+    return {
+        "name": str(fields.get("name", "medaug-synthetic")),
+        "description": description,
+        "reference": "medaug",
+        "licence": "see DATA_CARD.md",
+        "release": str(fields.get("created", "")),
+        "tensorImageSize": f"{fields.get('spatial_dims', 3)}D",
+    }
+
+
 def _nnunet_dataset_json(
     manifest: list[dict], fields: Mapping[str, object], modality: str, mask_labels: Mapping[str, int]
 ) -> dict:
@@ -309,12 +321,7 @@ def _nnunet_dataset_json(
     ({name: value}, background 0), ``numTraining``, ``file_ending``; MSD's descriptive keys and a ``training`` list of
     the pairs with their class (nnU-Net reads the folders and ignores the rest)."""
     return {
-        "name": str(fields.get("name", "medaug-synthetic")),
-        "description": "SYNTHETIC images and their label maps from a medaug diffusion model",
-        "reference": "medaug",
-        "licence": "see DATA_CARD.md",
-        "release": str(fields.get("created", "")),
-        "tensorImageSize": f"{fields.get('spatial_dims', 3)}D",
+        **_dataset_header(fields, "SYNTHETIC images and their label maps from a medaug diffusion model"),
         "channel_names": {"0": modality},
         "labels": {str(k): int(v) for k, v in sorted(mask_labels.items(), key=lambda kv: kv[1])},
         "numTraining": len(manifest),
@@ -347,12 +354,7 @@ def _dataset_json(manifest: list[dict], fields: Mapping[str, object], modality: 
     """MSD / nnU-Net style description; ``training`` lists image files and class labels."""
     labels = {str(r["label"]): r["class_name"] for r in sorted(manifest, key=lambda r: int(r["label"]))}
     return {
-        "name": str(fields.get("name", "medaug-synthetic")),
-        "description": "SYNTHETIC images from a medaug diffusion model (classification labels)",
-        "reference": "medaug",
-        "licence": "see DATA_CARD.md",
-        "release": str(fields.get("created", "")),
-        "tensorImageSize": f"{fields.get('spatial_dims', 3)}D",
+        **_dataset_header(fields, "SYNTHETIC images from a medaug diffusion model (classification labels)"),
         "modality": {"0": modality},
         "channel_names": {"0": modality},
         "labels": labels,

@@ -580,4 +580,13 @@ def load_sample_masks(samples_dir: str | Path) -> torch.Tensor | None:
         raise FileNotFoundError(
             f"{samples_dir}: no complete samples folder (no DONE marker); run `medaug sample` first"
         )
-    return torch.load(samples_dir / "samples.pt", map_location="cpu").get("masks")
+    data = torch.load(samples_dir / "samples.pt", map_location="cpu")
+    masks, images = data.get("masks"), data["images"]
+    if masks is None:
+        return None
+    if tuple(masks.shape) != (len(images), 1, *images.shape[2:]):
+        raise ValueError(
+            f"{samples_dir / 'samples.pt'}: masks have shape {tuple(masks.shape)} but the images "
+            f"{tuple(images.shape)}; one (1, *spatial) label map per image is expected: sample again"
+        )
+    return masks.long()

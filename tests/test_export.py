@@ -899,7 +899,9 @@ def test_export_stage_exports_the_pairs_the_copy_filter_keeps(tmp_path):
         (ev / "metrics.json").write_text(json.dumps({"privacy/copy_rate": 0.33}))
         (ev / "per_sample.csv").write_text("index,copy_score\n0,0.25\n1,0.95\n2,0.5\n")  # sample 1 is a copy
         (ev / "privacy.json").write_text(
-            json.dumps({"threshold": 0.9, "space": "pixel", "samples_id": samples_id(tmp_path / "samples")})
+            json.dumps(  # the share gate lets a warn verdict through
+                {"threshold": 0.9, "space": "pixel", "verdict": "warn", "samples_id": samples_id(tmp_path / "samples")}
+            )
         )
     overrides = ["tracking=none", "export.format=[nifti,dicom]", "export.profile=share", "export.regenerate=false"]
     export_stage.run(compose_cfg("export", tmp_path, overrides))

@@ -21,6 +21,14 @@ DICOM_SOP_CLASSES = {
 MR_UNITS = "MR signal, arbitrary units"
 
 
+# Type 2 attributes of the patient, study and series modules that a synthetic image has no value for: present, empty.
+EMPTY_TYPE2 = dict.fromkeys(
+    ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime", "ReferringPhysicianName")
+    + ("StudyID", "AccessionNumber", "PositionReferenceIndicator"),
+    "",
+)
+
+
 def _int16_pixels(array: np.ndarray, whole_units: bool = True) -> tuple[np.ndarray, float]:
     """Source values as int16 and the slope that maps them back (intercept 0).
 
@@ -121,20 +129,7 @@ def write_dicom_series(
     stored, slope = _int16_pixels(array, whole_units=ct)
 
     study_uid, series_uid, frame_uid = generate_uid(), generate_uid(), generate_uid()
-    type2 = dict(
-        PatientName="",
-        PatientID="",
-        PatientBirthDate="",
-        PatientSex="",
-        StudyDate="",
-        StudyTime="",
-        ReferringPhysicianName="",
-        StudyID="",
-        AccessionNumber="",
-        PositionReferenceIndicator="",
-        Manufacturer="",
-        AcquisitionNumber="",
-    )
+    type2 = dict(EMPTY_TYPE2, Manufacturer="", AcquisitionNumber="")
     if ct:
         type2.update(KVP="")
     else:  # the MR Image module: a research-mode (RM) sequence, no acquisition parameters to tell
@@ -229,16 +224,7 @@ def write_dicom_multiframe(
     ds.Modality, ds.SeriesNumber, ds.InstanceNumber = modality, 1, 1
     ds.ImageType = ["DERIVED", "PRIMARY", "VOLUME", "NONE"]  # the enhanced IODs allow only PRIMARY as value 2
     defaults = dict(
-        PatientName="",
-        PatientID="",
-        PatientBirthDate="",
-        PatientSex="",
-        StudyDate="",
-        StudyTime="",
-        ReferringPhysicianName="",
-        StudyID="",
-        AccessionNumber="",
-        PositionReferenceIndicator="",
+        EMPTY_TYPE2,
         Manufacturer="medaug",
         ManufacturerModelName="medaug",
         DeviceSerialNumber="none",
