@@ -43,6 +43,7 @@ from monai.networks.nets import DiffusionModelUNet
 
 import medaug
 from medaug.atomic import atomic_folder, is_complete
+from medaug.conditioning import SPEC_KEYS, Conditioning
 from medaug.dp import describe
 from medaug.export import ExportError, metrics_table
 from medaug.model import Checkpoint, check_target
@@ -303,7 +304,7 @@ def bundle_metadata(ckpt: Checkpoint, settings: Mapping, evaluation: Mapping | N
 def inference_config(ckpt: Checkpoint, settings: Mapping) -> dict:
     """``configs/inference.json``: medaug's sampler (:class:`BundleGenerator`, :func:`sample_classes`) on the
     network ``network_def`` with ``models/model.pt``; ``requests`` asks for ``num_per_class`` images per class."""
-    spec = {k: v for k, v in ckpt.config["model"].items() if not k.startswith("_")}
+    spec = {k: v for k, v in ckpt.config["model"].items() if not k.startswith("_") and k not in SPEC_KEYS}
     scheduler = {k: v for k, v in ckpt.config["scheduler"].items() if not k.startswith("_")}
     names = list(ckpt.meta["class_names"])
     sampling = {k: settings[k] for k in ("guidance", "sampler", "steps")}
@@ -448,6 +449,11 @@ def write_bundle(
         raise ExportError(
             f"{ckpt.path}: a latent diffusion checkpoint; export_bundle writes pixel-space generators only "
             "(share a latent model through the registry: tracking.register=<name>)"
+        )
+    if Conditioning.from_meta(ckpt.meta) != Conditioning():
+        raise ExportError(
+            f"{ckpt.path}: a model conditioned on masks or generating masks; export_bundle writes class -> image "
+            "generators only"
         )
     if settings["weights"] not in ("ema", "model"):
         raise ExportError(f"export_bundle.weights={settings['weights']!r}; choose ema or model")

@@ -50,6 +50,7 @@ from .metrics import (
     train_classifier,
     utility_metrics,
 )
+from .conditioning import Conditioning
 from .data import load_split_masks
 from .masks import prepared_mask_labels
 from .membership import MIASettings, find_checkpoint, membership_audit
@@ -449,6 +450,10 @@ def membership(
         log.warning("membership inference not run: %s; pass ckpt_path=<the samples' checkpoint>", why)
         return {}, {"run": False, "why": why}
     ckpt = load_checkpoint(found, trust)
+    if Conditioning.from_meta(ckpt.meta) != Conditioning():
+        why = "the loss attack conditions on the class only; this model is conditioned on masks or generates them"
+        log.warning("membership inference not run: %s", why)
+        return {}, {"run": False, "why": why}
     net = checkpoint_network(ckpt, "ema").to(device)
     space = latent_space_of(ckpt.meta, device, trust)  # None: pixel space
     metrics = membership_audit(

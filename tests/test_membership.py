@@ -110,7 +110,8 @@ def overfit():
 def test_loss_attack_finds_the_members_of_an_overfit_model_and_not_two_unseen_sets(overfit):
     net, sch, x, y, _ = overfit
     errors = denoising_errors(net, sch, x, y, null_class=2, timesteps=(0.05, 0.1, 0.2), seeds=(0, 1), batch_size=7)
-    assert torch.equal(errors, denoising_errors(net, sch, x, y, null_class=2, timesteps=(0.05, 0.1, 0.2), seeds=(0, 1)))
+    whole = denoising_errors(net, sch, x, y, null_class=2, timesteps=(0.05, 0.1, 0.2), seeds=(0, 1))
+    torch.testing.assert_close(errors, whole, rtol=0, atol=1e-5)  # batches of 7 or one: the same (to float rounding)
     score = -errors.numpy()
     auc, lo, _ = auc_interval(score[:16], score[16:32], 500)
     assert auc > 0.8 and lo > 0.65  # measured: 0.91 (95 % CI 0.78-1.0) after 30 steps

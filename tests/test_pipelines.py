@@ -52,7 +52,9 @@ def test_every_experiment_composes_and_smoke_runs(tmp_path, experiment):
     assert 0 <= metrics["fidelity/label_acc"] <= 1
     card = (tmp_path / "export" / "DATA_CARD.md").read_text()
     assert ckpt.id in card and "fidelity/label_acc" in card
-    assert len(list((tmp_path / "export" / "images").glob("*.nii.gz"))) == 6
+    pairs = cfg.model.get("condition", "class") != "class"  # image/label pairs go out as nnU-Net's imagesTr/labelsTr
+    folders = ("imagesTr", "labelsTr") if pairs else ("images",)
+    assert [len(list((tmp_path / "export" / f).glob("*.nii.gz"))) for f in folders] == [6] * len(folders)
 
 
 def test_stages_share_one_mlflow_run_in_local_store(tmp_path):
