@@ -162,12 +162,15 @@ def mask_model_dir(train_dir: str | Path) -> Path:
     return Path(train_dir) / "mask"
 
 
-def mask_model_overrides(train_dir: str | Path, name: str) -> dict:
+def mask_model_overrides(paths: Mapping[str, str], name: str, experiment: str) -> dict:
     """The config changes that turn a job's train stage into its mask model's (``training.mask_model=true``): a
-    class-conditional model of label maps, in pixel space, trained afresh into :func:`mask_model_dir`."""
+    class-conditional model of label maps, in pixel space, trained afresh into :func:`mask_model_dir` of the job's
+    ``paths`` (resolved: the job's folders and MLflow experiment stay the job's although the run is named
+    ``<name>-mask``)."""
     return {
         "model": {"condition": "class", "generates": "mask"},
-        "paths": {"train_dir": str(mask_model_dir(train_dir))},
+        "paths": {**paths, "train_dir": str(mask_model_dir(paths["train_dir"]))},
+        "tracking": {"experiment": experiment},
         "ckpt_path": None,
         "name": f"{name}-mask",
         "latent": {"autoencoder_ckpt": None},  # the mask model trains on pixels

@@ -27,7 +27,8 @@ def run(cfg: DictConfig) -> dict:
     with process_group(device) as (rank, world):
         result = _train(cfg, device, rank, world)
         if cfg.training.get("mask_model"):  # the mask model of sample.masks=generate, in <train_dir>/mask
-            mask_cfg = OmegaConf.merge(cfg, mask_model_overrides(path(cfg.paths.train_dir), cfg.name))
+            overrides = mask_model_overrides(container(cfg.paths), cfg.name, cfg.tracking.experiment)
+            mask_cfg = OmegaConf.merge(cfg, overrides)
             result["mask_checkpoint"] = _train(mask_cfg, device, rank, world)["checkpoint"]
     return result
 

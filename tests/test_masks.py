@@ -204,3 +204,23 @@ def test_regenerating_a_dropped_pair_keeps_its_mask(seg_job):
     assert replacement["label"] == int(labels[1]) and replacement["mask_source"] == "real"
     with pytest.raises(ValueError, match="conditioned on masks: regenerating its samples needs their masks"):
         regenerate_copies(images, labels, rows, keep, np.zeros(len(labels)), 1.0, **kw)
+
+
+def test_the_mask_model_trains_on_the_jobs_data_into_its_own_folder():
+    """Its run is named <name>-mask, but its prepared data, other folders and MLflow experiment stay the job's
+    (paths derive from the name: renaming alone would look for outputs/<name>-mask/prepared)."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from medaug.masks import mask_model_overrides
+
+    from .conftest import CONF_DIR
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["experiment=demo_2d_seg"])  # paths from the name, as make demo
+    paths = OmegaConf.to_container(cfg.paths, resolve=True)
+    mask = OmegaConf.merge(cfg, mask_model_overrides(paths, cfg.name, cfg.tracking.experiment))
+    assert mask.name == "demo_2d_seg-mask" and mask.model.generates == "mask" and mask.model.condition == "class"
+    assert mask.paths.prepared_dir == paths["prepared_dir"] == "outputs/demo_2d_seg/prepared"
+    assert mask.paths.train_dir == "outputs/demo_2d_seg/train/mask" and mask.ckpt_path is None
+    assert mask.tracking.experiment == cfg.tracking.experiment and mask.latent.autoencoder_ckpt is None
