@@ -22,7 +22,7 @@ import torch
 
 from .conditioning import Conditioning
 from .latent import latent_space_of
-from .masks import mask_generator, mask_model_dir, sampling_masks
+from .masks import mask_checkpoint, mask_generator, sampling_masks
 from .model import Checkpoint
 from .runtime import process_group
 from .sampling import (
@@ -91,9 +91,7 @@ def generate_samples(
     space = latent_space_of(ckpt.meta, device, trust)  # None: pixel space
     make_masks = None
     if cond.uses_mask and given is None:  # masks=generate: the mask model draws each sample's mask
-        mask_ckpt = (
-            Path(s["mask_ckpt"]) if s.get("mask_ckpt") else mask_model_dir(train_dir) / "checkpoints" / "last.pt"
-        )
+        mask_ckpt = Path(s["mask_ckpt"]) if s.get("mask_ckpt") else mask_checkpoint(train_dir)
         make_masks = mask_generator(
             mask_ckpt,
             ckpt.meta,

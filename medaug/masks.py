@@ -29,6 +29,7 @@ import torch
 
 from .conditioning import Conditioning, image_to_mask, num_labels
 from .io import is_nifti
+from .model import last_checkpoint
 
 MASK_SOURCES = ("user", "real", "generated")  # a samples manifest's mask_source
 
@@ -160,6 +161,11 @@ def mask_model_dir(train_dir: str | Path) -> Path:
     """Where ``training.mask_model=true`` trains the mask model: ``<train_dir>/mask`` (its checkpoint
     ``checkpoints/last.pt`` there is the default ``sample.mask_ckpt``)."""
     return Path(train_dir) / "mask"
+
+
+def mask_checkpoint(train_dir: str | Path) -> Path:
+    """The mask model's checkpoint of a job whose image model trains in ``train_dir`` (``sample.mask_ckpt`` null)."""
+    return last_checkpoint(mask_model_dir(train_dir))
 
 
 def mask_model_overrides(paths: Mapping[str, str], name: str, experiment: str) -> dict:

@@ -63,6 +63,11 @@ def locate(target: str):
         raise ValueError(f"cannot import {target!r} named by _target_ in the config ({err})") from err
 
 
+def last_checkpoint(train_dir: str | Path) -> Path:
+    """Where a training run in ``train_dir`` keeps (and resumes from) its checkpoint: ``checkpoints/last.pt``."""
+    return Path(train_dir) / "checkpoints" / "last.pt"
+
+
 def network_from_spec(spec: Mapping, **overrides):
     """Build the object a ``{"_target_": ..., **kwargs}`` spec describes (keys starting with ``_`` other than
     the target, and medaug's ``condition`` and ``generates`` (:mod:`medaug.conditioning`), are ignored)."""

@@ -25,6 +25,7 @@ from medaug import runtime, tracking
 from medaug.data import DatasetError
 from medaug.export import ExportError
 from medaug.io import ImageReadError
+from medaug.model import last_checkpoint
 from medaug.registry import checkpoint_file, is_registry_uri
 from medaug.tracking import TrackingUnavailable
 from medaug.training import Terminated
@@ -106,4 +107,4 @@ def default_ckpt(cfg: DictConfig) -> Path:
         return best_private(path(cfg.paths.train_dir) / "checkpoints", PrivacyFlags.from_dict(cfg.evaluate.privacy))
     if is_registry_uri(cfg.get("ckpt_path")):  # models:/<name>/<version or @alias>: downloaded once
         return checkpoint_file(cfg.ckpt_path, tracking_uri(cfg), path(cfg.paths.output_dir) / "registry")
-    return path(cfg.ckpt_path) if cfg.get("ckpt_path") else path(cfg.paths.train_dir) / "checkpoints" / "last.pt"
+    return path(cfg.ckpt_path) if cfg.get("ckpt_path") else last_checkpoint(path(cfg.paths.train_dir))

@@ -17,7 +17,7 @@ import importlib
 
 from omegaconf import DictConfig, OmegaConf
 
-from medaug.masks import mask_model_dir
+from medaug.masks import mask_checkpoint
 from medaug.job import JobStage, Record, job_summary, run_stages, stage_key, trained
 from medaug.runtime import distributed
 from pipelines.common import default_ckpt, path, stage_main, tracking_uri
@@ -70,7 +70,7 @@ def run(cfg: DictConfig) -> dict:
     def train_complete():  # the image model, and the mask model when the job trains one (training.mask_model)
         ckpts = [default_ckpt(cfg)]
         if cfg.training.get("mask_model"):
-            ckpts.append(mask_model_dir(path(cfg.paths.train_dir)) / "checkpoints" / "last.pt")
+            ckpts.append(mask_checkpoint(path(cfg.paths.train_dir)))
         done = [trained(c, path(cfg.paths.prepared_dir), cfg.training.max_steps, cfg.trust_checkpoint) for c in ckpts]
         return done[0] if all(done) else None
 

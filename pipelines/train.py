@@ -11,7 +11,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from medaug.masks import mask_model_overrides
-from medaug.model import build_scheduler, network_from_spec
+from medaug.model import build_scheduler, last_checkpoint, network_from_spec
 from medaug.privacy import PrivacyFlags
 from medaug.runtime import process_group
 from medaug.tracking import flatten
@@ -53,7 +53,7 @@ def _train(cfg: DictConfig, device: torch.device, rank: int, world: int) -> dict
     config["model"] = data.spec  # stored in the checkpoint: sample rebuilds the network from it
     net = network_from_spec(config["model"]).to(device)  # the network's keys; medaug's (condition, ...) ignored
     fused = {"fused": True} if device.type == "cuda" else {}
-    out_ckpt = path(cfg.paths.train_dir) / "checkpoints" / "last.pt"
+    out_ckpt = last_checkpoint(path(cfg.paths.train_dir))
     result = train_diffusion(
         net,
         instantiate(cfg.training.optimizer, **fused)(net.parameters()),
