@@ -8,7 +8,8 @@ Rows: ``baseline`` (experiment=demo_2d), ``dp_eps10`` and ``dp_eps50`` (experime
 with ``ckpt_path=best_private``). Each row trains (timed), samples and evaluates (membership inference
 included) with the stage recipes of ``pipelines/``; columns: FD with its real-vs-real floor, label
 fidelity, TSTR accuracy, MIA AUC (95 % CI), closer-to-train (p), copy rate, verdict, ε, training time.
-Writes ``benchmarks/results/private-table[-reduced].json`` and ``.md``; a row that fails records its error.
+Writes ``benchmarks/results/private-table[-reduced].json`` and ``.md``; a row that fails records its error; rows
+not named in ``--rows`` keep their earlier results from that file.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 
+from medaug.probe import read_probes
 from pipelines import evaluate, prepare, sample, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,12 +74,18 @@ def run_row(name: str, overrides: list[str]) -> dict:
     metrics = evaluate.run(cfg_of("evaluate", later))
     info = json.loads((Path(train_cfg.paths.samples_dir) / "info.json").read_text())
     dp = info.get("dp") or {}
+    probes = [
+        {k: r[k] for k in ("step", "verdict", "val_loss", "samples")}
+        | {k.split("/")[1]: r["metrics"].get(k) for k in ("privacy/closer_to_train", "privacy/closer_to_train_p")}
+        for r in read_probes(Path(train_cfg.paths.train_dir) / "checkpoints")
+    ]
     return dict(
         metrics={k: v for k, v in metrics.items() if not isinstance(v, float) or math.isfinite(v)},
         verdict=metrics["privacy/verdict"],
         epsilon=dp.get("epsilon"),
         checkpoint_step=info["checkpoint_step"],
         train_s=round(train_s, 1),
+        **({"probes": probes} if probes else {}),
     )
 
 
@@ -112,7 +120,9 @@ def main() -> None:
     out, extra = Path(args.out), (REDUCED if args.budget == "reduced" else [])
     common = ["tracking=none", f"paths.prepared_dir={out / 'prepared'}", *extra]
     prepare.run(cfg_of("prepare", [f"paths.output_dir={out}", "experiment=demo_2d", *common]))
-    results = {}
+    stem = ROOT / "benchmarks" / "results" / ("private-table" + ("-reduced" if args.budget == "reduced" else ""))
+    earlier = json.loads(stem.with_suffix(".json").read_text())["rows"] if stem.with_suffix(".json").is_file() else {}
+    results = {k: v for k, v in earlier.items() if k not in args.rows.split(",")}  # rows not rerun are kept
     for name in args.rows.split(","):
         overrides = [*ROWS[name], *common, f"name={name}", f"paths.output_dir={out / name}"]
         if name == "best_private":
@@ -123,7 +133,7 @@ def main() -> None:
             traceback.print_exc()
             results[name] = {"error": f"{type(err).__name__}: {err}"}
         print(table(results), flush=True)
-    stem = ROOT / "benchmarks" / "results" / ("private-table" + ("-reduced" if args.budget == "reduced" else ""))
+    results = {name: results[name] for name in ROWS if name in results}  # the table's order
     budget = {"budget": args.budget, "overrides": extra}
     stem.with_suffix(".json").write_text(json.dumps(budget | {"rows": results}, indent=2))
     stem.with_suffix(".md").write_text(f"Budget: {args.budget} {' '.join(extra)}\n\n" + table(results) + "\n")

@@ -1,12 +1,20 @@
 """Memorisation-aware checkpoints: a privacy probe during training, and the best checkpoint that passes it.
 
 ``training.privacy_probe_every=k``: every k steps (through :func:`medaug.training.fit`'s ``on_step`` hook) the
-EMA model draws a few samples per class with a cheap sampler (DDIM, 10 steps; a flow's Euler steps), which
+EMA model draws the samples that ``medaug sample`` would draw from that checkpoint (the ``sample`` section's
+sampler, steps, guidance, seed and ``num_per_class``; ``training.privacy_probe_per_class`` to draw fewer), which
 the memorisation audit (:func:`medaug.privacy.privacy_audit`, pixel space) compares with the train split and the
 val split: copy rate, closer-to-train share (p), DCR ratio; and the membership-inference attack
-(:mod:`medaug.membership`) runs on a subset of train against val images. They are logged as ``probe/...``
-curves; the checkpoint is kept as ``checkpoints/step_<k>.pt`` and its probe appended to
-``checkpoints/probes.json``.
+(:mod:`medaug.membership`) runs on a subset of train against val images.
+
+Why the probe draws as many samples as the audit, with the same sampler: on the demo (800 steps, 48 samples,
+DPM-Solver++ 20 steps) the audit finds closer-to-train 0.66 (p = 0.0045, fail), while a probe of 4 samples per
+class with 10 DDIM steps passed at every step from 100 to 800 (closer-to-train 0.37 to 0.53): a different sampler
+draws different images from those the audit judges, and 12 samples could not make 0.66 significant anyway. So
+``best_private`` took step 800, the failing checkpoint (benchmarks/results/private-table.md).
+
+The probe's metrics are logged as ``probe/...`` curves; the checkpoint is kept as ``checkpoints/step_<k>.pt``
+and its probe appended to ``checkpoints/probes.json``.
 
 Fidelity, for picking among checkpoints, is the **held-out denoising loss** ``probe/val_loss``: the EMA
 model's mean denoising error on the val images at the attack's fixed timesteps and noises (the attack's
@@ -22,7 +30,7 @@ Example::
 
     probe = probe_callback(500, tracker=tracker, ema=ema, meta=meta, ckpt_dir=Path("train/checkpoints"),
                            save=lambda path, step: save_checkpoint(path, ...), prepared_dir="prepared",
-                           scheduler_spec=config["scheduler"])
+                           scheduler_spec=config["scheduler"], sampling=config["sample"])
     fit(..., on_step=chained(preview, probe))
     best_private("train/checkpoints", PrivacyFlags())     # Path("train/checkpoints/step_1500.pt")
 """
@@ -36,7 +44,6 @@ from pathlib import Path
 from typing import Callable, Mapping
 
 import numpy as np
-import torch
 
 from .atomic import atomic_file
 from .membership import MIASettings, membership_audit
@@ -102,21 +109,23 @@ def probe_callback(
     space=None,
     flags: PrivacyFlags | None = None,
     mia: MIASettings | None = None,
-    per_class: int = 4,
-    steps: int = 10,
-    seed: int = 0,
+    sampling: Mapping | None = None,
+    per_class: int | None = None,
 ) -> Callable[[int], None] | None:
     """``callback(step)`` for :func:`medaug.training.fit`'s ``on_step``: every ``every`` steps the probe of the module
     doc on ``ema.model``, logged with ``tracker`` as ``probe/...`` at ``step``, the checkpoint written by
-    ``save(ckpt_dir / "step_<step>.pt", step)`` and its row added to ``ckpt_dir/probes.json``. ``per_class``
-    samples per class in ``steps`` sampler steps; ``mia``: the attack's settings (default: 8 images per class and
-    split, 200 bootstrap resamples). ``space``: a latent model's :class:`medaug.latent.LatentSpace`.
+    ``save(ckpt_dir / "step_<step>.pt", step)`` and its row added to ``ckpt_dir/probes.json``. ``sampling``: the
+    ``sample`` section (``num_per_class``, ``sampler``, ``steps``, ``guidance_scale``,
+    ``seed``, ``batch_size``, ``eta``, ``clip_x0``; missing keys: 4 per class, 10 DDIM steps, w = 2, seed 0);
+    ``per_class``: samples per class instead of ``num_per_class``; ``mia``: the attack's settings (default: 8
+    images per class and split, 200 bootstrap resamples). ``space``: a latent model's
+    :class:`medaug.latent.LatentSpace`.
     ``every`` 0 or None: no probe (returns None)."""
     if not every:
         return None
     from .data import load_split
     from .dp import train_patients
-    from .sampling import preview_samples
+    from .sampling import class_counts, labels_for_counts, preview_samples
 
     train_x, train_y = load_split(prepared_dir, "train")
     val_x, val_y = load_split(prepared_dir, "val")
@@ -130,7 +139,10 @@ def probe_callback(
     flags = flags or PrivacyFlags()
     mia = mia or MIASettings(max_per_class=8, bootstrap=200, seeds=(0,))
     train_scheduler = build_scheduler(scheduler_spec)
-    labels = torch.arange(len(names)).repeat_interleave(per_class)
+    draw = {"sampler": None, "steps": 10, "guidance_scale": 2.0, "seed": 0, "num_per_class": 4, **(sampling or {})}
+    options = {k: draw[k] for k in ("batch_size", "eta", "clip_x0") if k in draw}
+    counts = class_counts(per_class or draw["num_per_class"], names, key="the privacy probe's sample.num_per_class")
+    labels = labels_for_counts(counts, names)  # the sample stage's labels, in its order
     ckpt_dir = Path(ckpt_dir)
 
     def callback(step: int) -> None:
@@ -138,7 +150,17 @@ def probe_callback(
             return
         net = ema.model
         synth = preview_samples(
-            net, scheduler_spec, labels, meta["image_shape"], null_class=len(names), space=space, steps=steps, seed=seed
+            net,
+            scheduler_spec,
+            labels,
+            meta["image_shape"],
+            null_class=len(names),
+            space=space,
+            steps=draw["steps"],
+            seed=draw["seed"],
+            guidance_scale=draw["guidance_scale"],
+            sampler=draw["sampler"],
+            **options,
         )
         attack = membership_audit(
             net,
@@ -147,7 +169,7 @@ def probe_callback(
             (val_x, val_y),
             names,
             mia,
-            seed=seed,
+            seed=draw["seed"],
             encode=None if space is None else space.encode,
         )
         audit = privacy_audit(

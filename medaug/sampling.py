@@ -478,12 +478,16 @@ def preview_samples(
     steps: int = 10,
     seed: int = 0,
     guidance_scale: float = 2.0,
+    sampler: str | None = None,
+    **options,
 ) -> torch.Tensor:
-    """A few quick samples of ``labels`` during training (previews, privacy probes): ``steps`` DDIM steps (Euler
-    steps for a flow), guided, seeded, no progress bar; decoded from ``space`` in latent diffusion.
+    """Samples of ``labels`` during training (previews, privacy probes): ``steps`` steps of ``sampler`` (default:
+    DDIM, Euler steps for a flow), guided, seeded, no progress bar; decoded from ``space`` in latent diffusion.
+    ``options``: more :func:`sample_images` settings (``batch_size``, ``eta``, ``clip_x0``).
     Returns ``(N, 1, *image_shape)`` in [-1, 1]."""
-    sampler = inference_scheduler(scheduler_spec, FLOW_SAMPLER if is_flow(scheduler_spec) else "ddim", steps)
-    kwargs = dict(guidance_scale=guidance_scale, null_class=null_class, seed=seed, progress=False)
+    sampler = sampler or (FLOW_SAMPLER if is_flow(scheduler_spec) else "ddim")
+    sampler = inference_scheduler(scheduler_spec, sampler, steps)
+    kwargs = dict(guidance_scale=guidance_scale, null_class=null_class, seed=seed, progress=False, **options)
     if space is None:
         return sample_images(net, sampler, labels, image_shape, **kwargs)
     return space.sample(net, sampler, labels, **kwargs)

@@ -138,6 +138,7 @@ def train_diffusion(
     compile_cache: str | None = None,
     register: str | None = None,
     probe_flags: PrivacyFlags | None = None,
+    probe_sampling: Mapping | None = None,
     trust: bool = False,
 ) -> FitResult:
     """Train ``net`` on ``data`` with the diffusion loss of ``scheduler`` (built from the section
@@ -151,7 +152,8 @@ def train_diffusion(
     ``params`` (on a fresh run), the dataset input (``source``: where the data came from), the loss curve, the
     previews (``training["preview_every"]``) and the checkpoint, and registers the model as ``register``.
     ``training["privacy_probe_every"]`` keeps a checkpoint with a memorisation probe (judged by ``probe_flags``)
-    every that many steps (:mod:`medaug.probe`).
+    every that many steps (:mod:`medaug.probe`), drawing its samples as ``probe_sampling`` (the ``sample``
+    section) says.
 
     Returns the fit loop's result (last step, loss curve)."""
     t, info, space = training, data.info, data.space
@@ -229,8 +231,9 @@ def train_diffusion(
             prepared_dir=info.root,
             scheduler_spec=scheduler_spec,
             space=space,
-            seed=t["seed"],
             flags=probe_flags,
+            sampling=probe_sampling,
+            per_class=t.get("privacy_probe_per_class"),
         )
         result = fit(
             model,

@@ -88,7 +88,7 @@ def test_probe_hook_keeps_checkpoints_with_their_probes_and_sample_takes_best_pr
     assert [r["step"] for r in rows] == [2, 4] and all((ckpts / f"step_{s}.pt").is_file() for s in (2, 4))
     assert torch.load(ckpts / "step_2.pt", weights_only=True)["step"] == 2
     row = rows[0]
-    assert row["samples"] == 3 * 4 and row["verdict"] in ("pass", "warn", "fail") and row["val_loss"] > 0
+    assert row["samples"] == 3 * 2 and row["verdict"] in ("pass", "warn", "fail") and row["val_loss"] > 0
     assert 0 <= row["metrics"]["privacy/mia_auc"] <= 1 and "privacy/closer_to_train_p" in row["metrics"]
     assert json.loads((ckpts / "probes.json").read_text())["fidelity"] == "probe/val_loss"
     chosen = best_private(ckpts, PrivacyFlags(max_copy_rate=1.0, max_closer_share=1.0, max_mia_auc=1.0))
@@ -97,3 +97,29 @@ def test_probe_hook_keeps_checkpoints_with_their_probes_and_sample_takes_best_pr
     )
     info = json.loads((tmp_path / "samples" / "info.json").read_text())
     assert info["checkpoint_id"] == file_id(chosen) and info["checkpoint_step"] in (2, 4)
+
+
+def test_the_probe_draws_the_samples_that_sample_draws_from_its_checkpoint(tmp_path, monkeypatch):
+    """What the probe judges is what the audit will judge: the same images, not a cheaper stand-in."""
+    import medaug.probe
+    from medaug.sampling import load_samples
+    from pipelines import prepare, sample, train
+
+    from .conftest import TINY, compose_cfg
+
+    judged = {}
+    audit = medaug.probe.privacy_audit
+
+    def spy(synth, *args, **kwargs):
+        judged[len(judged)] = synth.clone()
+        return audit(synth, *args, **kwargs)
+
+    monkeypatch.setattr(medaug.probe, "privacy_audit", spy)
+    overrides = ["experiment=demo_2d", *TINY, "training.privacy_probe_every=4", "sample.num_per_class={healthy: 3}"]
+    prepare.run(compose_cfg("prepare", tmp_path, overrides))
+    train.run(compose_cfg("train", tmp_path, overrides))
+    assert read_probes(tmp_path / "train" / "checkpoints")[0]["samples"] == 3
+    sample.run(compose_cfg("sample", tmp_path, [*overrides, f"ckpt_path={tmp_path / 'train/checkpoints/step_4.pt'}"]))
+    images, labels = load_samples(tmp_path / "samples")[:2]
+    assert labels.tolist() == [0, 0, 0]
+    assert torch.allclose(judged[0], images, atol=1e-5)
