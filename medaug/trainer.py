@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Callable, Mapping, NamedTuple
+from typing import Callable, Mapping, NamedTuple, Sequence
 
 import torch
 from torch import nn
@@ -139,6 +139,7 @@ def train_diffusion(
     register: str | None = None,
     probe_flags: PrivacyFlags | None = None,
     probe_sampling: Mapping | None = None,
+    probe_heldout: Sequence[str] = ("val",),
     trust: bool = False,
 ) -> FitResult:
     """Train ``net`` on ``data`` with the diffusion loss of ``scheduler`` (built from the section
@@ -153,7 +154,7 @@ def train_diffusion(
     previews (``training["preview_every"]``) and the checkpoint, and registers the model as ``register``.
     ``training["privacy_probe_every"]`` keeps a checkpoint with a memorisation probe (judged by ``probe_flags``)
     every that many steps (:mod:`medaug.probe`), drawing its samples as ``probe_sampling`` (the ``sample``
-    section) says.
+    section) says and judging them against the ``probe_heldout`` splits (``evaluate.real_split``).
 
     Returns the fit loop's result (last step, loss curve)."""
     t, info, space = training, data.info, data.space
@@ -233,6 +234,7 @@ def train_diffusion(
             space=space,
             flags=probe_flags,
             sampling=probe_sampling,
+            heldout=probe_heldout,
             per_class=t.get("privacy_probe_per_class"),
         )
         result = fit(

@@ -76,6 +76,7 @@ def _train(cfg: DictConfig, device: torch.device, rank: int, world: int) -> dict
         register=cfg.tracking.get("register"),
         probe_flags=PrivacyFlags.from_dict(config["evaluate"]["privacy"]),
         probe_sampling=config["sample"],
+        probe_heldout=config["evaluate"]["real_split"],
         trust=cfg.trust_checkpoint,
     )
     final = result.losses[-1][1] if result.losses else float("nan")

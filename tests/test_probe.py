@@ -102,6 +102,7 @@ def test_probe_hook_keeps_checkpoints_with_their_probes_and_sample_takes_best_pr
 def test_the_probe_draws_the_samples_that_sample_draws_from_its_checkpoint(tmp_path, monkeypatch):
     """What the probe judges is what the audit will judge: the same images, not a cheaper stand-in."""
     import medaug.probe
+    from medaug.data import load_split
     from medaug.sampling import load_samples
     from pipelines import prepare, sample, train
 
@@ -110,9 +111,9 @@ def test_the_probe_draws_the_samples_that_sample_draws_from_its_checkpoint(tmp_p
     judged = {}
     audit = medaug.probe.privacy_audit
 
-    def spy(synth, *args, **kwargs):
-        judged[len(judged)] = synth.clone()
-        return audit(synth, *args, **kwargs)
+    def spy(synth, train, heldout, *args, **kwargs):
+        judged[len(judged)] = synth.clone(), len(heldout)
+        return audit(synth, train, heldout, *args, **kwargs)
 
     monkeypatch.setattr(medaug.probe, "privacy_audit", spy)
     overrides = ["experiment=demo_2d", *TINY, "training.privacy_probe_every=4", "sample.num_per_class={healthy: 3}"]
@@ -122,4 +123,6 @@ def test_the_probe_draws_the_samples_that_sample_draws_from_its_checkpoint(tmp_p
     sample.run(compose_cfg("sample", tmp_path, [*overrides, f"ckpt_path={tmp_path / 'train/checkpoints/step_4.pt'}"]))
     images, labels = load_samples(tmp_path / "samples")[:2]
     assert labels.tolist() == [0, 0, 0]
-    assert torch.allclose(judged[0], images, atol=1e-5)
+    assert torch.allclose(judged[0][0], images, atol=1e-5)
+    splits = [load_split(tmp_path / "prepared", s)[0] for s in ("val", "test")]
+    assert judged[0][1] == sum(len(x) for x in splits)  # against evaluate.real_split=[val, test], as the audit
