@@ -55,9 +55,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--jumps", type=int, default=10)
     ap.add_argument("--resample", type=int, default=5)
-    ap.add_argument("--radius", type=float, default=0.35)
-    ap.add_argument("--guidance", type=float, default=2.0)
+    ap.add_argument("--radius", type=float, default=0.45)
+    ap.add_argument("--guidance", type=float, default=3.0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--name", default=None, help="results file stem inpaint-<name> (default: the job folder's name)")
     args = ap.parse_args()
     job = Path(args.job)
     ckpt = load_checkpoint(job / "train" / "checkpoints" / "last.pt")
@@ -89,7 +90,8 @@ def main() -> None:
     seconds = time.perf_counter() - t0
     clf = train_classifier(train_x, train_y, info.num_classes, steps=400, seed=0, progress=False)
     with torch.no_grad():
-        as_target = float((clf(out).argmax(1) == target).float().mean())
+        predicted = clf(out).argmax(1)
+        as_target = float((predicted == target).float().mean())
         real_acc = float((clf(test_x).argmax(1) == test_y).float().mean())
     band = seam_band(masks)
     seam = float(gradient(out)[band].mean() / gradient(healthy)[band].mean())
@@ -103,7 +105,9 @@ def main() -> None:
         class_name=args.class_name,
         n=len(healthy),
         radius=args.radius,
+        guidance=args.guidance,
         labelled_as_class=as_target,
+        labelled={c: float((predicted == i).float().mean()) for i, c in enumerate(info.class_names)},
         classifier_real_acc=real_acc,
         seam_ratio=seam,
         outside_identical=bool(torch.equal(out[~masks], healthy[~masks])),
@@ -112,8 +116,9 @@ def main() -> None:
     print(json.dumps(result, indent=1))
     res = ROOT / "benchmarks" / "results"
     res.mkdir(parents=True, exist_ok=True)
-    (res / f"inpaint-{job.name}.json").write_text(json.dumps(result, indent=1))
-    inpaint_picture(healthy[:8], masks[:8], out[:8], res / f"inpaint-{job.name}.png")
+    stem = f"inpaint-{args.name or job.name}"
+    (res / f"{stem}.json").write_text(json.dumps(result, indent=1))
+    inpaint_picture(healthy[:8], masks[:8], out[:8], res / f"{stem}.png")
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import time
 import traceback
 from pathlib import Path
 
+import torch
 from hydra import compose, initialize_config_dir
 
 from medaug.probe import read_probes
@@ -72,6 +73,11 @@ def run_row(name: str, overrides: list[str]) -> dict:
     later = [*overrides, "ckpt_path=best_private"] if name == "best_private" else overrides
     sample.run(cfg_of("sample", later))
     metrics = evaluate.run(cfg_of("evaluate", later))
+    return row_result(train_cfg, metrics, train_s)
+
+
+def row_result(train_cfg, metrics: dict, train_s: float) -> dict:
+    """One row's record: its metrics, verdict, ε, checkpoint step, training time and probe history."""
     info = json.loads((Path(train_cfg.paths.samples_dir) / "info.json").read_text())
     dp = info.get("dp") or {}
     probes = [
@@ -132,12 +138,17 @@ def main() -> None:
         except Exception as err:  # a row that fails (none passes best_private, ...) is recorded, the others go on
             traceback.print_exc()
             results[name] = {"error": f"{type(err).__name__}: {err}"}
+        write(stem, results, args.budget, extra)  # after every row: a later row that is stopped loses nothing
         print(table(results), flush=True)
-    results = {name: results[name] for name in ROWS if name in results}  # the table's order
-    budget = {"budget": args.budget, "overrides": extra}
-    stem.with_suffix(".json").write_text(json.dumps(budget | {"rows": results}, indent=2))
-    stem.with_suffix(".md").write_text(f"Budget: {args.budget} {' '.join(extra)}\n\n" + table(results) + "\n")
     print(f"wrote {stem}.json and .md")
+
+
+def write(stem: Path, results: dict, budget: str, extra: list[str]) -> None:
+    """The table so far, in row order, as JSON and Markdown (with the budget and the torch thread count)."""
+    results = {name: results[name] for name in ROWS if name in results}
+    head = {"budget": budget, "overrides": extra, "torch_threads": torch.get_num_threads()}
+    stem.with_suffix(".json").write_text(json.dumps(head | {"rows": results}, indent=2))
+    stem.with_suffix(".md").write_text(f"Budget: {budget} {' '.join(extra)}\n\n" + table(results) + "\n")
 
 
 if __name__ == "__main__":

@@ -107,7 +107,6 @@ def inpaint_images(
     guidance_scale: float,
     null_class: int,
     seed: int,
-    guidance_interval: Sequence[float] = (0.0, 1.0),
     batch_size: int = 16,
     clip: bool = True,
     clip_x0: bool = True,
@@ -123,10 +122,6 @@ def inpaint_images(
         labels: ``(N,)`` the class to generate in each region.
         jumps, resample: RePaint's jump length and number of resamplings (``resample=1``: none).
         guidance_scale, null_class: classifier-free guidance as in :func:`medaug.sampling.sample_images`.
-        guidance_interval: ``(lo, hi)``, fractions of the training schedule: guidance applies at the steps whose
-            timestep ``t / T`` lies in it, the plain conditional model (w = 1) at the others. Guidance at high
-            noise decides what grows in the region; at low noise it only sharpens and darkens around it, which
-            shows as a seam (``benchmarks/inpaint_demo.py``).
         seed: image ``i`` of the call starts from ``seed + i``; the same seed gives the same output.
 
     Returns:
@@ -138,12 +133,6 @@ def inpaint_images(
         raise ValueError(f"{len(labels)} labels for {len(images)} images; give one class per image")
     if jumps < 1 or resample < 1:
         raise ValueError(f"inpaint.jumps={jumps} and inpaint.resample={resample} must be >= 1")
-    lo, hi = (float(v) for v in guidance_interval)
-    if not 0.0 <= lo <= hi <= 1.0:
-        raise ValueError(
-            f"sample.inpaint.guidance_interval={list(guidance_interval)}; give [lo, hi] with 0 <= lo <= hi <= 1 "
-            "(fractions of the training schedule, 1 = pure noise)"
-        )
     if not (is_flow(scheduler) or isinstance(scheduler, (DDIMScheduler, DDPMScheduler))):
         check_inpaint_sampler(type(scheduler).__name__)
     masks = masks.bool()
@@ -169,8 +158,7 @@ def inpaint_images(
             if what == "back":
                 x = renoise(scheduler, x, nxt[i], ts[i - (i % jumps)], gen)
             else:
-                w = guidance_scale if lo <= ts[i] / scheduler.num_train_timesteps <= hi else 1.0
-                v = guided_eps(model, x, ts[i], y, w, null_class).float()
+                v = guided_eps(model, x, ts[i], y, guidance_scale, null_class).float()
                 if clip and clip_x0:
                     v = clip_x0_of(scheduler, v, ts[i], x)
                 unknown, _ = scheduler.step(v, ts[i], x, **step_kwargs)

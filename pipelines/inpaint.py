@@ -40,8 +40,8 @@ def run(cfg: DictConfig) -> dict:
         masks,
         labels,
         space=space,
-        **{k: p[k] for k in ("jumps", "resample")},
-        **{k: s[k] for k in ("guidance_scale", "seed", "batch_size", "clip_x0", "decode_tile")},
+        **{k: p[k] for k in ("jumps", "resample", "guidance_scale")},
+        **{k: s[k] for k in ("seed", "batch_size", "clip_x0", "decode_tile")},
         null_class=len(names),
     )
     settings = {**{k: v for k, v in container(s).items() if k != "inpaint"}, **p}
