@@ -186,6 +186,11 @@ def train_diffusion(
             f"model.controlnet.base_ckpt={data.base.path} is this run's own checkpoint, which the ControlNet run "
             "would overwrite; train the ControlNet in another job (name=...) or paths.train_dir"
         )
+    if data.base is not None and (t.get("dp") or {}).get("enabled"):  # Opacus's hooks vs the ControlNet's `h +=`
+        raise ValueError(
+            "training.dp.enabled=true does not work with model.condition=controlnet (MONAI's ControlNet adds in "
+            "place to an output Opacus hooks); train the ControlNet with training.dp.enabled=false"
+        )
     cuda = device.type == "cuda"
     ema = EMA(net, t["ema_decay"])
     start_step, resumed = resume_training(

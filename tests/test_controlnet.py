@@ -235,6 +235,8 @@ def test_stage_recipes_base_then_controlnet_then_pairs_on_real_masks(tmp_path):
     cn = [*job, "model.condition=controlnet", f"model.controlnet.base_ckpt={base}", f"paths.train_dir={tmp_path}/cn"]
     with pytest.raises(ValueError, match="is this run's own checkpoint, which the ControlNet run would overwrite"):
         train.run(compose_cfg("train", tmp_path, [*cn, f"paths.train_dir={tmp_path}/train"]))
+    with pytest.raises(ValueError, match="training.dp.enabled=true does not work with model.condition=controlnet"):
+        train.run(compose_cfg("train", tmp_path, [*cn, "training.dp.enabled=true", "training.dp.noise_multiplier=1"]))
     result = train.run(compose_cfg("train", tmp_path, cn))
     ckpt = load_checkpoint(result["checkpoint"])
     assert ckpt.meta["condition"]["kind"] == "controlnet" and ckpt.step == 4
