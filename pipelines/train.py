@@ -2,6 +2,7 @@
 
 python -m pipelines.train experiment=demo_2d
 medaug train experiment=demo_2d training.max_steps=3000     # continue a finished run further
+medaug train experiment=demo_2d_controlnet   # a ControlNet on the mask added to demo_2d's class model (frozen)
 """
 
 from __future__ import annotations

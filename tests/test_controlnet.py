@@ -281,3 +281,38 @@ def test_latent_3d_controlnet_on_a_latent_class_model(tmp_path):
     images, labels, rows, _ = load_samples(out["samples_dir"])
     assert images.shape == (len(labels), 1, 12, 12, 12)
     assert torch.equal(load_sample_masks(out["samples_dir"]), load_split_masks(tmp_path / "prepared", "val"))
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_ranks_train_the_controlnet_as_one_process_with_double_batch(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from pipelines import prepare, train
+
+    from .conftest import CONF_DIR, TINY, compose_cfg
+
+    job = ["experiment=demo_2d", *TINY, f"paths.output_dir={tmp_path}", "training.grad_clip=null"]
+    prepare.run(compose_cfg("prepare", tmp_path, job))
+    base = train.run(compose_cfg("train", tmp_path, job))["checkpoint"]
+    cn = [*job, "training.max_steps=3", "model.condition=controlnet", f"model.controlnet.base_ckpt={base}"]
+    r = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "pipelines.train"]
+        + [*cn, "training.batch_size=2", f"paths.train_dir={tmp_path}/ddp"],
+        cwd=CONF_DIR.parent,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    train.run(compose_cfg("train", tmp_path, [*cn, "training.batch_size=4", f"paths.train_dir={tmp_path}/one"]))
+    ddp = load_checkpoint(tmp_path / "ddp" / "checkpoints" / "last.pt")
+    one = load_checkpoint(tmp_path / "one" / "checkpoints" / "last.pt")
+    assert ddp.step == one.step == 3
+    for name, w in one.model.items():  # float sums in another order: ~1e-5 apart (see test_pipelines' DDP test)
+        torch.testing.assert_close(ddp.model[name], w, atol=1e-4, rtol=1e-3)
+    unet = load_checkpoint(base).ema["model"]
+    assert all(torch.equal(ddp.model[f"unet.{k}"], v) for k, v in unet.items())  # frozen on every rank
+    assert float(one.model["controlnet.controlnet_mid_block.conv.weight"].abs().max()) > 1e-3  # moved from zero
