@@ -1,5 +1,7 @@
 """A ControlNet on the mask added to a class-conditional checkpoint (medaug.controlnet), 2D and 3D, on tiny data."""
 
+import functools
+
 import numpy as np
 import pytest
 import torch
@@ -316,3 +318,25 @@ def test_ddp_two_cpu_ranks_train_the_controlnet_as_one_process_with_double_batch
     unet = load_checkpoint(base).ema["model"]
     assert all(torch.equal(ddp.model[f"unet.{k}"], v) for k, v in unet.items())  # frozen on every rank
     assert float(one.model["controlnet.controlnet_mid_block.conv.weight"].abs().max()) > 1e-3  # moved from zero
+
+
+def test_activation_checkpointing_reaches_both_networks_and_keeps_the_gradients(tmp_path):
+    from medaug.training import diffusion_loss, prepare_for_speed, step_generator
+
+    base = base_checkpoint(tmp_path / "base.pt", 2)
+    x, y, hot = torch.rand(4, 1, 8, 8) * 2 - 1, torch.tensor([0, 1, 2, 0]), one_hot(masks_of(4, (8, 8)), 3)
+    grads = []
+    for switch in (False, True):
+        net, _ = controlled(base)
+        model = prepare_for_speed(net, activation_checkpointing=switch)
+        loss = diffusion_loss(
+            model, network_from_spec(SCHED), x, y, null_class=3, generator=step_generator(0, 0), mask_onehot=hot
+        )
+        loss.mean().backward()
+        grads.append({k: p.grad.clone() for k, p in net.named_parameters() if p.requires_grad})
+        assert all(p.grad is None for p in net.unet.parameters())  # frozen: no gradients kept
+        recomputed = [isinstance(n.middle_block.forward, functools.partial) for n in (net.unet, net.controlnet)]
+        assert recomputed == [switch, switch]
+    assert set(grads[0]) == set(grads[1]) and any(g.abs().sum() > 0 for g in grads[0].values())
+    for k in grads[0]:
+        torch.testing.assert_close(grads[1][k], grads[0][k], atol=1e-6, rtol=1e-5)
