@@ -6,6 +6,9 @@
 * ``mask``: a label map only: its one-hot encoding ``(K, *spatial)`` (K = label values incl. background)
   is concatenated to the noisy image, so the UNet takes ``C + K`` input channels (trained from scratch);
 * ``mask+class``: both.
+* ``controlnet``: both, the mask through a ControlNet added to a trained class-conditional model, which stays
+  frozen (:mod:`medaug.controlnet`; ``model.controlnet.base_ckpt``); the network still takes the one-hot mask
+  concatenated to the noisy image, and the unconditional prediction drops both as below.
 
 Latent diffusion: the one-hot mask is resized to the latent grid (area averaging: each latent cell gets the
 share of its voxels under each label) before it is concatenated to the noisy latents.
@@ -36,9 +39,9 @@ from typing import Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-CONDITIONS = ("class", "mask", "mask+class")
+CONDITIONS = ("class", "mask", "mask+class", "controlnet")
 GENERATES = ("image", "mask")
-SPEC_KEYS = ("condition", "generates")  # medaug's keys of a model spec, not arguments of the network
+SPEC_KEYS = ("condition", "generates", "controlnet")  # medaug's keys of a model spec, not arguments of the network
 
 
 @dataclass(frozen=True)
@@ -48,12 +51,14 @@ class Conditioning:
     ``use_class``: the class label through the class embedding (null class = ``len(class_names)``).
     ``mask_labels``: ``{name: value}`` of the label maps concatenated as one-hot channels (empty: none).
     ``generates``: ``image`` or ``mask`` (a mask model: label maps as ``num_labels`` one-hot channels).
-    ``label_names``: ``{name: value}`` of the label maps a mask model generates."""
+    ``label_names``: ``{name: value}`` of the label maps a mask model generates.
+    ``controlnet``: class and mask, the mask through a ControlNet on a frozen class model (:mod:`medaug.controlnet`)."""
 
     use_class: bool = True
     mask_labels: Mapping[str, int] = field(default_factory=dict)
     generates: str = "image"
     label_names: Mapping[str, int] = field(default_factory=dict)
+    controlnet: bool = False
 
     @property
     def uses_mask(self) -> bool:
@@ -66,6 +71,8 @@ class Conditioning:
 
     @property
     def kind(self) -> str:
+        if self.controlnet:
+            return "controlnet"
         return {(True, False): "class", (False, True): "mask", (True, True): "mask+class"}[
             (self.use_class, self.uses_mask)
         ]
@@ -87,6 +94,7 @@ class Conditioning:
                 mask_labels=dict(self.mask_labels),
                 generates=self.generates,
                 label_names=dict(self.label_names),
+                controlnet=self.controlnet,
             )
         }
 
@@ -96,7 +104,13 @@ class Conditioning:
         c = meta.get("condition")
         if not c:
             return cls()
-        return cls(c["use_class"], dict(c["mask_labels"]), c["generates"], dict(c.get("label_names", {})))
+        return cls(
+            c["use_class"],
+            dict(c["mask_labels"]),
+            c["generates"],
+            dict(c.get("label_names", {})),
+            bool(c.get("controlnet", False)),
+        )
 
 
 def num_labels(mask_labels: Mapping[str, int]) -> int:
@@ -132,7 +146,8 @@ def training_conditioning(
 ) -> Conditioning:
     """The :class:`Conditioning` a model spec's ``condition`` and ``generates`` ask for, checked against the
     data; sets the spec's ``num_class_embeds`` (classes + the null class, or None), ``in_channels`` and
-    ``out_channels`` (the image channels as the spec gives them, plus the one-hot mask channels).
+    ``out_channels`` (the image channels as the spec gives them, plus the one-hot mask channels); a
+    ``controlnet`` spec is left as it is (the network is the base model's, :mod:`medaug.controlnet`).
 
     Raises ValueError for an unknown value, a mask without masks in the prepared dataset, a mask model in
     latent space (it is trained on pixels) and a mask model conditioned on a mask."""
@@ -157,6 +172,8 @@ def training_conditioning(
         k = num_labels(mask_labels)
         spec.update(in_channels=k, out_channels=k, num_class_embeds=num_classes + 1)
         return Conditioning(True, {}, "mask", dict(mask_labels))
+    if kind == "controlnet":  # the spec is the base model's (medaug.controlnet.controlnet_spec)
+        return Conditioning(True, dict(mask_labels), "image", controlnet=True)
     cond = Conditioning(kind != "mask", dict(mask_labels) if kind != "class" else {}, "image")
     channels = int(spec.get("out_channels", spec.get("in_channels", 1)))
     spec.update(

@@ -105,12 +105,13 @@ class EMA:
     def update(self, model: nn.Module) -> None:
         self.num_updates += 1
         d = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
-        ema_params = list(self.model.parameters())
-        params = [p.detach() for p in model.parameters()]
-        for e, p in zip(ema_params, params):  # same memory layout (channels_last), or foreach falls back to slow loops
+        # frozen weights (a ControlNet's base UNet) are not averaged: they stay as they are
+        pairs = [(e, p.detach()) for e, p in zip(self.model.parameters(), model.parameters()) if p.requires_grad]
+        for e, p in pairs:  # same memory layout (channels_last), or foreach falls back to slow loops
             if e.stride() != p.stride():
                 e.data = torch.empty_like(p).copy_(e.data)
-        torch._foreach_lerp_(ema_params, params, 1 - d)
+        if pairs:
+            torch._foreach_lerp_([e for e, _ in pairs], [p for _, p in pairs], 1 - d)
         for b_ema, b in zip(self.model.buffers(), model.buffers()):
             b_ema.copy_(b)
 

@@ -7,7 +7,7 @@ with plain values; :mod:`medaug.training` holds the loss and the one fit loop th
 Example::
 
     data = training_data("prepared", torch.device("cpu"), model=model_section, scheduler=scheduler_section)
-    net = network_from_spec(data.spec)             # in/out channels, class embeddings, checked shape
+    net = training_network(data)                   # in/out channels, class embeddings, checked shape
     result = train_diffusion(net, optimizer, scheduler, data, training_section, ckpt_path=Path("last.pt"), ...)
 """
 
@@ -22,11 +22,12 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from .conditioning import Conditioning, conditioned_training_data
+from .controlnet import controlnet_spec, init_from_base, load_base
 from .data import PreparedInfo, load_info, load_split
 from .dp import private_training, train_patients
 from .flow import is_flow
 from .latent import LatentSpace, cached_latents, latent_space_for_training
-from .model import EMA, check_unet_input, save_checkpoint
+from .model import EMA, Checkpoint, check_unet_input, network_from_spec, save_checkpoint
 from .privacy import PrivacyFlags
 from .probe import chained, probe_callback
 from .registry import dataset_entity, preview_callback
@@ -43,7 +44,7 @@ from .training import (
     resume_training,
 )
 
-__all__ = ["TrainingData", "training_data", "train_diffusion"]
+__all__ = ["TrainingData", "training_data", "training_network", "train_diffusion"]
 
 log = logging.getLogger("medaug")
 
@@ -54,8 +55,9 @@ class TrainingData(NamedTuple):
     """What the UNet learns from: ``images`` ``(N, C, *spatial)``, pixels in [-1, 1], autoencoder latents times
     the space's scale factor, or a mask model's one-hot label maps in [-1, 1]; ``labels`` ``(N,)``; ``masks``
     ``(N, 1, *spatial)`` label maps a mask-conditioned model is given (None otherwise); the model's
-    ``conditioning``; ``spec``, the model section completed for this data; the prepared dataset's ``info`` and
-    the latent ``space`` (None: pixel space)."""
+    ``conditioning``; ``spec``, the model section completed for this data; the prepared dataset's ``info``, the
+    latent ``space`` (None: pixel space) and, for ``model.condition=controlnet``, the ``base`` class-conditional
+    checkpoint the ControlNet is added to (:mod:`medaug.controlnet`)."""
 
     info: PreparedInfo
     images: torch.Tensor
@@ -64,6 +66,7 @@ class TrainingData(NamedTuple):
     masks: torch.Tensor | None
     conditioning: Conditioning
     spec: dict
+    base: Checkpoint | None = None
 
 
 def training_data(
@@ -89,7 +92,12 @@ def training_data(
     the channels in and out, one class embedding per class plus the null class of classifier-free guidance and
     the data's spatial dims; a spatial shape the UNet cannot take is refused (ValueError naming the fix). On
     CUDA the set moves to the GPU once when it is under 2 GiB and ``on_device`` (``training.data_on_device``) is
-    not false."""
+    not false.
+
+    ``model.condition=controlnet``: the spec is the base checkpoint's UNet under a ControlNet
+    (``model.controlnet``: ``base_ckpt``, ``embedding_channels``, ``conditioning_scale``), the base refused in
+    one line when it is missing, not class-conditional or not of this data, space and scheduler
+    (:func:`medaug.controlnet.load_base`)."""
     info = load_info(prepared_dir)
     images, labels = load_split(info.root, "train")
     space = latent_space_for_training(
@@ -110,10 +118,28 @@ def training_data(
         spec.update(in_channels=space.latent_channels, out_channels=space.latent_channels)
     spec.update(num_class_embeds=info.num_classes + 1, spatial_dims=info.spatial_dims)
     condition, images, masks = conditioned_training_data(spec, info, images, latent=space is not None)
+    base = None
+    if condition.controlnet:
+        settings = dict(model.get("controlnet") or {})
+        base = load_base(settings.get("base_ckpt"), info, space=space, scheduler=scheduler, trust=trust)
+        spec = controlnet_spec(
+            base,
+            mask_channels=condition.mask_channels,
+            embedding_channels=settings.get("embedding_channels", 16),
+            conditioning_scale=settings.get("conditioning_scale", 1.0),
+        )
     if device.type == "cuda" and switch(on_device, True) and images.nbytes < ON_DEVICE_LIMIT:
         images, labels = images.to(device), labels.to(device)
-    check_unet_input(spec, images.shape[2:], "latent" if space is not None else "image")
-    return TrainingData(info, images, labels, space, masks, condition, spec)
+    check_unet_input(spec.get("unet", spec), images.shape[2:], "latent" if space is not None else "image")
+    return TrainingData(info, images, labels, space, masks, condition, spec, base)
+
+
+def training_network(data: TrainingData) -> nn.Module:
+    """The network ``data.spec`` describes, freshly initialised; for a ControlNet run the base model's UNet
+    (frozen, its EMA weights) with a ControlNet initialised from it (:func:`medaug.controlnet.init_from_base`).
+    Optimise only its parameters that require gradients."""
+    net = network_from_spec(data.spec)
+    return net if data.base is None else init_from_base(net, data.base)
 
 
 def train_diffusion(
@@ -158,6 +184,16 @@ def train_diffusion(
 
     Returns the fit loop's result (last step, loss curve)."""
     t, info, space = training, data.info, data.space
+    if data.base is not None and data.base.path.resolve() in (Path(ckpt_path).resolve(), Path(resume_from).resolve()):
+        raise ValueError(
+            f"model.controlnet.base_ckpt={data.base.path} is this run's own checkpoint, which the ControlNet run "
+            "would overwrite; train the ControlNet in another job (name=...) or paths.train_dir"
+        )
+    if data.base is not None and (t.get("dp") or {}).get("enabled"):  # Opacus's hooks vs the ControlNet's `h +=`
+        raise ValueError(
+            "training.dp.enabled=true does not work with model.condition=controlnet (MONAI's ControlNet adds in "
+            "place to an output Opacus hooks); train the ControlNet with training.dp.enabled=false"
+        )
     cuda = device.type == "cuda"
     ema = EMA(net, t["ema_decay"])
     start_step, resumed = resume_training(

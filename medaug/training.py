@@ -297,10 +297,13 @@ class DiffusionStep:
 
 def enable_activation_checkpointing(model: nn.Module) -> nn.Module:
     """Recompute the activations of every down, middle and up block of a MONAI
-    ``DiffusionModelUNet`` in the backward pass instead of storing them (less memory,
-    about a third more compute). The weights and their names are unchanged."""
-    middle = [model.middle_block] if getattr(model, "middle_block", None) is not None else []
-    blocks = [*getattr(model, "down_blocks", []), *middle, *getattr(model, "up_blocks", [])]
+    ``DiffusionModelUNet`` (or of the networks inside ``model``: a ControlNet and its UNet) in the backward
+    pass instead of storing them (less memory, about a third more compute). The weights and their names are
+    unchanged."""
+    blocks = []
+    for net in (m for m in model.modules() if hasattr(m, "down_blocks")):
+        middle = [net.middle_block] if getattr(net, "middle_block", None) is not None else []
+        blocks += [*net.down_blocks, *middle, *getattr(net, "up_blocks", [])]
     if not blocks:
         raise ValueError(f"{type(model).__name__} has no down/middle/up blocks to checkpoint")
     for block in blocks:

@@ -2,6 +2,7 @@
 
 python -m pipelines.train experiment=demo_2d
 medaug train experiment=demo_2d training.max_steps=3000     # continue a finished run further
+medaug train experiment=demo_2d_controlnet   # a ControlNet on the mask added to demo_2d's class model (frozen)
 """
 
 from __future__ import annotations
@@ -11,11 +12,11 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from medaug.masks import mask_model_overrides
-from medaug.model import build_scheduler, last_checkpoint, network_from_spec
+from medaug.model import build_scheduler, last_checkpoint
 from medaug.privacy import PrivacyFlags
 from medaug.runtime import process_group
 from medaug.tracking import flatten
-from medaug.trainer import train_diffusion, training_data
+from medaug.trainer import train_diffusion, training_data, training_network
 from medaug.training import seed_all
 from pipelines.common import amp_dtype_of, container, default_ckpt, device_of, log, make_tracker, path, stage_main
 
@@ -51,12 +52,14 @@ def _train(cfg: DictConfig, device: torch.device, rank: int, world: int) -> dict
         amp_dtype=amp_dtype_of(cfg, device),
     )
     config["model"] = data.spec  # stored in the checkpoint: sample rebuilds the network from it
-    net = network_from_spec(config["model"]).to(device)  # the network's keys; medaug's (condition, ...) ignored
+    net = training_network(data).to(
+        device
+    )  # the spec's network (a ControlNet run: the base UNet, frozen, + ControlNet)
     fused = {"fused": True} if device.type == "cuda" else {}
     out_ckpt = last_checkpoint(path(cfg.paths.train_dir))
     result = train_diffusion(
         net,
-        instantiate(cfg.training.optimizer, **fused)(net.parameters()),
+        instantiate(cfg.training.optimizer, **fused)([p for p in net.parameters() if p.requires_grad]),
         build_scheduler(config["scheduler"]),
         data,
         config["training"],

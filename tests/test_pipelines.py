@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from medaug.data import load_split
 from medaug.io import read_volume
 from medaug.model import load_checkpoint, network_from_spec
 from medaug.sampling import load_samples
@@ -33,28 +34,31 @@ def test_every_experiment_composes_and_smoke_runs(tmp_path, experiment):
     cfg = compose_cfg("train", tmp_path, [f"experiment={experiment}"])
     assert cfg.name == experiment and cfg.model.spatial_dims == cfg.data.spatial_dims
     autoencoder = ["autoencoder.max_steps=4"] if cfg.get("autoencoder") else []  # latent experiments
-    results = run_all(
-        tmp_path,
-        [
-            f"experiment={experiment}",
-            *TINY,
-            *autoencoder,
-            "data.demo.size=12",
-            "data.image_size=" + ("[12,12]" if cfg.data.spatial_dims == 2 else "[12,12,12]"),
-        ],
-    )
+    size = ["data.demo.size=12", "data.image_size=" + ("[12,12]" if cfg.data.spatial_dims == 2 else "[12,12,12]")]
+    base = []
+    if cfg.model.get("condition") == "controlnet":  # its base: a class model of the same data, trained first
+        base_experiment = Path(cfg.model.controlnet.base_ckpt).parents[2].name  # <output_dir>/../demo_2d/train/...
+        base_job = [f"experiment={base_experiment}", *TINY, *autoencoder, *size]
+        base_out = tmp_path / "base"
+        prepare.run(compose_cfg("prepare", base_out, base_job))
+        base = [f"model.controlnet.base_ckpt={train.run(compose_cfg('train', base_out, base_job))['checkpoint']}"]
+    results = run_all(tmp_path, [f"experiment={experiment}", *TINY, *autoencoder, *size, *base])
     assert results["train"]["train/step"] == 4
     ckpt = load_checkpoint(tmp_path / "train" / "checkpoints" / "last.pt")
-    assert ckpt.config["model"]["num_class_embeds"] == 4  # 3 demo classes + the null class
+    spec = ckpt.config["model"].get("unet", ckpt.config["model"])  # a ControlNet's: its base UNet's spec
+    assert spec["num_class_embeds"] == 4  # 3 demo classes + the null class
     images, labels, rows, info = load_samples(tmp_path / "samples")
-    assert images.shape[2:] == tuple([12] * cfg.data.spatial_dims) and labels.tolist() == [0, 0, 1, 1, 2, 2]
+    per_class = [0, 0, 1, 1, 2, 2]
+    if str(cfg.sample.masks).startswith("prepared:"):  # one image per mask of the split, with its class
+        per_class = load_split(tmp_path / "prepared", cfg.sample.masks.split(":")[1])[1].tolist()
+    assert images.shape[2:] == tuple([12] * cfg.data.spatial_dims) and labels.tolist() == per_class
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert 0 <= metrics["fidelity/label_acc"] <= 1
     card = (tmp_path / "export" / "DATA_CARD.md").read_text()
     assert ckpt.id in card and "fidelity/label_acc" in card
     pairs = cfg.model.get("condition", "class") != "class"  # image/label pairs go out as nnU-Net's imagesTr/labelsTr
     folders = ("imagesTr", "labelsTr") if pairs else ("images",)
-    assert [len(list((tmp_path / "export" / f).glob("*.nii.gz"))) for f in folders] == [6] * len(folders)
+    assert [len(list((tmp_path / "export" / f).glob("*.nii.gz"))) for f in folders] == [len(labels)] * len(folders)
 
 
 def test_stages_share_one_mlflow_run_in_local_store(tmp_path):
