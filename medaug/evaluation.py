@@ -482,10 +482,11 @@ def mia_context(record: dict) -> str:
 
 def segmentation_metrics(
     data: EvalData, settings: EvalSettings, device: torch.device, cache_dir: Path
-) -> tuple[dict[str, float], PrivacyAudit | None]:
+) -> tuple[dict[str, float], PrivacyAudit | None, np.ndarray | None]:
     """Mask fidelity, segmentation utility (``segmentation/...``) and the memorisation audit of the non-empty
     generated masks, calibrated on the non-empty held-out real masks (``privacy/mask_...``; None when no non-empty
-    mask was generated or fewer than 2 held-out masks have a label) of ``data.masks``."""
+    mask was generated or fewer than 2 held-out masks have a label) of ``data.masks``, with each sample's mask copy
+    score (N,) (NaN where its mask was not audited; None without the audit) for ``per_sample.csv``."""
     d, m, seg = data, data.masks, settings.segmentation
     k = max(m.labels.values()) + 1
     segmenter = cached_segmenter(cache_dir, d.train_x, m.train, k, seg, settings.seed, device)
@@ -508,12 +509,12 @@ def segmentation_metrics(
     generated = torch.tensor([s == "generated" for s in m.source], dtype=torch.bool) & m.synth.flatten(1).any(1)
     heldout = m.test[m.test.flatten(1).any(1)]
     if not generated.any():
-        return metrics, None
+        return metrics, None, None
     if len(heldout) < 2:
         log.warning(
             "%d held-out real masks with a label: too few to calibrate the mask copy audit; skipped", len(heldout)
         )
-        return metrics, None
+        return metrics, None, None
     p = settings.privacy
     audit = privacy_audit(
         m.synth[generated].float(),
@@ -528,7 +529,9 @@ def segmentation_metrics(
         seed=settings.seed,
     )
     metrics.update({k.replace("privacy/", "privacy/mask_", 1): v for k, v in audit.metrics.items()})
-    return metrics, audit
+    per_sample = np.full(len(m.synth), np.nan)
+    per_sample[generated.numpy()] = audit.scores.score
+    return metrics, audit, per_sample
 
 
 def privacy_summary(audit: PrivacyAudit, mask_audit: PrivacyAudit | None, metrics: dict[str, float]) -> dict:
@@ -555,16 +558,28 @@ def write_eval_folder(
     privacy: dict,
     audit: PrivacyAudit,
     extractors: list[str],
+    mask_audit: PrivacyAudit | None = None,
+    mask_scores: np.ndarray | None = None,
 ) -> Path:
-    """The evaluation folder, atomically: ``metrics.json``, ``privacy.json`` (``privacy``), ``per_sample.csv``,
-    the pictures and ``report.md``. Returns ``out_dir``."""
+    """The evaluation folder, atomically: ``metrics.json``, ``privacy.json`` (``privacy``), ``per_sample.csv``
+    (with each sample's ``mask_scores``, the audit of the generated masks, when ``mask_audit`` ran), the pictures
+    and ``report.md``. Returns ``out_dir``."""
     d, names = data, data.class_names
     with atomic_folder(out_dir) as tmp:
         (tmp / "metrics.json").write_text(
             json.dumps({key: (v if math.isfinite(v) else None) for key, v in sorted(metrics.items())}, indent=2)
         )
         (tmp / "privacy.json").write_text(json.dumps(privacy, indent=2))
-        write_per_sample(tmp / "per_sample.csv", audit.scores, d.sample_index, d.synth_y.tolist(), names, d.train_items)
+        write_per_sample(
+            tmp / "per_sample.csv",
+            audit.scores,
+            d.sample_index,
+            d.synth_y.tolist(),
+            names,
+            d.train_items,
+            mask_scores=mask_scores,
+            mask_threshold=None if mask_audit is None else mask_audit.scores.threshold,
+        )
         pictures = write_pictures(
             tmp, d.synth_x, d.synth_y, d.test_x, d.test_y, d.train_x, names, audit.scores, settings.pairs_top
         )
@@ -627,13 +642,13 @@ def evaluate(
     cache_dir = Path(cache_dir) if cache_dir is not None else classifier_cache_dir(out_dir)
     mia, mia_record = membership(data, settings, Path(ckpt_path) if ckpt_path else None, device, trust)
     metrics, audit, extractors = compute_metrics(data, settings, device, cache_dir, mia)
-    mask_audit = None
+    mask_audit = mask_scores = None
     if data.masks is not None:
-        seg_metrics, mask_audit = segmentation_metrics(data, settings, device, cache_dir)
+        seg_metrics, mask_audit, mask_scores = segmentation_metrics(data, settings, device, cache_dir)
         metrics.update(seg_metrics)
     privacy = privacy_summary(audit, mask_audit, metrics)
     privacy |= {"extractors": extractors, "samples_id": samples_id(samples_dir), "mia": mia_record}
-    write_eval_folder(out_dir, data, settings, metrics, privacy, audit, extractors)
+    write_eval_folder(out_dir, data, settings, metrics, privacy, audit, extractors, mask_audit, mask_scores)
     return EvalResult(
         metrics, privacy["verdict"], list(privacy["reasons"]), extractors, out_dir, data.info.get("mlflow_run_id")
     )

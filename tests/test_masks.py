@@ -224,3 +224,68 @@ def test_the_mask_model_trains_on_the_jobs_data_into_its_own_folder():
     assert mask.paths.prepared_dir == paths["prepared_dir"] == "outputs/demo_2d_seg/prepared"
     assert mask.paths.train_dir == "outputs/demo_2d_seg/train/mask" and mask.ckpt_path is None
     assert mask.tracking.experiment == cfg.tracking.experiment and mask.latent.autoencoder_ckpt is None
+
+
+def test_regenerating_a_generated_mask_copy_draws_a_new_mask_and_image(seg_job):
+    from medaug.masks import mask_generator
+    from medaug.regeneration import regenerate_copies
+
+    _sample(seg_job, "regen_gen", "sample.masks=generate")
+    images, labels, rows, info = load_samples(seg_job / "regen_gen")
+    masks = load_sample_masks(seg_job / "regen_gen")
+    masks[2] = load_split_masks(seg_job / "prepared", "train")[3]  # planted: sample 2's mask copies a training mask
+    keep = np.array([True, False, False, True, True, True])  # sample 1: an image copy; sample 2: a mask copy
+    mask_copy = np.array([False, False, True, False, False, False])
+    mask_ckpt = seg_job / "train" / "mask" / "checkpoints" / "last.pt"
+    kw = dict(
+        sample_info=info, ckpt_path=seg_job / "train" / "checkpoints" / "last.pt", prepared_dir=seg_job / "prepared"
+    )
+    new = regenerate_copies(
+        images,
+        labels,
+        rows,
+        keep,
+        np.zeros(6),
+        1.0,
+        masks=masks,
+        mask_copy=mask_copy,
+        mask_threshold=1.0,
+        mask_ckpt_path=mask_ckpt,
+        **kw,
+    )
+    assert new.short == 0 and [int(r["index"]) for r in new.rows] == [0, 3, 4, 5, 6, 7]
+    assert torch.equal(new.masks[4], masks[1])  # the image copy: a new image on its own mask, as before
+    s = info["sample"]  # the mask copy: a new mask, the one the mask model draws for sample 7 (its new index)
+    make = mask_generator(
+        mask_ckpt,
+        load_checkpoint(kw["ckpt_path"]).meta,
+        "cpu",
+        seed=s["seed"],
+        sampler=s["sampler"],
+        steps=s["steps"],
+        guidance_scale=s["guidance_scale"],
+        batch_size=s["batch_size"],
+        eta=s["eta"],
+    )
+    assert torch.equal(new.masks[5], make(labels[2:3], s["seed"] + 7)[0]) and not torch.equal(new.masks[5], masks[2])
+    assert new.rows[5]["replaces_copy"] and new.rows[5]["label"] == int(labels[2])
+    # a new mask that copies a training mask again is refused: with mask threshold -1 nothing passes
+    strict = regenerate_copies(
+        images,
+        labels,
+        rows,
+        keep,
+        np.zeros(6),
+        1.0,
+        masks=masks,
+        mask_copy=mask_copy,
+        mask_threshold=-1.0,
+        mask_ckpt_path=mask_ckpt,
+        max_rounds=2,
+        **kw,
+    )
+    assert strict.short == 1 and len(strict.images) == 5
+    with pytest.raises(ValueError, match="regenerating them needs the mask model"):
+        regenerate_copies(
+            images, labels, rows, keep, np.zeros(6), 1.0, masks=masks, mask_copy=mask_copy, mask_threshold=1.0, **kw
+        )
