@@ -28,7 +28,7 @@ import torch
 import medaug
 from medaug.atomic import is_complete
 from medaug.dp import describe
-from medaug.export import ExportError, metrics_table
+from medaug.export import ExportError, metrics_table, refuse_real_patients
 from medaug.preprocessing import IntensityWindow
 from medaug.privacy import copy_filter, read_copy_scores, read_mask_copy_scores
 from medaug.sampling import load_sample_masks, load_samples, samples_id
@@ -317,7 +317,8 @@ def release(
     regenerate: Callable | None = None,
 ) -> Release:
     """Read a samples folder and its evaluation and decide what export writes: the share gate
-    (:func:`share_gate`: ``profile="share"`` refuses a failed or missing audit unless ``allow_failed_audit``),
+    (:func:`share_gate`: ``profile="share"`` refuses a failed or missing audit unless ``allow_failed_audit``, and
+    samples that carry a real patient, :func:`medaug.export.refuse_real_patients`, whatever ``allow_failed_audit``),
     then the copy filter (``copy_filter``: auto = on for the share profile; it needs an audit), replacing the
     dropped samples when ``regenerate`` (:func:`medaug.regeneration.regenerate_copies` with the checkpoint
     bound; the samples' ``sample_info`` is bound here) is given. Nothing is written. Raises ExportError naming
@@ -327,6 +328,7 @@ def release(
     masks = load_sample_masks(samples_dir)
     ev = read_evaluation(eval_dir, samples_dir)
     warning = share_gate(ev, profile, allow_failed_audit)  # before anything is written
+    refuse_real_patients(rows, profile)  # and before any regeneration; not an audit result: no override
     card = card_fields(name, info, rows, ev, prepared_dir) | {"audit_warning": warning}
     scores = manifest_scores(ev, rows)
     if profile == "share" if copy_filter == "auto" else bool(copy_filter):

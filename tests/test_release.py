@@ -240,3 +240,30 @@ def test_the_copy_filter_drops_a_pair_whose_generated_mask_is_a_copy(tmp_path):
     _, _, _, _ = _mask_audit(tmp_path, ("", "", "0.5"))  # no mask copy: the image-copy path alone
     kept = filter_copies(images, labels, rows, tmp_path / "eval", masks=masks)
     assert [r["index"] for r in kept.rows] == [0, 2] and "0 generated masks copying" in kept.note
+
+
+def test_share_refuses_images_conditioned_on_real_patients_masks_even_with_allow_failed_audit(tmp_path):
+    from .test_segmentation import add_sample_masks
+
+    _audited(tmp_path, verdict="pass", failed=[])
+    masks = torch.zeros(3, 1, 4, 4, dtype=torch.long)
+    masks[:, :, 1:3, 1:3] = 1
+    add_sample_masks(tmp_path / "samples", masks, source="real")  # sample.masks=prepared:<split>
+    samples = json.loads((tmp_path / "eval" / "privacy.json").read_text())
+    (tmp_path / "eval" / "privacy.json").write_text(
+        json.dumps(samples | {"samples_id": samples_id(tmp_path / "samples")})
+    )
+    for extra in ([], ["export.allow_failed_audit=true"]):  # not an audit result: the override does not lift it
+        with pytest.raises(ExportError) as err:
+            _share(tmp_path, *extra)
+        message = str(err.value)
+        assert message.startswith("3 of 3 samples are conditioned on real patients' masks (mask_source=real")
+        assert "sample.masks=generate" in message and "export.profile=augment" in message and "\n" not in message
+        assert not (tmp_path / "export").exists()
+    result = _share(tmp_path, "export.profile=augment")  # for use where the training data may be used
+    assert result["samples"] == 3 and (tmp_path / "export" / "labelsTr").is_dir()
+    add_sample_masks(tmp_path / "samples", masks, source="generated")  # new masks: shared as before
+    (tmp_path / "eval" / "privacy.json").write_text(
+        json.dumps(samples | {"samples_id": samples_id(tmp_path / "samples")})
+    )
+    assert _share(tmp_path)["samples"] == 3
