@@ -289,3 +289,28 @@ def test_regenerating_a_generated_mask_copy_draws_a_new_mask_and_image(seg_job):
         regenerate_copies(
             images, labels, rows, keep, np.zeros(6), 1.0, masks=masks, mask_copy=mask_copy, mask_threshold=1.0, **kw
         )
+
+
+@pytest.mark.slow
+def test_evaluate_attacks_the_mask_conditioned_model_and_its_mask_model(seg_job):
+    from pipelines import evaluate
+
+    fast = [
+        "evaluate.utility.seeds=[]",
+        "evaluate.segmentation.steps=5",
+        "evaluate.segmentation.seeds=[]",
+        "evaluate.mia.bootstrap=50",
+        f"paths.eval_dir={seg_job / 'eval_gen'}",
+    ]
+    _sample(seg_job, "mia_gen", "sample.masks=generate")
+    result = evaluate.run(compose_cfg("evaluate", seg_job, [*SEG, f"paths.samples_dir={seg_job / 'mia_gen'}", *fast]))
+    privacy = json.loads((seg_job / "eval_gen" / "privacy.json").read_text())
+    assert privacy["mia"]["run"] and privacy["mia"]["condition"] == "mask+class"  # was skipped before
+    assert 0 <= result["privacy/mia_auc"] <= 1 and result["privacy/mia_members"] > 0
+    assert privacy["mask_mia"]["run"] and privacy["mask_mia"]["generates"] == "mask"
+    assert "mask" in privacy  # the audit of the generated masks ran, and the mask model's attack joined it
+    assert 0 <= result["privacy/mask_mia_auc"] <= 1
+    assert any(c.startswith("masks: membership-inference AUC") for c in privacy["checks"])
+    report = (seg_job / "eval_gen" / "report.md").read_text()
+    assert "loss attack with each image's real mask as the condition" in report
+    assert "membership inference, mask model: loss attack of the mask model, on the real masks" in report
