@@ -38,7 +38,7 @@ def test_checkpoints_record_their_conditioning(seg_job):
     image = load_checkpoint(seg_job / "train" / "checkpoints" / "last.pt")
     mask = load_checkpoint(seg_job / "train" / "mask" / "checkpoints" / "last.pt")
     assert image.meta["condition"]["kind"] == "mask+class"
-    assert image.meta["condition"]["mask_labels"] == {"background": 0, "label_1": 1}
+    assert image.meta["condition"]["mask_labels"] == {"background": 0, "lesion": 1}
     assert image.config["model"]["in_channels"] == 1 + 2 and image.config["model"]["num_class_embeds"] == 4
     assert mask.meta["condition"]["generates"] == "mask" and mask.config["model"]["out_channels"] == 2
     assert check_mask_model(mask.meta, image.meta, "mask.pt") == 2
@@ -54,7 +54,7 @@ def test_generated_masks_then_images_are_seeded_pairs(seg_job):
     assert images.shape == (6, 1, 12, 12) and masks.shape == (6, 1, 12, 12) and masks.dtype == torch.long
     assert set(masks.unique().tolist()) <= {0, 1} and labels.tolist() == [0, 0, 1, 1, 2, 2]
     assert {r["mask_source"] for r in rows} == {"generated"}
-    assert info["mask_labels"] == {"background": 0, "label_1": 1}
+    assert info["mask_labels"] == {"background": 0, "lesion": 1}
     mask_ckpt = load_checkpoint(seg_job / "train" / "mask" / "checkpoints" / "last.pt")
     assert info["sample"]["mask_ckpt"] == mask_ckpt.id  # provenance by id, no path
     again, _, _, _ = load_samples(seg_job / "gen_b")
@@ -85,7 +85,7 @@ def test_masks_of_a_prepared_split_and_of_a_user_folder_and_csv(seg_job, tmp_pat
         str(tmp_path / "masks.csv"),
         ["healthy", "multi_lesion", "single_lesion"],
         image_shape=(12, 12),
-        mask_labels={"background": 0, "label_1": 1},
+        mask_labels={"background": 0, "lesion": 1},
     )
     assert source.kind == "user" and source.labels.tolist() == [2] and int(source.masks.sum()) == 16
 
