@@ -41,6 +41,8 @@ def test_every_experiment_composes_and_smoke_runs(tmp_path, experiment):
             *autoencoder,
             "data.demo.size=12",
             "data.image_size=" + ("[12,12]" if cfg.data.spatial_dims == 2 else "[12,12,12]"),
+            "evaluate.segmentation.steps=5",  # experiments with masks: tiny segmenters too
+            "evaluate.segmentation.seeds=[0]",
         ],
     )
     assert results["train"]["train/step"] == 4
