@@ -54,6 +54,7 @@ def test_generated_masks_then_images_are_seeded_pairs(seg_job):
     assert images.shape == (6, 1, 12, 12) and masks.shape == (6, 1, 12, 12) and masks.dtype == torch.long
     assert set(masks.unique().tolist()) <= {0, 1} and labels.tolist() == [0, 0, 1, 1, 2, 2]
     assert {r["mask_source"] for r in rows} == {"generated"}
+    assert all(int(r["mask_redraws"]) >= 0 for r in rows)  # the plausibility check's redraws, per sample
     assert info["mask_labels"] == {"background": 0, "lesion": 1}
     mask_ckpt = load_checkpoint(seg_job / "train" / "mask" / "checkpoints" / "last.pt")
     assert info["sample"]["mask_ckpt"] == mask_ckpt.id  # provenance by id, no path
@@ -314,3 +315,47 @@ def test_evaluate_attacks_the_mask_conditioned_model_and_its_mask_model(seg_job)
     report = (seg_job / "eval_gen" / "report.md").read_text()
     assert "loss attack with each image's real mask as the condition" in report
     assert "membership inference, mask model: loss attack of the mask model, on the real masks" in report
+
+
+def test_mask_range_refuses_masks_unlike_the_training_masks_of_their_class():
+    from medaug.masks import MaskRange, component_sizes
+
+    def boxes(*corners, size=3, shape=(12, 12)):
+        m = torch.zeros(1, *shape, dtype=torch.long)
+        for r, c in corners:
+            m[0, r : r + size, c : c + size] = 1
+        return m
+
+    train = torch.stack([torch.zeros(1, 12, 12, dtype=torch.long), boxes((1, 1)), boxes((1, 1), (6, 6))])
+    rng = MaskRange.of(train, torch.tensor([0, 1, 1]))  # class 0: empty; class 1: one or two 3x3 lesions
+    assert rng.count == {0: {1: (0, 0)}, 1: {1: (1, 2)}} and rng.size == {1: {1: (9, 9)}}
+    speckle = torch.zeros(1, 12, 12, dtype=torch.long)
+    speckle[0, ::3, ::3] = 1  # 16 one-voxel components
+    candidates = torch.stack([boxes((5, 5)), boxes((2, 2), (7, 7)), boxes((0, 0), size=12), speckle, boxes((4, 4))])
+    assert rng.plausible(candidates, torch.tensor([1, 1, 1, 1, 0])).tolist() == [True, True, False, False, False]
+    assert rng.plausible(candidates[:1], torch.tensor([2])).tolist() == [True]  # a class never seen: no judgement
+    assert component_sizes(speckle[0].numpy() == 1) == [1] * 16 and component_sizes(np.zeros((3, 3, 3), bool)) == []
+
+
+def test_implausible_generated_masks_are_redrawn_with_their_own_seeds(seg_job):
+    from medaug.masks import MaskRange, mask_generator
+
+    image = load_checkpoint(seg_job / "train" / "checkpoints" / "last.pt")
+    kw = dict(sampler="ddim", steps=3, guidance_scale=2.0, batch_size=4)
+    path = seg_job / "train" / "mask" / "checkpoints" / "last.pt"
+    labels = torch.tensor([0, 1, 2, 2])
+    plain = mask_generator(path, image.meta, "cpu", seed=5, **kw)(labels, 5)
+    checked = mask_generator(path, image.meta, "cpu", seed=5, prepared_dir=seg_job / "prepared", max_redraws=3, **kw)
+    masks = checked(labels, 5)
+    reference = MaskRange.of(
+        load_split_masks(seg_job / "prepared", "train"), load_split(seg_job / "prepared", "train")[1]
+    )
+    first = reference.plausible(plain, labels)
+    for j in range(4):  # plausible masks are kept as drawn; the others were drawn again (and counted)
+        if first[j]:
+            assert torch.equal(masks[j], plain[j]) and j not in checked.redraws
+        else:
+            assert 1 <= checked.redraws[j] <= 3
+    again = mask_generator(path, image.meta, "cpu", seed=5, prepared_dir=seg_job / "prepared", max_redraws=3, **kw)
+    assert torch.equal(again(labels, 5), masks) and again.redraws == checked.redraws  # seeded
+    assert not first.all()  # the 4-step tiny mask model draws implausible masks: the check has work to do
