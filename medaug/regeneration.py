@@ -92,21 +92,21 @@ def regenerate_copies(
     train_x, _ = load_split(Path(prepared_dir), "train")
     new_mask = np.zeros(len(labels), dtype=bool) if mask_copy is None else np.asarray(mask_copy, dtype=bool)
     made: dict[int, torch.Tensor] = {}  # candidate index -> its mask
-    redraw = None
+    last: dict = {}  # the latest round's candidate masks and which of them are new (redrawn) masks
     if new_mask.any():
         redraw = _mask_redraw(ckpt, s, mask_ckpt_path, trust)
         train_masks = load_split_masks(Path(prepared_dir), "train").float()
 
     def generate(want: torch.Tensor, first: int) -> torch.Tensor:  # want: indices of the samples to replace
         sch = inference_scheduler(ckpt.config["scheduler"], s["sampler"], s["steps"])
+        given = {}
         if cond.uses_mask:
-            m = masks[want].clone()
-            again = torch.from_numpy(new_mask[want.numpy()])
-            if again.any():  # a new mask for each sample whose mask was a copy (seeded by its candidate index)
-                for j in torch.nonzero(again).flatten().tolist():
-                    m[j] = redraw(labels[want[j : j + 1]], s["seed"] + first + j)[0]
+            m, again = masks[want].clone(), torch.from_numpy(new_mask[want.numpy()])
+            for j in torch.nonzero(again).flatten().tolist():  # a new mask where the mask was a copy, seeded as
+                m[j] = redraw(labels[want[j : j + 1]], s["seed"] + first + j)[0]  # the mask of sample first + j
             made.update({first + j: m[j] for j in range(len(want))})
-            candidate_masks.update(first=first, masks=m, again=again)
+            last.update(masks=m, again=again)
+            given = dict(masks=m, conditioning=cond)
         return sample_images(
             net,
             sch,
@@ -118,19 +118,14 @@ def regenerate_copies(
             batch_size=s["batch_size"],
             eta=s["eta"],
             clip_x0=s.get("clip_x0", True),
-            **(dict(masks=made_masks(first, len(want)), conditioning=cond) if cond.uses_mask else {}),
+            **given,
         )  # the settings the samples were made with
-
-    def made_masks(first: int, n: int) -> torch.Tensor:
-        return torch.stack([made[first + j] for j in range(n)])
-
-    candidate_masks: dict = {}
 
     def score(imgs: torch.Tensor) -> np.ndarray:  # a candidate whose new mask is a copy again does not pass
         s_img = pixel_copy_scores(imgs, train_x)
-        again = candidate_masks.get("again")
+        again = last.get("again")
         if again is not None and again.any():
-            s_mask = pixel_copy_scores(candidate_masks["masks"][again].float(), train_masks)
+            s_mask = pixel_copy_scores(last["masks"][again].float(), train_masks)
             s_img[again.numpy()] = np.where(s_mask > mask_threshold, np.inf, s_img[again.numpy()])
         return s_img
 
