@@ -432,16 +432,23 @@ def compute_metrics(
 
 
 def membership(
-    data: EvalData, settings: EvalSettings, ckpt_path: Path | None, device: torch.device, trust: bool = False
+    data: EvalData,
+    settings: EvalSettings,
+    ckpt_path: Path | None,
+    device: torch.device,
+    trust: bool = False,
+    wanted: str | None = None,
 ) -> tuple[dict[str, float], dict]:
     """The membership-inference attack (:mod:`medaug.membership`) on the checkpoint the samples came from: the
-    train split's images against the held-out ones. ``ckpt_path`` is where to look (that file, or one beside it
-    with the samples' checkpoint id). Returns ``(privacy/mia_* metrics, what privacy.json records of it)``;
-    ``({}, {"run": False, ...})`` when it is switched off or, with ``enabled: auto``, the checkpoint is not found."""
+    train split's images against the held-out ones (a mask-conditioned model's with their real masks as its
+    condition). ``ckpt_path`` is where to look (that file, or one beside it with the samples' checkpoint id;
+    ``wanted``: another id, e.g. the samples' mask model's, attacked on the real masks). Returns ``(privacy/mia_*
+    metrics, what privacy.json records of it)``; ``({}, {"run": False, ...})`` when it is switched off or, with
+    ``enabled: auto``, the checkpoint is not found."""
     mia = settings.mia
     if mia.enabled is False:
         return {}, {"run": False, "why": "evaluate.mia.enabled=false"}
-    wanted = data.info.get("checkpoint_id")
+    wanted = wanted or data.info.get("checkpoint_id")
     found = find_checkpoint(ckpt_path, wanted)
     if found is None:
         why = f"the samples' checkpoint {wanted} is not {ckpt_path} nor beside it (trained on since?)"
@@ -450,42 +457,76 @@ def membership(
         log.warning("membership inference not run: %s; pass ckpt_path=<the samples' checkpoint>", why)
         return {}, {"run": False, "why": why}
     ckpt = load_checkpoint(found, trust)
-    if Conditioning.from_meta(ckpt.meta) != Conditioning():
-        why = "the loss attack conditions on the class only; this model is conditioned on masks or generates them"
+    cond = Conditioning.from_meta(ckpt.meta)
+    masks = data.masks
+    if cond != Conditioning() and masks is None:
+        why = f"the checkpoint is a {cond.kind} model generating {cond.generates}s, and the real masks are missing"
         log.warning("membership inference not run: %s", why)
         return {}, {"run": False, "why": why}
     net = checkpoint_network(ckpt, "ema").to(device)
-    space = latent_space_of(ckpt.meta, device, trust)  # None: pixel space
+    space = latent_space_of(ckpt.meta, device, trust) if cond.generates == "image" else None  # None: pixel space
+    with_masks = cond != Conditioning()
     metrics = membership_audit(
         net,
         build_scheduler(ckpt.config["scheduler"]),
-        (data.train_x, data.train_y),
-        (data.test_x, data.test_y),
+        (data.train_x, data.train_y, *([masks.train] if with_masks else [])),
+        (data.test_x, data.test_y, *([masks.test] if with_masks else [])),
         data.class_names,
         mia,
         seed=settings.seed,
         encode=None if space is None else space.encode,
+        conditioning=cond,
     )
-    return metrics, {"run": True, "checkpoint_id": ckpt.id, "checkpoint_step": ckpt.step, **asdict(mia)}
+    return metrics, {
+        "run": True,
+        "checkpoint_id": ckpt.id,
+        "checkpoint_step": ckpt.step,
+        "condition": cond.kind,
+        "generates": cond.generates,
+        **asdict(mia),
+    }
+
+
+def mask_model_membership(
+    data: EvalData, settings: EvalSettings, mask_ckpt_path: Path | None, device: torch.device, trust: bool = False
+) -> tuple[dict[str, float], dict]:
+    """The membership attack on the mask model that drew the samples' generated masks (its id in the samples'
+    ``info.json``, ``sample.mask_ckpt``; looked for at ``mask_ckpt_path`` or beside it), on the real train masks
+    against the held-out ones: :func:`membership`'s metrics and record; ``({}, {"run": False, ...})`` when the
+    samples' masks were not generated or that mask model is not found (a warning, never an error)."""
+    wanted = (data.info.get("sample") or {}).get("mask_ckpt")
+    if data.masks is None or "generated" not in data.masks.source or not wanted or settings.mia.enabled is False:
+        return {}, {"run": False, "why": "no generated masks, or evaluate.mia.enabled=false"}
+    if find_checkpoint(mask_ckpt_path, wanted) is None:
+        why = f"the samples' mask model {wanted} is not {mask_ckpt_path} nor beside it"
+        log.warning("membership inference on the mask model not run: %s; pass sample.mask_ckpt=<it>", why)
+        return {}, {"run": False, "why": why}
+    return membership(data, settings, mask_ckpt_path, device, trust, wanted=wanted)
 
 
 def mia_context(record: dict) -> str:
     """The report's line on the membership-inference attack, from what :func:`membership` recorded."""
     if not record.get("run"):
         return f"not run: {record.get('why', 'no record')}"
+    on = "" if record.get("condition", "class") == "class" else " with each image's real mask as the condition"
+    if record.get("generates") == "mask":
+        on = " of the mask model, on the real masks"
     return (
-        f"loss attack on checkpoint {record['checkpoint_id']} (step {record['checkpoint_step']}), timesteps "
+        f"loss attack{on} on checkpoint {record['checkpoint_id']} (step {record['checkpoint_step']}), timesteps "
         f"{list(record['timesteps'])} of the schedule x noise seeds {list(record['seeds'])}, up to "
         f"{record['max_per_class']} train and held-out images per class"
     )
 
 
 def segmentation_metrics(
-    data: EvalData, settings: EvalSettings, device: torch.device, cache_dir: Path
-) -> tuple[dict[str, float], PrivacyAudit | None]:
+    data: EvalData, settings: EvalSettings, device: torch.device, cache_dir: Path, mask_mia: dict | None = None
+) -> tuple[dict[str, float], PrivacyAudit | None, np.ndarray | None]:
     """Mask fidelity, segmentation utility (``segmentation/...``) and the memorisation audit of the non-empty
     generated masks, calibrated on the non-empty held-out real masks (``privacy/mask_...``; None when no non-empty
-    mask was generated or fewer than 2 held-out masks have a label) of ``data.masks``."""
+    mask was generated or fewer than 2 held-out masks have a label) of ``data.masks``, with each sample's mask copy
+    score (N,) (NaN where its mask was not audited; None without the audit) for ``per_sample.csv``. ``mask_mia``:
+    the membership attack on the mask model (:func:`mask_model_membership`), which joins the mask audit
+    (``privacy/mask_mia_auc`` ...)."""
     d, m, seg = data, data.masks, settings.segmentation
     k = max(m.labels.values()) + 1
     segmenter = cached_segmenter(cache_dir, d.train_x, m.train, k, seg, settings.seed, device)
@@ -508,12 +549,12 @@ def segmentation_metrics(
     generated = torch.tensor([s == "generated" for s in m.source], dtype=torch.bool) & m.synth.flatten(1).any(1)
     heldout = m.test[m.test.flatten(1).any(1)]
     if not generated.any():
-        return metrics, None
+        return metrics, None, None
     if len(heldout) < 2:
         log.warning(
             "%d held-out real masks with a label: too few to calibrate the mask copy audit; skipped", len(heldout)
         )
-        return metrics, None
+        return metrics, None, None
     p = settings.privacy
     audit = privacy_audit(
         m.synth[generated].float(),
@@ -526,9 +567,12 @@ def segmentation_metrics(
         synth_labels=d.synth_y[generated],
         class_names=d.class_names,
         seed=settings.seed,
+        extra=mask_mia,
     )
     metrics.update({k.replace("privacy/", "privacy/mask_", 1): v for k, v in audit.metrics.items()})
-    return metrics, audit
+    per_sample = np.full(len(m.synth), np.nan)
+    per_sample[generated.numpy()] = audit.scores.score
+    return metrics, audit, per_sample
 
 
 def privacy_summary(audit: PrivacyAudit, mask_audit: PrivacyAudit | None, metrics: dict[str, float]) -> dict:
@@ -555,16 +599,28 @@ def write_eval_folder(
     privacy: dict,
     audit: PrivacyAudit,
     extractors: list[str],
+    mask_audit: PrivacyAudit | None = None,
+    mask_scores: np.ndarray | None = None,
 ) -> Path:
-    """The evaluation folder, atomically: ``metrics.json``, ``privacy.json`` (``privacy``), ``per_sample.csv``,
-    the pictures and ``report.md``. Returns ``out_dir``."""
+    """The evaluation folder, atomically: ``metrics.json``, ``privacy.json`` (``privacy``), ``per_sample.csv``
+    (with each sample's ``mask_scores``, the audit of the generated masks, when ``mask_audit`` ran), the pictures
+    and ``report.md``. Returns ``out_dir``."""
     d, names = data, data.class_names
     with atomic_folder(out_dir) as tmp:
         (tmp / "metrics.json").write_text(
             json.dumps({key: (v if math.isfinite(v) else None) for key, v in sorted(metrics.items())}, indent=2)
         )
         (tmp / "privacy.json").write_text(json.dumps(privacy, indent=2))
-        write_per_sample(tmp / "per_sample.csv", audit.scores, d.sample_index, d.synth_y.tolist(), names, d.train_items)
+        write_per_sample(
+            tmp / "per_sample.csv",
+            audit.scores,
+            d.sample_index,
+            d.synth_y.tolist(),
+            names,
+            d.train_items,
+            mask_scores=mask_scores,
+            mask_threshold=None if mask_audit is None else mask_audit.scores.threshold,
+        )
         pictures = write_pictures(
             tmp, d.synth_x, d.synth_y, d.test_x, d.test_y, d.train_x, names, audit.scores, settings.pairs_top
         )
@@ -581,6 +637,11 @@ def write_eval_folder(
                 f"{len(d.train_x)} real train, {len(d.test_x)} real held-out",
                 "copy score space": f"{p.space} (threshold = {p.percentile}th percentile of held-out maxima)",
                 "membership inference": mia_context(privacy.get("mia") or {}),
+                **(
+                    {"membership inference, mask model": mia_context(privacy["mask_mia"])}
+                    if "mask_mia" in privacy
+                    else {}
+                ),
             },
         )
         if d.masks is not None:
@@ -599,6 +660,7 @@ def evaluate(
     cache_dir: str | os.PathLike | None = None,
     ckpt_path: str | os.PathLike | None = None,
     trust: bool = False,
+    mask_ckpt_path: str | os.PathLike | None = None,
 ) -> EvalResult:
     """Evaluate the synthetic images of ``samples_dir`` against the real ones of ``prepared_dir`` and write the
     evaluation folder ``out_dir`` (see the module doc).
@@ -613,6 +675,8 @@ def evaluate(
         cache_dir: where real-trained classifiers are cached; default :func:`classifier_cache_dir` of ``out_dir``.
         ckpt_path: the samples' checkpoint, or one beside it (the membership-inference attack, :func:`membership`);
             ``trust``: load it trusting its contents (see :func:`medaug.model.load_checkpoint`).
+        mask_ckpt_path: the mask model of samples with generated masks (or one beside it): the attack on it
+            (:func:`mask_model_membership`) joins the audit of the generated masks.
 
     Returns:
         :class:`EvalResult` with the metrics (NaN where undefined, null in ``metrics.json``) and the privacy verdict.
@@ -627,13 +691,18 @@ def evaluate(
     cache_dir = Path(cache_dir) if cache_dir is not None else classifier_cache_dir(out_dir)
     mia, mia_record = membership(data, settings, Path(ckpt_path) if ckpt_path else None, device, trust)
     metrics, audit, extractors = compute_metrics(data, settings, device, cache_dir, mia)
-    mask_audit = None
+    mask_audit = mask_scores = None
+    mask_mia, mask_mia_record = mask_model_membership(
+        data, settings, Path(mask_ckpt_path) if mask_ckpt_path else None, device, trust
+    )
     if data.masks is not None:
-        seg_metrics, mask_audit = segmentation_metrics(data, settings, device, cache_dir)
+        seg_metrics, mask_audit, mask_scores = segmentation_metrics(data, settings, device, cache_dir, mask_mia)
         metrics.update(seg_metrics)
     privacy = privacy_summary(audit, mask_audit, metrics)
     privacy |= {"extractors": extractors, "samples_id": samples_id(samples_dir), "mia": mia_record}
-    write_eval_folder(out_dir, data, settings, metrics, privacy, audit, extractors)
+    if data.masks is not None:
+        privacy["mask_mia"] = mask_mia_record
+    write_eval_folder(out_dir, data, settings, metrics, privacy, audit, extractors, mask_audit, mask_scores)
     return EvalResult(
         metrics, privacy["verdict"], list(privacy["reasons"]), extractors, out_dir, data.info.get("mlflow_run_id")
     )

@@ -188,6 +188,29 @@ def seg_header(class_name: str) -> dict:
     )
 
 
+def refuse_real_patients(rows: Sequence[Mapping], profile: str) -> None:
+    """The share profile's refusal of samples that carry a real patient (not an audit result, so
+    ``export.allow_failed_audit`` does not lift it): an inpainted image (``contains_real_patient=true``) or an image
+    conditioned on a real patient's mask (``mask_source=real``, ``sample.masks=prepared:<split>``: the mask is that
+    patient's anatomy). Raises ExportError of one line naming the fix."""
+    if profile != "share":
+        return
+    if any(str(r.get("contains_real_patient", "")).lower() == "true" for r in rows):
+        raise ExportError(
+            "these images contain a real patient's image outside an inpainted region "
+            "(contains_real_patient=true, from `medaug inpaint`): the share profile refuses them; "
+            "export them with export.profile=augment for use where the source images may be used"
+        )
+    real = sum(str(r.get("mask_source", "")) == "real" for r in rows)
+    if real:
+        raise ExportError(
+            f"{real} of {len(rows)} samples are conditioned on real patients' masks (mask_source=real, from "
+            "sample.masks=prepared:<split>): a mask is a patient's anatomy, and the share profile refuses them; "
+            "sample with sample.masks=generate or your own new masks (a folder or CSV), or export with "
+            "export.profile=augment for use where the training data may be used"
+        )
+
+
 def mask_sources_text(manifest: Sequence[Mapping]) -> str:
     """`` (masks: 2 generated, 1 user)`` from the manifest's ``mask_source`` column; empty without masks."""
     counts = Counter(str(r["mask_source"] or "unknown") for r in manifest if "mask_source" in r)
@@ -418,12 +441,7 @@ def export_dataset(
         raise ExportError(f"export.format={formats}; choose one or more of {list(FORMATS)}")
     if profile not in PROFILES:
         raise ExportError(f"export.profile={profile!r}; choose one of {list(PROFILES)}")
-    if profile == "share" and any(str(r.get("contains_real_patient", "")).lower() == "true" for r in rows):
-        raise ExportError(
-            "these images contain a real patient's image outside an inpainted region "
-            "(contains_real_patient=true, from `medaug inpaint`): the share profile refuses them; "
-            "export them with export.profile=augment for use where the source images may be used"
-        )
+    refuse_real_patients(rows, profile)
     if profile == "share" and archive not in ARCHIVES:
         raise ExportError(f"export.archive={archive!r}; choose one of {list(ARCHIVES)}")
     if len(images) != len(rows):

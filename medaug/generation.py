@@ -101,6 +101,8 @@ def generate_samples(
             sampler=s["sampler"],
             steps=s["steps"],
             use_ema=s["use_ema"],
+            prepared_dir=prepared_dir,  # the plausibility check of generated masks (sample.mask_redraws)
+            max_redraws=s.get("mask_redraws", 0),
             **{k: v for k, v in kwargs.items() if k != "null_class"},
         )
 
@@ -130,4 +132,6 @@ def generate_samples(
     if make_masks is not None:  # the mask model by its id, not its path
         s["mask_ckpt"] = make_masks.checkpoint_id
     rows, info = sample_records(ckpt, labels, s, space, source, cond.mask_labels)
+    for row in rows if make_masks is not None and s.get("mask_redraws", 0) > 0 else []:  # implausible masks redrawn
+        row["mask_redraws"] = make_masks.redraws.get(row["index"], 0)
     return Generated(images, labels, masks, counts, rows, info)

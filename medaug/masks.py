@@ -20,16 +20,21 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, NamedTuple, Sequence
 
 import nibabel as nib
 import numpy as np
 import torch
+from scipy import ndimage
 
 from .conditioning import Conditioning, image_to_mask, num_labels
 from .io import is_nifti
 from .model import last_checkpoint
+
+log = logging.getLogger("medaug")
 
 MASK_SOURCES = ("user", "real", "generated")  # a samples manifest's mask_source
 
@@ -183,9 +188,67 @@ def mask_model_overrides(paths: Mapping[str, str], name: str, experiment: str) -
     }
 
 
-def mask_seed(seed: int) -> int:
-    """The seed of the generated masks of samples seeded from ``seed``: a stream apart from the images' noise."""
-    return int(np.random.SeedSequence([seed, 2]).generate_state(1, np.uint64)[0] >> 2)
+def mask_seed(seed: int, attempt: int = 0) -> int:
+    """The seed of the generated masks of samples seeded from ``seed``: a stream apart from the images' noise;
+    ``attempt`` k > 0: the stream of the k-th redraw of an implausible mask (:class:`MaskRange`)."""
+    entropy = [seed, 2] if attempt == 0 else [seed, 2, attempt]
+    return int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0] >> 2)
+
+
+@dataclass(frozen=True)
+class MaskRange:
+    """What the training masks of each class show, per foreground label: how many connected components a mask
+    has (``count``: ``{class: {label: (min, max)}}``) and how many voxels a component has (``size``, the same
+    layout). A generated mask is plausible (:meth:`plausible`) when, for its class and every label, its component
+    count is within the training range and each component's size within the training range widened by
+    ``tolerance`` (0.5: from half the smallest to 1.5 times the largest). A class without training masks passes
+    anything."""
+
+    count: dict
+    size: dict
+    tolerance: float = 0.5
+
+    @classmethod
+    def of(cls, masks: torch.Tensor, labels: torch.Tensor, tolerance: float = 0.5) -> "MaskRange":
+        """The ranges of label maps ``masks`` (N, 1, *spatial) with classes ``labels`` (N,)."""
+        count: dict = {}
+        size: dict = {}
+        top = int(masks.max()) if masks.numel() else 0
+        for m, y in zip(masks, labels.tolist()):
+            for label in range(1, top + 1):
+                sizes = component_sizes(m[0].numpy() == label)
+                lo, hi = count.setdefault(y, {}).get(label, (len(sizes), len(sizes)))
+                count[y][label] = (min(lo, len(sizes)), max(hi, len(sizes)))
+                if sizes:
+                    lo, hi = size.setdefault(y, {}).get(label, (min(sizes), max(sizes)))
+                    size[y][label] = (min(lo, min(sizes)), max(hi, max(sizes)))
+        return cls(count, size, tolerance)
+
+    def plausible(self, masks: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
+        """``(N,) bool``: which label maps ``masks`` (N, 1, *spatial) of classes ``labels`` (N,) are plausible."""
+        ok = np.ones(len(masks), dtype=bool)
+        for i, (m, y) in enumerate(zip(masks, labels.tolist())):
+            if y not in self.count:
+                continue
+            present = set(torch.unique(m).tolist()) - {0}
+            for label in set(self.count[y]) | present:
+                sizes = component_sizes(m[0].numpy() == label)
+                lo, hi = self.count[y].get(label, (0, 0))
+                if not lo <= len(sizes) <= hi:
+                    ok[i] = False
+                    break
+                if sizes:
+                    s_lo, s_hi = self.size[y][label]
+                    if min(sizes) < s_lo * (1 - self.tolerance) or max(sizes) > s_hi * (1 + self.tolerance):
+                        ok[i] = False
+                        break
+        return ok
+
+
+def component_sizes(region: np.ndarray) -> list[int]:
+    """The voxel counts of the connected components (faces touching) of a boolean ``region`` (2D or 3D)."""
+    components, n = ndimage.label(region)
+    return np.bincount(components.ravel())[1:].tolist() if n else []
 
 
 def check_mask_model(mask_meta: Mapping, image_meta: Mapping, path) -> int:
@@ -255,24 +318,38 @@ def sampling_masks(
 
 
 class MaskGenerator(NamedTuple):
-    """``make(labels (n,), seed of the first sample) -> label maps (n, 1, *spatial)`` and the id of the mask
-    model's checkpoint (recorded in the samples' provenance instead of its path)."""
+    """``make(labels (n,), seed of the first sample) -> label maps (n, 1, *spatial)``, the id of the mask
+    model's checkpoint (recorded in the samples' provenance instead of its path) and ``redraws``: ``{sample index:
+    how many times its mask was drawn again}`` for the masks the plausibility check (:class:`MaskRange`) refused
+    (filled as masks are made; on this process's share of the samples)."""
 
     make: Callable[[torch.Tensor, int], torch.Tensor]
     checkpoint_id: str
+    redraws: dict = {}
 
     def __call__(self, labels: torch.Tensor, first: int) -> torch.Tensor:
         return self.make(labels, first)
 
 
 def mask_generator(
-    path: str | Path, image_meta: Mapping, device, *, seed: int, trust: bool = False, **sample_kwargs
+    path: str | Path,
+    image_meta: Mapping,
+    device,
+    *,
+    seed: int,
+    trust: bool = False,
+    prepared_dir: str | Path | None = None,
+    max_redraws: int = 0,
+    **sample_kwargs,
 ) -> MaskGenerator:
     """``make(labels (n,), seed of the first sample) -> label maps (n, 1, *spatial)`` (a :class:`MaskGenerator`)
     from the mask model at ``path`` (checked against the image model's ``image_meta``, :func:`check_mask_model`).
     Sample ``i`` of the images seeded from ``seed + i`` gets the mask seeded from ``mask_seed(seed) + i``.
-    ``sample_kwargs``: ``sampler``, ``steps``, ``use_ema`` and what :func:`medaug.sampling.sample_images` takes
-    (guidance_scale, batch_size, eta, clip_x0, amp_dtype)."""
+    ``max_redraws`` > 0 (``sample.mask_redraws``): a mask whose connected components fall outside what the
+    training masks of its class in ``prepared_dir`` show (:class:`MaskRange`) is drawn again, up to that many
+    times, its k-th redraw seeded from ``mask_seed(seed, k) + i`` (the same masks for any batch size); one still
+    implausible then is kept (the count says so). ``sample_kwargs``: ``sampler``, ``steps``, ``use_ema`` and what
+    :func:`medaug.sampling.sample_images` takes (guidance_scale, batch_size, eta, clip_x0, amp_dtype)."""
     from .model import load_checkpoint
     from .sampling import inference_scheduler, sample_images, sampling_network
 
@@ -286,20 +363,48 @@ def mask_generator(
     channels = check_mask_model(ckpt.meta, image_meta, path)
     net = sampling_network(ckpt, device, use_ema=sample_kwargs.pop("use_ema", True), conditioned=True)
     scheduler = inference_scheduler(ckpt.config["scheduler"], sample_kwargs.pop("sampler"), sample_kwargs.pop("steps"))
-    names, base = ckpt.meta["class_names"], mask_seed(seed)
+    names = ckpt.meta["class_names"]
+    reference = _mask_range(prepared_dir) if max_redraws > 0 else None
+    redraws: dict[int, int] = {}
 
-    def make(labels: torch.Tensor, first: int) -> torch.Tensor:
+    def draw(labels: torch.Tensor, start: int, attempt: int = 0) -> torch.Tensor:  # start: the first's sample index
         x = sample_images(
             net,
             scheduler,
             labels,
             ckpt.meta["image_shape"],
             null_class=len(names),
-            seed=base + (first - seed),
+            seed=mask_seed(seed, attempt) + start,
             channels=channels,
             progress=False,
             **sample_kwargs,
         )
         return image_to_mask(x)
 
-    return MaskGenerator(make, ckpt.id)
+    def make(labels: torch.Tensor, first: int) -> torch.Tensor:
+        masks = draw(labels, first - seed)
+        if reference is None:
+            return masks
+        for attempt in range(1, max_redraws + 1):
+            bad = np.flatnonzero(~reference.plausible(masks, labels))
+            for j in bad.tolist():  # one at a time: each redraw's seed is its sample's own
+                masks[j] = draw(labels[j : j + 1], first - seed + j, attempt)[0]
+                redraws[first - seed + j] = attempt
+            if not len(bad):
+                break
+        return masks
+
+    return MaskGenerator(make, ckpt.id, redraws)
+
+
+def _mask_range(prepared_dir: str | Path | None) -> MaskRange | None:
+    """The :class:`MaskRange` of the train split's masks of ``prepared_dir``; None (with a warning) without them."""
+    from .data import load_split, load_split_masks
+
+    masks = load_split_masks(prepared_dir, "train") if prepared_dir and Path(prepared_dir).is_dir() else None
+    if masks is None:
+        log.warning(
+            "sample.mask_redraws: no training masks in %s to check generated masks against; no check", prepared_dir
+        )
+        return None
+    return MaskRange.of(masks, load_split(prepared_dir, "train")[1])

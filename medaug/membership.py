@@ -6,7 +6,9 @@ images denoises them better than images of patients it never saw. For every real
 (members) and of the held-out split (non-members) the attack measures the model's denoising error, the per-sample
 training loss of :func:`medaug.training.diffusion_loss` (whatever the model predicts: noise, velocity, a flow's
 velocity), at a few fixed timesteps with fixed noises, conditioned on the image's class, averaged; its score is
-minus that error (higher = more likely a member).
+minus that error (higher = more likely a member). A mask-conditioned model (``model.condition=mask|mask+class``)
+is conditioned on each real image's own mask as well; a mask model (``model.generates=mask``) is attacked on the
+real label maps it was trained on.
 
 ``privacy/mia_auc`` is the area under the ROC curve of that score, members against non-members:
 0.5 = the model treats its training patients like strangers, 1.0 = it gives every one of them away.
@@ -33,6 +35,7 @@ import torch
 from scipy.stats import rankdata
 from torch import nn
 
+from .conditioning import Conditioning, mask_to_image, num_labels
 from .model import file_id
 from .training import StepNoise, diffusion_loss
 
@@ -101,12 +104,15 @@ def denoising_errors(
     seeds: Sequence[int] = (0, 1),
     batch_size: int = 32,
     amp_dtype: torch.dtype | None = None,
+    mask_onehot: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The model's mean denoising error ``(N,)`` on ``images`` (N, C, *spatial) in model space with their class
-    ``labels`` (N,): the per-sample loss of :func:`medaug.training.diffusion_loss` at each timestep
-    (``timesteps``: fractions of the training schedule) and noise (one fixed noise per timestep and seed,
-    from a seeded ``torch.Generator``, shared by every image, so only the images differ), averaged. The same
-    inputs give the same errors, in any batch size."""
+    ``labels`` (N,) (None: a model without class input): the per-sample loss of
+    :func:`medaug.training.diffusion_loss` at each timestep (``timesteps``: fractions of the training schedule) and
+    noise (one fixed noise per timestep and seed, from a seeded ``torch.Generator``, shared by every image, so only
+    the images differ), averaged. ``mask_onehot`` (N, K, *spatial): a mask-conditioned model's condition, each
+    image's own one-hot mask (:meth:`medaug.conditioning.Conditioning.one_hot`). The same inputs give the same
+    errors, in any batch size."""
     device = next(model.parameters()).device
     steps = attack_timesteps(scheduler, timesteps)
     total = torch.zeros(len(images), dtype=torch.float64)
@@ -116,14 +122,17 @@ def denoising_errors(
             noise = torch.randn((1, *images.shape[1:]), generator=gen).to(device)
             for start in range(0, len(images), batch_size):
                 x0 = images[start : start + batch_size].to(device).float()
-                y = labels[start : start + batch_size].to(device)
+                y = None if labels is None else labels[start : start + batch_size].to(device)
+                m = None if mask_onehot is None else mask_onehot[start : start + batch_size].to(device)
                 n = len(x0)
                 draws = StepNoise(
                     noise.expand(n, *noise.shape[1:]),
                     torch.full((n,), t, dtype=torch.long, device=device),
                     torch.zeros(n, dtype=torch.bool, device=device),
                 )
-                loss = diffusion_loss(model, scheduler, x0, y, null_class=null_class, draws=draws, amp_dtype=amp_dtype)
+                loss = diffusion_loss(
+                    model, scheduler, x0, y, null_class=null_class, draws=draws, amp_dtype=amp_dtype, mask_onehot=m
+                )
                 total[start : start + n] += loss.double().cpu()
     return (total / (len(steps) * len(seeds))).float()
 
@@ -222,27 +231,45 @@ def membership_audit(
     seed: int = 0,
     encode=None,
     amp_dtype: torch.dtype | None = None,
+    conditioning: Conditioning | None = None,
 ) -> dict[str, float]:
     """The attack on ``model`` (eval mode, trained with ``scheduler``): ``members`` = (train images, labels),
     ``nonmembers`` = (held-out images, labels), ``(N, 1, *spatial)`` in [-1, 1], each subsampled to
     ``settings.max_per_class`` per class (seeded). ``encode`` maps images to the model's space (a latent
     model's :meth:`medaug.latent.LatentSpace.encode`). Returns :func:`membership_metrics` plus the mean
-    denoising errors ``privacy/mia_loss_member`` and ``privacy/mia_loss_nonmember`` (the held-out loss)."""
+    denoising errors ``privacy/mia_loss_member`` and ``privacy/mia_loss_nonmember`` (the held-out loss).
+
+    A model of another ``conditioning`` (:mod:`medaug.conditioning`) needs each side's real label maps as a
+    third element, ``(images, labels, masks (N, 1, *spatial) int)``: a mask-conditioned model is attacked on the
+    images with their own masks as its condition (on the latent grid for a latent model), a mask model
+    (``generates="mask"``) on the masks themselves (``2 onehot - 1``, what it was trained on; ``images`` unused)."""
+    conditioning = conditioning or Conditioning()
+    if conditioning != Conditioning() and not (len(members) == len(nonmembers) == 3):
+        raise ValueError(
+            f"a {conditioning.kind} model generating {conditioning.generates}s is attacked with the real masks: "
+            "pass (images, labels, masks) for members and non-members"
+        )
     sides = []
-    for i, (x, y) in enumerate((members, nonmembers)):
+    for i, side in enumerate((members, nonmembers)):
+        x, y = side[0], side[1]
         idx = subsample(y, settings.max_per_class, seed + i)
         x, y = x[idx], y[idx]
-        z = encode(x) if encode is not None else x
+        masks = side[2][idx] if len(side) == 3 else None
+        if conditioning.generates == "mask":  # the mask model's training data: label maps as images
+            x = mask_to_image(masks, num_labels(conditioning.label_names))
+        z = encode(x) if encode is not None and conditioning.generates != "mask" else x
+        hot = conditioning.one_hot(masks, grid=z.shape[2:]) if conditioning.uses_mask else None
         err = denoising_errors(
             model,
             scheduler,
             z,
-            y,
+            y if conditioning.use_class else None,
             null_class=len(class_names),
             timesteps=settings.timesteps,
             seeds=settings.seeds,
             batch_size=settings.batch_size,
             amp_dtype=amp_dtype,
+            mask_onehot=hot,
         )
         sides.append((err.numpy(), y.numpy()))
     (em, ym), (en, yn) = sides

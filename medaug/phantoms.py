@@ -29,6 +29,7 @@ from scipy.ndimage import gaussian_filter
 from .io import write_dicom_series, write_nifti
 
 DEMO_CLASSES = ("healthy", "single_lesion", "multi_lesion")
+DEMO_MASK_LABELS = {"background": 0, "lesion": 1}  # the masks' labels (prepare's mask_labels, data.mask_labels)
 AIR_HU, TISSUE_HU, LESION_HU = -1000.0, 40.0, 150.0
 
 

@@ -182,11 +182,16 @@ def write_per_sample(
     labels: Sequence[int],
     class_names: Sequence[str],
     train_items: Sequence[dict],
+    mask_scores: np.ndarray | None = None,
+    mask_threshold: float | None = None,
 ) -> Path:
     """``per_sample.csv``: one row per synthetic sample with its ``index`` (the samples manifest's),
     label, ``copy_score`` (``scores.score``), ``is_copy``, the nearest training item and its pseudonymous
-    patient (``train_items``: manifest rows of the training split, in order) and the correlation per space."""
+    patient (``train_items``: manifest rows of the training split, in order) and the correlation per space.
+    With the audit of the generated masks, ``mask_scores`` (N,) (NaN for a mask it did not audit: not generated,
+    or empty) and its ``mask_threshold``: also ``mask_copy_score`` (empty where NaN) and ``mask_is_copy``."""
     path = Path(path)
+    with_masks = mask_scores is not None and mask_threshold is not None
     with open(path, "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(
@@ -199,6 +204,7 @@ def write_per_sample(
                 "nn_train_item",
                 "nn_patient",
                 *[f"corr_{sp}" for sp in scores.corr],
+                *(["mask_copy_score", "mask_is_copy"] if with_masks else []),
             ]
         )
         for i, (index, y) in enumerate(zip(sample_index, labels)):
@@ -213,9 +219,15 @@ def write_per_sample(
                     nn["item_id"],
                     nn["patient"],
                     *[f"{scores.corr[sp][i]:.6f}" for sp in scores.corr],
+                    *(_mask_columns(float(mask_scores[i]), mask_threshold) if with_masks else []),
                 ]
             )
     return path
+
+
+def _mask_columns(score: float, threshold: float) -> list[str]:
+    """``per_sample.csv``'s ``mask_copy_score`` and ``mask_is_copy`` of one sample (empty and 0: not audited)."""
+    return ["", "0"] if np.isnan(score) else [f"{score:.6f}", str(int(score > threshold))]
 
 
 def read_copy_scores(eval_dir: str | Path) -> tuple[np.ndarray, np.ndarray, float]:
@@ -235,6 +247,21 @@ def read_copy_scores(eval_dir: str | Path) -> tuple[np.ndarray, np.ndarray, floa
     index = np.array([int(r["index"]) for r in rows], dtype=np.int64)
     scores = np.array([float(r["copy_score"]) for r in rows], dtype=np.float64)
     return index, scores, float(json.loads(summary.read_text())["threshold"])
+
+
+def read_mask_copy_scores(eval_dir: str | Path) -> tuple[np.ndarray, np.ndarray, float] | None:
+    """The audit of the generated masks from an ``evaluate`` folder, as :func:`read_copy_scores`: ``(sample index
+    (N,), mask copy score (N,) — NaN for a mask it did not audit, threshold)``; None when it audited no mask (no
+    ``mask_copy_score`` column in ``per_sample.csv`` or no ``mask`` audit in ``privacy.json``)."""
+    eval_dir = Path(eval_dir)
+    index, _, _ = read_copy_scores(eval_dir)
+    mask = json.loads((eval_dir / "privacy.json").read_text()).get("mask")
+    with open(eval_dir / "per_sample.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    if not mask or not rows or "mask_copy_score" not in rows[0]:
+        return None
+    scores = np.array([float(r["mask_copy_score"] or "nan") for r in rows], dtype=np.float64)
+    return index, scores, float(mask["threshold"])
 
 
 @dataclass

@@ -28,9 +28,9 @@ import torch
 import medaug
 from medaug.atomic import is_complete
 from medaug.dp import describe
-from medaug.export import ExportError, metrics_table
+from medaug.export import ExportError, metrics_table, refuse_real_patients
 from medaug.preprocessing import IntensityWindow
-from medaug.privacy import copy_filter, read_copy_scores
+from medaug.privacy import copy_filter, read_copy_scores, read_mask_copy_scores
 from medaug.sampling import load_sample_masks, load_samples, samples_id
 
 log = logging.getLogger("medaug")
@@ -224,6 +224,18 @@ class Filtered(NamedTuple):
     masks: torch.Tensor | None = None  # (M, 1, *spatial): the label map of each image (mask-conditioned samples)
 
 
+def mask_copies(eval_dir: str | Path, rows: Sequence[Mapping]) -> tuple[np.ndarray, float] | None:
+    """Which rows' generated masks the audit in ``eval_dir`` found copies of a training mask, ``((N,) bool, the
+    mask threshold)``; None when it audited no generated mask (:func:`medaug.privacy.read_mask_copy_scores`)."""
+    found = read_mask_copy_scores(eval_dir)
+    if found is None:
+        return None
+    index, score, threshold = found
+    by_index = dict(zip(index.tolist(), score.tolist()))
+    scores = np.array([by_index.get(int(r["index"]), np.nan) for r in rows], dtype=np.float64)
+    return ~copy_filter(np.nan_to_num(scores, nan=-np.inf), threshold), threshold
+
+
 def filter_copies(
     images: torch.Tensor,
     labels: torch.Tensor,
@@ -232,17 +244,27 @@ def filter_copies(
     regenerate: Callable | None = None,
     masks: torch.Tensor | None = None,
 ) -> Filtered:
-    """Drop the samples (N, 1, *spatial) whose copy score is above the audit's threshold and, when
-    ``regenerate`` is given (:func:`medaug.regeneration.regenerate_copies` with its other arguments bound),
-    replace them by new samples of the same class that pass it (needs an audit in pixel space). ``masks``
-    (N, 1, *spatial), the samples' label maps, follow their images (a replacement is made for the mask of the
-    sample it replaces)."""
+    """Drop the samples (N, 1, *spatial) whose copy score is above the audit's threshold, or whose generated
+    mask the audit of the masks found a copy of a training mask, and, when ``regenerate`` is given
+    (:func:`medaug.regeneration.regenerate_copies` with its other arguments bound), replace them by new samples of
+    the same class that pass it (needs an audit in pixel space). ``masks`` (N, 1, *spatial), the samples' label
+    maps, follow their images: an image copy is replaced by a new image for the mask of the sample it replaces, a
+    mask copy by a new mask and a new image on it (``regenerate`` gets ``mask_copy`` (N,) bool and
+    ``mask_threshold``). The note says how many were dropped for each reason."""
     eval_dir = Path(eval_dir)
     scores, threshold = audit_scores(eval_dir, rows)
-    keep = copy_filter(scores, threshold)
+    image_keep = copy_filter(scores, threshold)
+    masked = mask_copies(eval_dir, rows) if masks is not None else None
+    mask_copy = np.zeros(len(rows), dtype=bool) if masked is None else masked[0]
+    keep = image_keep & ~mask_copy
     dropped = int((~keep).sum())
+    note = f"copy filter on (threshold {threshold:.4f}): {dropped} of {len(rows)} samples dropped"
+    if masked is not None:
+        note += (
+            f" ({int((~image_keep).sum())} image copies; {int(mask_copy.sum())} generated masks copying a training "
+            f"mask, mask threshold {masked[1]:.4f})"
+        )
     if not dropped or regenerate is None:
-        note = f"copy filter on (threshold {threshold:.4f}): {dropped} of {len(rows)} samples dropped"
         kept = torch.from_numpy(keep)
         return Filtered(
             images[kept],
@@ -257,11 +279,12 @@ def filter_copies(
             f"export.regenerate needs the audit in pixel space (it used {space!r}); "
             "set evaluate.privacy.space=pixel or export.regenerate=false"
         )
-    new = regenerate(images, labels, rows, keep, scores, threshold, **({} if masks is None else {"masks": masks}))
-    note = (
-        f"copy filter on (threshold {threshold:.4f}): {dropped} of {len(rows)} samples dropped and "
-        f"{dropped - new.short} regenerated"
-        + (f"; {new.short} could not be replaced in {new.max_rounds} rounds" if new.short else "")
+    extra = {} if masks is None else {"masks": masks}
+    if mask_copy.any():
+        extra |= {"mask_copy": mask_copy, "mask_threshold": masked[1]}
+    new = regenerate(images, labels, rows, keep, scores, threshold, **extra)
+    note += f" and {dropped - new.short} regenerated" + (
+        f"; {new.short} could not be replaced in {new.max_rounds} rounds" if new.short else ""
     )
     if new.short:
         log.warning(note)
@@ -294,7 +317,8 @@ def release(
     regenerate: Callable | None = None,
 ) -> Release:
     """Read a samples folder and its evaluation and decide what export writes: the share gate
-    (:func:`share_gate`: ``profile="share"`` refuses a failed or missing audit unless ``allow_failed_audit``),
+    (:func:`share_gate`: ``profile="share"`` refuses a failed or missing audit unless ``allow_failed_audit``, and
+    samples that carry a real patient, :func:`medaug.export.refuse_real_patients`, whatever ``allow_failed_audit``),
     then the copy filter (``copy_filter``: auto = on for the share profile; it needs an audit), replacing the
     dropped samples when ``regenerate`` (:func:`medaug.regeneration.regenerate_copies` with the checkpoint
     bound; the samples' ``sample_info`` is bound here) is given. Nothing is written. Raises ExportError naming
@@ -304,6 +328,7 @@ def release(
     masks = load_sample_masks(samples_dir)
     ev = read_evaluation(eval_dir, samples_dir)
     warning = share_gate(ev, profile, allow_failed_audit)  # before anything is written
+    refuse_real_patients(rows, profile)  # and before any regeneration; not an audit result: no override
     card = card_fields(name, info, rows, ev, prepared_dir) | {"audit_warning": warning}
     scores = manifest_scores(ev, rows)
     if profile == "share" if copy_filter == "auto" else bool(copy_filter):

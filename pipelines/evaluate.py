@@ -19,13 +19,14 @@ import math
 from omegaconf import DictConfig
 
 from medaug.evaluation import EvalSettings, evaluate
+from medaug.masks import mask_checkpoint
 from medaug.tracking import flatten, tracked
 from pipelines.common import container, default_ckpt, device_of, log, make_tracker, path, stage_main
 
 
 def run(cfg: DictConfig) -> dict:
     tracker = make_tracker(cfg)  # first: a tracking server that does not answer stops the stage in seconds
-    section = container(cfg.evaluate)
+    section, mask_ckpt = container(cfg.evaluate), cfg.sample.get("mask_ckpt")
     result = evaluate(
         path(cfg.paths.samples_dir),
         path(cfg.paths.prepared_dir),
@@ -34,6 +35,7 @@ def run(cfg: DictConfig) -> dict:
         device_of(cfg),
         ckpt_path=default_ckpt(cfg),  # the membership-inference attack's checkpoint (or one beside it)
         trust=cfg.trust_checkpoint,
+        mask_ckpt_path=path(mask_ckpt) if mask_ckpt else mask_checkpoint(path(cfg.paths.train_dir)),  # generated masks
     )
     tags = flatten(section, "evaluate.")
     if section["encoder"]["weights"]:

@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 
 from medaug.export import export_dataset, export_modality
 from medaug.job import job_summary
-from medaug.masks import mask_labels
+from medaug.masks import mask_checkpoint, mask_labels
 from medaug.preprocessing import IntensityWindow
 from medaug.registry import synthetic_entity
 from medaug.regeneration import regenerate_copies
@@ -28,12 +28,14 @@ WRITER_KEYS = ("profile", "png_bits", "dicom_multiframe", "dataset_json", "archi
 def run(cfg: DictConfig) -> dict:
     x, samples_dir = container(cfg.export), path(cfg.paths.samples_dir)
     formats = x["format"] if isinstance(x["format"], list) else [x["format"]]
+    mask_ckpt = cfg.sample.get("mask_ckpt")  # the mask model, for samples whose generated mask was a copy
     regenerate = partial(
         regenerate_copies,
         ckpt_path=default_ckpt(cfg),
         prepared_dir=path(cfg.paths.prepared_dir),
         trust=cfg.trust_checkpoint,
         max_rounds=x["max_rounds"],
+        mask_ckpt_path=path(mask_ckpt) if mask_ckpt else mask_checkpoint(path(cfg.paths.train_dir)),
     )
     out = release(
         samples_dir,

@@ -44,6 +44,7 @@ def run(cfg: DictConfig) -> dict:
         class_names=None if data.get("classes") is None else list(data.classes),
         dicom_root=path(data.dicom_root) if data.get("dicom_root") else None,
         dicomweb=config["data"]["dicomweb"] if data.source == "dicomweb" else None,
+        mask_labels=config["data"].get("mask_labels"),
     )
     log_summary(info)
     tracker = make_tracker(OmegaConf.merge(cfg, {"tracking": {"experiment": f"{cfg.tracking.experiment}-prepare"}}))

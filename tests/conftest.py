@@ -8,7 +8,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from medaug.data import prepare_dataset
-from medaug.phantoms import make_demo_dataset
+from medaug.phantoms import DEMO_MASK_LABELS, make_demo_dataset
 from medaug.preprocessing import IntensityWindow
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
@@ -38,7 +38,9 @@ def _prepared(root: Path, spatial_dims: int) -> Path:
     size = 16 if spatial_dims == 2 else 12
     labels = make_demo_dataset(root / "raw", spatial_dims=spatial_dims, n_per_class=6, size=size, seed=0)
     shape = [size, size, -1] if spatial_dims == 2 else [size] * 3
-    prepare_dataset(labels, root / "prepared", WINDOW, spatial_size=shape, spatial_dims=spatial_dims)
+    prepare_dataset(
+        labels, root / "prepared", WINDOW, spatial_size=shape, spatial_dims=spatial_dims, mask_labels=DEMO_MASK_LABELS
+    )
     return root / "prepared"
 
 

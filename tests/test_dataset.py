@@ -613,7 +613,10 @@ def test_msd_label_names_reach_dataset_json_and_a_dataset_without_masks_has_none
     assert json.loads((tmp_path / "p" / "dataset.json").read_text())["labels"] == info.mask_labels
     assert set(load_split_masks(tmp_path / "p", "train").unique().tolist()) == {0, 2}
     (root / "dataset.json").write_text(json.dumps({"labels": {"0": "background", "1": "edema"}, "training": entries}))
-    with pytest.raises(DatasetError, match=r"values \[2\] that dataset.json's labels do not name"):
+    with pytest.raises(
+        DatasetError,
+        match=r"values \[2\] that the declared labels \(data.mask_labels, or dataset.json's labels\) do not name",
+    ):
         prepare_dataset(
             root / "dataset.json",
             tmp_path / "p2",
@@ -629,9 +632,34 @@ def test_msd_label_names_reach_dataset_json_and_a_dataset_without_masks_has_none
     assert "mask" not in read_manifest(tmp_path / "p3")[0]
 
 
+def test_mask_labels_name_the_values_of_a_labels_csv(tmp_path):
+    from medaug.data import declared_mask_labels
+    from medaug.phantoms import DEMO_MASK_LABELS
+
+    raw = make_demo_dataset(tmp_path / "raw", spatial_dims=2, n_per_class=3, size=8)
+    info = prepare_dataset(raw, tmp_path / "p", WINDOW, [8, 8, -1], 2)
+    assert info.mask_labels == {"background": 0, "label_1": 1}  # no names: label_<k> as before
+    info = prepare_dataset(raw, tmp_path / "p", WINDOW, [8, 8, -1], 2, mask_labels=DEMO_MASK_LABELS)
+    assert (
+        info.mask_labels == {"background": 0, "lesion": 1} and load_info(tmp_path / "p").mask_labels == info.mask_labels
+    )
+    with pytest.raises(DatasetError, match=r"masks hold values \[1\] that the declared labels"):
+        prepare_dataset(raw, tmp_path / "p2", WINDOW, [8, 8, -1], 2, mask_labels={"tumour": 2})
+    assert declared_mask_labels({"lesion": 1, "background": 0}) == declared_mask_labels({"lesion": 1})
+    assert declared_mask_labels({"lesion": 1}) == {0: "background", 1: "lesion"}
+    for bad, message in (
+        ({"x": 0}, "data.mask_labels.x=0: 0 is the background"),
+        ({"x": 300}, "data.mask_labels.x=300: give each label an integer value 1..255"),
+        ({"x": "1"}, "data.mask_labels.x='1'"),
+        ({"a": 1, "b": 1}, "names value 1 twice"),
+    ):
+        with pytest.raises(DatasetError, match=re.escape(message)):
+            declared_mask_labels(bad)
+
+
 def test_demo_phantom_masks_cover_their_lesions_in_nifti_and_dicom_items(prepared):
     info = load_info(prepared)
-    assert info.mask_labels == {"background": 0, "label_1": 1}
+    assert info.mask_labels == {"background": 0, "lesion": 1}  # the phantoms name their label (DEMO_MASK_LABELS)
     rows = [r for r in read_manifest(prepared) if r["split"] == "train"]
     images, labels = load_split(prepared, "train")
     masks = load_split_masks(prepared, "train")

@@ -38,7 +38,7 @@ def test_checkpoints_record_their_conditioning(seg_job):
     image = load_checkpoint(seg_job / "train" / "checkpoints" / "last.pt")
     mask = load_checkpoint(seg_job / "train" / "mask" / "checkpoints" / "last.pt")
     assert image.meta["condition"]["kind"] == "mask+class"
-    assert image.meta["condition"]["mask_labels"] == {"background": 0, "label_1": 1}
+    assert image.meta["condition"]["mask_labels"] == {"background": 0, "lesion": 1}
     assert image.config["model"]["in_channels"] == 1 + 2 and image.config["model"]["num_class_embeds"] == 4
     assert mask.meta["condition"]["generates"] == "mask" and mask.config["model"]["out_channels"] == 2
     assert check_mask_model(mask.meta, image.meta, "mask.pt") == 2
@@ -54,7 +54,8 @@ def test_generated_masks_then_images_are_seeded_pairs(seg_job):
     assert images.shape == (6, 1, 12, 12) and masks.shape == (6, 1, 12, 12) and masks.dtype == torch.long
     assert set(masks.unique().tolist()) <= {0, 1} and labels.tolist() == [0, 0, 1, 1, 2, 2]
     assert {r["mask_source"] for r in rows} == {"generated"}
-    assert info["mask_labels"] == {"background": 0, "label_1": 1}
+    assert all(int(r["mask_redraws"]) >= 0 for r in rows)  # the plausibility check's redraws, per sample
+    assert info["mask_labels"] == {"background": 0, "lesion": 1}
     mask_ckpt = load_checkpoint(seg_job / "train" / "mask" / "checkpoints" / "last.pt")
     assert info["sample"]["mask_ckpt"] == mask_ckpt.id  # provenance by id, no path
     again, _, _, _ = load_samples(seg_job / "gen_b")
@@ -85,7 +86,7 @@ def test_masks_of_a_prepared_split_and_of_a_user_folder_and_csv(seg_job, tmp_pat
         str(tmp_path / "masks.csv"),
         ["healthy", "multi_lesion", "single_lesion"],
         image_shape=(12, 12),
-        mask_labels={"background": 0, "label_1": 1},
+        mask_labels={"background": 0, "lesion": 1},
     )
     assert source.kind == "user" and source.labels.tolist() == [2] and int(source.masks.sum()) == 16
 
@@ -224,3 +225,137 @@ def test_the_mask_model_trains_on_the_jobs_data_into_its_own_folder():
     assert mask.paths.prepared_dir == paths["prepared_dir"] == "outputs/demo_2d_seg/prepared"
     assert mask.paths.train_dir == "outputs/demo_2d_seg/train/mask" and mask.ckpt_path is None
     assert mask.tracking.experiment == cfg.tracking.experiment and mask.latent.autoencoder_ckpt is None
+
+
+def test_regenerating_a_generated_mask_copy_draws_a_new_mask_and_image(seg_job):
+    from medaug.masks import mask_generator
+    from medaug.regeneration import regenerate_copies
+
+    _sample(seg_job, "regen_gen", "sample.masks=generate")
+    images, labels, rows, info = load_samples(seg_job / "regen_gen")
+    masks = load_sample_masks(seg_job / "regen_gen")
+    masks[2] = load_split_masks(seg_job / "prepared", "train")[3]  # planted: sample 2's mask copies a training mask
+    keep = np.array([True, False, False, True, True, True])  # sample 1: an image copy; sample 2: a mask copy
+    mask_copy = np.array([False, False, True, False, False, False])
+    mask_ckpt = seg_job / "train" / "mask" / "checkpoints" / "last.pt"
+    kw = dict(
+        sample_info=info, ckpt_path=seg_job / "train" / "checkpoints" / "last.pt", prepared_dir=seg_job / "prepared"
+    )
+    new = regenerate_copies(
+        images,
+        labels,
+        rows,
+        keep,
+        np.zeros(6),
+        1.0,
+        masks=masks,
+        mask_copy=mask_copy,
+        mask_threshold=1.0,
+        mask_ckpt_path=mask_ckpt,
+        **kw,
+    )
+    assert new.short == 0 and [int(r["index"]) for r in new.rows] == [0, 3, 4, 5, 6, 7]
+    assert torch.equal(new.masks[4], masks[1])  # the image copy: a new image on its own mask, as before
+    s = info["sample"]  # the mask copy: a new mask, the one the mask model draws for sample 7 (its new index)
+    make = mask_generator(
+        mask_ckpt,
+        load_checkpoint(kw["ckpt_path"]).meta,
+        "cpu",
+        seed=s["seed"],
+        sampler=s["sampler"],
+        steps=s["steps"],
+        guidance_scale=s["guidance_scale"],
+        batch_size=s["batch_size"],
+        eta=s["eta"],
+    )
+    assert torch.equal(new.masks[5], make(labels[2:3], s["seed"] + 7)[0]) and not torch.equal(new.masks[5], masks[2])
+    assert new.rows[5]["replaces_copy"] and new.rows[5]["label"] == int(labels[2])
+    # a new mask that copies a training mask again is refused: with mask threshold -1 nothing passes
+    strict = regenerate_copies(
+        images,
+        labels,
+        rows,
+        keep,
+        np.zeros(6),
+        1.0,
+        masks=masks,
+        mask_copy=mask_copy,
+        mask_threshold=-1.0,
+        mask_ckpt_path=mask_ckpt,
+        max_rounds=2,
+        **kw,
+    )
+    assert strict.short == 1 and len(strict.images) == 5
+    with pytest.raises(ValueError, match="regenerating them needs the mask model"):
+        regenerate_copies(
+            images, labels, rows, keep, np.zeros(6), 1.0, masks=masks, mask_copy=mask_copy, mask_threshold=1.0, **kw
+        )
+
+
+@pytest.mark.slow
+def test_evaluate_attacks_the_mask_conditioned_model_and_its_mask_model(seg_job):
+    from pipelines import evaluate
+
+    fast = [
+        "evaluate.utility.seeds=[]",
+        "evaluate.segmentation.steps=5",
+        "evaluate.segmentation.seeds=[]",
+        "evaluate.mia.bootstrap=50",
+        f"paths.eval_dir={seg_job / 'eval_gen'}",
+    ]
+    _sample(seg_job, "mia_gen", "sample.masks=generate")
+    result = evaluate.run(compose_cfg("evaluate", seg_job, [*SEG, f"paths.samples_dir={seg_job / 'mia_gen'}", *fast]))
+    privacy = json.loads((seg_job / "eval_gen" / "privacy.json").read_text())
+    assert privacy["mia"]["run"] and privacy["mia"]["condition"] == "mask+class"  # was skipped before
+    assert 0 <= result["privacy/mia_auc"] <= 1 and result["privacy/mia_members"] > 0
+    assert privacy["mask_mia"]["run"] and privacy["mask_mia"]["generates"] == "mask"
+    assert "mask" in privacy  # the audit of the generated masks ran, and the mask model's attack joined it
+    assert 0 <= result["privacy/mask_mia_auc"] <= 1
+    assert any(c.startswith("masks: membership-inference AUC") for c in privacy["checks"])
+    report = (seg_job / "eval_gen" / "report.md").read_text()
+    assert "loss attack with each image's real mask as the condition" in report
+    assert "membership inference, mask model: loss attack of the mask model, on the real masks" in report
+
+
+def test_mask_range_refuses_masks_unlike_the_training_masks_of_their_class():
+    from medaug.masks import MaskRange, component_sizes
+
+    def boxes(*corners, size=3, shape=(12, 12)):
+        m = torch.zeros(1, *shape, dtype=torch.long)
+        for r, c in corners:
+            m[0, r : r + size, c : c + size] = 1
+        return m
+
+    train = torch.stack([torch.zeros(1, 12, 12, dtype=torch.long), boxes((1, 1)), boxes((1, 1), (6, 6))])
+    rng = MaskRange.of(train, torch.tensor([0, 1, 1]))  # class 0: empty; class 1: one or two 3x3 lesions
+    assert rng.count == {0: {1: (0, 0)}, 1: {1: (1, 2)}} and rng.size == {1: {1: (9, 9)}}
+    speckle = torch.zeros(1, 12, 12, dtype=torch.long)
+    speckle[0, ::3, ::3] = 1  # 16 one-voxel components
+    candidates = torch.stack([boxes((5, 5)), boxes((2, 2), (7, 7)), boxes((0, 0), size=12), speckle, boxes((4, 4))])
+    assert rng.plausible(candidates, torch.tensor([1, 1, 1, 1, 0])).tolist() == [True, True, False, False, False]
+    assert rng.plausible(candidates[:1], torch.tensor([2])).tolist() == [True]  # a class never seen: no judgement
+    assert component_sizes(speckle[0].numpy() == 1) == [1] * 16 and component_sizes(np.zeros((3, 3, 3), bool)) == []
+
+
+def test_implausible_generated_masks_are_redrawn_with_their_own_seeds(seg_job):
+    from medaug.masks import MaskRange, mask_generator
+
+    image = load_checkpoint(seg_job / "train" / "checkpoints" / "last.pt")
+    kw = dict(sampler="ddim", steps=3, guidance_scale=2.0, batch_size=4)
+    path = seg_job / "train" / "mask" / "checkpoints" / "last.pt"
+    labels = torch.tensor([0, 1, 2, 2])
+    plain = mask_generator(path, image.meta, "cpu", seed=5, **kw)(labels, 5)
+    checked = mask_generator(path, image.meta, "cpu", seed=5, prepared_dir=seg_job / "prepared", max_redraws=3, **kw)
+    masks = checked(labels, 5)
+    reference = MaskRange.of(
+        load_split_masks(seg_job / "prepared", "train"), load_split(seg_job / "prepared", "train")[1]
+    )
+    first = reference.plausible(plain, labels)
+    for j in range(4):  # plausible masks are kept as drawn; the others were drawn again (and counted)
+        if first[j]:
+            assert torch.equal(masks[j], plain[j]) and j not in checked.redraws
+        else:
+            assert 1 <= checked.redraws[j] <= 3
+    again = mask_generator(path, image.meta, "cpu", seed=5, prepared_dir=seg_job / "prepared", max_redraws=3, **kw)
+    assert torch.equal(again(labels, 5), masks) and again.redraws == checked.redraws  # seeded
+    assert not first.all()  # the 4-step tiny mask model draws implausible masks: the check has work to do

@@ -35,6 +35,7 @@ def test_every_experiment_composes_and_smoke_runs(tmp_path, experiment):
     assert cfg.name == experiment and cfg.model.spatial_dims == cfg.data.spatial_dims
     autoencoder = ["autoencoder.max_steps=4"] if cfg.get("autoencoder") else []  # latent experiments
     size = ["data.demo.size=12", "data.image_size=" + ("[12,12]" if cfg.data.spatial_dims == 2 else "[12,12,12]")]
+    seg = ["evaluate.segmentation.steps=5", "evaluate.segmentation.seeds=[0]"]  # tiny segmenters (mask experiments)
     base = []
     if cfg.model.get("condition") == "controlnet":  # its base: a class model of the same data, trained first
         base_experiment = Path(cfg.model.controlnet.base_ckpt).parents[2].name  # <output_dir>/../demo_2d/train/...
@@ -42,7 +43,7 @@ def test_every_experiment_composes_and_smoke_runs(tmp_path, experiment):
         base_out = tmp_path / "base"
         prepare.run(compose_cfg("prepare", base_out, base_job))
         base = [f"model.controlnet.base_ckpt={train.run(compose_cfg('train', base_out, base_job))['checkpoint']}"]
-    results = run_all(tmp_path, [f"experiment={experiment}", *TINY, *autoencoder, *size, *base])
+    results = run_all(tmp_path, [f"experiment={experiment}", *TINY, *autoencoder, *size, *seg, *base])
     assert results["train"]["train/step"] == 4
     ckpt = load_checkpoint(tmp_path / "train" / "checkpoints" / "last.pt")
     spec = ckpt.config["model"].get("unet", ckpt.config["model"])  # a ControlNet's: its base UNet's spec

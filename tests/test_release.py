@@ -200,3 +200,70 @@ def test_masks_follow_the_images_the_copy_filter_keeps_or_regenerates(tmp_path):
 
     new = filter_copies(images, labels, rows, tmp_path / "eval", regenerate, masks)
     assert new.masks[:, 0, 0, 0].tolist() == [0, 2, 1] and [r["index"] for r in new.rows] == [0, 2, 1]
+
+
+def _mask_audit(tmp_path, mask_scores=("", "", "0.97")):
+    """``_job`` plus an audit of the generated masks: sample 1's image is a copy (0.95 > 0.9), sample 2's mask is
+    (0.97 > the mask threshold 0.8); sample 0's mask was not audited (empty score)."""
+    images, labels, rows, info = _job(tmp_path)
+    (tmp_path / "eval" / "per_sample.csv").write_text(
+        "index,copy_score,mask_copy_score,mask_is_copy\n"
+        + "".join(
+            f"{i},{s},{m},{int(bool(m) and float(m) > 0.8)}\n"
+            for i, (s, m) in enumerate(zip((0.25, 0.95, 0.5), mask_scores))
+        )
+    )
+    summary = json.loads((tmp_path / "eval" / "privacy.json").read_text())
+    (tmp_path / "eval" / "privacy.json").write_text(json.dumps(summary | {"mask": {"threshold": 0.8}}))
+    return images, labels, rows, torch.arange(3).view(3, 1, 1, 1).expand(3, 1, 4, 4).clone()
+
+
+def test_the_copy_filter_drops_a_pair_whose_generated_mask_is_a_copy(tmp_path):
+    images, labels, rows, masks = _mask_audit(tmp_path)
+    kept = filter_copies(images, labels, rows, tmp_path / "eval", masks=masks)
+    assert [r["index"] for r in kept.rows] == [0] and kept.masks[:, 0, 0, 0].tolist() == [0]
+    assert kept.note == (
+        "copy filter on (threshold 0.9000): 2 of 3 samples dropped (1 image copies; 1 generated masks copying a "
+        "training mask, mask threshold 0.8000)"
+    )
+    seen = {}
+
+    def regenerate(images, labels, rows, keep, scores, threshold, masks=None, mask_copy=None, mask_threshold=None):
+        seen.update(keep=keep.tolist(), mask_copy=mask_copy.tolist(), mask_threshold=mask_threshold)
+        return Regenerated(images, list(rows), scores, 0, 5, masks + 10 * torch.from_numpy(mask_copy).view(3, 1, 1, 1))
+
+    new = filter_copies(images, labels, rows, tmp_path / "eval", regenerate, masks)
+    assert seen == {"keep": [True, False, False], "mask_copy": [False, False, True], "mask_threshold": 0.8}
+    assert new.masks[:, 0, 0, 0].tolist() == [0, 1, 12] and new.note.endswith("and 2 regenerated")
+    # without masks the mask audit is not read: only the image copy goes, the note as before
+    assert filter_copies(images, labels, rows, tmp_path / "eval").note.endswith("1 of 3 samples dropped")
+    _, _, _, _ = _mask_audit(tmp_path, ("", "", "0.5"))  # no mask copy: the image-copy path alone
+    kept = filter_copies(images, labels, rows, tmp_path / "eval", masks=masks)
+    assert [r["index"] for r in kept.rows] == [0, 2] and "0 generated masks copying" in kept.note
+
+
+def test_share_refuses_images_conditioned_on_real_patients_masks_even_with_allow_failed_audit(tmp_path):
+    from .test_segmentation import add_sample_masks
+
+    _audited(tmp_path, verdict="pass", failed=[])
+    masks = torch.zeros(3, 1, 4, 4, dtype=torch.long)
+    masks[:, :, 1:3, 1:3] = 1
+    add_sample_masks(tmp_path / "samples", masks, source="real")  # sample.masks=prepared:<split>
+    samples = json.loads((tmp_path / "eval" / "privacy.json").read_text())
+    (tmp_path / "eval" / "privacy.json").write_text(
+        json.dumps(samples | {"samples_id": samples_id(tmp_path / "samples")})
+    )
+    for extra in ([], ["export.allow_failed_audit=true"]):  # not an audit result: the override does not lift it
+        with pytest.raises(ExportError) as err:
+            _share(tmp_path, *extra)
+        message = str(err.value)
+        assert message.startswith("3 of 3 samples are conditioned on real patients' masks (mask_source=real")
+        assert "sample.masks=generate" in message and "export.profile=augment" in message and "\n" not in message
+        assert not (tmp_path / "export").exists()
+    result = _share(tmp_path, "export.profile=augment")  # for use where the training data may be used
+    assert result["samples"] == 3 and (tmp_path / "export" / "labelsTr").is_dir()
+    add_sample_masks(tmp_path / "samples", masks, source="generated")  # new masks: shared as before
+    (tmp_path / "eval" / "privacy.json").write_text(
+        json.dumps(samples | {"samples_id": samples_id(tmp_path / "samples")})
+    )
+    assert _share(tmp_path)["samples"] == 3

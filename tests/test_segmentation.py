@@ -13,6 +13,7 @@ import torch
 from medaug.data import load_split, read_manifest
 from medaug.data import load_split_masks
 from medaug.masks import mask_labels
+from medaug.privacy import read_mask_copy_scores
 from medaug.sampling import load_sample_masks
 from medaug.metrics.segmentation import (
     SegUtilityResult,
@@ -194,6 +195,10 @@ def test_evaluate_with_masks_reports_segmentation_and_catches_copied_masks(tmp_p
     assert result["privacy/verdict"] == "fail"
     privacy = json.loads((tmp_path / "eval" / "privacy.json").read_text())
     assert privacy["mask"]["verdict"] == "fail" and any(r.startswith("masks: copy rate") for r in privacy["reasons"])
+    index, mask_scores, mask_threshold = read_mask_copy_scores(tmp_path / "eval")  # per sample, for export's filter
+    audited = copied.flatten(1).any(1).numpy()  # the non-empty masks
+    assert mask_threshold == privacy["mask"]["threshold"] and np.isnan(mask_scores[~audited]).all()
+    assert (mask_scores[audited] > mask_threshold).all() and len(index) == len(held)
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert metrics["privacy/verdict_code"] == 2.0 and "segmentation/dice/real" in metrics
     report = (tmp_path / "eval" / "report.md").read_text()
@@ -205,6 +210,7 @@ def test_evaluate_with_masks_reports_segmentation_and_catches_copied_masks(tmp_p
     add_sample_masks(tmp_path / "s", (held > LESION).long(), source="user")
     again = run_eval(tmp_path, prepared, SEG_FAST)
     assert "privacy/mask_copy_rate" not in again and again["privacy/verdict"] == "pass"
+    assert read_mask_copy_scores(tmp_path / "eval") is None
     assert again["segmentation/fidelity_dice_real"] == result["segmentation/fidelity_dice_real"]
     assert again["segmentation/fidelity_dice"] == again["segmentation/fidelity_dice_real"]  # the same images
 

@@ -12,6 +12,7 @@ from .labels import (
     read_labels,
     read_cases,
     split_patients,
+    declared_mask_labels,
     mask_label_names,
 )
 from .prepared import PreparedInfo, load_info, read_manifest, load_split, load_split_masks
@@ -32,6 +33,7 @@ __all__ = [
     "read_manifest",
     "load_split",
     "load_split_masks",
+    "declared_mask_labels",
     "mask_label_names",
     "fingerprint",
     "SLICE_RULES",

@@ -10,7 +10,7 @@ import warnings
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import nibabel as nib
 import numpy as np
@@ -148,6 +148,22 @@ def _label_names(meta: dict) -> dict[int, str]:
     if labels and all(isinstance(v, int) for v in labels.values()):  # nnU-Net v2: name → value
         return {int(v): k for k, v in labels.items()}
     return {int(k): v for k, v in labels.items() if str(k).lstrip("-").isdigit()}  # MSD: "value" → name
+
+
+def declared_mask_labels(names: Mapping[str, int]) -> dict[int, str]:
+    """``{value: name}`` of the mask labels a user names (``data.mask_labels``, nnU-Net v2 style ``{name: value}``,
+    e.g. ``{"lesion": 1}``; ``background: 0`` may be given or not: it is always there). Raises DatasetError for a
+    value outside 1..255 (0 is the background), or two names of one value."""
+    out: dict[int, str] = {0: "background"}
+    for name, value in names.items():
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 255:
+            raise DatasetError(f"data.mask_labels.{name}={value!r}: give each label an integer value 1..255")
+        if value == 0 and name != "background":
+            raise DatasetError(f"data.mask_labels.{name}=0: 0 is the background; give {name} a value 1..255")
+        if value in out and out[value] != name:
+            raise DatasetError(f"data.mask_labels names value {value} twice ({out[value]}, {name}); one name a value")
+        out[value] = str(name)
+    return out
 
 
 def mask_label_names(labels: str | Path) -> dict[int, str]:

@@ -47,6 +47,7 @@ from ..io import DicomIndex, DicomSeries, index_dicom, is_nifti, read_dicom_seri
 from ..preprocessing import IntensityWindow, Normalization, PercentileNormalization, preprocess_case, slice_volume
 from .labels import (
     Case,
+    declared_mask_labels,
     mask_label_names,
     DEID_REPORT,
     DatasetError,
@@ -227,6 +228,7 @@ def prepare_dataset(
     dicom_root: str | Path | None = None,
     deid_report: str | Path | None = None,
     dicomweb: Mapping | None = None,
+    mask_labels: Mapping[str, int] | None = None,
 ) -> PreparedInfo:
     """Read every labelled image, pass the de-identification gate, preprocess and write the prepared dataset.
 
@@ -248,6 +250,9 @@ def prepare_dataset(
     ``backoff_s``, ``timeout_s``): first fetch the series that ``labels_csv`` names (or the query finds) from a
     DICOMweb server into ``cache_dir`` (:func:`medaug.dicomweb.fetch_series`, gate before pixel data), then
     prepare from that cache like from a folder.
+
+    ``mask_labels`` (``{name: value}``, e.g. ``{"lesion": 1}``) names the mask values as they are (a value it
+    does not name is refused); default: an MSD / nnU-Net ``dataset.json``'s labels, else ``label_<k>``.
     """
     if dicomweb is not None:
         report = Path(deid_report) if deid_report else Path(out_dir).parent / DEID_REPORT
@@ -273,6 +278,9 @@ def prepare_dataset(
         crop=crop,
         class_names=None if class_names is None else list(class_names),
     )
+    declared = declared_mask_labels(mask_labels) if mask_labels else None
+    if declared:  # only when given: datasets prepared before keep their fingerprint
+        params["mask_labels"] = {name: value for value, name in sorted(declared.items())}
     if deid not in POLICIES:
         raise DatasetError(f"prepare.deid={deid!r}; choose one of {', '.join(POLICIES)}")
     cases = read_cases(labels_csv)
@@ -433,7 +441,9 @@ def prepare_dataset(
             )
         shape = [int(v) for v in nib.load(tmp / manifest[0]["path"]).shape]
         image_shape = shape[:2] if spatial_dims == 2 else shape
-        mask_labels = _mask_labels(tmp, manifest, mask_values, mask_label_names(labels_csv)) if with_masks else {}
+        mask_labels = (
+            _mask_labels(tmp, manifest, mask_values, declared or mask_label_names(labels_csv)) if with_masks else {}
+        )
         with open(tmp / "manifest.csv", "w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=MANIFEST_FIELDS + (["mask"] if with_masks else []))
             writer.writeheader()
@@ -496,14 +506,16 @@ def _check_label_values(label_map: np.ndarray, source: Path) -> set[int]:
 def _mask_labels(root: Path, manifest: list[dict], found: set[int], declared: dict[int, str]) -> dict[str, int]:
     """``{"background": 0, name: value, ...}`` of the prepared masks (nnU-Net v2 style).
 
-    ``declared`` (an MSD / nnU-Net dataset.json's labels) names the values as they are; a value it does not
+    ``declared`` (``data.mask_labels``, or an MSD / nnU-Net dataset.json's labels) names the values as they are; a
+    value it does not
     declare is refused. Without it the values found become 1..K in sorted order (a 0/255 mask is stored as
     0/1; the mask files are rewritten) and are named ``label_<k>``."""
     if declared:
         unknown = sorted(found - set(declared))
         if unknown:
             raise DatasetError(
-                f"masks hold values {unknown} that dataset.json's labels do not name ({declared}); add them to labels"
+                f"masks hold values {unknown} that the declared labels (data.mask_labels, or dataset.json's labels) do "
+                f"not name ({declared}); add them to those labels"
             )
         names = {0: "background", **declared}
         return {names[v]: v for v in sorted(names)}
