@@ -46,7 +46,7 @@ from monai.networks.utils import copy_model_state
 from torch import nn
 
 from .conditioning import SPEC_KEYS, Conditioning
-from .model import Checkpoint, load_checkpoint
+from .model import Checkpoint, load_checkpoint, trained_space
 
 __all__ = ["ControlledUNet", "controlnet_spec", "load_base", "init_from_base"]
 
@@ -154,12 +154,8 @@ def load_base(
     trained_on = base.meta.get("latent", {}).get("autoencoder_id")
     now_on = space.id if space is not None else None
     if trained_on != now_on:
-
-        def what(ae_id):
-            return f"the latents of autoencoder {ae_id}" if ae_id else "pixels"
-
         raise ValueError(
-            f"{KEY}={path} was trained on {what(trained_on)}, but this run trains on {what(now_on)}; "
+            f"{KEY}={path} was trained on {trained_space(trained_on)}, but this run trains on {trained_space(now_on)}; "
             "set latent.autoencoder_ckpt as the base model had it"
         )
     theirs = base.config.get("scheduler", {})

@@ -318,3 +318,8 @@ def build_scheduler(spec: Mapping):
     if is_flow(spec):
         return locate(spec["_target_"])(**flow_kwargs(spec))
     return network_from_spec(spec)
+
+
+def trained_space(autoencoder_id: str | None) -> str:
+    """What a diffusion model trains on, in words for an error line: an autoencoder's latents, or pixels."""
+    return f"the latents of autoencoder {autoencoder_id}" if autoencoder_id else "pixels"

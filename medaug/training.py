@@ -33,7 +33,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .conditioning import Conditioning
 from .flow import flow_timesteps, is_flow
-from .model import EMA, save_checkpoint
+from .model import EMA, save_checkpoint, trained_space
 from .progress import progress_bar
 from .tracking import Tracker, guarded
 
@@ -577,12 +577,8 @@ def resume_training(
             )
     trained_on = ckpt.meta.get("latent", {}).get("autoencoder_id")  # None: pixel space
     if trained_on != autoencoder_id:
-
-        def what(ae_id):
-            return f"the latents of autoencoder {ae_id}" if ae_id else "pixels"
-
         raise ValueError(
-            f"{path}: trained on {what(trained_on)}, but this run trains on {what(autoencoder_id)}; "
+            f"{path}: trained on {trained_space(trained_on)}, but this run trains on {trained_space(autoencoder_id)}; "
             "restore the autoencoder it was trained with, or train afresh in another paths.train_dir"
         )
     trained_as = Conditioning.from_meta(ckpt.meta)
