@@ -3,7 +3,7 @@
     python benchmarks/private_table.py                       # the full budget: the experiments as they are
     python benchmarks/private_table.py --budget reduced      # a smoke-size budget (say so when quoting it)
 
-Rows: ``baseline`` (experiment=demo_2d), ``dp_eps10`` and ``dp_eps50`` (experiment=demo_2d_private at
+Rows: ``baseline`` (experiment=demo_2d), ``dp_eps10`` and ``dp_eps50`` (experiment=demo_2d_dp at
 ε = 10 and 50), ``best_private`` (demo_2d with ``training.privacy_probe_every``, sampled and evaluated
 with ``ckpt_path=best_private``). Each row trains (timed), samples and evaluates (membership inference
 included) with the stage recipes of ``pipelines/``; columns: FD with its real-vs-real floor, label
@@ -30,8 +30,8 @@ from pipelines import evaluate, prepare, sample, train
 ROOT = Path(__file__).resolve().parents[1]
 ROWS = {
     "baseline": ["experiment=demo_2d"],
-    "dp_eps10": ["experiment=demo_2d_private", "training.dp.target_epsilon=10"],
-    "dp_eps50": ["experiment=demo_2d_private", "training.dp.target_epsilon=50"],
+    "dp_eps10": ["experiment=demo_2d_dp", "training.dp.target_epsilon=10"],
+    "dp_eps50": ["experiment=demo_2d_dp", "training.dp.target_epsilon=50"],
     "best_private": ["experiment=demo_2d"],  # + training.privacy_probe_every=PROBE_EVERY[budget]
 }
 PROBE_EVERY = {"full": 100, "reduced": 50}

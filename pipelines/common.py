@@ -99,6 +99,12 @@ def make_tracker(cfg: DictConfig, any_rank: bool = False):
     )
 
 
+def training_ckpt(cfg: DictConfig) -> Path:
+    """The checkpoint train resumes from: ``ckpt_path`` when it names one, else the job's last; best_private
+    names a checkpoint to sample from, so training goes on from the last."""
+    return last_checkpoint(path(cfg.paths.train_dir)) if cfg.get("ckpt_path") == "best_private" else default_ckpt(cfg)
+
+
 def default_ckpt(cfg: DictConfig) -> Path:
     if cfg.get("ckpt_path") == "best_private":  # the best probed checkpoint that passes the privacy flags
         from medaug.privacy import PrivacyFlags

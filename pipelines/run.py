@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from medaug.masks import mask_checkpoint
 from medaug.job import JobStage, Record, job_summary, run_stages, stage_key, trained
 from medaug.runtime import distributed
-from pipelines.common import default_ckpt, path, stage_main, tracking_uri
+from pipelines.common import default_ckpt, path, stage_main, tracking_uri, training_ckpt
 
 # What sample, evaluate and export read: config keys, and the files or folders of the stages before them
 # ("ckpt": the checkpoint; a folder by its DONE marker). A change in any of them runs the stage again.
@@ -31,7 +31,7 @@ READS = {
 }
 WRITES = {
     "prepare": "paths.prepared_dir",
-    "train": "ckpt",
+    "train": "trained",  # the job's last checkpoint (with ckpt_path=best_private, sample takes an earlier one)
     "sample": "paths.samples_dir",
     "evaluate": "paths.eval_dir",
     "export": "paths.export_dir",
@@ -47,7 +47,9 @@ def run(cfg: DictConfig) -> dict:
         )
 
     def target(name: str):
-        return default_ckpt(cfg) if name == "ckpt" else path(OmegaConf.select(cfg, name))
+        if name in ("ckpt", "trained"):
+            return default_ckpt(cfg) if name == "ckpt" else training_ckpt(cfg)
+        return path(OmegaConf.select(cfg, name))
 
     def key(stage: str) -> str:
         keys, inputs = READS[stage]
@@ -68,7 +70,7 @@ def run(cfg: DictConfig) -> dict:
     ]
 
     def train_complete():  # the image model, and the mask model when the job trains one (training.mask_model)
-        ckpts = [default_ckpt(cfg)]
+        ckpts = [training_ckpt(cfg)]
         if cfg.training.get("mask_model"):
             ckpts.append(mask_checkpoint(path(cfg.paths.train_dir)))
         done = [trained(c, path(cfg.paths.prepared_dir), cfg.training.max_steps, cfg.trust_checkpoint) for c in ckpts]

@@ -18,7 +18,7 @@ from medaug.runtime import process_group
 from medaug.tracking import flatten
 from medaug.trainer import train_diffusion, training_data, training_network
 from medaug.training import seed_all
-from pipelines.common import amp_dtype_of, container, default_ckpt, device_of, log, make_tracker, path, stage_main
+from pipelines.common import amp_dtype_of, container, device_of, log, make_tracker, path, stage_main, training_ckpt
 
 OTHER_STAGES = ("prepare", "sample", "evaluate", "export", "augment", "input", "output")  # not train's params
 
@@ -66,7 +66,7 @@ def _train(cfg: DictConfig, device: torch.device, rank: int, world: int) -> dict
         scheduler_spec=config["scheduler"],
         stored_config=config,
         ckpt_path=out_ckpt,
-        resume_from=default_ckpt(cfg),
+        resume_from=training_ckpt(cfg),
         tracker=tracker,
         params=flatten({k: v for k, v in config.items() if k not in OTHER_STAGES}),
         run_name=cfg.name,

@@ -56,7 +56,11 @@ def test_every_experiment_composes_and_smoke_runs(tmp_path, experiment):
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert 0 <= metrics["fidelity/label_acc"] <= 1
     card = (tmp_path / "export" / "DATA_CARD.md").read_text()
-    assert ckpt.id in card and "fidelity/label_acc" in card
+    assert info["checkpoint_id"] in card and "fidelity/label_acc" in card  # the checkpoint the samples came from
+    if cfg.get("ckpt_path") == "best_private":  # memorisation-aware: a probed checkpoint, shared
+        assert info["checkpoint_id"] != ckpt.id and (tmp_path / "train" / "checkpoints" / "probes.json").is_file()
+    else:
+        assert info["checkpoint_id"] == ckpt.id
     pairs = cfg.model.get("condition", "class") != "class"  # image/label pairs go out as nnU-Net's imagesTr/labelsTr
     folders = ("imagesTr", "labelsTr") if pairs else ("images",)
     assert [len(list((tmp_path / "export" / f).glob("*.nii.gz"))) for f in folders] == [len(labels)] * len(folders)
