@@ -325,7 +325,7 @@ class MaskGenerator(NamedTuple):
 
     make: Callable[[torch.Tensor, int], torch.Tensor]
     checkpoint_id: str
-    redraws: dict = {}
+    redraws: dict  # its own dict per generator (a default {} would be one dict shared by every generator)
 
     def __call__(self, labels: torch.Tensor, first: int) -> torch.Tensor:
         return self.make(labels, first)
